@@ -1,0 +1,200 @@
+"""The engine end to end on CPU: batch invariance, prefix cache on/off, chunking, preemption, aborts, NaN logits."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.engine.outputs import NullObserver
+from tokenmill.llm import make_engine_config
+from tokenmill.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def make_engine(model, **kw) -> LLMEngine:
+    kw.setdefault("max_model_len", 256)
+    kw.setdefault("dtype", "float32")
+    kw.setdefault("device", "cpu")
+    return LLMEngine(make_engine_config(str(model), **kw))
+
+
+def prompts(n: int, seed: int = 0, shared_prefix: int = 20) -> list[list[int]]:
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, 500) for _ in range(shared_prefix)]
+    return [prefix + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 40))] for _ in range(n)]
+
+
+def assert_no_leaks(engine: LLMEngine) -> None:
+    kv = engine.kv
+    assert not engine.has_unfinished_requests()
+    assert kv.num_free_blocks + kv.num_evictable_blocks == kv.num_usable_blocks
+
+
+def tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """Each prompt alone, no prefix cache: the answer every configuration must reproduce."""
+    engine = make_engine(tiny_model_dir, enable_prefix_caching=False, max_num_seqs=1)
+    ps = prompts(8)
+    return ps, [tokens(engine.generate_blocking([p], GREEDY))[0] for p in ps]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(enable_prefix_caching=False),
+        dict(enable_prefix_caching=True),
+        dict(enable_prefix_caching=True, max_num_batched_tokens=24),  # prefill in chunks, mixed with decodes
+        dict(enable_prefix_caching=True, max_num_seqs=3),
+        dict(enable_prefix_caching=True, num_blocks=20, block_size=4),  # forces preemption by recompute
+        dict(enable_prefix_caching=False, num_blocks=20, block_size=4),
+    ],
+    ids=["batched", "prefix-cache", "chunked", "few-seqs", "preempt-cached", "preempt"],
+)
+def test_greedy_is_batch_and_cache_invariant(tiny_model_dir, reference, config):
+    ps, expected = reference
+    engine = make_engine(tiny_model_dir, **config)
+    # twice: the second pass hits the prefix cache (when on)
+    for _ in range(2):
+        assert tokens(engine.generate_blocking(ps, GREEDY)) == expected
+    assert_no_leaks(engine)
+
+
+class Recorder(NullObserver):
+    def __init__(self) -> None:
+        super().__init__()
+        self.preemptions = 0
+        self.finished: list = []
+
+    def on_step(self, stats) -> None:
+        self.preemptions += stats.num_preemptions
+
+    def on_finished(self, stats) -> None:
+        self.finished.append(stats)
+
+
+def test_preemption_happens_and_is_counted(tiny_model_dir):
+    recorder = Recorder()
+    config = make_engine_config(str(tiny_model_dir), max_model_len=256, dtype="float32", device="cpu",
+                                num_blocks=20, block_size=4)
+    engine = LLMEngine(config, observer=recorder)
+    engine.generate_blocking(prompts(8), GREEDY)
+    # 8 requests of 21..72 tokens cannot all fit in 80 slots at once
+    assert recorder.preemptions > 0
+    assert len(recorder.finished) == 8
+
+
+def test_prefix_cache_reports_cached_tokens(tiny_model_dir):
+    engine = make_engine(tiny_model_dir, block_size=4)
+    p = prompts(1, shared_prefix=32)[0]
+    (first,) = engine.generate_blocking([p], GREEDY)
+    (second,) = engine.generate_blocking([p], GREEDY)
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens >= 28 and second.num_cached_tokens % 4 == 0
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_abort_mid_generation_frees_blocks(tiny_model_dir):
+    engine = make_engine(tiny_model_dir)
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)) for p in prompts(4)]
+    for _ in range(3):
+        engine.step()
+    outs = engine.abort_request(ids[1])
+    assert outs and outs[0].finished and outs[0].outputs[0].finish_reason == "abort"
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_no_leaks(engine)
+
+
+def test_random_mix_never_leaks(tiny_model_dir):
+    engine = make_engine(tiny_model_dir, num_blocks=24, block_size=4, max_num_batched_tokens=32)
+    rng = random.Random(7)
+    live: list[str] = []
+    for step in range(120):
+        if rng.random() < 0.3 and len(live) < 10:
+            p = prompts(1, seed=rng.randrange(10**6), shared_prefix=rng.choice([0, 8, 16]))[0]
+            live.append(engine.add_request(p, SamplingParams(temperature=0.8, seed=step,
+                                                             max_tokens=rng.randrange(1, 20))))
+        if live and rng.random() < 0.1:
+            engine.abort_request(live.pop(rng.randrange(len(live))))
+        for out in engine.step():
+            if out.finished and out.request_id in live:
+                live.remove(out.request_id)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_no_leaks(engine)
+
+
+def test_seeded_sampling_is_batch_invariant(tiny_model_dir):
+    engine = make_engine(tiny_model_dir)
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
+    ps = prompts(5)
+    alone = tokens(engine.generate_blocking([ps[2]], params))[0]
+    together = tokens(engine.generate_blocking(ps, [GREEDY, params, params, GREEDY, params]))
+    assert together[2] == alone
+
+
+def test_n_returns_n_completions(tiny_model_dir):
+    engine = make_engine(tiny_model_dir)
+    (out,) = engine.generate_blocking(prompts(1), SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8))
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    assert_no_leaks(engine)
+
+
+def test_nan_logits_fail_only_that_request(tiny_model_dir):
+    engine = make_engine(tiny_model_dir)
+    compute_logits = engine.model.compute_logits
+    state = {"calls": 0}
+
+    def poisoned(hidden):
+        logits = compute_logits(hidden)
+        state["calls"] += 1
+        if state["calls"] == 3:
+            logits[0] = float("nan")
+        return logits
+
+    engine.model.compute_logits = poisoned
+    outs = engine.generate_blocking(prompts(3), GREEDY)
+    errors = [o for o in outs if o.outputs[0].finish_reason == "error"]
+    assert len(errors) == 1 and "NaN" in errors[0].error
+    assert sum(o.outputs[0].finish_reason == "length" for o in outs) == 2
+    assert_no_leaks(engine)
+
+
+def test_rejects_impossible_requests(tiny_model_dir):
+    engine = make_engine(tiny_model_dir, max_model_len=64)
+    with pytest.raises(ValueError, match="maximum context length"):
+        engine.add_request(list(range(3, 70)), GREEDY)
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=100))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([], GREEDY)
+    with pytest.raises(ValueError, match="out of range"):
+        engine.add_request([5, 10**6], GREEDY)
+
+
+def test_stop_strings_and_tokens(smollm2_path):
+    engine = make_engine(smollm2_path, max_model_len=512)
+    tok = engine.tokenizer
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Count from 1 to 20, separated by commas."}]),
+                        add_special_tokens=False)
+    (free,) = engine.generate_blocking([prompt], SamplingParams(temperature=0, max_tokens=60))
+    text = free.outputs[0].text
+    assert "5" in text
+    stop_at = text[text.index("5"):text.index("5") + 1]
+    (stopped,) = engine.generate_blocking([prompt], SamplingParams(temperature=0, max_tokens=60, stop=[stop_at]))
+    assert stopped.outputs[0].finish_reason == "stop"
+    assert stopped.outputs[0].text == text[: text.index(stop_at)]
+    assert stopped.outputs[0].stop_reason == stop_at
+    eos_free = SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[free.outputs[0].token_ids[2]])
+    (by_id,) = engine.generate_blocking([prompt], eos_free)
+    assert by_id.outputs[0].token_ids == free.outputs[0].token_ids[:3]
+    assert by_id.outputs[0].finish_reason == "stop"

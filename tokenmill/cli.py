@@ -1,0 +1,278 @@
+"""tokenmill command line: serve | chat | generate | bench | train."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Callable
+
+from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512MB', '1.5g', '1073741824' → bytes."""
+    m = _SIZE.match(text)
+    unit = (m.group(2) or "").lower() if m else None
+    if not m or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (try 2GiB, 512MiB or a number of bytes)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="GGUF file, Hugging Face folder or hub id (default: SmolLM2-135M-Instruct)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--tokenizer", default=None, help="tokenizer source if not the model's own")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--kv-cache-memory", type=parse_size, default=None,
+                   help="KV cache size, e.g. 2GiB (CPU default: up to 2GiB)")
+    g.add_argument("--num-gpu-blocks-override", "--num-kv-blocks", dest="num_blocks", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="attention/decode kernels")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    import torch
+
+    on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    sched = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs or (256 if on_gpu else 64),
+        max_num_batched_tokens=args.max_num_batched_tokens or (8192 if on_gpu else 512),
+        max_model_len=args.max_model_len or 1 << 30,  # clamped to the model's length by the engine
+    )
+    if args.max_num_batched_tokens is None:
+        sched.max_num_batched_tokens = max(sched.max_num_batched_tokens, sched.max_num_seqs)
+    cache = CacheConfig(
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching,
+    )
+    return EngineConfig(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        served_model_name=getattr(args, "served_model_name", None),
+        dtype=args.dtype,
+        device=args.device,
+        seed=args.seed,
+        decode_backend=args.decode_backend,
+        enforce_eager=args.enforce_eager,
+        cache=cache,
+        scheduler=sched,
+    )
+
+
+# ---- serve -------------------------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.serve.launch import run_server
+
+    engine = AsyncEngine.from_config(engine_config_from_args(args))
+    try:
+        run_server(engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+# ---- generate and chat -------------------------------------------------------------------------------------------
+
+def _sampling_from_args(args: argparse.Namespace):
+    from tokenmill.sampling_params import SamplingParams
+
+    return SamplingParams(
+        n=getattr(args, "n", 1),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.sampling_seed,
+        max_tokens=args.max_tokens,
+        stop=args.stop or [],
+    )
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=temperature)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--sampling-seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _stream_one(engine, prompt_ids: list[int], params, write: Callable[[str], None]) -> str:
+    request_id = engine.add_request(prompt_ids, params)
+    printed = 0
+    text = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id != request_id:
+                continue
+            text = out.outputs[0].text
+            write(text[printed:])
+            printed = len(text)
+            if out.error:
+                raise CLIError(out.error)
+    return text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tokenmill.engine.engine import LLMEngine
+
+    params = _sampling_from_args(args)
+    engine = LLMEngine(engine_config_from_args(args))
+    tok = engine.tokenizer
+    if args.chat:
+        prompt_ids = tok.encode(
+            tok.apply_chat_template([{"role": "user", "content": args.prompt}]), add_special_tokens=False
+        )
+    else:
+        prompt_ids = tok.encode(args.prompt)
+    if params.n == 1:
+        _stream_one(engine, prompt_ids, params, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        sys.stdout.write("\n")
+    else:
+        (out,) = engine.generate_blocking([prompt_ids], params)
+        for c in out.outputs:
+            print(f"--- [{c.index}] ({c.finish_reason})\n{c.text}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tokenmill.engine.engine import LLMEngine
+
+    params = _sampling_from_args(args)
+    engine = LLMEngine(engine_config_from_args(args))
+    tok = engine.tokenizer
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print(f"tokenmill chat · {engine.config.served_model_name} · Ctrl-D or /exit to leave, /reset to start over")
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt_ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+        if len(prompt_ids) >= engine.max_model_len:
+            print("[the conversation no longer fits the context; /reset to start over]")
+            messages.pop()
+            continue
+        params.max_tokens = min(args.max_tokens, engine.max_model_len - len(prompt_ids))
+        reply = _stream_one(engine, prompt_ids, params, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+
+
+# ---- parser ------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill LLM inference engine")
+    parser.add_argument("--version", action="version", version=f"tokenmill {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="generate from one prompt, streaming to stdout")
+    add_engine_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--n", type=int, default=1)
+    _add_sampling_args(p, temperature=0.0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive streaming chat")
+    add_engine_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_args(p, temperature=0.7)
+    p.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for register in _optional_registrations("bench"):
+        register(bench_sub)
+    for register in _optional_registrations("top"):
+        register(sub)
+    return parser
+
+
+def _optional_registrations(where: str) -> list[Callable]:
+    """Subcommands that live next to their code (bench offline/serve/decode, train)."""
+    import importlib
+
+    modules = {
+        "bench": ["tokenmill.bench.offline", "tokenmill.bench.serve_client", "tokenmill.bench.decode"],
+        "top": ["tokenmill.train.cli"],
+    }[where]
+    found = []
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("tokenmill"):
+                continue
+            raise
+        found.append(module.register)
+    return found
+
+
+def _version() -> str:
+    from tokenmill import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, FileNotFoundError) as exc:
+        print(f"tokenmill: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""LLMEngine: the synchronous step loop (schedule → run → sample → update → detokenize).
+
+AsyncEngine (async_engine.py) runs this loop on a background thread for the server; LLM (offline API) drives it
+directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import replace
+
+import torch
+
+from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.engine.output_processor import OutputProcessor
+from tokenmill.engine.outputs import EngineObserver, NullObserver, RequestOutput
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.runner import ModelRunner
+from tokenmill.engine.sampler import Sampler
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.kv.manager import KVCacheManager
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_CPU_DEFAULT_KV_BYTES = 2 << 30
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, observer: EngineObserver | None = None) -> None:
+        from tokenmill.kernels.backends import get_attention_backend
+        from tokenmill.models.hub import resolve_model
+        from tokenmill.models.loader import load_model
+        from tokenmill.tokenizer import Tokenizer
+
+        self.config = config
+        self.observer: EngineObserver = observer or NullObserver()
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype()
+        torch.manual_seed(config.seed)
+
+        source = resolve_model(config.model)
+        backend = get_attention_backend(config.decode_backend, self.device)
+        loaded = load_model(source, dtype=self.dtype, device=self.device, attn_backend=backend)
+        self.model = loaded.model
+        self.model_config: ModelConfig = loaded.config
+        self.tokenizer = Tokenizer.from_source(config.tokenizer or loaded.source)
+        if config.served_model_name is None:
+            config.served_model_name = source.display_name
+
+        sched_cfg = config.scheduler
+        self.max_model_len = min(sched_cfg.max_model_len, self.model_config.max_position_embeddings)
+        sched_cfg.max_model_len = self.max_model_len
+        sched_cfg.max_num_batched_tokens = max(sched_cfg.max_num_batched_tokens, 1)
+
+        cache_cfg = config.cache
+        num_blocks = self._num_kv_blocks()
+        self.num_blocks = num_blocks
+        self.kv = KVCacheManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(sched_cfg, self.kv)
+        mc = self.model_config
+        self.runner = ModelRunner(
+            self.model,
+            num_layers=getattr(self.model, "num_kv_layers", mc.num_hidden_layers),
+            num_kv_heads=mc.num_key_value_heads,
+            head_dim=mc.head_dim,
+            num_blocks=num_blocks,
+            block_size=cache_cfg.block_size,
+            max_model_len=self.max_model_len,
+            dtype=self.dtype,
+            device=self.device,
+            use_cuda_graphs=not config.enforce_eager and getattr(backend, "supports_cuda_graphs", False),
+            max_graph_batch_size=sched_cfg.max_num_seqs,
+        )
+        self.sampler = Sampler(max_logprobs=config.max_logprobs, seed=config.seed)
+        self.outputs = OutputProcessor(self.tokenizer, self.observer)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mc.eos_token_ids)
+        logger.info(
+            "engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.1f tokens/seq at max_num_seqs)",
+            config.served_model_name, self.device, self.dtype, num_blocks, cache_cfg.block_size,
+            num_blocks * cache_cfg.block_size / sched_cfg.max_num_seqs,
+        )
+
+    # ---- sizing ------------------------------------------------------------------------------------------------
+
+    def _num_kv_blocks(self) -> int:
+        cache_cfg = self.config.cache
+        if cache_cfg.num_blocks is not None:
+            return cache_cfg.num_blocks
+        layers = getattr(self.model, "num_kv_layers", self.model_config.num_hidden_layers)
+        per_token = 2 * layers * self.model_config.num_key_value_heads * self.model_config.head_dim
+        per_block = per_token * cache_cfg.block_size * torch.empty((), dtype=self.dtype).element_size()
+        if cache_cfg.kv_cache_memory_bytes is not None:
+            budget = cache_cfg.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # Leave room for activations and CUDA graphs: a fixed reserve plus the logits of a full token budget.
+            reserve = (1 << 30) + 4 * self.config.scheduler.max_num_batched_tokens * self.model_config.vocab_size
+            budget = int(total * cache_cfg.gpu_memory_utilization) - (total - free) - reserve
+        else:
+            # Enough for every sequence at full length, capped so a laptop keeps its memory.
+            need = self.config.scheduler.max_num_seqs * self.max_model_len * per_token * 4
+            budget = min(_CPU_DEFAULT_KV_BYTES, need)
+        blocks = budget // per_block
+        min_blocks = -(-self.max_model_len // cache_cfg.block_size)
+        if blocks < min_blocks:
+            raise ValueError(
+                f"KV cache budget of {budget / 2**20:.0f} MiB holds {blocks} blocks, fewer than one sequence of "
+                f"max_model_len={self.max_model_len} needs ({min_blocks}); lower --max-model-len or raise the KV memory"
+            )
+        return int(blocks)
+
+    # ---- requests ----------------------------------------------------------------------------------------------
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError for a request that can never run; cheap, so callers on other threads may use it."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's maximum context length is "
+                f"{self.max_model_len} tokens, which must also hold at least one generated token"
+            )
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is out of range for a vocabulary of {vocab}")
+        room = self.max_model_len - len(prompt_token_ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} plus the prompt's {len(prompt_token_ids)} tokens exceeds the "
+                f"maximum context length of {self.max_model_len}"
+            )
+
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        """Queues a request; returns its id. Raises ValueError for a request that can never run."""
+        self.validate_request(prompt_token_ids, params)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.outputs.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        room = self.max_model_len - len(prompt_token_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        arrival = time.monotonic()
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = replace(params, seed=params.seed + i)
+            child_id = request_id if params.n == 1 else f"{request_id}-{i}"
+            children.append(
+                Request(
+                    request_id=child_id,
+                    prompt_token_ids=list(prompt_token_ids),
+                    sampling_params=child_params,
+                    eos_token_ids=self.eos_token_ids,
+                    max_tokens=max_tokens,
+                    arrival_time=arrival,
+                )
+            )
+        self.outputs.add(request_id, list(prompt_token_ids), children)
+        for child in children:
+            self.scheduler.add_request(child)
+        return request_id
+
+    def abort_request(self, request_id: str) -> list[RequestOutput]:
+        child_ids = self.outputs.child_ids(request_id)
+        if not child_ids:
+            return []
+        self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+        return self.outputs.collect({request_id})
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step loop -----------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        touched: set[str] = set()
+        for req in sched.failed:  # requests the scheduler had to give up on (they can never fit)
+            touched.add(self.outputs.parent_of(req.request_id) or req.request_id)
+        scheduled = [(s.request, s.num_new_tokens) for s in sched.scheduled]
+        sampled: dict[str, int] = {}
+        corrupted_reqs: list[Request] = []
+        logprobs_of: dict[str, object] = {}
+        if scheduled:
+            rows, logits = self.runner.execute(scheduled)
+            if rows:
+                reqs = [scheduled[r][0] for r in rows]
+                out = self.sampler.sample(logits, reqs)
+                for req, tok, lp, bad in zip(reqs, out.token_ids, out.logprobs, out.corrupted):
+                    if bad:
+                        corrupted_reqs.append(req)
+                    else:
+                        sampled[req.request_id] = tok
+                        logprobs_of[req.request_id] = lp
+        now = time.monotonic()
+        for req in corrupted_reqs:  # fail these before the update, so they never receive a token
+            req.error = "the model produced NaN or infinite logits for this request; it was stopped"
+            self.outputs.record_tokens(req, None, True, now)
+            self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_ERROR)
+            touched.add(self.outputs.parent_of(req.request_id) or req.request_id)
+        finished = self.scheduler.update_from_output(sched, sampled)
+        stop_hits: list[Request] = []
+        for req, _ in scheduled:
+            parent_id = self.outputs.parent_of(req.request_id)
+            if parent_id is None:
+                continue
+            if req.request_id in sampled:
+                touched.add(parent_id)
+                hit = self.outputs.record_tokens(req, logprobs_of.get(req.request_id), False, now)
+                if hit is not None and not req.is_finished:
+                    req.stop_reason = hit
+                    stop_hits.append(req)
+        for req in stop_hits:
+            self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+        for req in finished:
+            touched.add(self.outputs.parent_of(req.request_id) or req.request_id)
+        self.observer.on_step(self.scheduler.get_stats())
+        return self.outputs.collect(touched)
+
+    def generate_blocking(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], progress=None
+    ) -> list[RequestOutput]:
+        """Runs prompts to completion and returns their final outputs in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+                    if progress is not None:
+                        progress()
+        return [final[i] for i in ids]

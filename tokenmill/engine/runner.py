@@ -1,0 +1,186 @@
+"""ModelRunner: turns a scheduled step into one forward pass over the paged KV cache.
+
+It owns the KV cache tensor, flattens the step's chunked prefills and decodes into one token batch, builds the
+attention metadata, runs the model, and returns the logits of the sequences that reached the end of their known
+tokens (a request in the middle of a chunked prefill samples nothing). On CUDA, decode-only steps replay CUDA graphs
+captured per padded batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.engine.request import Request
+from tokenmill.layers.attention_metadata import AttentionMetadata
+
+
+@dataclass
+class StepInput:
+    """The flattened token batch of one step, on the host."""
+
+    token_ids: list[int]
+    positions: list[int]
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    sample_rows: list[int]  # index (into scheduled) of each sequence that samples this step
+    sample_token_index: list[int]  # flat token index whose hidden state gives that sequence's logits
+
+
+def build_step_input(scheduled: list[tuple[Request, int]]) -> StepInput:
+    token_ids: list[int] = []
+    positions: list[int] = []
+    query_lens: list[int] = []
+    seq_lens: list[int] = []
+    block_tables: list[list[int]] = []
+    sample_rows: list[int] = []
+    sample_token_index: list[int] = []
+    for row, (req, num_new) in enumerate(scheduled):
+        start = req.num_computed_tokens
+        end = start + num_new
+        if num_new < 1 or end > req.num_tokens:
+            raise ValueError(f"request {req.request_id}: cannot compute tokens {start}..{end} of {req.num_tokens}")
+        prompt_len = req.num_prompt_tokens
+        if end <= prompt_len:
+            token_ids.extend(req.prompt_token_ids[start:end])
+        else:
+            token_ids.extend(req.all_token_ids[start:end])
+        positions.extend(range(start, end))
+        query_lens.append(num_new)
+        seq_lens.append(end)
+        block_tables.append(req.block_ids)
+        if end == req.num_tokens:
+            sample_rows.append(row)
+            sample_token_index.append(len(token_ids) - 1)
+    return StepInput(token_ids, positions, query_lens, seq_lens, block_tables, sample_rows, sample_token_index)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        use_cuda_graphs: bool = False,
+        max_graph_batch_size: int = 64,
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.dtype = dtype
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        # The block pool never hands out block 0; padded rows of captured decode graphs write and read there.
+        self.pad_block = 0
+        self.kv_cache = torch.zeros(
+            (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
+        )
+        self.graphs: dict[int, _DecodeGraph] = {}
+        if use_cuda_graphs and device.type == "cuda":
+            self._capture_decode_graphs(max_graph_batch_size)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Request, int]]) -> tuple[list[int], torch.Tensor | None]:
+        """Runs one step. Returns (rows of `scheduled` that sample, their float32 logits [len(rows), vocab])."""
+        step = build_step_input(scheduled)
+        if not step.sample_rows and not step.token_ids:
+            return [], None
+        is_decode = all(q == 1 for q in step.query_lens)
+        graph = self._graph_for(len(step.query_lens)) if is_decode else None
+        if graph is not None:
+            hidden = graph.run(self, step)
+            sample_hidden = hidden[: len(step.query_lens)][step.sample_rows]
+        else:
+            meta = AttentionMetadata.build(
+                step.query_lens, step.seq_lens, step.block_tables, self.block_size, self.device
+            )
+            input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
+            positions = torch.tensor(step.positions, dtype=torch.long).to(self.device, non_blocking=True)
+            hidden = self.model(input_ids, positions, self.kv_cache, meta)
+            if not step.sample_rows:
+                return [], None
+            index = torch.tensor(step.sample_token_index, dtype=torch.long).to(self.device, non_blocking=True)
+            sample_hidden = hidden.index_select(0, index)
+        logits = self.model.compute_logits(sample_hidden)
+        return step.sample_rows, logits
+
+    # ---- CUDA graphs for decode -------------------------------------------------------------------------------
+
+    def _graph_for(self, batch_size: int) -> "_DecodeGraph | None":
+        if not self.graphs:
+            return None
+        for size in sorted(self.graphs):
+            if size >= batch_size:
+                return self.graphs[size]
+        return None
+
+    def _capture_decode_graphs(self, max_batch: int) -> None:
+        sizes = [s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if s <= max_batch]
+        pool = None
+        for size in reversed(sizes):  # largest first, so smaller graphs reuse its memory pool
+            graph = _DecodeGraph(self, size, pool)
+            pool = graph.graph.pool()
+            self.graphs[size] = graph
+
+
+class _DecodeGraph:
+    """A decode forward for a fixed padded batch size, captured once with static input buffers."""
+
+    def __init__(self, runner: ModelRunner, batch_size: int, pool) -> None:
+        dev = runner.device
+        self.batch_size = batch_size
+        self.input_ids = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        self.slot_mapping = torch.full((batch_size,), runner.pad_block * runner.block_size, dtype=torch.long, device=dev)
+        self.seq_lens = torch.ones(batch_size, dtype=torch.int32, device=dev)
+        self.block_tables = torch.full(
+            (batch_size, runner.max_blocks_per_seq), runner.pad_block, dtype=torch.int32, device=dev
+        )
+        self.query_start_loc = torch.arange(batch_size + 1, dtype=torch.int32, device=dev)
+        self.meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping,
+            query_start_loc=self.query_start_loc,
+            seq_lens=self.seq_lens,
+            block_tables=self.block_tables,
+            max_query_len=1,
+            max_seq_len=runner.max_blocks_per_seq * runner.block_size,
+            query_start_loc_cpu=list(range(batch_size + 1)),
+            seq_lens_cpu=[1] * batch_size,
+        )
+        model = runner.model
+        # Warm up outside the graph (Triton autotuning and lazy initialisation must not be captured).
+        for _ in range(2):
+            self.output = model(self.input_ids, self.positions, runner.kv_cache, self.meta)
+        torch.cuda.synchronize(dev)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = model(self.input_ids, self.positions, runner.kv_cache, self.meta)
+
+    def run(self, runner: ModelRunner, step: StepInput) -> torch.Tensor:
+        n = len(step.query_lens)
+        pad = self.batch_size - n
+        bs = runner.block_size
+        # Padded rows write into the reserved block 0 and attend to one slot of it.
+        ids = step.token_ids + [0] * pad
+        pos = step.positions + [0] * pad
+        slots = [
+            table[(s - 1) // bs] * bs + (s - 1) % bs for table, s in zip(step.block_tables, step.seq_lens)
+        ] + [runner.pad_block * bs] * pad
+        seq_lens = step.seq_lens + [1] * pad
+        width = runner.max_blocks_per_seq
+        tables = [t + [runner.pad_block] * (width - len(t)) for t in step.block_tables]
+        tables += [[runner.pad_block] * width] * pad
+        self.input_ids.copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+        self.positions.copy_(torch.tensor(pos, dtype=torch.long), non_blocking=True)
+        self.slot_mapping.copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
+        self.seq_lens.copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
+        self.block_tables.copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        self.graph.replay()
+        return self.output

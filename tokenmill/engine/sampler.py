@@ -1,0 +1,333 @@
+"""Sampler: one step's logits [S, V] plus the requests they belong to -> one token id per row.
+
+Pipeline, every stage batched over rows (Python loops only build small per-row parameter tensors):
+  1. corruption check (a row holding NaN/inf is flagged; the engine fails that request, its token is meaningless)
+  2. penalties (repetition over prompt+output, presence/frequency over output) and min_tokens masking
+  3. logprobs, if any row asks for them, of the distribution after step 2 (see below)
+  4. greedy rows: argmax (first index on ties)
+  5. sampled rows: temperature -> min_p -> top_k -> top_p, then an exponential race argmax(probs / Exp(1)), done in
+     log space: an exact draw that needs no cumulative sum or sync (see `gumbel_race`). When every row has a top_k,
+     only its torch.topk candidates are filtered and raced; the full vocabulary is sorted only when top_p needs it.
+
+Logprobs choice: they describe the model's distribution *after* penalties and min_tokens masking but *before*
+temperature, min_p, top_k and top_p, so they do not depend on how a client tunes sampling, and a token the sampler
+could never emit (an EOS blocked by min_tokens) reports -inf. Rank is 1-based among the whole vocabulary; tied
+logprobs share the best rank.
+
+Seeds: a seeded request's noise for output position k comes from a generator seeded with mix(seed, k), so its tokens
+depend only on its own logits, never on which other requests share the batch, and a preempted request that is
+recomputed draws the same tokens again. Unseeded requests share one generator per device seeded from `Sampler(seed=)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from tokenmill.engine.outputs import Logprob, TokenLogprobs
+from tokenmill.engine.request import Request
+from tokenmill.sampling_params import SamplingParams
+
+# Temperatures below this are treated as greedy: dividing by them would overflow the logits.
+GREEDY_TEMPERATURE = 1e-5
+
+_MASK64 = (1 << 64) - 1
+
+
+class SamplerOutput(NamedTuple):
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]  # None where the request did not ask for logprobs, or the row is corrupted
+    corrupted: list[bool]  # the row's logits held NaN/inf: fail the request, ignore its token
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < GREEDY_TEMPERATURE
+
+
+def has_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+
+
+def pad_token_ids(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> Tensor:
+    """Ragged token id lists -> one int64 tensor [len(rows), max_len], right-padded with `pad_id`."""
+    width = max((len(r) for r in rows), default=0)
+    padded = [list(r) + [pad_id] * (width - len(r)) for r in rows]
+    return torch.tensor(padded, dtype=torch.int64, device=device).reshape(len(rows), width)
+
+
+def token_counts(padded_ids: Tensor, vocab_size: int) -> Tensor:
+    """Occurrences of each token per row, [S, V] float32; ids equal to `vocab_size` are padding and not counted."""
+    rows = padded_ids.shape[0]
+    counts = torch.zeros(rows, vocab_size + 1, dtype=torch.float32, device=padded_ids.device)
+    counts.scatter_add_(1, padded_ids, torch.ones_like(padded_ids, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(
+    logits: Tensor,
+    prompt_ids: Tensor,
+    output_ids: Tensor,
+    repetition_penalties: Tensor,
+    presence_penalties: Tensor,
+    frequency_penalties: Tensor,
+) -> Tensor:
+    """Return penalised logits (a new tensor).
+
+    prompt_ids/output_ids: [S, *] padded with V (see `pad_token_ids`); penalties: [S].
+    Repetition (HF/vLLM): every token seen in prompt or output has a positive logit divided by the penalty and a
+    negative one multiplied by it. Then presence/frequency (OpenAI), over output tokens only:
+    logit -= frequency * count + presence * (count > 0).
+    """
+    vocab_size = logits.shape[-1]
+    output_counts = token_counts(output_ids, vocab_size)
+    seen = token_counts(torch.cat([prompt_ids, output_ids], dim=1), vocab_size) > 0
+    rep = repetition_penalties.to(logits.dtype).unsqueeze(1)
+    out = torch.where(logits > 0, logits / rep, logits * rep)
+    torch.where(seen, out, logits, out=out)
+    out.addcmul_(output_counts, -frequency_penalties.to(logits.dtype).unsqueeze(1))
+    return out.addcmul_(output_counts.clamp_(max=1.0), -presence_penalties.to(logits.dtype).unsqueeze(1))
+
+
+def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
+    """Drop tokens whose probability is below min_p * (top probability); done in logit space, no softmax needed.
+    Works on any subset of a row's logits that contains its maximum (the full row or its sorted top candidates)."""
+    threshold = logits.amax(dim=-1, keepdim=True) + torch.log(min_p).unsqueeze(1)  # log(0) = -inf keeps everything
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def apply_top_k(logits: Tensor, top_k: Tensor) -> Tensor:
+    """Keep the k largest logits per row (0 = disabled), in vocabulary order. Tokens tied with the k-th are kept."""
+    vocab_size = logits.shape[-1]
+    k = top_k.clamp(1, vocab_size)
+    k_max = int(k.max())
+    kth_value = logits.topk(k_max, dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+    kth_value = kth_value.masked_fill((top_k <= 0).unsqueeze(1), float("-inf"))
+    return logits.masked_fill(logits < kth_value, float("-inf"))
+
+
+def apply_top_k_top_p_sorted(sorted_logits: Tensor, top_k: Tensor, top_p: Tensor | None) -> Tensor:
+    """top_k (0 = disabled; ties with the k-th value kept), then top_p (nucleus: the most likely tokens until their
+    mass, renormalised after top_k, reaches p; tied tokens kept together) on rows sorted in descending order."""
+    width = sorted_logits.shape[-1]
+    k = torch.where(top_k > 0, top_k, width).clamp(1, width)
+    kth_value = sorted_logits.gather(1, (k - 1).unsqueeze(1))
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_value, float("-inf"))
+    if top_p is None:
+        return sorted_logits
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    # Tied logits all take the mass strictly above them, so a tie is kept or dropped as a whole, whatever order the
+    # sort left it in (mass_before never decreases, so a running max carries each tie's first value along it).
+    tie_with_previous = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    tie_with_previous[:, 1:] = sorted_logits[:, 1:] == sorted_logits[:, :-1]
+    mass_before = mass_before.masked_fill(tie_with_previous, 0.0).cummax(dim=-1).values
+    # top_p == 1 must keep everything even when float rounding pushes the running sum past 1.
+    p = top_p.masked_fill(top_p >= 1.0, float("inf")).unsqueeze(1)
+    return sorted_logits.masked_fill(mass_before >= p, float("-inf"))
+
+
+def gumbel_race(logits: Tensor, noise: Tensor) -> Tensor:
+    """argmax(logits - log E) with E ~ Exp(1) i.i.d. is an exact draw from softmax(logits) (the Gumbel-max trick,
+    i.e. argmax(probs / E)). Needs no normalisation, so a token's score depends only on its own logit and noise.
+    `noise` is overwritten."""
+    return logits.sub(noise.log_()).argmax(dim=-1)
+
+
+def _step_seed(seed: int, position: int) -> int:
+    """splitmix64 of (seed, output position): a well-mixed, non-negative 63-bit generator seed."""
+    x = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+class Sampler:
+    def __init__(self, max_logprobs: int = 20, seed: int = 0) -> None:
+        if max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be >= 0, got {max_logprobs}")
+        self.max_logprobs = max_logprobs
+        self.seed = seed
+        self._global_generators: dict[torch.device, torch.Generator] = {}
+        self._seeded_generators: dict[torch.device, torch.Generator] = {}
+
+    def validate(self, params: SamplingParams) -> None:
+        """Check what only the sampler knows; the engine calls this when a request arrives."""
+        if params.logprobs is not None and params.logprobs > self.max_logprobs:
+            raise ValueError(f"logprobs={params.logprobs} exceeds the server's max_logprobs={self.max_logprobs}")
+
+    def sample(self, logits: Tensor, requests: list[Request]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(requests):
+            raise ValueError(f"logits must be [num_requests={len(requests)}, vocab], got {tuple(logits.shape)}")
+        if not logits.is_floating_point():
+            raise ValueError(f"logits must be floating point, got {logits.dtype}")
+        if not requests:
+            return SamplerOutput([], [], [])
+        for request in requests:
+            self.validate(request.sampling_params)
+        logits = logits.float()
+        device = logits.device
+        # A finite row has a finite sum (real logits are far below float32's range); NaN/inf poison it.
+        # Every later step is row-wise, so a bad row cannot leak into its neighbours.
+        corrupted = ~logits.sum(dim=-1).isfinite()
+
+        logits = self._penalise(logits, requests)
+
+        greedy_rows = [i for i, r in enumerate(requests) if is_greedy(r.sampling_params)]
+        sampled_rows = [i for i, r in enumerate(requests) if not is_greedy(r.sampling_params)]
+        if not sampled_rows:
+            token_ids = logits.argmax(dim=-1)
+        elif not greedy_rows:
+            token_ids = self._sample_rows(logits, requests)
+        else:
+            token_ids = logits.argmax(dim=-1)
+            index = torch.tensor(sampled_rows, device=device)
+            sampled = self._sample_rows(logits.index_select(0, index), [requests[i] for i in sampled_rows])
+            token_ids.index_copy_(0, index, sampled)
+
+        corrupted_list = corrupted.tolist()
+        logprobs = self._logprobs(logits, token_ids, requests, corrupted_list)
+        return SamplerOutput(token_ids.tolist(), logprobs, corrupted_list)
+
+    # -- stage 2: penalties and min_tokens -------------------------------------------------------------------------
+
+    def _penalise(self, logits: Tensor, requests: list[Request]) -> Tensor:
+        device, vocab_size = logits.device, logits.shape[-1]
+        penalty_rows = [i for i, r in enumerate(requests) if has_penalties(r.sampling_params)]
+        blocked: list[tuple[int, int]] = []  # (row, token) pairs min_tokens forbids this step
+        for i, r in enumerate(requests):
+            params = r.sampling_params
+            if r.num_output_tokens < params.min_tokens:
+                stops = set(params.stop_token_ids) | (set() if params.ignore_eos else r.eos_token_ids)
+                blocked.extend((i, t) for t in stops if t < vocab_size)
+        if not penalty_rows and not blocked:
+            return logits
+
+        logits = logits.clone()  # never modify the caller's tensor
+        if penalty_rows:
+            rows = [requests[i] for i in penalty_rows]
+            params = [r.sampling_params for r in rows]
+            needs_prompt = any(p.repetition_penalty != 1.0 for p in params)
+            prompt_ids = pad_token_ids([r.prompt_token_ids if needs_prompt else [] for r in rows], vocab_size, device)
+            output_ids = pad_token_ids([r.output_token_ids for r in rows], vocab_size, device)
+            index = torch.tensor(penalty_rows, device=device)
+            penalised = apply_penalties(
+                logits.index_select(0, index),
+                prompt_ids,
+                output_ids,
+                torch.tensor([p.repetition_penalty for p in params], device=device),
+                torch.tensor([p.presence_penalty for p in params], device=device),
+                torch.tensor([p.frequency_penalty for p in params], device=device),
+            )
+            logits.index_copy_(0, index, penalised)
+        if blocked:
+            row_index, token_index = torch.tensor(blocked, dtype=torch.int64, device=device).unbind(1)
+            logits.index_put_((row_index, token_index), torch.tensor(float("-inf"), device=device))
+        return logits
+
+    # -- stage 5: random sampling ----------------------------------------------------------------------------------
+
+    def _sample_rows(self, logits: Tensor, requests: list[Request]) -> Tensor:
+        """Draw one token per row. Rows are narrowed to candidates (sorted descending, with their token ids) when
+        top_k/top_p need an order: torch.topk when every row has a top_k, a full sort when top_p needs it."""
+        device, vocab_size = logits.device, logits.shape[-1]
+        params = [r.sampling_params for r in requests]
+        top_ks = [min(p.top_k, vocab_size) for p in params]
+        uses_top_k, uses_top_p = any(k > 0 for k in top_ks), any(p.top_p < 1.0 for p in params)
+        top_k = torch.tensor(top_ks, device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device) if uses_top_p else None
+
+        candidates, candidate_ids = logits, None  # None: candidates are the whole vocabulary, in order
+        if uses_top_k and all(k > 0 for k in top_ks) and max(top_ks) < vocab_size:
+            candidates, candidate_ids = logits.topk(max(top_ks), dim=-1)
+            kth_value = candidates.gather(1, (top_k - 1).unsqueeze(1))
+            # Top-k keeps ties with the k-th value; if a tie runs past the candidates, sort everything instead so
+            # the kept set never depends on which other rows set the candidate width.
+            if bool(((logits >= kth_value).sum(dim=-1) > candidates.shape[-1]).any()):
+                candidates, candidate_ids = logits.sort(dim=-1, descending=True, stable=True)
+        elif uses_top_p:
+            candidates, candidate_ids = logits.sort(dim=-1, descending=True, stable=True)
+        elif uses_top_k:
+            candidates = apply_top_k(logits, top_k)
+
+        candidates = candidates / torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+        if any(p.min_p > 0.0 for p in params):
+            candidates = apply_min_p(candidates, torch.tensor([p.min_p for p in params], device=device))
+        if candidate_ids is not None:
+            candidates = apply_top_k_top_p_sorted(candidates, top_k, top_p)
+        position = gumbel_race(candidates, self._noise(requests, candidates.shape, candidate_ids, vocab_size, device))
+        if candidate_ids is None:
+            return position
+        return candidate_ids.gather(1, position.unsqueeze(1)).squeeze(1)
+
+    def _noise(
+        self,
+        requests: list[Request],
+        shape: torch.Size,
+        candidate_ids: Tensor | None,
+        vocab_size: int,
+        device: torch.device,
+    ) -> Tensor:
+        """Exp(1) noise per candidate. A seeded row's noise is drawn per token id over the whole vocabulary from
+        mix(seed, output position), so its token depends on nothing but its own logits."""
+        noise = torch.empty(shape, device=device)
+        if any(r.sampling_params.seed is None for r in requests):
+            noise.uniform_(generator=self._generator(self._global_generators, device, self.seed))
+        for row, request in enumerate(requests):
+            seed = request.sampling_params.seed
+            if seed is not None:
+                generator = self._generator(self._seeded_generators, device, 0)
+                generator.manual_seed(_step_seed(seed, request.num_output_tokens))
+                per_token = torch.empty(vocab_size, device=device).uniform_(generator=generator)
+                noise[row] = per_token if candidate_ids is None else per_token[candidate_ids[row]]
+        # -log(U), U ~ U[0, 1), is Exp(1); uniform_ + log is several times faster than exponential_ on CPU.
+        # The clamp keeps log(noise) finite should -log(U) round to 0.
+        return noise.log_().neg_().clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    @staticmethod
+    def _generator(cache: dict[torch.device, torch.Generator], device: torch.device, seed: int) -> torch.Generator:
+        generator = cache.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed)
+            cache[device] = generator
+        return generator
+
+    # -- stage 3: logprobs -----------------------------------------------------------------------------------------
+
+    def _logprobs(
+        self, logits: Tensor, token_ids: Tensor, requests: list[Request], corrupted: list[bool]
+    ) -> list[TokenLogprobs | None]:
+        result: list[TokenLogprobs | None] = [None] * len(requests)
+        rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None and not corrupted[i]]
+        if not rows:
+            return result
+        vocab_size = logits.shape[-1]
+        index = torch.tensor(rows, device=logits.device)
+        logprobs = logits.index_select(0, index).log_softmax(dim=-1)
+        sampled = token_ids.index_select(0, index)
+        sampled_logprob = logprobs.gather(1, sampled.unsqueeze(1))
+        sampled_rank = (logprobs > sampled_logprob).sum(dim=-1) + 1
+        num_top = [min(requests[i].sampling_params.logprobs or 0, vocab_size) for i in rows]
+        k_max = max(num_top)
+        top_values: list[list[float]] = [[] for _ in rows]
+        top_ids: list[list[int]] = [[] for _ in rows]
+        top_ranks: list[list[int]] = [[] for _ in rows]
+        if k_max > 0:
+            top = logprobs.topk(k_max, dim=-1)
+            # Rank = 1 + number of strictly larger logprobs; all of those are inside the top-k, so searchsorted
+            # over the (ascending) negated top-k values finds it without touching the vocabulary again.
+            negated = -top.values
+            ranks = torch.searchsorted(negated, negated, side="left") + 1
+            top_values, top_ids, top_ranks = top.values.tolist(), top.indices.tolist(), ranks.tolist()
+        for j, (row, token, value, rank) in enumerate(
+            zip(rows, sampled.tolist(), sampled_logprob.squeeze(1).tolist(), sampled_rank.tolist())
+        ):
+            entry: TokenLogprobs = {token: Logprob(logprob=value, rank=rank)}
+            for top_id, top_value, top_rank in zip(top_ids[j][: num_top[j]], top_values[j], top_ranks[j]):
+                if top_id not in entry:
+                    entry[top_id] = Logprob(logprob=top_value, rank=top_rank)
+            result[row] = entry
+        return result

@@ -1,0 +1,57 @@
+"""Workloads: generated multi-turn sessions, public trace formats, and prompt text synthesis."""
+
+from tokenmill.workload.sessions import (
+    WORKLOAD_CLASSES,
+    ArrivalProcess,
+    BlockHasher,
+    Dist,
+    Segment,
+    Session,
+    Turn,
+    WorkloadClass,
+    WorkloadSpec,
+    assign_hash_ids,
+    generate_sessions,
+    parse_workload_spec,
+)
+from tokenmill.workload.text import PromptSynthesizer, TokenizerAdapter, load_tokenizer
+from tokenmill.workload.traces import (
+    FORMATS,
+    Trace,
+    TraceRequest,
+    TraceSummary,
+    convert_trace,
+    read_trace,
+    rechunk_hash_ids,
+    sessions_to_trace,
+    summarize_trace,
+    write_trace,
+)
+
+__all__ = [
+    "FORMATS",
+    "WORKLOAD_CLASSES",
+    "ArrivalProcess",
+    "BlockHasher",
+    "Dist",
+    "PromptSynthesizer",
+    "Segment",
+    "Session",
+    "TokenizerAdapter",
+    "Trace",
+    "TraceRequest",
+    "TraceSummary",
+    "Turn",
+    "WorkloadClass",
+    "WorkloadSpec",
+    "assign_hash_ids",
+    "convert_trace",
+    "generate_sessions",
+    "load_tokenizer",
+    "parse_workload_spec",
+    "read_trace",
+    "rechunk_hash_ids",
+    "sessions_to_trace",
+    "summarize_trace",
+    "write_trace",
+]
