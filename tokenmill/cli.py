@@ -46,7 +46,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpu-blocks-override", "--num-kv-blocks", dest="num_blocks", type=int, default=None)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "triton"],
+    g.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "triton", "fused"],
                    help="attention/decode kernels")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
 

@@ -58,6 +58,12 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
         arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+        # transformers 5 writes RoPE settings under "rope_parameters" (rope_theta inside) instead of "rope_scaling".
+        rope_parameters = dict(cfg.get("rope_parameters") or {})
+        rope_theta = rope_parameters.pop("rope_theta", None)
+        rope_scaling = cfg.get("rope_scaling")
+        if not rope_scaling and rope_parameters.get("rope_type", rope_parameters.get("type", "default")) != "default":
+            rope_scaling = rope_parameters
         eos = cfg.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         qwen = cfg.get("model_type") == "qwen2" or arch.startswith("Qwen2")
@@ -70,8 +76,8 @@ class ModelConfig:
             num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
             head_dim=cfg.get("head_dim"),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=cfg.get("rope_theta") or rope_theta or 10000.0,
+            rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", qwen),
@@ -129,6 +135,9 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     decode_backend: str = "auto"  # torch | triton | fused | megakernel
+    # Weight-only quantization: auto | none | int8 | int4 (CPU). auto: int4/int8 for a quantized GGUF on CPU when
+    # dtype is auto, else none (tokenmill/models/quantization.py).
+    quantization: str = "auto"
     enforce_eager: bool = False  # disable CUDA graphs
     max_logprobs: int = 20
     cache: CacheConfig = field(default_factory=CacheConfig)

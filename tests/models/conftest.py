@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 
 from tokenmill.layers.attention_metadata import AttentionMetadata
 
-TINY_SHAPE = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-)
+TINY_SHAPE = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+}
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -143,7 +142,7 @@ def chunked_schedule(lengths: list[int], seed: int = 0, max_chunk: int = 5) -> l
 
 
 @pytest.fixture
-def paged() -> Callable:
+def paged() -> type:
     """The mini runner and schedule builders, as one namespace for the test files."""
 
     class Paged:

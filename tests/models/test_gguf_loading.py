@@ -48,7 +48,9 @@ _STORAGE = {
 
 def llamacpp_permute(rows: np.ndarray, num_heads: int) -> np.ndarray:
     """What llama.cpp's convert_hf_to_gguf does to q_proj/k_proj rows of llama models."""
-    return rows.reshape(num_heads, 2, rows.shape[0] // num_heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+    return (
+        rows.reshape(num_heads, 2, rows.shape[0] // num_heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+    )
 
 
 def _gguf_name(hf_name: str) -> str:
@@ -106,7 +108,9 @@ def test_unpermute_inverts_llamacpp_permute():
         assert not torch.equal(permuted, torch.from_numpy(rows))
         torch.testing.assert_close(unpermute_qk_rows(permuted, heads), torch.from_numpy(rows), atol=0, rtol=0)
     bias = np.arange(48, dtype=np.float32)
-    torch.testing.assert_close(unpermute_qk_rows(torch.from_numpy(llamacpp_permute(bias, 4)), 4), torch.from_numpy(bias))
+    torch.testing.assert_close(
+        unpermute_qk_rows(torch.from_numpy(llamacpp_permute(bias, 4)), 4), torch.from_numpy(bias)
+    )
 
 
 @pytest.mark.parametrize("variant", ["llama-untied", "llama3-rope-freqs-tied", "qwen2-bias-tied"])

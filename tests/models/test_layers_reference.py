@@ -73,16 +73,26 @@ def test_paged_attention_rejects_a_misshaped_cache():
     [
         {"rope_type": "default"},
         {"rope_type": "linear", "factor": 4.0},
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 64},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     ],
 )
 def test_inv_freq_matches_transformers(rope_parameters):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    config = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_theta=500000.0, max_position_embeddings=1024,
-                         rope_scaling=rope_parameters if rope_parameters["rope_type"] != "default" else None)
+    config = LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=4,
+        rope_theta=500000.0,
+        max_position_embeddings=1024,
+        rope_scaling=rope_parameters if rope_parameters["rope_type"] != "default" else None,
+    )
     rope_type = rope_parameters["rope_type"]
     if rope_type == "default":
         expected = 1.0 / (500000.0 ** (torch.arange(0, 64, 2, dtype=torch.int64).float() / 64))

@@ -11,7 +11,10 @@ VARIANTS = {
     "llama-untied": ("llama", {}),
     "llama-tied": ("llama", {"tie_word_embeddings": True}),
     "llama3-rope-scaling": ("llama", {"rope_scaling": "LLAMA3"}),
-    "llama-linear-rope-mha": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}, "num_key_value_heads": 4}),
+    "llama-linear-rope-mha": (
+        "llama",
+        {"rope_scaling": {"rope_type": "linear", "factor": 4.0}, "num_key_value_heads": 4},
+    ),
     "qwen2-bias-tied": ("qwen2", {"tie_word_embeddings": True}),
     "qwen2-bias-untied": ("qwen2", {}),
 }

@@ -35,8 +35,18 @@ def _one_thread():
 
 
 def tiny(**kw) -> ParcaeConfig:
-    base = dict(vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2, n_prelude=1, n_core=2, n_coda=1, max_seq_len=32,
-                mean_recurrence=3, backprop_depth=2)  # fmt: skip
+    base = {
+        "vocab_size": 97,
+        "d_model": 32,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "n_prelude": 1,
+        "n_core": 2,
+        "n_coda": 1,
+        "max_seq_len": 32,
+        "mean_recurrence": 3,
+        "backprop_depth": 2,
+    }
     return ParcaeConfig(**(base | kw))
 
 
@@ -51,8 +61,9 @@ def expected_params(c: ParcaeConfig) -> int:
     return total
 
 
-@pytest.mark.parametrize("name,nominal", [("parcae-140m", 140e6), ("parcae-370m", 370e6), ("parcae-770m", 770e6),
-                                          ("parcae-1.3b", 1.3e9)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,nominal", [("parcae-140m", 140e6), ("parcae-370m", 370e6), ("parcae-770m", 770e6), ("parcae-1.3b", 1.3e9)]
+)
 def test_paper_family_parameter_counts(name, nominal):
     config = PAPER_CONFIGS[name]
     with torch.device("meta"):
@@ -208,8 +219,10 @@ def test_parcae_spectral_radius_below_one_for_any_parameters(dt, log_a):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(-1e4, 1e4, width=32), min_size=4, max_size=4),
-       st.lists(st.floats(-80, 80, width=32), min_size=4, max_size=4))  # fmt: skip
+@given(
+    st.lists(st.floats(-1e4, 1e4, width=32), min_size=4, max_size=4),
+    st.lists(st.floats(-80, 80, width=32), min_size=4, max_size=4),
+)
 def test_parcae_decay_never_exceeds_one_in_float32(dt, log_a):
     """In fp32 a decay can round up to exactly 1.0 for extreme (tiny Δ·A) parameters, but never above."""
     model = ParcaeModel(tiny(d_model=32))
@@ -231,8 +244,12 @@ def test_spectral_radius_of_each_variant():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.floats(1.1, 2.0), st.lists(st.floats(-8, 8), min_size=32, max_size=32),
-       st.lists(st.floats(-8, 8), min_size=32, max_size=32), st.integers(0, 2**31))  # fmt: skip
+@given(
+    st.floats(1.1, 2.0),
+    st.lists(st.floats(-8, 8), min_size=32, max_size=32),
+    st.lists(st.floats(-8, 8), min_size=32, max_size=32),
+    st.integers(0, 2**31),
+)
 def test_linearised_recurrence_explodes_unconstrained_and_stays_bounded_in_parcae(scale, dt, log_a, seed):
     g = torch.Generator().manual_seed(seed)
     e = torch.randn(4, 32, generator=g)
@@ -282,11 +299,23 @@ def test_training_flops_accounting():
 def their_state_dict(model: ParcaeModel) -> dict[str, torch.Tensor]:
     """The model's weights under parcae-lm's key names (written out by hand, independent of the mapping code)."""
     c, ours = model.config, model.state_dict()
-    out = {"transformer.wte.weight": ours["embed.weight"], "lm_head.weight": ours["embed.weight"],
-           "transformer.ln_f.weight": ours["final_norm.weight"], "freqs_cis": torch.zeros(1, 32, 1, 4, 2)}  # fmt: skip
-    block_names = {"norm_1": "attn_norm", "attn.c_q": "attn.wq", "attn.c_k": "attn.wk", "attn.c_v": "attn.wv",
-                   "attn.c_proj": "attn.wo", "attn.ve_gate": "attn.ve_gate", "norm_2": "mlp_norm",
-                   "mlp.fc": "mlp.up", "mlp.proj": "mlp.down"}  # fmt: skip
+    out = {
+        "transformer.wte.weight": ours["embed.weight"],
+        "lm_head.weight": ours["embed.weight"],
+        "transformer.ln_f.weight": ours["final_norm.weight"],
+        "freqs_cis": torch.zeros(1, 32, 1, 4, 2),
+    }
+    block_names = {
+        "norm_1": "attn_norm",
+        "attn.c_q": "attn.wq",
+        "attn.c_k": "attn.wk",
+        "attn.c_v": "attn.wv",
+        "attn.c_proj": "attn.wo",
+        "attn.ve_gate": "attn.ve_gate",
+        "norm_2": "mlp_norm",
+        "mlp.fc": "mlp.up",
+        "mlp.proj": "mlp.down",
+    }
     stages = [("prelude", "prelude", c.n_prelude), ("core_block", "core", c.n_core), ("coda", "coda", c.n_coda)]
     if not c.is_looped:
         stages = [("h", "prelude", c.n_prelude)]
@@ -365,19 +394,50 @@ def test_checkpoint_mapping_errors():
 
 def test_config_from_parcae_lm_and_load_from_folder(tmp_path):
     their_140m = {
-        "name": "parcae-small-140m", "block_size": 2048, "vocab_size": 32768, "padded_vocab_size": 32768,
-        "n_embd": 768, "num_attention_heads": 6, "num_key_value_heads": 6, "intermediate_size": 3072, "bias": False,
-        "tie_embeddings": True, "block_class_name": "TransformerPreNormBlock", "norm_class_name": "RMSNorm",
-        "norm_eps": 1e-5, "mlp_class_name": "BaseMLP", "nonlin_name": "ReLU2", "qk_norm": True,
-        "logit_softcap": None, "prelude_norm": True, "injection_type": "diagonal", "state_init": "like-init",
-        "recurrent_embedding_dimension": 768, "n_layers_in_recurrent_block": 2, "n_layers_in_prelude": 2,
-        "n_layers_in_coda": 2, "mean_recurrence": 8, "mean_backprop_depth": 4,
+        "name": "parcae-small-140m",
+        "block_size": 2048,
+        "vocab_size": 32768,
+        "padded_vocab_size": 32768,
+        "n_embd": 768,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 6,
+        "intermediate_size": 3072,
+        "bias": False,
+        "tie_embeddings": True,
+        "block_class_name": "TransformerPreNormBlock",
+        "norm_class_name": "RMSNorm",
+        "norm_eps": 1e-5,
+        "mlp_class_name": "BaseMLP",
+        "nonlin_name": "ReLU2",
+        "qk_norm": True,
+        "logit_softcap": None,
+        "prelude_norm": True,
+        "injection_type": "diagonal",
+        "state_init": "like-init",
+        "recurrent_embedding_dimension": 768,
+        "n_layers_in_recurrent_block": 2,
+        "n_layers_in_prelude": 2,
+        "n_layers_in_coda": 2,
+        "mean_recurrence": 8,
+        "mean_backprop_depth": 4,
         "rope_settings": {"use_rope": True, "rope_condense_ratio": 1, "rope_base": 50000},
-    }  # fmt: skip
+    }
     config = config_from_parcae_lm(their_140m, value_embeddings=True)
     ref = PAPER_CONFIGS["parcae-140m"]
-    for field in ("vocab_size", "d_model", "n_heads", "n_prelude", "n_core", "n_coda", "ffn_size", "injection",
-                  "mean_recurrence", "backprop_depth", "rope_theta", "max_seq_len"):  # fmt: skip
+    for field in (
+        "vocab_size",
+        "d_model",
+        "n_heads",
+        "n_prelude",
+        "n_core",
+        "n_coda",
+        "ffn_size",
+        "injection",
+        "mean_recurrence",
+        "backprop_depth",
+        "rope_theta",
+        "max_seq_len",
+    ):
         assert getattr(config, field) == getattr(ref, field), field
     with pytest.raises(ValueError, match="nonlin_name"):
         config_from_parcae_lm(their_140m | {"nonlin_name": "GELU"})
@@ -387,13 +447,26 @@ def test_config_from_parcae_lm_and_load_from_folder(tmp_path):
     small = tiny(value_embeddings=True)
     source = ParcaeModel(small)
     torch.save(their_state_dict(source), tmp_path / "pytorch_model.bin")
-    (tmp_path / "config.json").write_text(json.dumps(
-        their_140m | {"vocab_size": 97, "padded_vocab_size": 97, "n_embd": 32, "num_attention_heads": 4,
-                      "num_key_value_heads": 2, "intermediate_size": 128, "block_size": 32,
-                      "recurrent_embedding_dimension": 32, "n_layers_in_prelude": 1, "n_layers_in_coda": 1,
-                      "mean_recurrence": 3, "mean_backprop_depth": 2,
-                      "rope_settings": {"use_rope": True, "rope_condense_ratio": 1, "rope_base": 50000.0}}
-    ))  # fmt: skip
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            their_140m
+            | {
+                "vocab_size": 97,
+                "padded_vocab_size": 97,
+                "n_embd": 32,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "intermediate_size": 128,
+                "block_size": 32,
+                "recurrent_embedding_dimension": 32,
+                "n_layers_in_prelude": 1,
+                "n_layers_in_coda": 1,
+                "mean_recurrence": 3,
+                "mean_backprop_depth": 2,
+                "rope_settings": {"use_rope": True, "rope_condense_ratio": 1, "rope_base": 50000.0},
+            }
+        )
+    )
     loaded = load_parcae_lm(tmp_path)
     assert loaded.config.value_embeddings and loaded.lm_head.weight is loaded.embed.weight
     ids = torch.randint(0, 97, (1, 12))

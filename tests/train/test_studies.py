@@ -12,9 +12,15 @@ from tokenmill.train.studies.quality import QualitySettings, run_quality
 
 def test_lr_sweep_end_to_end_with_plots(tiny_dataset, tmp_path):
     settings = SweepSettings.tiny(
-        out_dir=str(tmp_path / "sweep"), data_dir=str(tiny_dataset), injections=("parcae", "linear"),
-        lrs=(2e-3, 30.0), steps=12, batch_size=4, seq_len=32, model_overrides={"d_model": 32, "n_heads": 2},
-    )  # fmt: skip
+        out_dir=str(tmp_path / "sweep"),
+        data_dir=str(tiny_dataset),
+        injections=("parcae", "linear"),
+        lrs=(2e-3, 30.0),
+        steps=12,
+        batch_size=4,
+        seq_len=32,
+        model_overrides={"d_model": 32, "n_heads": 2},
+    )
     summary = run_sweep(settings, progress=False)
     runs = {r["run"]: r for r in summary["runs"]}
     assert set(runs) == {"parcae_lr2e-3", "linear_lr2e-3", "parcae_lr3e+01", "linear_lr3e+01"}
@@ -25,17 +31,32 @@ def test_lr_sweep_end_to_end_with_plots(tiny_dataset, tmp_path):
     # a second call reuses finished runs
     again = run_sweep(settings, progress=False)
     assert [r["wall_s"] for r in again["runs"]] == [r["wall_s"] for r in summary["runs"]]
-    written = plot_sweep(tmp_path / "sweep", tmp_path / "png")
-    assert {p.name for p in written} == {"sweep_loss.png", "sweep_rho.png", "sweep_state_norm.png",
-                                         "sweep_final_loss.png"}  # fmt: skip
+    (tmp_path / "sweep").rename(tmp_path / "fetched")  # plots read the runs from wherever the sweep folder is now
+    written = plot_sweep(tmp_path / "fetched", tmp_path / "png")
+    assert {p.name for p in written} == {
+        "sweep_loss.png",
+        "sweep_rho.png",
+        "sweep_state_norm.png",
+        "sweep_final_loss.png",
+    }
     assert all(p.stat().st_size > 5_000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+    # the curves come from the relocated logs: hiding one run's log makes the loss plot lose a line
+    (tmp_path / "fetched" / "parcae_lr2e-3" / "log.jsonl").rename(tmp_path / "hidden.jsonl")
+    without = {p.name: p.stat().st_size for p in plot_sweep(tmp_path / "fetched", tmp_path / "png-without")}
+    assert without["sweep_loss.png"] < {p.name: p.stat().st_size for p in written}["sweep_loss.png"]
 
 
 def test_quality_end_to_end_with_plots(tiny_dataset, tmp_path):
     settings = QualitySettings.tiny(
-        out_dir=str(tmp_path / "quality"), data_dir=str(tiny_dataset), steps=10, batch_size=4, seq_len=32,
-        eval_every=5, t_values=(1, 3, 6), model_overrides={"d_model": 32, "n_heads": 2, "mean_recurrence": 3},
-    )  # fmt: skip
+        out_dir=str(tmp_path / "quality"),
+        data_dir=str(tiny_dataset),
+        steps=10,
+        batch_size=4,
+        seq_len=32,
+        eval_every=5,
+        t_values=(1, 3, 6),
+        model_overrides={"d_model": 32, "n_heads": 2, "mean_recurrence": 3},
+    )
     summary = run_quality(settings, progress=False)
     runs = summary["runs"]
     assert [runs[n]["status"] for n in ("parcae", "transformer-tokens", "transformer-flops")] == ["completed"] * 3
@@ -45,15 +66,41 @@ def test_quality_end_to_end_with_plots(tiny_dataset, tmp_path):
     assert abs(runs["transformer-flops"]["flops"] / runs["parcae"]["flops"] - 1) < 0.35  # realised depths vary
     assert [r["T"] for r in summary["loss_vs_T"]] == [1, 3, 6]
     assert set(summary["transformer_val_loss_same_batches"]) == {"transformer-tokens", "transformer-flops"}
-    written = plot_quality(tmp_path / "quality", tmp_path / "png")
-    assert {p.name for p in written} == {"quality_loss_vs_tokens.png", "quality_loss_vs_flops.png",
-                                         "quality_loss_vs_T.png"}  # fmt: skip
+    (tmp_path / "quality").rename(tmp_path / "fetched")
+    written = plot_quality(tmp_path / "fetched", tmp_path / "png")
+    assert {p.name for p in written} == {
+        "quality_loss_vs_tokens.png",
+        "quality_loss_vs_flops.png",
+        "quality_loss_vs_T.png",
+    }
 
 
 def test_cli_run_and_resume(tiny_dataset, tmp_path, capsys):
-    args = ["train", "run", "--model", "tiny", "--data", str(tiny_dataset), "--out", str(tmp_path / "r"),
-            "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--warmup-steps", "2", "--eval-every", "0",
-            "--eval-batches", "1", "--no-progress", "--injection", "additive"]  # fmt: skip
+    args = [
+        "train",
+        "run",
+        "--model",
+        "tiny",
+        "--data",
+        str(tiny_dataset),
+        "--out",
+        str(tmp_path / "r"),
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--warmup-steps",
+        "2",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "1",
+        "--no-progress",
+        "--injection",
+        "additive",
+    ]
     assert train_main(args + ["--stop-at-step", "3"]) == 0
     assert train_main(args + ["--resume"]) == 0
     out = capsys.readouterr().out

@@ -17,11 +17,21 @@ from tokenmill.train.trainer import (
 
 
 def tiny_cfg(data_dir, out_dir, **kw) -> TrainConfig:
-    base = dict(
-        model=get_config("tiny", d_model=32, n_heads=2, mean_recurrence=3, backprop_depth=2), data_dir=str(data_dir),
-        out_dir=str(out_dir), steps=40, batch_size=8, seq_len=32, lr=3e-3, warmup_steps=4, log_every=1,
-        eval_every=20, eval_batches=2, progress=False, seed=1,
-    )  # fmt: skip
+    base = {
+        "model": get_config("tiny", d_model=32, n_heads=2, mean_recurrence=3, backprop_depth=2),
+        "data_dir": str(data_dir),
+        "out_dir": str(out_dir),
+        "steps": 40,
+        "batch_size": 8,
+        "seq_len": 32,
+        "lr": 3e-3,
+        "warmup_steps": 4,
+        "log_every": 1,
+        "eval_every": 20,
+        "eval_batches": 2,
+        "progress": False,
+        "seed": 1,
+    }
     return TrainConfig(**(base | kw))
 
 
@@ -65,7 +75,7 @@ def test_resume_gives_the_identical_continuation(tiny_dataset, tmp_path):
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]
     assert strip(rows(tmp_path / "straight", "train")) == strip(rows(tmp_path / "resumed", "train"))
     assert [r["step"] for r in rows(tmp_path / "resumed", "eval")] == [5, 10, 12]
     assert resumed.val_loss == straight.val_loss
@@ -76,8 +86,15 @@ def test_resume_gives_the_identical_continuation(tiny_dataset, tmp_path):
 
 
 def test_divergent_run_is_detected_and_stopped(tiny_dataset, tmp_path):
-    cfg = tiny_cfg(tiny_dataset, tmp_path / "boom", steps=40, lr=50.0, warmup_steps=1, grad_clip=1e9,
-                   model=get_config("tiny", d_model=32, n_heads=2, injection="linear", mean_recurrence=3))  # fmt: skip
+    cfg = tiny_cfg(
+        tiny_dataset,
+        tmp_path / "boom",
+        steps=40,
+        lr=50.0,
+        warmup_steps=1,
+        grad_clip=1e9,
+        model=get_config("tiny", d_model=32, n_heads=2, injection="linear", mean_recurrence=3),
+    )
     result = train(cfg)
     assert result.status == "diverged" and result.reason in ("nan", "loss_diverged")
     assert result.steps < 40

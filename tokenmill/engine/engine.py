@@ -33,6 +33,7 @@ class LLMEngine:
         from tokenmill.kernels.backends import get_attention_backend
         from tokenmill.models.hub import resolve_model
         from tokenmill.models.loader import load_model
+        from tokenmill.models.quantization import resolve_quantization
         from tokenmill.tokenizer import Tokenizer
 
         self.config = config
@@ -42,9 +43,24 @@ class LLMEngine:
         torch.manual_seed(config.seed)
 
         source = resolve_model(config.model)
-        backend = get_attention_backend(config.decode_backend, self.device)
+        self.quantization = resolve_quantization(config.quantization, source, self.device, config.dtype)
+        if self.quantization != "none" and config.dtype == "auto":
+            # The quantized layers compute in bf16 anyway; bf16 activations and KV also halve attention's traffic.
+            self.dtype = torch.bfloat16
+        # 'fused' replaces the whole decode step; prefill and mixed steps keep the model with the best attention.
+        fused = config.decode_backend == "fused"
+        backend = get_attention_backend("auto" if fused else config.decode_backend, self.device)
         loaded = load_model(source, dtype=self.dtype, device=self.device, attn_backend=backend)
         self.model = loaded.model
+        if self.quantization != "none":
+            self.model.quantize_(self.quantization)
+        decode_model = None
+        if fused:
+            from tokenmill.kernels.fused_llama import make_fused_decoder
+
+            decode_model = make_fused_decoder(self.model, self.device)  # None, with a warning, where it can't run
+            if decode_model is not None:
+                logger.info("decode backend: fused Triton kernels for decode-only steps")
         self.model_config: ModelConfig = loaded.config
         self.tokenizer = Tokenizer.from_source(config.tokenizer or loaded.source)
         if config.served_model_name is None:
@@ -73,6 +89,7 @@ class LLMEngine:
             device=self.device,
             use_cuda_graphs=not config.enforce_eager and getattr(backend, "supports_cuda_graphs", False),
             max_graph_batch_size=sched_cfg.max_num_seqs,
+            decode_model=decode_model,
         )
         self.sampler = Sampler(max_logprobs=config.max_logprobs, seed=config.seed)
         self.outputs = OutputProcessor(self.tokenizer, self.observer)

@@ -71,8 +71,12 @@ class ModelRunner:
         device: torch.device,
         use_cuda_graphs: bool = False,
         max_graph_batch_size: int = 64,
+        decode_model=None,
     ) -> None:
         self.model = model
+        # Runs decode-only steps when given (e.g. kernels.fused_llama.FusedLlamaDecoder): same forward() and
+        # compute_logits() contract as `model`, which keeps prefill and mixed steps.
+        self.decode_model = decode_model if decode_model is not None else model
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
@@ -93,6 +97,7 @@ class ModelRunner:
         if not step.sample_rows and not step.token_ids:
             return [], None
         is_decode = all(q == 1 for q in step.query_lens)
+        model = self.decode_model if is_decode else self.model
         graph = self._graph_for(len(step.query_lens)) if is_decode else None
         if graph is not None:
             hidden = graph.run(self, step)
@@ -103,12 +108,12 @@ class ModelRunner:
             )
             input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
             positions = torch.tensor(step.positions, dtype=torch.long).to(self.device, non_blocking=True)
-            hidden = self.model(input_ids, positions, self.kv_cache, meta)
+            hidden = model(input_ids, positions, self.kv_cache, meta)
             if not step.sample_rows:
                 return [], None
             index = torch.tensor(step.sample_token_index, dtype=torch.long).to(self.device, non_blocking=True)
             sample_hidden = hidden.index_select(0, index)
-        logits = self.model.compute_logits(sample_hidden)
+        logits = model.compute_logits(sample_hidden)
         return step.sample_rows, logits
 
     # ---- CUDA graphs for decode -------------------------------------------------------------------------------
@@ -154,7 +159,7 @@ class _DecodeGraph:
             query_start_loc_cpu=list(range(batch_size + 1)),
             seq_lens_cpu=[1] * batch_size,
         )
-        model = runner.model
+        model = runner.decode_model
         # Warm up outside the graph (Triton autotuning and lazy initialisation must not be captured).
         for _ in range(2):
             self.output = model(self.input_ids, self.positions, runner.kv_cache, self.meta)

@@ -136,6 +136,24 @@ def gumbel_race(logits: Tensor, noise: Tensor) -> Tensor:
     return logits.sub(noise.log_()).argmax(dim=-1)
 
 
+def greedy_argmax(logits: Tensor) -> Tensor:
+    """logits.argmax(-1) (first index on ties, NaN counting as the largest), computed in two stages on CPU.
+
+    torch's CPU argmax over a long last dimension is not vectorized (about 2 ms for 32 x 49152 on one core) while amax
+    is (about 0.3 ms): the maximum of each block of `width` logits picks the first block holding the row maximum, and
+    an argmax inside that block alone finds the first index of it.
+    """
+    rows, vocab = logits.shape
+    width = vocab & -vocab  # the largest power of two dividing vocab
+    width = min(width, 128)
+    if logits.device.type != "cpu" or width < 32 or vocab < 4 * width or not logits.is_contiguous():
+        return logits.argmax(dim=-1)
+    blocks = logits.view(rows, vocab // width, width)
+    best_block = blocks.amax(dim=-1).argmax(dim=-1)  # [rows]
+    candidates = blocks.gather(1, best_block.view(rows, 1, 1).expand(rows, 1, width)).squeeze(1)  # [rows, width]
+    return best_block * width + candidates.argmax(dim=-1)
+
+
 def _step_seed(seed: int, position: int) -> int:
     """splitmix64 of (seed, output position): a well-mixed, non-negative 63-bit generator seed."""
     x = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
@@ -178,11 +196,11 @@ class Sampler:
         greedy_rows = [i for i, r in enumerate(requests) if is_greedy(r.sampling_params)]
         sampled_rows = [i for i, r in enumerate(requests) if not is_greedy(r.sampling_params)]
         if not sampled_rows:
-            token_ids = logits.argmax(dim=-1)
+            token_ids = greedy_argmax(logits)
         elif not greedy_rows:
             token_ids = self._sample_rows(logits, requests)
         else:
-            token_ids = logits.argmax(dim=-1)
+            token_ids = greedy_argmax(logits)
             index = torch.tensor(sampled_rows, device=device)
             sampled = self._sample_rows(logits.index_select(0, index), [requests[i] for i in sampled_rows])
             token_ids.index_copy_(0, index, sampled)

@@ -8,7 +8,7 @@ NaN included, and must not change the result).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +46,64 @@ def _flat_caches(kv_cache_layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return kv_cache_layer[0].flatten(0, 1), kv_cache_layer[1].flatten(0, 1)
 
 
+class _StepPlan(NamedTuple):
+    """Where each sequence of a step reads its context from the flat cache. It depends only on the metadata and the
+    block size, so it is built once per step (cached in meta.derived) and shared by every layer."""
+
+    decode_token_index: torch.Tensor | None  # [Sd] flat token index of each decode sequence; None: every token
+    decode_slots: torch.Tensor | None  # [Sd * L] context slots, L = longest decode context, row-major per sequence
+    decode_mask: torch.Tensor | None  # [Sd, 1, 1, L] True = attend (False on padding)
+    decode_len: int
+    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]  # (start, end, slots [S], mask [Q, S] | None)
+
+
 def _context_slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
     """Flat cache slots of the given context positions; block_table [..., max_blocks], positions broadcastable."""
     block_ids = torch.gather(block_table.long(), -1, positions // block_size)
     return block_ids * block_size + positions % block_size
+
+
+def _step_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> _StepPlan:
+    key = ("reference_plan", block_size, device)
+    plan = meta.derived.get(key)
+    if plan is None:
+        plan = meta.derived[key] = _build_step_plan(meta, block_size, device)
+    return plan
+
+
+def _build_step_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> _StepPlan:
+    starts, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+    if meta.is_decode_only:
+        decode_seqs = list(range(meta.num_seqs))
+        token_index = None
+        tables, lens = meta.block_tables, meta.seq_lens
+    else:
+        decode_seqs = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
+        token_index = torch.tensor([starts[i] for i in decode_seqs], dtype=torch.long, device=device)
+        seq_index = torch.tensor(decode_seqs, dtype=torch.long, device=device)
+        tables, lens = meta.block_tables.index_select(0, seq_index), meta.seq_lens.index_select(0, seq_index)
+    slots = mask = None
+    decode_len = max((seq_lens[i] for i in decode_seqs), default=0)
+    if decode_seqs:
+        positions = torch.arange(decode_len, device=device).expand(len(decode_seqs), decode_len)
+        valid = positions < lens.to(device).long()[:, None]  # [Sd, L]
+        # Padding positions re-read the sequence's own position 0 (always written), so no slot at or past seq_len is
+        # ever touched and the padded keys are finite; the mask then removes them from the softmax.
+        slots = _context_slots(tables, torch.where(valid, positions, 0), block_size).flatten()
+        mask = valid[:, None, None, :]
+    decode_set = set(decode_seqs)
+    prefills = []
+    for i in range(meta.num_seqs):
+        if i in decode_set:
+            continue
+        start, end, seq_len = starts[i], starts[i + 1], seq_lens[i]
+        positions = torch.arange(seq_len, device=device)
+        seq_slots = _context_slots(meta.block_tables[i], positions, block_size)
+        query_len = end - start
+        # None: causal. SDPA's causal mask is top-left aligned, which is right when Q == S.
+        prefill_mask = None if query_len == seq_len else positions[None, :] <= positions[seq_len - query_len :, None]
+        prefills.append((start, end, seq_slots, prefill_mask))
+    return _StepPlan(token_index, slots, mask, decode_len, prefills)
 
 
 def paged_attention(
@@ -62,94 +116,47 @@ def paged_attention(
 ) -> torch.Tensor:
     """Reference paged attention: write K/V, then causal attention over each sequence's cached context.
 
-    Decode sequences (query_len == 1) are attended in one padded SDPA call; prefill chunks one SDPA call each.
+    Decode sequences (query_len == 1) are attended in one padded SDPA call; prefill chunks one SDPA call each. The
+    context of every sequence is gathered from the cache with one index_select for K and V together.
     """
     write_kv_cache(k, v, kv_cache_layer, meta.slot_mapping)
-    key_cache, value_cache = _flat_caches(kv_cache_layer)
-    block_size = kv_cache_layer.shape[2]
+    num_kv_heads, head_dim = kv_cache_layer.shape[-2:]
+    kv_flat = kv_cache_layer.view(2, -1, num_kv_heads * head_dim)  # [2, num_slots, Hkv * D]
+    plan = _step_plan(meta, kv_cache_layer.shape[2], q.device)
+    gqa = q.shape[1] != num_kv_heads
+
+    def gather(slots: torch.Tensor, *shape: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = kv_flat.index_select(1, slots).view(2, *shape, num_kv_heads, head_dim).to(q.dtype)
+        return kv[0], kv[1]
 
     if meta.is_decode_only:
-        return _decode_attention(
-            q, key_cache, value_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, block_size, scale
-        )
-
+        return _decode_attention(q, plan, gather, scale, gqa)
     out = torch.empty_like(q)
-    starts, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
-    decode_seqs = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
-    if decode_seqs:
-        token_idx = torch.tensor([starts[i] for i in decode_seqs], dtype=torch.long, device=q.device)
-        seq_idx = token_idx.new_tensor(decode_seqs)
-        out[token_idx] = _decode_attention(
-            q[token_idx],
-            key_cache,
-            value_cache,
-            meta.block_tables[seq_idx],
-            meta.seq_lens[seq_idx],
-            max(seq_lens[i] for i in decode_seqs),
-            block_size,
-            scale,
-        )
-    decode_set = set(decode_seqs)
-    for i in range(meta.num_seqs):
-        if i in decode_set:
-            continue
-        start, end, seq_len = starts[i], starts[i + 1], seq_lens[i]
-        out[start:end] = _prefill_attention(
-            q[start:end], key_cache, value_cache, meta.block_tables[i], seq_len, block_size, scale
-        )
+    if plan.decode_slots is not None:
+        index = plan.decode_token_index
+        out.index_copy_(0, index, _decode_attention(q.index_select(0, index), plan, gather, scale, gqa))
+    for start, end, slots, mask in plan.prefills:
+        keys, values = gather(slots, slots.shape[0])  # [S, Hkv, D]
+        out[start:end] = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1),
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=gqa,
+        ).transpose(0, 1)
     return out
 
 
-def _prefill_attention(
-    q: torch.Tensor,  # [Q, Hq, D], the last Q positions of a context of seq_len tokens
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,  # [max_blocks]
-    seq_len: int,
-    block_size: int,
-    scale: float,
-) -> torch.Tensor:
-    query_len = q.shape[0]
-    positions = torch.arange(seq_len, device=q.device)
-    slots = _context_slots(block_table, positions, block_size)
-    keys = key_cache[slots].to(q.dtype).transpose(0, 1)  # [Hkv, S, D]
-    values = value_cache[slots].to(q.dtype).transpose(0, 1)
-    gqa = q.shape[1] != keys.shape[0]
-    if query_len == seq_len:
-        mask, causal = None, True  # SDPA's causal mask is top-left aligned, which is right when Q == S.
-    else:
-        query_pos = positions[seq_len - query_len :]
-        mask, causal = positions[None, :] <= query_pos[:, None], False  # [Q, S], True = attend
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
-    )
-    return out.transpose(0, 1)
-
-
-def _decode_attention(
-    q: torch.Tensor,  # [S, Hq, D], one query per sequence, at the last position of its context
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [S, max_blocks]
-    seq_lens: torch.Tensor,  # [S]
-    max_seq_len: int,
-    block_size: int,
-    scale: float,
-) -> torch.Tensor:
-    num_seqs = q.shape[0]
-    positions = torch.arange(max_seq_len, device=q.device).expand(num_seqs, max_seq_len)
-    valid = positions < seq_lens.to(positions.device).long()[:, None]  # [S, L]
-    # Padding positions re-read the sequence's own position 0 (always written), so no slot at or past seq_len is
-    # ever touched and the padded keys are finite; the mask then removes them from the softmax.
-    slots = _context_slots(block_tables, torch.where(valid, positions, 0), block_size)
-    keys = key_cache[slots].to(q.dtype).transpose(1, 2)  # [S, Hkv, L, D]
-    values = value_cache[slots].to(q.dtype).transpose(1, 2)
-    gqa = q.shape[1] != keys.shape[1]
+def _decode_attention(q: torch.Tensor, plan: _StepPlan, gather, scale: float, gqa: bool) -> torch.Tensor:
+    """q [S, Hq, D], one query per sequence at the last position of its context."""
+    keys, values = gather(plan.decode_slots, q.shape[0], plan.decode_len)  # [S, L, Hkv, D]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # [S, Hq, 1, D]
-        keys,
-        values,
-        attn_mask=valid[:, None, None, :],
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=plan.decode_mask,
         scale=scale,
         enable_gqa=gqa,
     )

@@ -11,7 +11,8 @@ index 0 of dim 1 is K, 1 is V. Flat slot s = block_id * block_size + offset.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -27,6 +28,10 @@ class AttentionMetadata:
     # Host copies, so reference paths can loop without device syncs.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Tensors an attention backend derives from the fields above (gather indices, masks), computed by the first
+    # layer and reused by the others. Only valid while the fields are not changed in place, so metadata reused across
+    # steps (captured CUDA graphs) must not be given to a backend that fills this.
+    derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

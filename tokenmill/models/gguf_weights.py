@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,7 +92,9 @@ def read_gguf_config(reader: GGUFReader) -> ModelConfig:
     head_dim = int(key("attention.key_length", hidden // heads))
     rotary_dims = key("rope.dimension_count")
     if rotary_dims is not None and int(rotary_dims) != head_dim:
-        raise ValueError(f"partial rotary embeddings (rope.dimension_count={rotary_dims} < {head_dim}) are not supported")
+        raise ValueError(
+            f"partial rotary embeddings (rope.dimension_count={rotary_dims} < {head_dim}) are not supported"
+        )
 
     token_field = reader.fields.get("tokenizer.ggml.tokens")
     vocab_size = len(token_field.data) if token_field is not None else key("vocab_size")
@@ -103,7 +106,10 @@ def read_gguf_config(reader: GGUFReader) -> ModelConfig:
 
     eos_ids = [
         int(v)
-        for v in (field_value(reader, "tokenizer.ggml.eos_token_id"), field_value(reader, "tokenizer.ggml.eot_token_id"))
+        for v in (
+            field_value(reader, "tokenizer.ggml.eos_token_id"),
+            field_value(reader, "tokenizer.ggml.eot_token_id"),
+        )
         if v is not None
     ]
     bos = field_value(reader, "tokenizer.ggml.bos_token_id")

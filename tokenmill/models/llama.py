@@ -9,7 +9,7 @@ The batch is flat: T tokens from any number of sequences, each at its own positi
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from tokenmill.layers.attention import AttentionBackend, paged_attention
 from tokenmill.layers.attention_metadata import AttentionMetadata
 from tokenmill.layers.linear import empty_embedding, empty_linear
 from tokenmill.layers.mlp import GatedMLP
+from tokenmill.layers.quantized_linear import QuantizedLinear, quantize_linears_
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -49,10 +50,11 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        # q and k heads rotate together in one call: [T, Hq + Hkv, D].
+        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.attn_backend(q, k, v, kv_cache_layer, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -96,6 +98,8 @@ class LlamaForCausalLM(nn.Module):
             if config.tie_word_embeddings
             else empty_linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
         )
+        # Set by quantize_(): the LM head as a QuantizedLinear (a separate copy when the embeddings are tied).
+        self.quantized_lm_head: QuantizedLinear | None = None
         self.requires_grad_(False)
         self.eval()
 
@@ -116,7 +120,17 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, hidden] (one row per sequence, chosen by the caller) -> logits [S, vocab] in float32."""
+        if self.quantized_lm_head is not None:
+            return self.quantized_lm_head(hidden).float()
         return F.linear(hidden, self.lm_head_weight).float()
+
+    @torch.no_grad()
+    def quantize_(self, mode: str) -> None:
+        """Weight-only quantization for CPU inference (see tokenmill/layers/quantized_linear.py): every projection
+        in `mode` (int8 or int4), the LM head in int8 (GGUF files keep it at 8 bits or more, and 4 bits there cost
+        visibly more accuracy than anywhere else). The token embedding stays as loaded: it is only indexed."""
+        quantize_linears_(self.layers, mode)
+        self.quantized_lm_head = QuantizedLinear(self.lm_head_weight, None, "int8", small_batch_rows=2)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

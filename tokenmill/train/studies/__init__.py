@@ -25,9 +25,13 @@ def _train_worker(cfg_dict: dict[str, Any], threads: int) -> dict[str, Any]:
     cfg = TrainConfig.from_dict(cfg_dict)
     try:
         return train(cfg).to_dict()
-    except Exception as e:  # a crashed run is a result of the study, not the end of it
-        return {"status": "error", "reason": f"{type(e).__name__}: {e}", "run_name": cfg.run_name,
-                "out_dir": cfg.out_dir}  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - a crashed run is a result of the study, not the end of it
+        return {
+            "status": "error",
+            "reason": f"{type(e).__name__}: {e}",
+            "run_name": cfg.run_name,
+            "out_dir": cfg.out_dir,
+        }
 
 
 def completed_summary(out_dir: str | Path) -> dict[str, Any] | None:

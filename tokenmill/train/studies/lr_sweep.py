@@ -50,8 +50,17 @@ class SweepSettings:
 
     @classmethod
     def tiny(cls, **kw: Any) -> SweepSettings:
-        base = dict(model="tiny", steps=40, batch_size=8, seq_len=64, warmup_steps=5, eval_every=0, eval_batches=2,
-                    log_every=2, jobs=1)  # fmt: skip
+        base = {
+            "model": "tiny",
+            "steps": 40,
+            "batch_size": 8,
+            "seq_len": 64,
+            "warmup_steps": 5,
+            "eval_every": 0,
+            "eval_batches": 2,
+            "log_every": 2,
+            "jobs": 1,
+        }
         return cls(**(base | kw))
 
 
@@ -66,13 +75,27 @@ def sweep_configs(s: SweepSettings) -> list[TrainConfig]:
             if injection not in INJECTIONS:
                 raise ValueError(f"unknown injection {injection!r}; choose from {INJECTIONS}")
             name = run_name(injection, lr)
-            configs.append(TrainConfig(
-                model=get_config(s.model, injection=injection, **s.model_overrides), data_dir=s.data_dir,
-                out_dir=str(Path(s.out_dir) / name), steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len,
-                lr=lr, warmup_steps=s.warmup_steps, eval_every=s.eval_every, eval_batches=s.eval_batches,
-                log_every=s.log_every, device=s.device, seed=s.seed, save_checkpoint=False, progress=False,
-                compile=s.compile, run_name=name,
-            ))  # fmt: skip
+            configs.append(
+                TrainConfig(
+                    model=get_config(s.model, injection=injection, **s.model_overrides),
+                    data_dir=s.data_dir,
+                    out_dir=str(Path(s.out_dir) / name),
+                    steps=s.steps,
+                    batch_size=s.batch_size,
+                    seq_len=s.seq_len,
+                    lr=lr,
+                    warmup_steps=s.warmup_steps,
+                    eval_every=s.eval_every,
+                    eval_batches=s.eval_batches,
+                    log_every=s.log_every,
+                    device=s.device,
+                    seed=s.seed,
+                    save_checkpoint=False,
+                    progress=False,
+                    compile=s.compile,
+                    run_name=name,
+                )
+            )
     return configs
 
 
@@ -81,8 +104,9 @@ def run_sweep(s: SweepSettings, progress: bool = True) -> dict[str, Any]:
 
     configs = sweep_configs(s)
     started = time.time()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not progress) as bar:  # fmt: skip
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not progress
+    ) as bar:
         task = bar.add_task("lr sweep", total=len(configs))
 
         def done(result: dict[str, Any]) -> None:
@@ -94,16 +118,33 @@ def run_sweep(s: SweepSettings, progress: bool = True) -> dict[str, Any]:
     for cfg in configs:
         r = by_name.get(cfg.run_name, {"status": "missing"})
         injection = cfg.model.injection
-        runs.append({"run": cfg.run_name, "injection": injection, "lr": cfg.lr, "out_dir": cfg.out_dir} | {
-            k: r.get(k) for k in ("status", "reason", "steps", "tokens", "train_loss", "val_loss", "max_rho",
-                                  "max_state_norm", "spikes", "params", "wall_s", "epochs_seen")
-        })  # fmt: skip
+        runs.append(
+            {"run": cfg.run_name, "injection": injection, "lr": cfg.lr, "out_dir": cfg.out_dir}
+            | {
+                k: r.get(k)
+                for k in (
+                    "status",
+                    "reason",
+                    "steps",
+                    "tokens",
+                    "train_loss",
+                    "val_loss",
+                    "max_rho",
+                    "max_state_norm",
+                    "spikes",
+                    "params",
+                    "wall_s",
+                    "epochs_seen",
+                )
+            }
+        )
     summary = {
         "settings": s.__dict__ | {"injections": list(s.injections), "lrs": list(s.lrs)},
         "wall_s": time.time() - started,
         "runs": runs,
-        "converged": {inj: [r["lr"] for r in runs if r["injection"] == inj and r["status"] == "completed"]
-                      for inj in s.injections},  # fmt: skip
+        "converged": {
+            inj: [r["lr"] for r in runs if r["injection"] == inj and r["status"] == "completed"] for inj in s.injections
+        },
     }
     Path(s.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(s.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -156,16 +197,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> SweepSettings:
     given = {
-        "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "model": args.model,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
         "jobs": args.jobs,
-    }  # fmt: skip
+    }
     kw: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    kw |= dict(
-        out_dir=args.out or ("runs/lr-sweep-tiny" if args.tiny else "runs/lr-sweep"), data_dir=args.data,
-        injections=tuple(x for x in args.injections.split(",") if x),
-        lrs=tuple(float(x) for x in args.lrs.split(",") if x), device=args.device, seed=args.seed,
-        compile=args.compile,
-    )  # fmt: skip
+    kw |= {
+        "out_dir": args.out or ("runs/lr-sweep-tiny" if args.tiny else "runs/lr-sweep"),
+        "data_dir": args.data,
+        "injections": tuple(x for x in args.injections.split(",") if x),
+        "lrs": tuple(float(x) for x in args.lrs.split(",") if x),
+        "device": args.device,
+        "seed": args.seed,
+        "compile": args.compile,
+    }
     return SweepSettings.tiny(**kw) if args.tiny else SweepSettings(**kw)
 
 

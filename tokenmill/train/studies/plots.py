@@ -22,7 +22,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -51,7 +51,8 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path) -> list[Path]:
     lrs = sorted({r["lr"] for r in runs})
     cmap = plt.get_cmap("viridis")
     color = {lr: cmap(i / max(1, len(lrs) - 1)) for i, lr in enumerate(lrs)}
-    logs = {r["run"]: read_log(r["out_dir"]) for r in runs}
+    # run folders sit inside the sweep folder; prefer that over the recorded path (the study may have run elsewhere)
+    logs = {r["run"]: read_log(sweep_dir / r["run"] if (sweep_dir / r["run"]).exists() else r["out_dir"]) for r in runs}
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for metric, ylabel, fname, logy in (
@@ -113,11 +114,13 @@ def plot_quality(quality_dir: str | Path, out_dir: str | Path) -> list[Path]:
     summary = json.loads((quality_dir / "quality.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for x, fname, xlabel in (("tokens", "quality_loss_vs_tokens.png", "training tokens"),
-                             ("flops", "quality_loss_vs_flops.png", "training FLOPs")):  # fmt: skip
+    for x, fname, xlabel in (
+        ("tokens", "quality_loss_vs_tokens.png", "training tokens"),
+        ("flops", "quality_loss_vs_flops.png", "training FLOPs"),
+    ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, run in summary["runs"].items():
-            rows = read_log(run.get("out_dir") or quality_dir / name)
+            rows = read_log(quality_dir / name if (quality_dir / name).exists() else run.get("out_dir", ""))
             xs, ys = _series(rows, "eval", x, "val_loss")
             if xs:
                 params = run.get("params")

@@ -33,7 +33,7 @@ class QualitySettings:
     out_dir: str = "runs/quality"
     data_dir: str = str(DEFAULT_DATA_DIR)
     model: str = "sweep"
-    steps: int = 1000
+    steps: int = 600
     batch_size: int = 64
     seq_len: int = 256
     lr: float = 1e-3
@@ -51,8 +51,19 @@ class QualitySettings:
 
     @classmethod
     def tiny(cls, **kw: Any) -> QualitySettings:
-        base = dict(model="tiny", steps=60, batch_size=8, seq_len=64, lr=2e-3, warmup_steps=5, eval_every=20,
-                    eval_batches=2, loss_vs_t_batches=2, t_values=(1, 2, 4, 8), jobs=1)  # fmt: skip
+        base = {
+            "model": "tiny",
+            "steps": 60,
+            "batch_size": 8,
+            "seq_len": 64,
+            "lr": 2e-3,
+            "warmup_steps": 5,
+            "eval_every": 20,
+            "eval_batches": 2,
+            "loss_vs_t_batches": 2,
+            "t_values": (1, 2, 4, 8),
+            "jobs": 1,
+        }
         return cls(**(base | kw))
 
 
@@ -64,18 +75,40 @@ def quality_configs(s: QualitySettings) -> tuple[list[TrainConfig], dict[str, fl
     parcae_fpt = expected_training_flops_per_token(parcae, s.seq_len)
     transformer_fpt = training_flops_per_token(transformer, s.seq_len, 0, 0)
     ratio = parcae_fpt / transformer_fpt
-    common = dict(data_dir=s.data_dir, batch_size=s.batch_size, seq_len=s.seq_len, warmup_steps=s.warmup_steps,
-                  eval_every=s.eval_every, eval_batches=s.eval_batches, device=s.device, seed=s.seed, progress=False,
-                  compile=s.compile, log_every=10)  # fmt: skip
+    common = {
+        "data_dir": s.data_dir,
+        "batch_size": s.batch_size,
+        "seq_len": s.seq_len,
+        "warmup_steps": s.warmup_steps,
+        "eval_every": s.eval_every,
+        "eval_batches": s.eval_batches,
+        "device": s.device,
+        "seed": s.seed,
+        "progress": False,
+        "compile": s.compile,
+        "log_every": 10,
+    }
     t_lr = s.transformer_lr or s.lr
     out = Path(s.out_dir)
     configs = [
         TrainConfig(model=parcae, out_dir=str(out / "parcae"), steps=s.steps, lr=s.lr, run_name="parcae", **common),
-        TrainConfig(model=transformer, out_dir=str(out / "transformer-tokens"), steps=s.steps, lr=t_lr,
-                    run_name="transformer-tokens", **common),
-        TrainConfig(model=transformer, out_dir=str(out / "transformer-flops"), steps=round(s.steps * ratio), lr=t_lr,
-                    run_name="transformer-flops", **common),
-    ]  # fmt: skip
+        TrainConfig(
+            model=transformer,
+            out_dir=str(out / "transformer-tokens"),
+            steps=s.steps,
+            lr=t_lr,
+            run_name="transformer-tokens",
+            **common,
+        ),
+        TrainConfig(
+            model=transformer,
+            out_dir=str(out / "transformer-flops"),
+            steps=round(s.steps * ratio),
+            lr=t_lr,
+            run_name="transformer-flops",
+            **common,
+        ),
+    ]
     flops = {"parcae_flops_per_token": parcae_fpt, "transformer_flops_per_token": transformer_fpt, "ratio": ratio}
     return configs, flops
 
@@ -104,12 +137,15 @@ def run_quality(s: QualitySettings, progress: bool = True) -> dict[str, Any]:
     summary = {
         "settings": s.__dict__ | {"t_values": list(s.t_values)},
         "flops": flops,
-        "runs": {c.run_name: by_name.get(c.run_name, {"status": "missing"}) | {"steps_planned": c.steps,
-                 "tokens_planned": c.steps * c.tokens_per_step} for c in configs},  # fmt: skip
+        "runs": {
+            c.run_name: by_name.get(c.run_name, {"status": "missing"})
+            | {"steps_planned": c.steps, "tokens_planned": c.steps * c.tokens_per_step}
+            for c in configs
+        },
         "mean_recurrence": configs[0].model.mean_recurrence,
         "loss_vs_T": loss_vs_t,
         "transformer_val_loss_same_batches": transformer_eval,
-        "train_tokens_available": int(len(data.train)),
+        "train_tokens_available": len(data.train),
         "wall_s": time.time() - started,
     }
     Path(s.out_dir).mkdir(parents=True, exist_ok=True)
@@ -121,14 +157,21 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Quality ({summary['wall_s']:.0f} s; Parcae/transformer FLOPs per token "
-                        f"{summary['flops']['ratio']:.2f})")  # fmt: skip
+    table = Table(
+        title=f"Quality ({summary['wall_s']:.0f} s; Parcae/transformer FLOPs per token {summary['flops']['ratio']:.2f})"
+    )
     for col in ("run", "status", "params", "tokens", "train FLOPs", "val loss", "epochs"):
         table.add_column(col)
     for name, r in summary["runs"].items():
-        table.add_row(name, str(r.get("status")), f"{r.get('params') or 0:,}", f"{r.get('tokens') or 0:,}",
-                      f"{r.get('flops') or 0:.2e}", f"{r['val_loss']:.4f}" if r.get("val_loss") else "-",
-                      f"{r.get('epochs_seen') or 0:.2f}")  # fmt: skip
+        table.add_row(
+            name,
+            str(r.get("status")),
+            f"{r.get('params') or 0:,}",
+            f"{r.get('tokens') or 0:,}",
+            f"{r.get('flops') or 0:.2e}",
+            f"{r['val_loss']:.4f}" if r.get("val_loss") else "-",
+            f"{r.get('epochs_seen') or 0:.2f}",
+        )
     Console().print(table)
     if summary["loss_vs_T"]:
         t = Table(title="Parcae validation loss vs test-time loops T")
@@ -158,13 +201,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> QualitySettings:
-    given = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-             "lr": args.lr, "transformer_lr": args.transformer_lr, "jobs": args.jobs}  # fmt: skip
+    given = {
+        "model": args.model,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lr": args.lr,
+        "transformer_lr": args.transformer_lr,
+        "jobs": args.jobs,
+    }
     kw: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if args.t_values:
         kw["t_values"] = tuple(int(x) for x in args.t_values.split(",") if x)
-    kw |= dict(out_dir=args.out or ("runs/quality-tiny" if args.tiny else "runs/quality"), data_dir=args.data,
-               device=args.device, seed=args.seed, compile=args.compile)  # fmt: skip
+    kw |= {
+        "out_dir": args.out or ("runs/quality-tiny" if args.tiny else "runs/quality"),
+        "data_dir": args.data,
+        "device": args.device,
+        "seed": args.seed,
+        "compile": args.compile,
+    }
     return QualitySettings.tiny(**kw) if args.tiny else QualitySettings(**kw)
 
 

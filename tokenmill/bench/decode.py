@@ -1,0 +1,718 @@
+"""`tokenmill bench decode`: decode ms/token against the memory-bandwidth floor, in one GPU run.
+
+    tokenmill bench decode --quick --out decode.json        # < 4 min on an H100, compile times included
+    tokenmill bench decode --out decode.json                # more repeats, more transformers cells
+    tokenmill bench decode --sweep --out sweep.json         # per-kernel tile-shape sweep (for tuning)
+
+Measures the device-to-device copy bandwidth (read + write), then for each (batch, context) the floor
+(weight bytes + KV bytes read) / bandwidth and the time per decode step of:
+    hf-static     Hugging Face transformers, static cache (transformers compiles the forward by itself)
+    torch-eager   our LlamaForCausalLM (Triton paged attention), eager
+    torch-graph   the same step captured in a CUDA graph
+    fused         FusedLlamaDecoder.decode_step (fused kernels, final norm + LM head + argmax) in a CUDA graph
+    fused-pdl     the same with programmatic dependent launch (where triton and the GPU support it)
+Every step ends in greedy tokens (argmax), so all variants do the same work. Times are medians over many CUDA
+graph replays timed with events (eager: per step). The model is Llama-3.2-1B-shaped with random weights; every
+sequence of a batch sits at the same context length, its blocks scattered through the cache like a real pool.
+A failing variant is reported in its cell and the run goes on. The fused step is also checked against the torch
+step on the same inputs (max relative logit error, argmax agreement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tokenmill.layers.attention_metadata import AttentionMetadata
+
+BLOCK_SIZE = 16
+VARIANTS = ("hf-static", "torch-eager", "torch-graph", "fused", "fused-pdl")
+GEMV_OPS = ("qkv", "o", "gate_up", "down", "lm_head")
+
+
+@dataclass
+class VariantResult:
+    ms: float | None = None
+    error: str | None = None
+    note: str | None = None
+
+
+@dataclass
+class Cell:
+    batch: int
+    context: int
+    floor_ms: float
+    kv_bytes: int
+    results: dict[str, VariantResult] = field(default_factory=dict)
+    check: dict | None = None  # fused vs torch on the same inputs
+
+
+@dataclass
+class Settings:
+    batches: list[int]
+    contexts: list[int]
+    variants: list[str]
+    trials: int
+    replays: int
+    eager_iters: int
+    hf_cells: list[tuple[int, int]]
+    hf_new_tokens: int
+    hf_budget_s: float
+    breakdown_batches: list[int]
+    sweep: bool
+    seed: int
+
+
+# ---- measuring ----------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of fn on the device: CUDA events around it on a GPU, the host clock elsewhere."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - t0)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, trials: int = 9) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written; median of trials."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+
+    def copies():
+        for _ in range(5):
+            dst.copy_(src)
+
+    for _ in range(2):
+        copies()
+    times = [elapsed_ms(copies, device) / 5 for _ in range(trials)]
+    del src, dst
+    return 2 * nbytes / (statistics.median(times) / 1000)
+
+
+class _EagerReplay:
+    """Stands in for a CUDA graph off the GPU (smoke runs): replay() calls the function again."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.replay = fn
+
+
+def capture_graph(fn: Callable[[], object], device: torch.device):
+    """(graph, outputs of fn captured in it). fn runs twice first on a side stream: compiles happen outside."""
+    if device.type != "cuda":
+        return _EagerReplay(fn), fn()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    torch.cuda.synchronize(device)
+    return graph, out
+
+
+def time_graph(graph, trials: int, replays: int, device: torch.device) -> float:
+    """Median ms per replay over `trials` groups of `replays` back-to-back replays."""
+    for _ in range(3):
+        graph.replay()
+
+    def group():
+        for _ in range(replays):
+            graph.replay()
+
+    return statistics.median(elapsed_ms(group, device) / replays for _ in range(trials))
+
+
+def time_eager(fn: Callable[[], object], iters: int, device: torch.device) -> float:
+    """Median ms of single calls (launch overhead included, as an eager decode loop pays it)."""
+    for _ in range(2):
+        fn()
+    _sync(device)
+    return statistics.median(elapsed_ms(fn, device) for _ in range(iters))
+
+
+def short_error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
+    return text[:300]
+
+
+# ---- the model and the inputs ---------------------------------------------------------------------------------------
+
+
+def build_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int):
+    """Our LlamaForCausalLM in `shape` with N(0, 0.02) weights drawn on the GPU (norm weights around 1)."""
+    from tokenmill.config import ModelConfig
+    from tokenmill.kernels.backends import get_attention_backend
+    from tokenmill.models.llama import LlamaForCausalLM
+    from tokenmill.models.random_weights import SHAPES
+
+    hf_dict = dict(SHAPES[shape], architectures=["LlamaForCausalLM"])
+    config = ModelConfig.from_hf_dict(hf_dict)
+    backend = get_attention_backend("triton" if device.type == "cuda" else "auto", device)
+    model = LlamaForCausalLM(config, dtype=dtype, device=device, attn_backend=backend)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0.0, 0.02, generator=gen)
+            if name.endswith("norm.weight"):
+                param.add_(1.0)
+    return model, config, hf_dict
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+
+
+def make_kv_cache(config, max_batch: int, max_context: int, dtype: torch.dtype, device: torch.device, seed: int):
+    """A random (never zero) KV cache with room for max_batch sequences of max_context tokens, plus block 0."""
+    blocks = max_batch * math.ceil(max_context / BLOCK_SIZE) + 1
+    shape = (config.num_hidden_layers, 2, blocks, BLOCK_SIZE, config.num_key_value_heads, config.head_dim)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cache = torch.empty(shape, dtype=dtype, device=device)
+    cache.normal_(0.0, 1.0, generator=gen)
+    return cache
+
+
+def step_inputs(batch: int, context: int, num_blocks: int, vocab: int, device: torch.device, seed: int) -> StepInputs:
+    """One decode step: every sequence has `context` tokens including the new one; blocks are shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = math.ceil(context / BLOCK_SIZE)
+    order = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # block 0 stays reserved
+    tables = [order[i * per_seq: (i + 1) * per_seq] for i in range(batch)]
+    meta = AttentionMetadata.build([1] * batch, [context] * batch, tables, BLOCK_SIZE, device=device)
+    ids = torch.randint(0, vocab, (batch,), generator=gen).to(device)
+    positions = torch.full((batch,), context - 1, dtype=torch.long, device=device)
+    return StepInputs(ids, positions, meta)
+
+
+# ---- variants -------------------------------------------------------------------------------------------------------
+
+
+def torch_step(model, kv_cache, inputs: StepInputs):
+    def run():
+        hidden = model(inputs.input_ids, inputs.positions, kv_cache, inputs.meta)
+        logits = model.compute_logits(hidden)
+        return logits, logits.argmax(-1)
+
+    return run
+
+
+def fused_step(decoder, kv_cache, inputs: StepInputs):
+    def run():
+        out = decoder.decode_step(inputs.input_ids, inputs.positions, kv_cache, inputs.meta, argmax=True)
+        return out.logits, out.tokens
+
+    return run
+
+
+def compare_logits(ref: torch.Tensor, out: torch.Tensor) -> dict:
+    ref, out = ref.float(), out.float()
+    ref_logp, logp = ref.double().log_softmax(-1), out.double().log_softmax(-1)
+    return dict(
+        max_rel_err=((out - ref).abs().max() / ref.abs().max()).item(),
+        kl=(ref_logp.exp() * (ref_logp - logp)).sum(-1).max().item(),
+        argmax_agree=(out.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+        finite=bool(torch.isfinite(out).all()),
+    )
+
+
+class HFStaticBench:
+    """transformers LlamaForCausalLM with the same shape (its own random weights), generate() with a static cache.
+
+    ms/token comes from per-token timestamps of one generate call (a streamer), so the static cache has one shape
+    per cell and transformers compiles once per cell; the first (prefill) token is excluded.
+    """
+
+    def __init__(self, hf_dict: dict, dtype: torch.dtype, device: torch.device, seed: int) -> None:
+        from transformers import LlamaConfig
+        from transformers import LlamaForCausalLM as HFLlama
+
+        torch.manual_seed(seed)
+        config = LlamaConfig(**{k: v for k, v in hf_dict.items() if k != "architectures"})
+        with torch.device(device):
+            self.model = HFLlama(config).to(dtype).eval()
+        self.device = device
+        self.vocab = config.vocab_size
+
+    def ms_per_token(self, batch: int, context: int, new_tokens: int, repeats: int = 3) -> float:
+        from transformers.generation.streamers import BaseStreamer
+
+        stamps: list[float] = []
+
+        class Stamps(BaseStreamer):
+            def put(self, value):
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        prompt_len = max(1, context - new_tokens // 2)
+        gen = torch.Generator().manual_seed(batch * 7919 + context)
+        ids = torch.randint(3, self.vocab, (batch, prompt_len), generator=gen).to(self.device)
+        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                      do_sample=False, pad_token_id=0, cache_implementation="static")
+        per_token = []
+        with torch.inference_mode():
+            self.model.generate(ids, **kwargs)  # compiles for this shape
+            for _ in range(repeats):
+                stamps.clear()
+                self.model.generate(ids, streamer=Stamps(), **kwargs)
+                # put() sees the prompt first, then each new token; decode time runs from the first new token.
+                if len(stamps) < new_tokens:
+                    raise RuntimeError(f"the streamer saw {len(stamps)} puts for {new_tokens} new tokens")
+                decode = stamps[-new_tokens:]
+                per_token.append(1000 * (decode[-1] - decode[0]) / (len(decode) - 1))
+        return statistics.median(per_token)
+
+
+# ---- per-kernel breakdown and tile sweep ---------------------------------------------------------------------------
+
+
+def op_bytes(config, op: str, batch: int, context: int, dtype_bytes: int) -> int:
+    c = config
+    q_size, kv_size = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    return {
+        "qkv": (q_size + 2 * kv_size) * c.hidden_size * dtype_bytes,
+        "attention": batch * context * 2 * kv_size * dtype_bytes,
+        "o": c.hidden_size * q_size * dtype_bytes,
+        "gate_up": 2 * c.intermediate_size * c.hidden_size * dtype_bytes,
+        "down": c.hidden_size * c.intermediate_size * dtype_bytes,
+        "lm_head": c.vocab_size * c.hidden_size * dtype_bytes,
+    }[op]
+
+
+def op_launcher(decoder, op: str, kv_cache, inputs: StepInputs, gemv_config=None, use_pdl: bool = False):
+    """fn() that runs `op` once per layer (each with that layer's weights, so nothing is re-read from L2)."""
+    from tokenmill.kernels.triton.decode import paged_decode
+    from tokenmill.kernels.triton.fused_decode import gate_up_silu, linear_residual, lm_head, qkv_rope_cache
+
+    d, cfg = decoder, decoder.config
+    m = inputs.input_ids.shape[0]
+    dev, dt = d.device, d.dtype
+    gen = torch.Generator(device=dev).manual_seed(1)
+    h = torch.randn(m, cfg.hidden_size, generator=gen, device=dev).to(dt)
+    attn = torch.randn(m, d.num_q_heads, d.head_dim, generator=gen, device=dev).to(dt)
+    act = torch.randn(m, cfg.intermediate_size, generator=gen, device=dev).to(dt)
+    q = torch.empty(m, d.num_q_heads, d.head_dim, device=dev, dtype=dt)
+    counters = d.counters
+    kw = dict(counters=counters, use_pdl=use_pdl)
+    meta = inputs.meta
+
+    def run():
+        if op == "lm_head":
+            for _ in range(4):  # 4 x 525 MB: well past L2
+                lm_head(h, d.lm_head_weight, norm_weight=d.final_norm, eps=d.eps, argmax=True,
+                        config=gemv_config or d.gemv_config("lm_head", m), **kw)
+            return
+        for i, layer in enumerate(d.layers):
+            if op == "qkv":
+                qkv_rope_cache(h, layer.attn_norm, d.eps, layer.qkv, layer.qkv_bias, inputs.positions, d.cos, d.sin,
+                               meta.slot_mapping, kv_cache[i], d.num_q_heads, q_out=q,
+                               config=gemv_config or d.gemv_config("qkv", m), **kw)
+            elif op == "attention":
+                paged_decode(attn, kv_cache[i], meta.block_tables, meta.seq_lens, d.scale, out=q)
+            elif op == "o":
+                linear_residual(attn.view(m, -1), layer.o, h, config=gemv_config or d.gemv_config("o", m), **kw)
+            elif op == "gate_up":
+                gate_up_silu(h, layer.mlp_norm, d.eps, layer.gate_up, out=act,
+                             config=gemv_config or d.gemv_config("gate_up", m), **kw)
+            elif op == "down":
+                linear_residual(act, layer.down, h, config=gemv_config or d.gemv_config("down", m), **kw)
+
+    calls = 4 if op == "lm_head" else len(d.layers)
+    return run, calls
+
+
+def sweep_candidates(op: str, batch: int, config) -> list:
+    """Alternative tile shapes around the heuristic's choice, legal for this op's shape."""
+    from tokenmill.kernels.triton.fused_config import GemvConfig, check_gemv_config
+
+    c = config
+    q_size = c.num_attention_heads * c.head_dim
+    n, k, pair_half = {
+        "qkv": (q_size + 2 * c.num_key_value_heads * c.head_dim, c.hidden_size, c.head_dim // 2),
+        "o": (c.hidden_size, q_size, 0),
+        "gate_up": (2 * c.intermediate_size, c.hidden_size, c.intermediate_size),
+        "down": (c.hidden_size, c.intermediate_size, 0),
+        "lm_head": (c.vocab_size, c.hidden_size, 0),
+    }[op]
+    if batch == 1:
+        raw = [GemvConfig(bn, bk, 1, s, False, w, st) for bn, bk, s, w, st in [
+            (8, 512, 1, 4, 1), (4, 1024, 1, 4, 1), (16, 256, 1, 4, 1), (8, 256, 1, 4, 1), (8, 1024, 1, 8, 1),
+            (8, 512, 1, 4, 2), (16, 512, 1, 8, 1), (8, 512, 2, 4, 1), (32, 128, 1, 4, 1)]]
+        raw += [GemvConfig(16, 256, 16, 1, True, 4, 3), GemvConfig(32, 128, 16, 1, True, 4, 4)]
+    else:
+        bm = max(16, 1 << (batch - 1).bit_length())
+        raw = [GemvConfig(bn, bk, bm, s, True, w, st) for bn, bk, s, w, st in [
+            (16, 256, 1, 4, 3), (16, 256, 2, 4, 3), (16, 256, 4, 4, 3), (32, 256, 1, 4, 3), (32, 256, 2, 4, 3),
+            (64, 128, 1, 4, 3), (64, 128, 2, 4, 4), (16, 128, 2, 4, 4), (32, 128, 1, 8, 4)]]
+    legal = []
+    for cand in raw:
+        try:
+            check_gemv_config(cand, n, k, pair_half)
+        except ValueError:
+            continue
+        legal.append(cand)
+    return legal
+
+
+# ---- the run --------------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = make_settings(args)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("bench decode needs a CUDA GPU, and torch sees none")
+        torch.cuda.set_device(device)
+    elif args.shape != "tiny":
+        raise ValueError("off the GPU, bench decode runs only as a smoke test: --shape tiny (its times mean nothing)")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    out_path = Path(args.out) if args.out else None
+    t_start = time.perf_counter()
+    report: dict = dict(
+        date=time.strftime("%Y-%m-%d %H:%M"), host=platform.node(),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+        torch=torch.__version__, shape=args.shape, dtype=args.dtype, quick=args.quick, settings=asdict(settings),
+    )
+    with contextlib.suppress(ImportError):
+        import triton
+
+        report["triton"] = triton.__version__
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        report["transformers"] = transformers.__version__
+
+    def save() -> None:
+        report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        if out_path:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(report, indent=2, default=str))
+
+    bandwidth = measure_copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (1 << 24))
+    model, config, hf_dict = build_model(args.shape, dtype, device, settings.seed)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_per_token = config.kv_bytes_per_token(dtype)
+    report.update(copy_bandwidth_TBps=bandwidth / 1e12, weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token,
+                  batch1_floor_ms=1000 * weight_bytes / bandwidth)
+    print(f"{report['device']}: copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write); weights "
+          f"{weight_bytes / 1e9:.3f} GB -> batch-1 floor {report['batch1_floor_ms']:.3f} ms/token; KV "
+          f"{kv_per_token} B/token", flush=True)
+
+    kv_cache = make_kv_cache(config, max(settings.batches + settings.breakdown_batches),
+                             max(settings.contexts + [1024]), dtype, device, settings.seed)
+    decoders = make_decoders(model, settings.variants, report)
+
+    cells: list[Cell] = []
+    report["cells"] = []
+    for batch in settings.batches:
+        for context in settings.contexts:
+            kv_bytes = batch * context * kv_per_token
+            cell = Cell(batch, context, 1000 * (weight_bytes + kv_bytes) / bandwidth, kv_bytes)
+            inputs = step_inputs(batch, context, kv_cache.shape[2], config.vocab_size, device,
+                                 settings.seed + batch * 100003 + context)
+            run_cell(cell, model, decoders, kv_cache, inputs, settings, device)
+            cells.append(cell)
+            report["cells"].append(asdict(cell))
+            print(cell_line(cell), flush=True)
+            save()
+    print_table(cells, report, [v for v in settings.variants if v != "hf-static"])
+
+    if settings.breakdown_batches and "fused" in decoders:
+        report["breakdown"] = run_breakdown(decoders["fused"], kv_cache, settings, bandwidth, device)
+        save()
+    if settings.sweep and "fused" in decoders:
+        report["sweep"] = run_sweep(decoders["fused"], kv_cache, settings, bandwidth, device)
+        save()
+
+    # transformers last: torch.compile changes global state, and a slow compile must not cost our numbers.
+    if "hf-static" in settings.variants and settings.hf_cells:
+        del decoders, model, kv_cache  # transformers needs room for its own copy of the weights and its cache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        run_hf(cells, report, hf_dict, dtype, device, settings)
+        save()
+        print_table(cells, report, settings.variants)
+    save()
+    if out_path:
+        print(f"wrote {out_path} ({report['elapsed_s']} s)")
+    return 0
+
+
+def make_settings(args: argparse.Namespace) -> Settings:
+    def ints(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise ValueError(f"expected positive integers, got {text!r}")
+        return values
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    hf_cells = []
+    default_hf = "1x128" if args.quick else "1x128,1x1024,4x1024,16x1024"
+    for item in (args.hf_cells if args.hf_cells is not None else default_hf).split(","):
+        if item.strip():
+            b, _, c = item.strip().partition("x")
+            hf_cells.append((int(b), int(c)))
+    return Settings(
+        batches=ints(args.batches),
+        contexts=ints(args.contexts),
+        variants=variants,
+        trials=7 if args.quick else 21,
+        replays=5 if args.quick else 10,
+        eager_iters=7 if args.quick else 21,
+        hf_cells=hf_cells,
+        hf_new_tokens=32 if args.quick else 64,
+        hf_budget_s=args.hf_budget_s,
+        breakdown_batches=[] if args.no_breakdown else ([1, 16] if args.quick else [1, 4, 16]),
+        sweep=args.sweep,
+        seed=args.seed,
+    )
+
+
+def make_decoders(model, variants: list[str], report: dict) -> dict:
+    from tokenmill.kernels.fused_llama import FusedLlamaDecoder
+
+    decoders = {}
+    for name, pdl in (("fused", False), ("fused-pdl", True)):
+        if name not in variants:
+            continue
+        try:
+            decoder = FusedLlamaDecoder(model, use_pdl=pdl)
+            if pdl and not decoder.use_pdl:
+                report.setdefault("notes", []).append("fused-pdl: PDL unsupported here (GPU or triton)")
+                continue
+            decoders[name] = decoder
+        except Exception as exc:  # a variant that cannot even be built is reported, not fatal
+            report.setdefault("notes", []).append(f"{name}: {short_error(exc)}")
+    return decoders
+
+
+def run_cell(cell: Cell, model, decoders: dict, kv_cache, inputs: StepInputs, settings: Settings,
+             device: torch.device) -> None:
+    outputs = {}
+    for variant in settings.variants:
+        if variant == "hf-static":
+            continue
+        result = VariantResult()
+        try:
+            if variant == "torch-eager":
+                result.ms = time_eager(torch_step(model, kv_cache, inputs), settings.eager_iters, device)
+            elif variant == "torch-graph":
+                graph, out = capture_graph(torch_step(model, kv_cache, inputs), device)
+                result.ms = time_graph(graph, settings.trials, settings.replays, device)
+                graph.replay()
+                outputs[variant] = out[0].clone()
+                del graph
+            elif variant in decoders:
+                graph, out = capture_graph(fused_step(decoders[variant], kv_cache, inputs), device)
+                result.ms = time_graph(graph, settings.trials, settings.replays, device)
+                graph.replay()
+                outputs[variant] = out[0].clone()
+                if not torch.equal(out[1], out[0].argmax(-1)):
+                    result.note = "fused argmax differs from argmax of its logits"
+                del graph
+            else:
+                result.error = "not available (see notes)"
+        except Exception as exc:  # one failing variant must not cost the others
+            result.error = short_error(exc)
+            traceback.print_exc()
+        cell.results[variant] = result
+        _sync(device)
+    if "torch-graph" in outputs:
+        cell.check = {v: compare_logits(outputs["torch-graph"], outputs[v]) for v in outputs if v != "torch-graph"}
+
+
+def run_breakdown(decoder, kv_cache, settings: Settings, bandwidth: float, device: torch.device) -> list[dict]:
+    """Each fused op alone, once per layer in one CUDA graph: us per call and achieved bandwidth."""
+    rows = []
+    config, elem = decoder.config, decoder.dtype.itemsize
+    print("\nper-kernel breakdown (one CUDA graph per op; us per call; GB/s over bytes that must move):")
+    for batch in settings.breakdown_batches:
+        context = 1024
+        inputs = step_inputs(batch, context, kv_cache.shape[2], config.vocab_size, device, settings.seed + batch)
+        for op in ("qkv", "attention", "o", "gate_up", "down", "lm_head"):
+            row = dict(batch=batch, context=context, op=op)
+            try:
+                fn, calls = op_launcher(decoder, op, kv_cache, inputs)
+                graph, _ = capture_graph(fn, device)
+                us = 1000 * time_graph(graph, settings.trials, settings.replays, device) / calls
+                nbytes = op_bytes(config, op, batch, context, elem)
+                row.update(us=us, bytes=nbytes, GBps=nbytes / us / 1e3, pct_of_copy=100 * nbytes / us / 1e-6 / bandwidth)
+                if op in GEMV_OPS:
+                    row["config"] = asdict(decoder.gemv_config(op, batch))
+                del graph
+            except Exception as exc:
+                row["error"] = short_error(exc)
+            rows.append(row)
+            if "error" in row:
+                print(f"  b={batch:<3} {op:9s} error: {row['error']}")
+            else:
+                print(f"  b={batch:<3} {op:9s} {row['us']:8.2f} us  {row['GBps']:7.0f} GB/s  "
+                      f"{row['pct_of_copy']:5.1f}% of copy bw")
+    return rows
+
+
+def run_sweep(decoder, kv_cache, settings: Settings, bandwidth: float, device: torch.device) -> list[dict]:
+    """Tile shapes around the heuristic for every GEMM op, at batch 1 and 16: us per call and GB/s."""
+    rows = []
+    config, elem = decoder.config, decoder.dtype.itemsize
+    print("\ntile sweep (us per call; * = the heuristic's choice):")
+    for batch in (1, 16):
+        inputs = step_inputs(batch, 1024, kv_cache.shape[2], config.vocab_size, device, settings.seed + batch)
+        for op in GEMV_OPS:
+            chosen = decoder.gemv_config(op, batch)
+            candidates = sweep_candidates(op, batch, config)
+            if chosen not in candidates:
+                candidates.insert(0, chosen)
+            nbytes = op_bytes(config, op, batch, 1024, elem)
+            for cand in candidates:
+                row = dict(batch=batch, op=op, config=asdict(cand), heuristic=cand == chosen)
+                try:
+                    fn, calls = op_launcher(decoder, op, kv_cache, inputs, gemv_config=cand)
+                    graph, _ = capture_graph(fn, device)
+                    us = 1000 * time_graph(graph, settings.trials, settings.replays, device) / calls
+                    row.update(us=us, GBps=nbytes / us / 1e3, pct_of_copy=100 * nbytes / us / 1e-6 / bandwidth)
+                    del graph
+                except Exception as exc:
+                    row["error"] = short_error(exc)
+                rows.append(row)
+                c = cand
+                shape = (f"bn={c.block_n:<3} bk={c.block_k:<4} bm={c.block_m:<2} split={c.split_k} "
+                         f"dot={int(c.use_dot)} warps={c.num_warps} stages={c.num_stages}")
+                mark = "*" if row["heuristic"] else " "
+                result = f"{row['us']:8.2f} us {row['pct_of_copy']:5.1f}%" if "us" in row else row["error"][:80]
+                print(f" {mark} b={batch:<3} {op:8s} {shape}  {result}", flush=True)
+    return rows
+
+
+def run_hf(cells: list[Cell], report: dict, hf_dict: dict, dtype, device, settings: Settings) -> None:
+    by_key = {(c.batch, c.context): c for c in cells}
+    started = time.perf_counter()
+    print(f"\ntransformers static cache + compile: cells {settings.hf_cells}", flush=True)
+    try:
+        bench = HFStaticBench(hf_dict, dtype, device, settings.seed)
+    except Exception as exc:
+        report.setdefault("notes", []).append(f"hf-static: could not build the model: {short_error(exc)}")
+        return
+    hf_results = []
+    for batch, context in settings.hf_cells:
+        result = VariantResult()
+        if time.perf_counter() - started > settings.hf_budget_s:
+            result.error = f"skipped: transformers budget of {settings.hf_budget_s:.0f} s spent"
+        else:
+            t0 = time.perf_counter()
+            try:
+                result.ms = bench.ms_per_token(batch, context, settings.hf_new_tokens)
+                result.note = f"{time.perf_counter() - t0:.0f} s incl. compile"
+            except Exception as exc:  # torch.compile guard failures, recompile limits, OOM: reported, not fatal
+                result.error = short_error(exc)
+                traceback.print_exc()
+        hf_results.append(dict(batch=batch, context=context, **asdict(result)))
+        print(f"  hf-static b={batch} ctx={context}: "
+              + (f"{result.ms:.3f} ms/token ({result.note})" if result.ms is not None else result.error), flush=True)
+        if (batch, context) in by_key:
+            by_key[(batch, context)].results["hf-static"] = result
+    report["hf_static"] = hf_results
+    report["cells"] = [asdict(c) for c in cells]
+
+
+# ---- report -------------------------------------------------------------------------------------------------------
+
+
+def cell_line(cell: Cell) -> str:
+    parts = [f"b={cell.batch:<3} ctx={cell.context:<5} floor {cell.floor_ms:7.3f} ms"]
+    for name, r in cell.results.items():
+        parts.append(f"{name} " + (f"{r.ms:.3f}" if r.ms is not None else "ERR"))
+    if cell.check:
+        for name, chk in cell.check.items():
+            parts.append(f"[{name} vs torch: rel {chk['max_rel_err']:.1e}, argmax {chk['argmax_agree']:.2f}]")
+    return "  ".join(parts)
+
+
+def print_table(cells: list[Cell], report: dict, variants: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"decode ms/token (% of floor) · {report['device']} · copy {report['copy_bandwidth_TBps']:.2f}"
+                        f" TB/s · weights {report['weight_bytes'] / 1e9:.2f} GB")
+    table.add_column("batch", justify="right")
+    table.add_column("context", justify="right")
+    table.add_column("floor ms", justify="right")
+    for v in variants:
+        table.add_column(v, justify="right")
+    table.add_column("fused vs torch", justify="right")
+    for cell in cells:
+        row = [str(cell.batch), str(cell.context), f"{cell.floor_ms:.3f}"]
+        for v in variants:
+            r = cell.results.get(v)
+            if r is None:
+                row.append("-")
+            elif r.ms is None:
+                row.append("err" if r.error and not r.error.startswith("skipped") else "skip")
+            else:
+                row.append(f"{r.ms:.3f} ({100 * cell.floor_ms / r.ms:.0f}%)")
+        chk = (cell.check or {}).get("fused")
+        row.append(f"{chk['max_rel_err']:.1e} / {chk['argmax_agree']:.2f}" if chk else "-")
+        table.add_row(*row)
+    Console(width=200).print(table)
+    errors = {(c.batch, c.context, v): r.error for c in cells for v, r in c.results.items() if r.error}
+    for (b, ctx, v), err in list(errors.items())[:10]:
+        print(f"  error b={b} ctx={ctx} {v}: {err}")
+    for note in report.get("notes", []):
+        print(f"  note: {note}")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("decode", help="decode ms/token vs the memory-bandwidth floor (CUDA)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and one transformers cell (< 4 min on H100)")
+    p.add_argument("--batches", default="1,2,4,8,16")
+    p.add_argument("--contexts", default="128,1024,4096")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--hf-cells", default=None,
+                   help="BATCHxCONTEXT cells for transformers (each compiles); default 1x128 with --quick")
+    p.add_argument("--hf-budget-s", type=float, default=240.0, help="stop starting transformers cells after this")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel breakdown")
+    p.add_argument("--sweep", action="store_true", help="also time alternative tile shapes for every GEMM op")
+    p.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "tiny"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write JSON results here")
+    p.set_defaults(func=run)
