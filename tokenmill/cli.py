@@ -49,6 +49,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "triton", "fused"],
                    help="attention/decode kernels")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--parcae-recurrence", type=int, default=None, metavar="T",
+                   help="Parcae looped models: loops to serve at (default: the model's mean recurrence)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -78,6 +80,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         decode_backend=args.decode_backend,
         enforce_eager=args.enforce_eager,
+        parcae_recurrence=getattr(args, "parcae_recurrence", None),
         cache=cache,
         scheduler=sched,
     )
@@ -110,6 +113,7 @@ def _sampling_from_args(args: argparse.Namespace):
         seed=args.sampling_seed,
         max_tokens=args.max_tokens,
         stop=args.stop or [],
+        state_seed=getattr(args, "state_seed", None),
     )
 
 
@@ -121,6 +125,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--sampling-seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--state-seed", type=int, default=None,
+                   help="Parcae looped models: seed of the initial loop state (default: --seed)")
 
 
 def _stream_one(engine, prompt_ids: list[int], params, write: Callable[[str], None]) -> str:

@@ -47,7 +47,7 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    architecture: str = "llama"
+    architecture: str = "llama"  # llama | qwen2 | parcae (num_hidden_layers: its unrolled KV layers at the served T)
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -140,8 +140,15 @@ class EngineConfig:
     quantization: str = "auto"
     enforce_eager: bool = False  # disable CUDA graphs
     max_logprobs: int = 20
+    # Looped models (Parcae): loops T to serve at; None: the model's own (its config's mean recurrence). The KV cache
+    # holds n_prelude + T * n_core + n_coda layers. Other models reject it.
+    parcae_recurrence: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.parcae_recurrence is not None and self.parcae_recurrence < 1:
+            raise ValueError(f"parcae_recurrence must be >= 1, got {self.parcae_recurrence}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

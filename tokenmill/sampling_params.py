@@ -24,6 +24,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per sampled token (0 = only the sampled one)
     skip_special_tokens: bool = True
+    # Looped models (Parcae) only: seed of the loop's initial state. None: the engine's default (its --seed), whose
+    # KV the prefix cache shares; any other seed gets its own cache namespace. Other models reject it.
+    state_seed: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,6 +69,11 @@ class SamplingParams:
             fail("stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids must be non-negative")
+        if self.state_seed is not None and (
+            isinstance(self.state_seed, bool) or not isinstance(self.state_seed, int)
+            or not -(2**63) <= self.state_seed < 2**63
+        ):
+            fail(f"state_seed must be a 64-bit integer, got {self.state_seed!r}")
 
     @property
     def greedy(self) -> bool:

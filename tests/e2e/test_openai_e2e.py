@@ -81,9 +81,10 @@ def test_completions_streaming_and_content_parts(client):
     assert text == whole.choices[0].text and len(text) > 0
     parts = client.chat.completions.create(
         model="smollm2", max_completion_tokens=8, temperature=0,
-        messages=[{"role": "user", "content": [{"type": "text", "text": "Say hello"}, {"type": "text", "text": " to Paris."}]}])
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Say hello"}, {"type": "text", "text": "to Paris."}]}])
+    # text parts are joined with a newline, as vLLM does
     plain = client.chat.completions.create(model="smollm2", max_completion_tokens=8, temperature=0,
-                                           messages=chat_messages("Say hello to Paris."))
+                                           messages=chat_messages("Say hello\nto Paris."))
     assert parts.choices[0].message.content == plain.choices[0].message.content
 
 

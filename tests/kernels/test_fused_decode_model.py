@@ -128,14 +128,22 @@ def test_fused_decoder_follows_the_model_greedily_in_fp32(qwen_style, num_seqs):
     prompts = random_prompts(num_seqs, config.vocab_size, seed)
     ref, fused = prefill(model, prompts, STEPS + 1, seed), prefill(model, prompts, STEPS + 1, seed)
     fused_run = lambda ids, pos, cache, meta: decoder.compute_logits(decoder(ids, pos, cache, meta))  # noqa: E731
-    worst_err, worst_kl = 0.0, 0.0
+    worst_err, worst_kl, near_ties = 0.0, 0.0, 0
     for i in range(STEPS):
         ref_logits = step(ref, model_runner(model))
         logits = step(fused, fused_run)
         assert torch.isfinite(logits).all(), f"step {i}: non-finite logits"
-        worst_err = max(worst_err, (logits - ref_logits).abs().max().item() / ref_logits.abs().max().item())
+        scale = ref_logits.abs().max().item()
+        worst_err = max(worst_err, (logits - ref_logits).abs().max().item() / scale)
         worst_kl = max(worst_kl, kl(ref_logits, logits).max().item())
-        assert fused.last == ref.last, f"seed {seed}: greedy tokens diverge at step {i}: {fused.last} vs {ref.last}"
+        top2 = ref_logits.topk(2, dim=-1).values
+        for row, (got, want) in enumerate(zip(fused.last, ref.last)):
+            # fp32 rounding may only flip a choice between two logits that (nearly) tie.
+            gap = (top2[row, 0] - top2[row, 1]).item()
+            assert got == want or gap < 1e-5 * scale, f"seed {seed}: greedy tokens diverge at step {i}, row {row}"
+            near_ties += got != want
+        fused.last = list(ref.last)  # stay in lockstep after a near-tie
+    assert near_ties <= 2, f"seed {seed}: {near_ties} greedy flips on near-ties"
     assert worst_err < 1e-4, f"seed {seed}: relative max logit error {worst_err:.2e}"
     assert worst_kl < 1e-7, f"seed {seed}: KL {worst_kl:.2e}"
     assert torch.equal(torch.isnan(ref.cache), torch.isnan(fused.cache)), "the two paths wrote different cache slots"

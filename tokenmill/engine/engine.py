@@ -20,6 +20,7 @@ from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.runner import ModelRunner
 from tokenmill.engine.sampler import Sampler
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.kv.block_hash import cache_salt as kv_cache_salt
 from tokenmill.kv.manager import KVCacheManager
 from tokenmill.sampling_params import SamplingParams
 
@@ -50,10 +51,20 @@ class LLMEngine:
         # 'fused' replaces the whole decode step; prefill and mixed steps keep the model with the best attention.
         fused = config.decode_backend == "fused"
         backend = get_attention_backend("auto" if fused else config.decode_backend, self.device)
-        loaded = load_model(source, dtype=self.dtype, device=self.device, attn_backend=backend)
+        loaded = load_model(
+            source, dtype=self.dtype, device=self.device, attn_backend=backend,
+            parcae_recurrence=config.parcae_recurrence,
+        )
         self.model = loaded.model
         if self.quantization != "none":
+            if not hasattr(self.model, "quantize_"):
+                name = type(self.model).__name__
+                raise ValueError(f"--quantization {self.quantization} is not implemented for {name}")
             self.model.quantize_(self.quantization)
+        # Looped models (Parcae) seed each request's initial loop state: SamplingParams.state_seed, else --seed. Only
+        # requests with another seed than the default get a cache salt, so default requests share prefixes as usual.
+        self.uses_state_seed = bool(getattr(self.model, "uses_state_seed", False))
+        self.default_state_seed = config.seed
         decode_model = None
         if fused:
             from tokenmill.kernels.fused_llama import make_fused_decoder
@@ -87,7 +98,9 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             dtype=self.dtype,
             device=self.device,
-            use_cuda_graphs=not config.enforce_eager and getattr(backend, "supports_cuda_graphs", False),
+            use_cuda_graphs=not config.enforce_eager
+            and getattr(backend, "supports_cuda_graphs", False)
+            and getattr(self.model, "supports_cuda_graphs", True),
             max_graph_batch_size=sched_cfg.max_num_seqs,
             decode_model=decode_model,
         )
@@ -144,6 +157,8 @@ class LLMEngine:
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is out of range for a vocabulary of {vocab}")
+        if params.state_seed is not None and not self.uses_state_seed:
+            raise ValueError("state_seed applies only to looped models with a seeded loop state (Parcae)")
         room = self.max_model_len - len(prompt_token_ids)
         if params.max_tokens is not None and params.max_tokens > room:
             raise ValueError(
@@ -162,6 +177,11 @@ class LLMEngine:
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         arrival = time.monotonic()
+        state_seed = cache_salt = None
+        if self.uses_state_seed:
+            state_seed = self.default_state_seed if params.state_seed is None else params.state_seed
+            if state_seed != self.default_state_seed:
+                cache_salt = kv_cache_salt("state_seed", state_seed)
         children = []
         for i in range(params.n):
             child_params = params
@@ -176,6 +196,8 @@ class LLMEngine:
                     eos_token_ids=self.eos_token_ids,
                     max_tokens=max_tokens,
                     arrival_time=arrival,
+                    cache_salt=cache_salt,
+                    state_seed=state_seed,
                 )
             )
         self.outputs.add(request_id, list(prompt_token_ids), children)

@@ -53,6 +53,11 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     # Chained hashes of this request's full blocks, extended as tokens are appended.
     block_hashes: list[int] = field(default_factory=list)
+    # Parent of the first block's hash when the KV depends on more than the tokens (kv.block_hash.cache_salt);
+    # None: hashes depend on the tokens alone, so the prefix cache shares blocks with every other unsalted request.
+    cache_salt: int | None = None
+    # Seed of a looped model's initial state (Parcae), resolved by the engine; None for models without one.
+    state_seed: int | None = None
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it

@@ -27,6 +27,7 @@ class StepInput:
     block_tables: list[list[int]]
     sample_rows: list[int]  # index (into scheduled) of each sequence that samples this step
     sample_token_index: list[int]  # flat token index whose hidden state gives that sequence's logits
+    state_seeds: list[int] | None = None  # per sequence, for looped models with a seeded state (Parcae)
 
 
 def build_step_input(scheduled: list[tuple[Request, int]]) -> StepInput:
@@ -37,6 +38,7 @@ def build_step_input(scheduled: list[tuple[Request, int]]) -> StepInput:
     block_tables: list[list[int]] = []
     sample_rows: list[int] = []
     sample_token_index: list[int] = []
+    state_seeds: list[int | None] = []
     for row, (req, num_new) in enumerate(scheduled):
         start = req.num_computed_tokens
         end = start + num_new
@@ -51,10 +53,18 @@ def build_step_input(scheduled: list[tuple[Request, int]]) -> StepInput:
         query_lens.append(num_new)
         seq_lens.append(end)
         block_tables.append(req.block_ids)
+        state_seeds.append(req.state_seed)
         if end == req.num_tokens:
             sample_rows.append(row)
             sample_token_index.append(len(token_ids) - 1)
-    return StepInput(token_ids, positions, query_lens, seq_lens, block_tables, sample_rows, sample_token_index)
+    seeds: list[int] | None = None
+    if any(s is not None for s in state_seeds):
+        if any(s is None for s in state_seeds):
+            raise ValueError("either every request of a step carries a state_seed or none does")
+        seeds = state_seeds  # type: ignore[assignment]
+    return StepInput(
+        token_ids, positions, query_lens, seq_lens, block_tables, sample_rows, sample_token_index, seeds
+    )
 
 
 class ModelRunner:
@@ -98,13 +108,14 @@ class ModelRunner:
             return [], None
         is_decode = all(q == 1 for q in step.query_lens)
         model = self.decode_model if is_decode else self.model
-        graph = self._graph_for(len(step.query_lens)) if is_decode else None
+        # Captured graphs have no per-token state seeds; models that need them run eagerly.
+        graph = self._graph_for(len(step.query_lens)) if is_decode and step.state_seeds is None else None
         if graph is not None:
             hidden = graph.run(self, step)
             sample_hidden = hidden[: len(step.query_lens)][step.sample_rows]
         else:
             meta = AttentionMetadata.build(
-                step.query_lens, step.seq_lens, step.block_tables, self.block_size, self.device
+                step.query_lens, step.seq_lens, step.block_tables, self.block_size, self.device, step.state_seeds
             )
             input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
             positions = torch.tensor(step.positions, dtype=torch.long).to(self.device, non_blocking=True)

@@ -4,6 +4,10 @@ hash(block i) = blake2b-128(parent = hash(block i-1), token ids of block i). Bec
 hashes mean equal *prefixes*, not just equal blocks: a different earlier block changes every hash after it.
 Python's hash() is salted per process, so it is never used here. 128 bits keep accidental (and cheap deliberate)
 collisions out of reach; a collision would serve one request another prompt's KV.
+
+A request whose KV depends on more than its tokens (a Parcae request with its own loop-state seed) carries a cache
+salt: `cache_salt(...)` names it, and it stands as the parent of the request's first block, so its chain of hashes
+shares nothing with unsalted chains or chains of another salt. Requests without a salt hash exactly as before.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ if TYPE_CHECKING:
 
 _DIGEST_BYTES = 16
 _PERSON = b"tokenmill.kv.v1"  # domain separation: bump the version if the encoding ever changes
+_SALT_PERSON = b"tokenmill.salt1"  # salts live in their own domain, apart from block hashes
 _ROOT = b"\x00"  # first block of a sequence: no parent
 _CHILD = b"\x01"
 _INT64 = struct.Struct("<q")
@@ -39,6 +44,21 @@ def hash_block_tokens(parent: int | None, tokens: Sequence[int]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+def cache_salt(*parts: str | int) -> int:
+    """A 128-bit salt naming what besides the tokens a request's KV depends on, e.g. cache_salt("state_seed", 7).
+    Pass it as the parent of the first block (`compute_block_hashes(..., parent=salt)`, `Request.cache_salt`)."""
+    if not parts:
+        raise ValueError("cache_salt needs at least one part")
+    h = hashlib.blake2b(digest_size=_DIGEST_BYTES, person=_SALT_PERSON)
+    for part in parts:
+        if isinstance(part, bool) or not isinstance(part, (str, int)):
+            raise ValueError(f"cache salt parts must be str or int, got {type(part).__name__}")
+        encoded = part.encode() if isinstance(part, str) else str(part).encode()
+        h.update(b"s" if isinstance(part, str) else b"i")
+        h.update(_INT64.pack(len(encoded)) + encoded)
+    return int.from_bytes(h.digest(), "little")
+
+
 def compute_block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None = None) -> list[int]:
     """Chained hashes of the full blocks of `token_ids` (a trailing partial block gets no hash)."""
     if block_size < 1:
@@ -57,7 +77,7 @@ def extend_block_hashes(request: Request, block_size: int) -> list[int]:
     if done >= num_full:
         return []
     prompt, output = request.prompt_token_ids, request.output_token_ids
-    parent = request.block_hashes[-1] if done else None
+    parent = request.block_hashes[-1] if done else request.cache_salt
     new: list[int] = []
     for i in range(done, num_full):
         lo, hi = i * block_size, (i + 1) * block_size

@@ -32,18 +32,17 @@ class AttentionBackend(Protocol):
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache_layer: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Stores k/v [T, Hkv, D] at the flat slots (block_id * block_size + offset) given by slot_mapping [T]."""
-    key_cache, value_cache = _flat_caches(kv_cache_layer)
-    key_cache.index_copy_(0, slot_mapping, k.to(key_cache.dtype))
-    value_cache.index_copy_(0, slot_mapping, v.to(value_cache.dtype))
+    kv_flat = _flat_kv(kv_cache_layer)
+    kv_flat.index_copy_(1, slot_mapping, torch.stack((k, v)).view(2, k.shape[0], -1).to(kv_flat.dtype))
 
 
-def _flat_caches(kv_cache_layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views [num_blocks * block_size, Hkv, D] of the K and V halves of one layer's cache (no copy)."""
+def _flat_kv(kv_cache_layer: torch.Tensor) -> torch.Tensor:
+    """A view [2, num_blocks * block_size, Hkv * D] of one layer's cache: K and V of every slot (no copy)."""
     if kv_cache_layer.dim() != 5 or kv_cache_layer.shape[0] != 2:
         raise ValueError(
             f"kv_cache_layer must be [2, num_blocks, block_size, Hkv, D], got {tuple(kv_cache_layer.shape)}"
         )
-    return kv_cache_layer[0].flatten(0, 1), kv_cache_layer[1].flatten(0, 1)
+    return kv_cache_layer.view(2, -1, kv_cache_layer.shape[3] * kv_cache_layer.shape[4])
 
 
 class _StepPlan(NamedTuple):
@@ -52,7 +51,7 @@ class _StepPlan(NamedTuple):
 
     decode_token_index: torch.Tensor | None  # [Sd] flat token index of each decode sequence; None: every token
     decode_slots: torch.Tensor | None  # [Sd * L] context slots, L = longest decode context, row-major per sequence
-    decode_mask: torch.Tensor | None  # [Sd, 1, 1, L] True = attend (False on padding)
+    decode_mask: torch.Tensor | None  # [Sd, 1, 1, L] True = attend (False on padding); None when nothing is padded
     decode_len: int
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]  # (start, end, slots [S], mask [Q, S] | None)
 
@@ -90,7 +89,9 @@ def _build_step_plan(meta: AttentionMetadata, block_size: int, device: torch.dev
         # Padding positions re-read the sequence's own position 0 (always written), so no slot at or past seq_len is
         # ever touched and the padded keys are finite; the mask then removes them from the softmax.
         slots = _context_slots(tables, torch.where(valid, positions, 0), block_size).flatten()
-        mask = valid[:, None, None, :]
+        # Equal lengths (a lone sequence, or a batch in lockstep) need no mask; SDPA is faster without one.
+        uniform = all(seq_lens[i] == decode_len for i in decode_seqs)
+        mask = None if uniform else valid[:, None, None, :]
     decode_set = set(decode_seqs)
     prefills = []
     for i in range(meta.num_seqs):
@@ -120,14 +121,17 @@ def paged_attention(
     context of every sequence is gathered from the cache with one index_select for K and V together.
     """
     write_kv_cache(k, v, kv_cache_layer, meta.slot_mapping)
+    kv_flat = _flat_kv(kv_cache_layer)  # [2, num_slots, Hkv * D]
     num_kv_heads, head_dim = kv_cache_layer.shape[-2:]
-    kv_flat = kv_cache_layer.view(2, -1, num_kv_heads * head_dim)  # [2, num_slots, Hkv * D]
     plan = _step_plan(meta, kv_cache_layer.shape[2], q.device)
     gqa = q.shape[1] != num_kv_heads
 
     def gather(slots: torch.Tensor, *shape: int) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = kv_flat.index_select(1, slots).view(2, *shape, num_kv_heads, head_dim).to(q.dtype)
-        return kv[0], kv[1]
+        kv = kv_flat.index_select(1, slots).view(2, *shape, num_kv_heads, head_dim)
+        if kv.dtype != q.dtype:
+            kv = kv.to(q.dtype)
+        keys, values = kv.unbind(0)
+        return keys, values
 
     if meta.is_decode_only:
         return _decode_attention(q, plan, gather, scale, gqa)
@@ -136,16 +140,17 @@ def paged_attention(
         index = plan.decode_token_index
         out.index_copy_(0, index, _decode_attention(q.index_select(0, index), plan, gather, scale, gqa))
     for start, end, slots, mask in plan.prefills:
-        keys, values = gather(slots, slots.shape[0])  # [S, Hkv, D]
+        keys, values = gather(slots, 1, slots.shape[0])  # [1, S, Hkv, D]
+        # 4-D inputs: with 3-D ones and enable_gqa, CPU SDPA falls back to its slow math path.
         out[start:end] = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1),
-            keys.transpose(0, 1),
-            values.transpose(0, 1),
+            q[start:end].unsqueeze(0).transpose(1, 2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
             attn_mask=mask,
             is_causal=mask is None,
             scale=scale,
             enable_gqa=gqa,
-        ).transpose(0, 1)
+        )[0].transpose(0, 1)
     return out
 
 

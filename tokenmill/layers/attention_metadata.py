@@ -7,6 +7,9 @@ attends to context positions 0..p (causal). Nothing reads a slot at or past seq_
 
 KV cache layout (one tensor for the whole model): [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim];
 index 0 of dim 1 is K, 1 is V. Flat slot s = block_id * block_size + offset.
+
+`state_seeds` is the one field that is not about attention: looped models (Parcae) draw each token's initial loop
+state from its sequence's seed, so the runner passes one seed per token here; other models ignore it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class AttentionMetadata:
     # layer and reused by the others. Only valid while the fields are not changed in place, so metadata reused across
     # steps (captured CUDA graphs) must not be given to a backend that fills this.
     derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    # [num_tokens] int64: the loop-state seed of each token's sequence (Parcae); None: the model's default seed.
+    state_seeds: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -53,10 +58,14 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str = "cpu",
+        state_seeds: list[int] | None = None,
     ) -> "AttentionMetadata":
-        """Builds metadata on the host, then moves it to `device` in one copy per tensor."""
+        """Builds metadata on the host, then moves it to `device` in one copy per tensor. `state_seeds`: one per
+        sequence (expanded to one per token), for models with a seeded loop state."""
         if not (len(query_lens) == len(seq_lens) == len(block_tables)):
             raise ValueError("query_lens, seq_lens and block_tables must have one entry per sequence")
+        if state_seeds is not None and len(state_seeds) != len(query_lens):
+            raise ValueError("state_seeds must have one entry per sequence")
         starts = [0]
         slots: list[int] = []
         for q, s, table in zip(query_lens, seq_lens, block_tables):
@@ -78,4 +87,9 @@ class AttentionMetadata:
             max_seq_len=max(seq_lens, default=0),
             query_start_loc_cpu=starts,
             seq_lens_cpu=list(seq_lens),
+            state_seeds=None
+            if state_seeds is None
+            else torch.tensor(
+                [seed for seed, q in zip(state_seeds, query_lens) for _ in range(q)], dtype=torch.int64
+            ).to(device, non_blocking=True),
         )

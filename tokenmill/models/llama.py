@@ -22,7 +22,7 @@ from tokenmill.layers.linear import empty_embedding, empty_linear
 from tokenmill.layers.mlp import GatedMLP
 from tokenmill.layers.quantized_linear import QuantizedLinear, quantize_linears_
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
+from tokenmill.layers.rotary import RotaryEmbedding, rotate
 
 
 class LlamaAttention(nn.Module):
@@ -44,8 +44,8 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,  # [T, 1, head_dim / 2]
-        sin: torch.Tensor,
+        cos: torch.Tensor,  # [T, 1, head_dim]: RotaryEmbedding.rotation_tables
+        signed_sin: torch.Tensor,
         kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, Hkv, head_dim]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
@@ -53,7 +53,7 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(x)
         # q and k heads rotate together in one call: [T, Hq + Hkv, D].
         qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = rotate(qk, cos, signed_sin).split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.attn_backend(q, k, v, kv_cache_layer, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
@@ -112,7 +112,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden]
         if kv_cache.shape[0] != len(self.layers):
             raise ValueError(f"kv_cache has {kv_cache.shape[0]} layers, the model has {len(self.layers)}")
-        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        cos, sin = self.rotary.rotation_tables(positions, self.dtype)
         h = self.embed_tokens(input_ids)
         for layer, kv_cache_layer in zip(self.layers, kv_cache):
             h = layer(h, cos, sin, kv_cache_layer, meta)

@@ -575,6 +575,13 @@ class ParcaeModel(nn.Module):
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
         return self.rope_cos[positions].unsqueeze(-2).to(dtype), self.rope_sin[positions].unsqueeze(-2).to(dtype)
 
+    def reset_rope_tables(self) -> None:
+        """Recomputes the RoPE tables in fp32 on the embedding's device: after to_empty() (loading) or a cast of the
+        whole model to bf16/fp16, which would otherwise round the angles of late positions."""
+        cos, sin = _rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        device = self.embed.weight.device
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
     def value_embed(self, layer_id: int, input_ids: torch.Tensor) -> torch.Tensor | None:
         key = str(layer_id)
         return self.value_embeds[key](input_ids) if key in self.value_embeds else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.parcae_engine import PARCAE_ARCHITECTURE, ParcaeForEngine
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -15,6 +16,9 @@ _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     # Hugging Face config.json "architectures"
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    # tokenmill's Parcae export (and, detected by their config keys, training runs and parcae-lm checkpoints):
+    # loaded by models/parcae_checkpoint.py, not through the Llama-style constructor
+    PARCAE_ARCHITECTURE: ParcaeForEngine,
     # GGUF general.architecture
     "llama": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,

@@ -106,6 +106,8 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # tokenmill extra (openai client: extra_body={"state_seed": 7}): Parcae models' initial loop-state seed
+    state_seed: int | None = None
 
     def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -154,6 +156,7 @@ class _SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            state_seed=self.state_seed,
         )
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             value = getattr(self, name)

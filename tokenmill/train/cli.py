@@ -52,6 +52,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _add_training_args(p)
     p.set_defaults(func=_run)
 
+    p = sub.add_parser(
+        "export",
+        help="a run folder (or parcae-lm checkpoint) as a model folder to serve",
+        description="Write config.json (ParcaeForCausalLM), model.safetensors and the tokenizer of a training run, "
+        "for `tokenmill serve OUT_DIR` / LLM(OUT_DIR). Run folders also serve in place.",
+    )
+    p.add_argument("run_dir", type=Path, help="a `tokenmill train run` folder (or a parcae-lm checkpoint folder)")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--recurrence", type=int, default=None, help="the loops T to serve at (default: the model's μ)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="folder with tokenizer.json (default: the run folder, else the run's data_dir)")
+    p.set_defaults(func=_export)
+
     from tokenmill.train.studies import lr_sweep, plots, quality
 
     p = sub.add_parser("sweep", help="learning-rate sweep: parcae vs linear vs additive injection")
@@ -157,6 +170,14 @@ def _run(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     print(json.dumps(result.to_dict(), indent=2))
     return 0 if result.status in ("completed", "stopped") else 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tokenmill.train.export import export_run
+
+    out = export_run(args.run_dir, args.out_dir, args.recurrence, args.tokenizer)
+    print(f"wrote {out}: config.json, model.safetensors, tokenizer.json")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,9 @@ per-step divergence detection (NaN/inf, loss spikes, runaway loss), JSONL logs, 
 the run that would have happened without the interruption (model, optimizer, data position, RNG; loop depths and
 initial states are drawn from generators seeded by (seed, step)).
 
-Files in `out_dir`: config.json, log.jsonl (one row per logged step/eval/event), checkpoint.pt, summary.json.
+Files in `out_dir`: config.json, log.jsonl (one row per logged step/eval/event), checkpoint.pt, summary.json, and the
+corpus tokenizer (tokenizer.json, tokenizer_config.json), so the engine serves the folder as it is
+(`tokenmill serve OUT_DIR`; `tokenmill train export` writes a standalone model folder).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tokenmill.models.parcae import (
     training_flops_per_token,
 )
 from tokenmill.train.data import DEFAULT_DATA_DIR, TokenData, TokenStream, eval_batches
+from tokenmill.train.export import copy_tokenizer
 
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw", "muon")
@@ -319,6 +322,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     (out / "config.json").write_text(
         json.dumps(cfg.to_dict() | {"resolved_model": model_cfg.to_dict(), "params": model.num_parameters()}, indent=2)
     )
+    if (Path(cfg.data_dir) / "tokenizer.json").is_file():
+        copy_tokenizer(cfg.data_dir, out)
     log = _Log(log_path, log_offset)
     if checkpoint is None:
         log.write(

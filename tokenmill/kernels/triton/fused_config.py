@@ -25,6 +25,7 @@ MAX_BLOCK_M = 64
 # Largest batch handled by the CUDA-core path.
 CUDA_CORE_MAX_ROWS = 1
 MAX_SPLIT_K = 8
+CUDA_CORE_PROGRAMS_PER_SM = 4
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,6 @@ class GemvConfig:
         return replace(self, **changes)
 
 
-def _pow2_at_most(n: int) -> int:
-    return 1 << (max(n, 1).bit_length() - 1)
-
-
 def _largest_pow2_dividing(n: int, at_most: int) -> int:
     """Largest power of two that divides n and is <= at_most (1 when n is odd)."""
     d = 1
@@ -55,11 +52,6 @@ def _largest_pow2_dividing(n: int, at_most: int) -> int:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def min_block_n(pair_half: int) -> int:
-    """Smallest legal block_n for an op (2 rows for a plain op; one pair of rows for a paired one)."""
-    return 2 if pair_half else 1
 
 
 def choose_gemv_config(
@@ -74,7 +66,11 @@ def choose_gemv_config(
         raise ValueError(f"empty GEMM: rows={num_rows}, n={n}, k={k}")
     if num_rows <= CUDA_CORE_MAX_ROWS:
         block_m, use_dot, num_warps, num_stages = 1, False, 4, 1
+        # Loads are not pipelined on this path: latency is hidden by several resident programs per SM, so keep
+        # at least CUDA_CORE_PROGRAMS_PER_SM programs per SM by narrowing the tile (o/down at Llama-1B: 2 rows).
         block_n = 8
+        while block_n > 2 and -(-n // block_n) < CUDA_CORE_PROGRAMS_PER_SM * sm_count:
+            block_n //= 2
         tile_elems = 4096
     else:
         block_m = min(MAX_BLOCK_M, max(16, _next_pow2(num_rows)))
@@ -84,6 +80,8 @@ def choose_gemv_config(
     if pair_half:
         block_n = min(block_n, 2 * _largest_pow2_dividing(pair_half, block_n // 2))
     block_k = _largest_pow2_dividing(k, max(16, tile_elems // block_n))
+    if not use_dot:
+        block_k = min(block_k, 2048)
     n_tiles = -(-n // block_n) if not pair_half else n // block_n
     programs = n_tiles * -(-num_rows // block_m)
     split_k = 1

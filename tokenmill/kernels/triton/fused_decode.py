@@ -28,7 +28,6 @@ import triton.language as tl
 
 from tokenmill.kernels.triton.fused_config import GemvConfig, check_gemv_config, choose_gemv_config
 
-
 # ---- building blocks ------------------------------------------------------------------------------------------
 
 
@@ -76,25 +75,45 @@ def _gemv_mainloop(
     offs_k = k_begin + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    g_ptrs = norm_w_ptr + offs_k
     sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
     if USE_DOT:
+        # Tensor cores; triton software-pipelines these loads through shared memory (cp.async, num_stages).
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k in range(0, K_SPAN, BLOCK_K):
-        w = tl.load(w_ptrs + k, mask=row_mask[:, None], other=0.0)
-        x = tl.load(x_ptrs + k, mask=m_mask[:, None], other=0.0)
-        if NORM:
-            xf = x.to(tl.float32)
-            sumsq += tl.sum(xf * xf, 1)
-            x = xf * tl.load(norm_w_ptr + offs_k + k).to(tl.float32)[None, :]
-        if USE_DOT:
+        for k in range(0, K_SPAN, BLOCK_K):
+            w = tl.load(w_ptrs + k, mask=row_mask[:, None], other=0.0)
+            x = tl.load(x_ptrs + k, mask=m_mask[:, None], other=0.0)
+            if NORM:
+                xf = x.to(tl.float32)
+                sumsq += tl.sum(xf * xf, 1)
+                x = xf * tl.load(g_ptrs + k).to(tl.float32)[None, :]
             acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc, input_precision=DOT_PRECISION)
-        else:
-            acc3 += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
-    if not USE_DOT:
+    else:
+        # CUDA cores. Triton does not pipeline loads that feed no tl.dot, so the next K step's tiles are loaded
+        # into registers before this step's FMAs (two steps of weights in flight per thread).
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        w = tl.load(w_ptrs, mask=row_mask[:, None], other=0.0)
+        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        g = tl.load(g_ptrs) if NORM else x
+        for k in range(BLOCK_K, K_SPAN, BLOCK_K):
+            w_next = tl.load(w_ptrs + k, mask=row_mask[:, None], other=0.0)
+            x_next = tl.load(x_ptrs + k, mask=m_mask[:, None], other=0.0)
+            g_next = tl.load(g_ptrs + k) if NORM else x_next
+            acc3, sumsq = _fma_step(acc3, sumsq, w, x, g, NORM)
+            w, x, g = w_next, x_next, g_next
+        acc3, sumsq = _fma_step(acc3, sumsq, w, x, g, NORM)
         acc = tl.trans(tl.sum(acc3, 2))
     return acc, sumsq
+
+
+@triton.jit
+def _fma_step(acc3, sumsq, w, x, g, NORM: tl.constexpr):
+    xf = x.to(tl.float32)
+    if NORM:
+        sumsq += tl.sum(xf * xf, 1)
+        xf = xf * g.to(tl.float32)[None, :]
+    acc3 += w.to(tl.float32)[None, :, :] * xf[:, None, :]
+    return acc3, sumsq
 
 
 @triton.jit
@@ -146,7 +165,7 @@ def _split_k_reduce(
 
 @triton.jit
 def _split_pairs(acc, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """acc[BLOCK_N, BLOCK_M] with first-half rows then partner rows -> (first, partner), each [BLOCK_N // 2, BLOCK_M]."""
+    """acc[BLOCK_N, BLOCK_M], first-half rows then partner rows -> (first, partner), each [BLOCK_N // 2, BLOCK_M]."""
     pairs = tl.permute(tl.reshape(acc, [2, BLOCK_N // 2, BLOCK_M]), [1, 2, 0])
     return tl.split(pairs)
 
@@ -193,8 +212,8 @@ def _qkv_rope_cache_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
-    HALF: tl.constexpr = HEAD_DIM // 2
-    BLOCK_P: tl.constexpr = BLOCK_N // 2
+    HALF = HEAD_DIM // 2
+    BLOCK_P = BLOCK_N // 2
     tile_n = tl.program_id(0) // SPLIT_K
     split = tl.program_id(0) % SPLIT_K
     pid_m = tl.program_id(1)
@@ -335,7 +354,7 @@ def _gate_up_silu_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
-    BLOCK_P: tl.constexpr = BLOCK_N // 2
+    BLOCK_P = BLOCK_N // 2
     tile_n = tl.program_id(0) // SPLIT_K
     split = tl.program_id(0) % SPLIT_K
     pid_m = tl.program_id(1)

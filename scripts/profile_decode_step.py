@@ -1,0 +1,86 @@
+"""Where does a batch-1 decode step's time go? Host work vs the captured forward, on a random Llama-3.2-1B.
+
+    python scripts/profile_decode_step.py [--batch 1] [--steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.llm import make_engine_config
+from tokenmill.models.random_weights import make_random_model_dir
+from tokenmill.sampling_params import SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--shape", default="llama-3.2-1b")
+    ap.add_argument("--decode-backend", default="auto")
+    args = ap.parse_args()
+    folder = make_random_model_dir(tempfile.mkdtemp(), args.shape, torch.bfloat16, device="cuda")
+    engine = LLMEngine(make_engine_config(str(folder), dtype="bfloat16", max_model_len=2048, max_num_seqs=64,
+                                          enable_prefix_caching=False, decode_backend=args.decode_backend))
+    params = SamplingParams(temperature=0, max_tokens=args.steps + 10, ignore_eos=True)
+    for _ in range(args.batch):
+        engine.add_request(list(range(10, 74)), params)
+    engine.step()  # prefill
+    for _ in range(5):
+        engine.step()
+    torch.cuda.synchronize()
+
+    # 1) whole engine steps, back to back (what a user sees)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    torch.cuda.synchronize()
+    step_ms = 1000 * (time.perf_counter() - t0) / args.steps
+
+    # 2) the captured forward alone, replayed back to back
+    runner = engine.runner
+    graph = runner._graph_for(args.batch)
+    replay_ms = float("nan")
+    if graph is not None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(args.steps):
+            graph.graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        replay_ms = start.elapsed_time(end) / args.steps
+
+    # 3) host-side pieces, timed with syncs in between
+    parts: dict[str, list[float]] = {k: [] for k in ("schedule", "execute", "sample", "update+output")}
+    for _ in range(50):
+        t = time.perf_counter()
+        sched = engine.scheduler.schedule()
+        scheduled = [(s.request, s.num_new_tokens) for s in sched.scheduled]
+        t1 = time.perf_counter()
+        rows, logits = runner.execute(scheduled)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        reqs = [scheduled[r][0] for r in rows]
+        out = engine.sampler.sample(logits, reqs)
+        t3 = time.perf_counter()
+        sampled = {r.request_id: tok for r, tok in zip(reqs, out.token_ids)}
+        engine.scheduler.update_from_output(sched, sampled)
+        now = time.monotonic()
+        for r in reqs:
+            engine.outputs.record_tokens(r, out.logprobs[0], False, now)
+        t4 = time.perf_counter()
+        for k, v in zip(parts, (t1 - t, t2 - t1, t3 - t2, t4 - t3)):
+            parts[k].append(1000 * v)
+    print(f"batch {args.batch}: engine step {step_ms:.3f} ms, graph replay {replay_ms:.3f} ms")
+    for k, v in parts.items():
+        print(f"  {k:14s} {statistics.median(v):.3f} ms (median, synced)")
+
+
+if __name__ == "__main__":
+    main()
