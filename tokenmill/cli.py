@@ -35,6 +35,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--tokenizer", default=None, help="tokenizer source if not the model's own")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weight-only quantization (CPU). auto: int4/int8 for a quantized GGUF on CPU when --dtype is "
+                        "auto (computing in bf16), else none")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -76,6 +79,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         tokenizer=args.tokenizer,
         served_model_name=getattr(args, "served_model_name", None),
         dtype=args.dtype,
+        quantization=args.quantization,
         device=args.device,
         seed=args.seed,
         decode_backend=args.decode_backend,

@@ -2,35 +2,12 @@
 
 import asyncio
 import json
-import random
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
 import pytest
-
-
-def train_toy_bpe(vocab_size: int = 2000, seed: int = 0):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    rng = random.Random(seed)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    words = ["".join(rng.choice(letters) for _ in range(rng.randint(3, 8))) for _ in range(3000)]
-    corpus = [" ".join(rng.choice(words) for _ in range(50)) for _ in range(2000)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]
-    )
-    tok.train_from_iterator(corpus, trainer)
-    return tok
-
-
-@pytest.fixture(scope="session")
-def toy_tokenizer():
-    return train_toy_bpe()
 
 
 @pytest.fixture(scope="session")

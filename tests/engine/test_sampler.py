@@ -6,6 +6,7 @@ import torch
 from tokenmill.engine.request import Request
 from tokenmill.engine.sampler import (
     Sampler,
+    greedy_argmax,
     apply_min_p,
     apply_penalties,
     apply_top_k,
@@ -401,6 +402,20 @@ def test_nan_row_is_flagged_without_affecting_others():
     assert out.token_ids[0] == clean[0].argmax().item()
     assert out.token_ids[2] == Sampler(seed=1).sample(clean[2:3], [requests[2]]).token_ids[0]
     assert out.logprobs[0] == Sampler().sample(clean[0:1], [requests[0]]).logprobs[0]
+
+
+@pytest.mark.parametrize("rows, vocab", [(32, 49152), (1, 49152), (3, 32000), (2, 50257), (4, 1000)])
+def test_greedy_argmax_equals_torch_argmax(rows, vocab):
+    logits = random_logits(rows, vocab, seed=vocab)
+    assert torch.equal(greedy_argmax(logits), logits.argmax(-1))
+    # ties (first index wins, across and within blocks), -inf rows and NaN (counted as the maximum, like torch)
+    logits[0, [vocab - 1, 300, 7]] = 1e4
+    if rows > 1:
+        logits[1] = float("-inf")
+    if rows > 2:
+        logits[2, vocab // 2] = float("nan")
+    assert torch.equal(greedy_argmax(logits), logits.argmax(-1))
+    assert greedy_argmax(logits)[0] == 7
 
 
 def test_bad_input_raises():

@@ -153,6 +153,6 @@ def test_lm_head_and_argmax_compile_for_sm90(rows):
     )
     check_ptx(ptx, cfg)
     compile_for_hopper(_argmax_reduce_kernel, dict(tile_max_ptr="*fp32", tile_arg_ptr="*i32", tokens_ptr="*i64"),
-                       dict(BLOCK_T=1024), 4, 1)
+                       dict(NUM_TILES=2004, BLOCK_T=1024), 4, 1)
     compile_for_hopper(_rmsnorm_kernel, dict(x_ptr=BF16, w_ptr=BF16, out_ptr=BF16),
                        dict(N=HIDDEN, BLOCK=HIDDEN, USE_GDC=False), 4, 1)

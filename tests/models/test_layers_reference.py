@@ -10,7 +10,7 @@ import torch
 from tokenmill.layers.attention import paged_attention
 from tokenmill.layers.attention_metadata import AttentionMetadata
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary, compute_inv_freq
+from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary, compute_inv_freq, rotate
 
 
 def _dense_causal_attention(q, k, v, scale):
@@ -25,7 +25,10 @@ def _dense_causal_attention(q, k, v, scale):
     return torch.einsum("hqs,shd->qhd", scores.softmax(-1), v)
 
 
-@pytest.mark.parametrize("query_lens, seq_lens", [([1, 1, 1], [7, 1, 13]), ([5, 1, 9, 1], [5, 6, 20, 3]), ([4], [10])])
+@pytest.mark.parametrize(
+    "query_lens, seq_lens",
+    [([1, 1, 1], [7, 1, 13]), ([1, 1], [9, 9]), ([5, 1, 9, 1], [5, 6, 20, 3]), ([4], [10]), ([6, 3], [6, 11])],
+)
 def test_paged_attention_matches_dense(query_lens, seq_lens):
     gen = torch.Generator().manual_seed(0)
     hq, hkv, d, block_size = 6, 2, 8, 4
@@ -123,6 +126,16 @@ def test_rotary_matches_rotate_half_formula():
     rotate_half = torch.cat([-x[..., 4:], x[..., :4]], -1)
     torch.testing.assert_close(apply_rotary(x, cos, sin), x * full_cos + rotate_half * full_sin)
     torch.testing.assert_close(apply_rotary(x, cos, sin)[0], x[0])  # position 0 is the identity
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_with_full_tables_is_bit_identical_to_apply_rotary(dtype):
+    rotary = RotaryEmbedding(head_dim=64, max_positions=512, theta=100000.0)
+    positions = torch.tensor([0, 5, 511, 77])
+    x = (torch.randn(4, 12, 64) * 3).to(dtype)
+    cos, sin = rotary.cos_sin(positions, dtype)
+    full_cos, signed_sin = rotary.rotation_tables(positions, dtype)
+    assert torch.equal(rotate(x, full_cos, signed_sin), apply_rotary(x, cos, sin))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

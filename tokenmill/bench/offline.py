@@ -283,8 +283,11 @@ def run(args: argparse.Namespace) -> int:
     if args.random_shape:
         model = str(make_random_llama_dir(args.random_shape, dtype))
     source = resolve_model(model)
+    # The engine resolves "auto" itself (on CPU a quantized GGUF runs int4/int8 weights in bf16); the peers get
+    # dtype_name (fp32 on CPU, as transformers is usually run there).
     config = make_engine_config(
-        model, dtype=dtype_name, device=str(device), max_num_seqs=max(args.concurrency, 1),
+        model, dtype=args.dtype, quantization=args.quantization, device=str(device),
+        max_num_seqs=max(args.concurrency, 1),
         max_num_batched_tokens=max(2048, args.concurrency), max_model_len=args.max_model_len,
         enable_prefix_caching=False,  # every repeat pays its full prefill, as llama-server does with cache_prompt off
     )
@@ -302,6 +305,10 @@ def run(args: argparse.Namespace) -> int:
         "machine": _machine(device),
         "model": str(source.path) if not args.random_shape else f"random {args.random_shape}",
         "dtype": dtype_name,
+        "engine_dtype": str(engine.dtype).removeprefix("torch."),
+        "engine_quantization": engine.quantization,
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
         "prompt_tokens": len(prompt_ids),
         "output_tokens": args.output_len,
         "concurrency": args.concurrency,
@@ -365,6 +372,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="the engine's weight quantization (auto: int4/int8 for a quantized GGUF on CPU)")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=64, help="prompt length for --random-shape")
     p.add_argument("--concurrency", type=int, default=32)

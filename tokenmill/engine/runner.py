@@ -47,6 +47,8 @@ def build_step_input(scheduled: list[tuple[Request, int]]) -> StepInput:
         prompt_len = req.num_prompt_tokens
         if end <= prompt_len:
             token_ids.extend(req.prompt_token_ids[start:end])
+        elif start >= prompt_len:  # a decode: slice the outputs alone (all_token_ids copies the whole sequence)
+            token_ids.extend(req.output_token_ids[start - prompt_len : end - prompt_len])
         else:
             token_ids.extend(req.all_token_ids[start:end])
         positions.extend(range(start, end))

@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from tokenmill.layers.attention_metadata import AttentionMetadata
+
+if TYPE_CHECKING:  # importing tokenmill.kernels.triton imports triton
+    from tokenmill.kernels.triton.fused_config import GemvConfig
+    from tokenmill.kernels.triton.fused_decode import LMHeadOutput
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +141,7 @@ class FusedLlamaDecoder:
         ]
         # Split-K arrival counters; every launch leaves them at zero. Sized for the largest grid at batch 256.
         self.counters = torch.zeros(1 << 16, dtype=torch.int32, device=device)
-        self._configs: dict[tuple[str, int], object] = {}
+        self._configs: dict[tuple[str, int], GemvConfig] = {}
         # Debug aid for tests: fill every buffer a kernel is meant to overwrite with NaN first, so an element
         # that no program wrote shows up in the result.
         self.poison_scratch = False
@@ -149,7 +154,7 @@ class FusedLlamaDecoder:
 
     # ---- tile shapes ------------------------------------------------------------------------------------------
 
-    def gemv_config(self, op: str, num_rows: int):
+    def gemv_config(self, op: str, num_rows: int) -> GemvConfig:
         """The GemvConfig used for `op` at this batch size (heuristic + overrides), cached."""
         key = (op, num_rows)
         if key not in self._configs:
@@ -251,7 +256,7 @@ class FusedLlamaDecoder:
         *,
         write_logits: bool = True,
         argmax: bool = False,
-    ):
+    ) -> LMHeadOutput:
         """The whole step with the final norm fused into the LM head: LMHeadOutput(logits | None, tokens | None)."""
         from tokenmill.kernels.triton.fused_decode import lm_head
 

@@ -1,4 +1,4 @@
-"""Tile shapes for the skinny weight-streaming GEMMs of a decode step (pure Python: no triton import).
+"""Tile shapes for the skinny weight-streaming GEMMs of a decode step (plain Python; the kernels are in fused_decode).
 
 A decode step multiplies a few activation rows (the batch, M = 1..64) by every weight matrix once, so each
 kernel is bound by streaming the weight [N, K] from memory. One program owns `block_n` weight rows (for the

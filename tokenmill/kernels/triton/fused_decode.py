@@ -212,8 +212,8 @@ def _qkv_rope_cache_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
-    HALF = HEAD_DIM // 2
-    BLOCK_P = BLOCK_N // 2
+    HALF: tl.constexpr = HEAD_DIM // 2
+    BLOCK_P: tl.constexpr = BLOCK_N // 2
     tile_n = tl.program_id(0) // SPLIT_K
     split = tl.program_id(0) % SPLIT_K
     pid_m = tl.program_id(1)
@@ -354,7 +354,7 @@ def _gate_up_silu_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
-    BLOCK_P = BLOCK_N // 2
+    BLOCK_P: tl.constexpr = BLOCK_N // 2
     tile_n = tl.program_id(0) // SPLIT_K
     split = tl.program_id(0) % SPLIT_K
     pid_m = tl.program_id(1)
@@ -451,14 +451,15 @@ def _lm_head_kernel(
 
 
 @triton.jit
-def _argmax_reduce_kernel(tile_max_ptr, tile_arg_ptr, tokens_ptr, num_tiles, stride_tile, BLOCK_T: tl.constexpr):
+def _argmax_reduce_kernel(tile_max_ptr, tile_arg_ptr, tokens_ptr, stride_tile, NUM_TILES: tl.constexpr,
+                          BLOCK_T: tl.constexpr):
     """tokens[m] = row of the largest logit over all tiles; ties go to the lowest row, like torch.argmax."""
     m = tl.program_id(0)
     best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     best_arg = tl.full([BLOCK_T], 2147483647, dtype=tl.int32)
-    for t0 in range(0, num_tiles, BLOCK_T):
+    for t0 in range(0, NUM_TILES, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        valid = t < num_tiles
+        valid = t < NUM_TILES
         value = tl.load(tile_max_ptr + t * stride_tile + m, mask=valid, other=float("-inf"))
         arg = tl.load(tile_arg_ptr + t * stride_tile + m, mask=valid, other=2147483647)
         better = (value > best) | ((value == best) & (arg < best_arg))
@@ -745,7 +746,7 @@ def lm_head(
     )
     if argmax:
         _argmax_reduce_kernel[(num_rows,)](
-            tile_max, tile_arg, tokens, n_tiles, num_rows, BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)),
+            tile_max, tile_arg, tokens, num_rows, NUM_TILES=n_tiles, BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)),
             num_warps=4,
         )
     return LMHeadOutput(logits, tokens)
