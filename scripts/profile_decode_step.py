@@ -28,7 +28,7 @@ def main() -> None:
     folder = make_random_model_dir(tempfile.mkdtemp(), args.shape, torch.bfloat16, device="cuda")
     engine = LLMEngine(make_engine_config(str(folder), dtype="bfloat16", max_model_len=2048, max_num_seqs=64,
                                           enable_prefix_caching=False, decode_backend=args.decode_backend))
-    params = SamplingParams(temperature=0, max_tokens=args.steps + 10, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=args.steps + 100, ignore_eos=True)
     for _ in range(args.batch):
         engine.add_request(list(range(10, 74)), params)
     engine.step()  # prefill

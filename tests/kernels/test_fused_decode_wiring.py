@@ -56,7 +56,7 @@ def test_make_fused_decoder_falls_back_on_cpu_with_a_warning(caplog):
 
 def generate(model_dir, backend: str, prompts: list[list[int]]):
     engine = LLMEngine(make_engine_config(str(model_dir), dtype="float32", device=DEVICE, max_model_len=128,
-                                          decode_backend=backend, max_num_seqs=4))
+                                          decode_backend=backend, max_num_seqs=4, num_blocks=64))
     outs = engine.generate_blocking(prompts, GREEDY)
     return engine, [o.outputs[0].token_ids for o in outs]
 

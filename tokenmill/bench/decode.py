@@ -392,6 +392,8 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("bench decode needs a CUDA GPU, and torch sees none")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     elif args.shape != "tiny":
         raise ValueError("off the GPU, bench decode runs only as a smoke test: --shape tiny (its times mean nothing)")

@@ -290,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
         max_num_seqs=max(args.concurrency, 1),
         max_num_batched_tokens=max(2048, args.concurrency), max_model_len=args.max_model_len,
         enable_prefix_caching=False,  # every repeat pays its full prefill, as llama-server does with cache_prompt off
+        decode_backend=args.decode_backend,
     )
     engine = LLMEngine(config)
     tok = engine.tokenizer
@@ -300,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
         prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}]),
                                 add_special_tokens=False)
     results = [bench_engine(engine, prompt_ids, args.output_len, args.concurrency, args.repeats)]
+    results[0].name = f"tokenmill ({args.decode_backend})"
     report: dict = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": _machine(device),
@@ -379,6 +381,7 @@ def register(subparsers) -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "triton", "fused"])
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-compile", action="store_true", help="skip transformers static cache + torch.compile")
     p.add_argument("--llama-server", default=None, help="path to llama.cpp's llama-server binary")

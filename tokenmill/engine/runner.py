@@ -113,8 +113,10 @@ class ModelRunner:
         # Captured graphs have no per-token state seeds; models that need them run eagerly.
         graph = self._graph_for(len(step.query_lens)) if is_decode and step.state_seeds is None else None
         if graph is not None:
-            hidden = graph.run(self, step)
-            sample_hidden = hidden[: len(step.query_lens)][step.sample_rows]
+            logits = graph.run(self, step)
+            n = len(step.query_lens)
+            rows = step.sample_rows
+            return rows, logits[:n] if len(rows) == n else logits[rows]
         else:
             meta = AttentionMetadata.build(
                 step.query_lens, step.seq_lens, step.block_tables, self.block_size, self.device, step.state_seeds
@@ -149,56 +151,73 @@ class ModelRunner:
 
 
 class _DecodeGraph:
-    """A decode forward for a fixed padded batch size, captured once with static input buffers."""
+    """A decode forward + LM head for a fixed padded batch size, captured once over static input buffers.
+
+    All per-step inputs travel in one pinned int32 buffer and one host-to-device copy; the graph itself widens
+    ids, positions and slots to int64.
+    """
 
     def __init__(self, runner: ModelRunner, batch_size: int, pool) -> None:
         dev = runner.device
+        b, width = batch_size, runner.max_blocks_per_seq
         self.batch_size = batch_size
-        self.input_ids = torch.zeros(batch_size, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(batch_size, dtype=torch.long, device=dev)
-        self.slot_mapping = torch.full((batch_size,), runner.pad_block * runner.block_size, dtype=torch.long, device=dev)
-        self.seq_lens = torch.ones(batch_size, dtype=torch.int32, device=dev)
-        self.block_tables = torch.full(
-            (batch_size, runner.max_blocks_per_seq), runner.pad_block, dtype=torch.int32, device=dev
-        )
-        self.query_start_loc = torch.arange(batch_size + 1, dtype=torch.int32, device=dev)
+        # staged layout: ids [b] | positions [b] | slots [b] | seq_lens [b] | block tables [b, width]
+        self.host = torch.zeros(4 * b + b * width, dtype=torch.int32, pin_memory=True)
+        self.host_np = self.host.numpy()
+        self.tables_np = self.host_np[4 * b:].reshape(b, width)
+        self.staged = torch.zeros_like(self.host, device=dev)
+        self.seq_lens = self.staged[3 * b: 4 * b]
+        self.block_tables = self.staged[4 * b:].view(b, width)
+        self._reset_padding(runner, 0)
+        self.staged.copy_(self.host)
         self.meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping,
-            query_start_loc=self.query_start_loc,
+            slot_mapping=torch.empty(0, dtype=torch.long, device=dev),  # set inside the captured region
+            query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=dev),
             seq_lens=self.seq_lens,
             block_tables=self.block_tables,
             max_query_len=1,
-            max_seq_len=runner.max_blocks_per_seq * runner.block_size,
-            query_start_loc_cpu=list(range(batch_size + 1)),
-            seq_lens_cpu=[1] * batch_size,
+            max_seq_len=width * runner.block_size,
+            query_start_loc_cpu=list(range(b + 1)),
+            seq_lens_cpu=[1] * b,
         )
         model = runner.decode_model
         # Warm up outside the graph (Triton autotuning and lazy initialisation must not be captured).
         for _ in range(2):
-            self.output = model(self.input_ids, self.positions, runner.kv_cache, self.meta)
+            self._forward(model, runner)
         torch.cuda.synchronize(dev)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.output = model(self.input_ids, self.positions, runner.kv_cache, self.meta)
+            self.logits = self._forward(model, runner)
+
+    def _forward(self, model, runner: ModelRunner) -> torch.Tensor:
+        b = self.batch_size
+        ids = self.staged[:b].long()
+        positions = self.staged[b: 2 * b].long()
+        self.meta.slot_mapping = self.staged[2 * b: 3 * b].long()
+        hidden = model(ids, positions, runner.kv_cache, self.meta)
+        return model.compute_logits(hidden)
+
+    def _reset_padding(self, runner: ModelRunner, first_row: int) -> None:
+        """Rows from first_row on are padding: token 0 at position 0, writing and reading slot 0 of block 0."""
+        b = self.batch_size
+        pad_slot = runner.pad_block * runner.block_size
+        for k, value in enumerate((0, 0, pad_slot, 1)):
+            self.host_np[k * b + first_row: (k + 1) * b] = value
+        self.tables_np[first_row:, 0] = runner.pad_block
 
     def run(self, runner: ModelRunner, step: StepInput) -> torch.Tensor:
+        """Replays the graph for `step` (at most batch_size decode rows); returns logits of all padded rows."""
         n = len(step.query_lens)
-        pad = self.batch_size - n
-        bs = runner.block_size
-        # Padded rows write into the reserved block 0 and attend to one slot of it.
-        ids = step.token_ids + [0] * pad
-        pos = step.positions + [0] * pad
-        slots = [
-            table[(s - 1) // bs] * bs + (s - 1) % bs for table, s in zip(step.block_tables, step.seq_lens)
-        ] + [runner.pad_block * bs] * pad
-        seq_lens = step.seq_lens + [1] * pad
-        width = runner.max_blocks_per_seq
-        tables = [t + [runner.pad_block] * (width - len(t)) for t in step.block_tables]
-        tables += [[runner.pad_block] * width] * pad
-        self.input_ids.copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
-        self.positions.copy_(torch.tensor(pos, dtype=torch.long), non_blocking=True)
-        self.slot_mapping.copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
-        self.seq_lens.copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
-        self.block_tables.copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        b, bs = self.batch_size, runner.block_size
+        h = self.host_np
+        h[:n] = step.token_ids
+        h[b: b + n] = step.positions
+        h[2 * b: 2 * b + n] = [t[(s - 1) // bs] * bs + (s - 1) % bs for t, s in zip(step.block_tables, step.seq_lens)]
+        h[3 * b: 3 * b + n] = step.seq_lens
+        # Entries past a row's own blocks are stale but never read: attention stops at seq_len.
+        for row, table in enumerate(step.block_tables):
+            self.tables_np[row, : len(table)] = table
+        self._reset_padding(runner, n)
+        self.staged.copy_(self.host, non_blocking=True)
         self.graph.replay()
-        return self.output
+        return self.logits

@@ -20,11 +20,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm computes x * rsqrt(mean(x^2) + eps) like HF, in fewer kernels. In fp32 the weight can go in too;
-        # otherwise the cast back happens before the weight multiply, as in HF, so bf16 results match bit for bit.
+        # F.rms_norm upcasts to fp32, computes x * rsqrt(mean(x^2) + eps) and casts back, exactly like HF, in one
+        # call. In fp32 the weight can go in too; otherwise it multiplies after the cast back, as in HF, so half
+        # precision results match HF bit for bit.
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(x, self.weight.shape, None, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
