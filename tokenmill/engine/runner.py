@@ -89,6 +89,7 @@ class ModelRunner:
         # Runs decode-only steps when given (e.g. kernels.fused_llama.FusedLlamaDecoder): same forward() and
         # compute_logits() contract as `model`, which keeps prefill and mixed steps.
         self.decode_model = decode_model if decode_model is not None else model
+        self.decode_model_max_batch = getattr(decode_model, "max_batch_size", 1 << 30)
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
@@ -109,7 +110,7 @@ class ModelRunner:
         if not step.sample_rows and not step.token_ids:
             return [], None
         is_decode = all(q == 1 for q in step.query_lens)
-        model = self.decode_model if is_decode else self.model
+        model = self._model_for(len(step.query_lens)) if is_decode else self.model
         # Captured graphs have no per-token state seeds; models that need them run eagerly.
         graph = self._graph_for(len(step.query_lens)) if is_decode and step.state_seeds is None else None
         if graph is not None:
@@ -130,6 +131,10 @@ class ModelRunner:
             sample_hidden = hidden.index_select(0, index)
         logits = model.compute_logits(sample_hidden)
         return step.sample_rows, logits
+
+    def _model_for(self, decode_batch_size: int):
+        """The decode model where it serves this batch size, the general model otherwise."""
+        return self.decode_model if decode_batch_size <= self.decode_model_max_batch else self.model
 
     # ---- CUDA graphs for decode -------------------------------------------------------------------------------
 
@@ -180,7 +185,7 @@ class _DecodeGraph:
             query_start_loc_cpu=list(range(b + 1)),
             seq_lens_cpu=[1] * b,
         )
-        model = runner.decode_model
+        model = runner._model_for(batch_size)
         # Warm up outside the graph (Triton autotuning and lazy initialisation must not be captured).
         for _ in range(2):
             self._forward(model, runner)
