@@ -56,3 +56,56 @@ def test_bench_decode_validates_its_lists():
         decode.make_settings(parse(["--batches", "0,2"]))
     settings = decode.make_settings(parse(["--quick"]))
     assert settings.hf_cells == [(1, 128)] and settings.breakdown_batches == [1, 16]
+    assert settings.sweep_batches == [1, 4, 16]
+    assert decode.make_settings(parse(["--sweep-batches", "2,8"])).sweep_batches == [2, 8]
+
+
+def llama_1b_config():
+    from tokenmill.config import ModelConfig
+    from tokenmill.models.random_weights import SHAPES
+
+    return ModelConfig.from_hf_dict(dict(SHAPES["llama-3.2-1b"], architectures=["LlamaForCausalLM"]))
+
+
+def test_sweep_candidates_try_both_paths_at_small_batches():
+    config = llama_1b_config()
+    for op in decode.GEMV_OPS:
+        at1, at4, at16 = (decode.sweep_candidates(op, b, config) for b in (1, 4, 16))
+        assert at1 and not any(c.use_dot for c in at1)
+        assert {(c.use_dot, c.block_m) for c in at4} == {(True, 16), (False, 4)}
+        assert at16 and all(c.use_dot and c.block_m == 16 for c in at16)
+        assert len(set(at4)) == len(at4)
+    # The heuristic's batch-16 picks are among the candidates, so the sweep re-measures them next to the others.
+    from tokenmill.kernels.triton.fused_config import choose_gemv_config
+
+    for op in decode.GEMV_OPS:
+        n, k, pair_half = decode.gemm_shape(config, op)
+        assert choose_gemv_config(16, n, k, sm_count=132, pair_half=pair_half) in decode.sweep_candidates(op, 16, config)
+
+
+def cell(batch: int, context: int, fused: float | None, torch_graph: float | None) -> decode.Cell:
+    c = decode.Cell(batch, context, 1.0, 0)
+    c.results = {"fused": decode.VariantResult(ms=fused), "torch-graph": decode.VariantResult(ms=torch_graph)}
+    return c
+
+
+def test_fused_max_batch_is_where_fused_stops_winning():
+    cells = [cell(1, 128, 1.1, 1.6), cell(1, 1024, 1.2, 1.7), cell(2, 128, 1.3, 1.7), cell(2, 1024, 1.4, 1.8),
+             cell(4, 128, 1.5, 1.7), cell(4, 1024, 1.9, 1.8), cell(8, 128, 1.5, 1.9)]
+    assert decode.fused_max_batch(cells) == 2  # batch 4 loses at 1k context; batch 8 winning does not count
+    assert decode.fused_max_batch([cell(1, 128, 2.0, 1.6)]) == 0
+    assert decode.fused_max_batch([cell(1, 128, 1.0, 1.6), cell(2, 128, None, 1.7)]) == 1  # batch 2 failed
+    assert decode.fused_max_batch([cell(1, 128, None, 1.6)]) is None
+
+
+def test_sweep_summary_counts_layers_and_the_lm_head_once():
+    def row(op, us, heuristic, bn):
+        return dict(batch=16, op=op, us=us, heuristic=heuristic, config=dict(block_n=bn))
+
+    rows = [row("down", 16.0, True, 16), row("down", 15.0, False, 32), row("lm_head", 190.0, True, 64),
+            row("lm_head", 200.0, False, 32), dict(batch=16, op="o", heuristic=True, error="boom", config={})]
+    summary = {s["op"]: s for s in decode.sweep_summary(rows, num_layers=16)}
+    assert set(summary) == {"down", "lm_head"}  # o has no timed heuristic row
+    assert summary["down"]["us_per_step_left"] == pytest.approx(16.0)
+    assert summary["down"]["best"] == dict(block_n=32)
+    assert summary["lm_head"]["us_per_step_left"] == 0.0

@@ -91,7 +91,7 @@ def check_ptx(ptx: str, cfg) -> None:
 GPU_PTRS = dict(partial_ptr="*fp32", partial_sumsq_ptr="*fp32", counter_ptr="*i32")
 
 
-@pytest.mark.parametrize("rows", [1, 8, 64])
+@pytest.mark.parametrize("rows", [1, 8, 32, 64])
 def test_qkv_rope_cache_compiles_for_sm90(rows):
     from tokenmill.kernels.triton.fused_decode import _qkv_rope_cache_kernel
 
@@ -128,7 +128,7 @@ def test_linear_residual_compiles_for_sm90(rows, op):
         assert atomics and all("acq_rel" in a and ".gpu" in a for a in atomics), "split-K counter is not acq_rel.gpu"
 
 
-@pytest.mark.parametrize("rows", [1, 8, 64])
+@pytest.mark.parametrize("rows", [1, 8, 32, 64])
 def test_gate_up_silu_compiles_for_sm90(rows):
     from tokenmill.kernels.triton.fused_decode import _gate_up_silu_kernel
 

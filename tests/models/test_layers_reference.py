@@ -63,6 +63,23 @@ def test_paged_attention_matches_dense(query_lens, seq_lens):
     torch.testing.assert_close(flat_k[meta.slot_mapping], k_new)
 
 
+def test_decode_attention_is_the_same_with_one_or_more_threads():
+    """With several intra-op threads, decode attention folds the GQA query heads into rows of their KV head."""
+    gen = torch.Generator().manual_seed(5)
+    cache = torch.randn(2, 20, 4, 2, 8, generator=gen)
+    q, k, v = (torch.randn(3, h, 8, generator=gen) for h in (6, 2, 2))
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            meta = AttentionMetadata.build([1, 1, 1], [7, 3, 12], [[1, 2], [3], [4, 5, 6]], block_size=4)
+            outs.append(paged_attention(q, k, v, cache.clone(), meta, scale=0.3))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+
+
 def test_paged_attention_rejects_a_misshaped_cache():
     meta = AttentionMetadata.build([1], [1], [[0]], block_size=4)
     q = torch.zeros(1, 2, 8)

@@ -59,10 +59,10 @@ def test_int4_recovers_q4_1_style_weights_exactly():
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 33])  # both sides of small_batch_rows (4)
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 33])  # both sides of small_batch_rows=4
 def test_matches_float_linear_of_the_dequantized_weights(mode, rows):
     w, b = _weights(64, 96), torch.randn(64) * 0.1
-    layer = QuantizedLinear(w, b, mode)
+    layer = QuantizedLinear(w, b, mode, small_batch_rows=4)
     assert layer.use_small_batch_kernel
     x = torch.randn(rows, 96)
     y = layer(x)
@@ -76,7 +76,7 @@ def test_matches_float_linear_of_the_dequantized_weights(mode, rows):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_small_batch_kernel_and_dense_path_agree(mode):
-    layer = QuantizedLinear(_weights(128, 64, seed=3), None, mode)
+    layer = QuantizedLinear(_weights(128, 64, seed=3), None, mode, small_batch_rows=4)
     x = torch.randn(6, 64).bfloat16()
     dense = layer(x)  # 6 rows > small_batch_rows: the prepacked bf16 GEMM
     rows = torch.cat([layer(x[i : i + 2]) for i in range(0, 6, 2)])  # 2 rows: the low-bit kernel

@@ -2,7 +2,7 @@
 
     tokenmill bench decode --quick --out decode.json        # < 4 min on an H100, compile times included
     tokenmill bench decode --out decode.json                # more repeats, more transformers cells
-    tokenmill bench decode --sweep --out sweep.json         # per-kernel tile-shape sweep (for tuning)
+    tokenmill bench decode --quick --sweep --out d.json     # + per-kernel tile sweep at batch 1, 4, 16 (< 3 min)
 
 Measures the device-to-device copy bandwidth (read + write), then for each (batch, context) the floor
 (weight bytes + KV bytes read) / bandwidth and the time per decode step of:
@@ -72,6 +72,8 @@ class Settings:
     hf_budget_s: float
     breakdown_batches: list[int]
     sweep: bool
+    sweep_batches: list[int]
+    sweep_budget_s: float
     seed: int
 
 
@@ -352,27 +354,47 @@ def op_launcher(decoder, op: str, kv_cache, inputs: StepInputs, gemv_config=None
     return run, calls
 
 
-def sweep_candidates(op: str, batch: int, config) -> list:
-    """Alternative tile shapes around the heuristic's choice, legal for this op's shape."""
-    from tokenmill.kernels.triton.fused_config import GemvConfig, check_gemv_config
+# Tensor-core shapes tried at every batch >= 2: (block_n, block_k, split_k, num_warps, num_stages). Around the
+# heuristic's picks (qkv 32x256; gate_up and lm_head 64x128; o 16x256; down 16x128 split 4 with 4 stages), plus the
+# neighbours that separate K step from split count and from stage count.
+DOT_CANDIDATES = [
+    (16, 256, 1, 4, 3), (16, 256, 2, 4, 3), (16, 256, 4, 4, 3), (16, 128, 2, 4, 4), (16, 128, 4, 4, 4),
+    (32, 256, 1, 4, 3), (32, 256, 2, 4, 3), (64, 128, 1, 4, 3), (64, 256, 1, 4, 3),
+]
+# CUDA-core shapes at batch 1: (block_n, block_k, split_k, num_warps).
+CUDA_CORE_CANDIDATES = [(2, 2048, 1, 4), (4, 1024, 1, 4), (8, 512, 1, 4), (16, 256, 1, 4), (4, 2048, 1, 8),
+                        (8, 512, 2, 4)]
+# CUDA-core shapes for batches 2-4, all rows in one program (block_m x block_n x block_k fp32 in registers).
+SMALL_BATCH_CUDA_CORE_CANDIDATES = [(2, 1024, 1, 4), (4, 512, 1, 4), (4, 256, 1, 4)]
 
+
+def gemm_shape(config, op: str) -> tuple[int, int, int]:
+    """(n, k, pair_half) of a GEMM op, as the fused decoder launches it."""
     c = config
     q_size = c.num_attention_heads * c.head_dim
-    n, k, pair_half = {
+    return {
         "qkv": (q_size + 2 * c.num_key_value_heads * c.head_dim, c.hidden_size, c.head_dim // 2),
         "o": (c.hidden_size, q_size, 0),
         "gate_up": (2 * c.intermediate_size, c.hidden_size, c.intermediate_size),
         "down": (c.hidden_size, c.intermediate_size, 0),
         "lm_head": (c.vocab_size, c.hidden_size, 0),
     }[op]
+
+
+def sweep_candidates(op: str, batch: int, config) -> list:
+    """Alternative tile shapes around the heuristic's choice, legal for this op's shape. Batches 2-4 get both
+    paths: the tensor-core tiles and CUDA-core tiles holding the whole batch."""
+    from tokenmill.kernels.triton.fused_config import GemvConfig, check_gemv_config
+
+    n, k, pair_half = gemm_shape(config, op)
     if batch == 1:
-        raw = [GemvConfig(bn, bk, 1, s, False, w, 1) for bn, bk, s, w in [
-            (2, 2048, 1, 4), (4, 1024, 1, 4), (8, 512, 1, 4), (16, 256, 1, 4), (4, 2048, 1, 8), (8, 512, 2, 4)]]
+        raw = [GemvConfig(bn, bk, 1, s, False, w, 1) for bn, bk, s, w in CUDA_CORE_CANDIDATES]
     else:
         bm = max(16, 1 << (batch - 1).bit_length())
-        raw = [GemvConfig(bn, bk, bm, s, True, w, st) for bn, bk, s, w, st in [
-            (16, 256, 1, 4, 3), (16, 256, 2, 4, 3), (32, 256, 1, 4, 3), (32, 128, 2, 8, 4), (64, 128, 1, 4, 3),
-            (16, 128, 4, 4, 4)]]
+        raw = [GemvConfig(bn, bk, bm, s, True, w, st) for bn, bk, s, w, st in DOT_CANDIDATES]
+        if batch <= 4:
+            bm_small = 1 << (batch - 1).bit_length()
+            raw += [GemvConfig(bn, bk, bm_small, s, False, w, 1) for bn, bk, s, w in SMALL_BATCH_CUDA_CORE_CANDIDATES]
     legal = []
     for cand in raw:
         try:
@@ -430,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
           f"{weight_bytes / 1e9:.3f} GB -> batch-1 floor {report['batch1_floor_ms']:.3f} ms/token; KV "
           f"{kv_per_token} B/token", flush=True)
 
-    kv_cache = make_kv_cache(config, max(settings.batches + settings.breakdown_batches),
+    kv_cache = make_kv_cache(config, max(settings.batches + settings.breakdown_batches + settings.sweep_batches),
                              max(settings.contexts + [1024]), dtype, device, settings.seed)
     decoders = make_decoders(model, settings.variants, report)
 
@@ -448,6 +470,7 @@ def run(args: argparse.Namespace) -> int:
             print(cell_line(cell), flush=True)
             save()
     print_table(cells, report, [v for v in settings.variants if v != "hf-static"])
+    report["fused_max_batch"] = fused_max_batch(cells)
 
     if settings.breakdown_batches and "fused" in decoders:
         report["breakdown"] = run_breakdown(decoders["fused"], kv_cache, settings, bandwidth, device)
@@ -503,6 +526,8 @@ def make_settings(args: argparse.Namespace) -> Settings:
         hf_budget_s=args.hf_budget_s,
         breakdown_batches=[] if args.no_breakdown else ([1, 16] if args.quick else [1, 4, 16]),
         sweep=args.sweep,
+        sweep_batches=ints(args.sweep_batches),
+        sweep_budget_s=args.sweep_budget_s,
         seed=args.seed,
     )
 
@@ -594,20 +619,27 @@ def run_breakdown(decoder, kv_cache, settings: Settings, bandwidth: float, devic
 
 
 def run_sweep(decoder, kv_cache, settings: Settings, bandwidth: float, device: torch.device) -> list[dict]:
-    """Tile shapes around the heuristic for every GEMM op, at batch 1 and 16: us per call and GB/s."""
+    """Tile shapes around the heuristic for every GEMM op at each sweep batch: us per call and GB/s.
+
+    The heuristic's shape goes first in each (batch, op); once settings.sweep_budget_s is spent the remaining
+    shapes are recorded as skipped, so the run's length stays bounded on a cold triton cache.
+    """
     rows = []
     config, elem = decoder.config, decoder.dtype.itemsize
+    started = time.perf_counter()
     print("\ntile sweep (us per call; * = the heuristic's choice):")
-    for batch in (1, 16):
+    for batch in settings.sweep_batches:
         inputs = step_inputs(batch, 1024, kv_cache.shape[2], config.vocab_size, device, settings.seed + batch)
         for op in GEMV_OPS:
             chosen = decoder.gemv_config(op, batch)
-            candidates = sweep_candidates(op, batch, config)
-            if chosen not in candidates:
-                candidates.insert(0, chosen)
+            candidates = [chosen] + [c for c in sweep_candidates(op, batch, config) if c != chosen]
             nbytes = op_bytes(config, op, batch, 1024, elem)
             for cand in candidates:
                 row = dict(batch=batch, op=op, config=asdict(cand), heuristic=cand == chosen)
+                if time.perf_counter() - started > settings.sweep_budget_s:
+                    row["error"] = f"skipped: sweep budget of {settings.sweep_budget_s:.0f} s spent"
+                    rows.append(row)
+                    continue
                 try:
                     fn, calls = op_launcher(decoder, op, kv_cache, inputs, gemv_config=cand)
                     graph, _ = capture_graph(fn, device)
@@ -623,7 +655,54 @@ def run_sweep(decoder, kv_cache, settings: Settings, bandwidth: float, device: t
                 mark = "*" if row["heuristic"] else " "
                 result = f"{row['us']:8.2f} us {row['pct_of_copy']:5.1f}%" if "us" in row else row["error"][:80]
                 print(f" {mark} b={batch:<3} {op:8s} {shape}  {result}", flush=True)
+    print(f"  (sweep: {time.perf_counter() - started:.0f} s)")
+    print_sweep_summary(sweep_summary(rows, len(decoder.layers)))
     return rows
+
+
+def sweep_summary(rows: list[dict], num_layers: int) -> list[dict]:
+    """Per (batch, op): the heuristic's time, the fastest shape, and the us per decode step between them
+    (GEMMs run once per layer, the LM head once)."""
+    summary = []
+    for batch, op in dict.fromkeys((r["batch"], r["op"]) for r in rows):
+        timed = [r for r in rows if r["batch"] == batch and r["op"] == op and "us" in r]
+        picked = next((r for r in timed if r["heuristic"]), None)
+        if not timed or picked is None:
+            continue
+        best = min(timed, key=lambda r: r["us"])
+        per_step = 1 if op == "lm_head" else num_layers
+        summary.append(dict(batch=batch, op=op, heuristic_us=picked["us"], best_us=best["us"], best=best["config"],
+                            us_per_step_left=per_step * (picked["us"] - best["us"])))
+    return summary
+
+
+def print_sweep_summary(summary: list[dict]) -> None:
+    if not summary:
+        return
+    print("\nsweep summary (us per call; 'left' = us per decode step the heuristic loses to the best shape):")
+    for s in summary:
+        b = s["best"]
+        shape = f"bn={b['block_n']} bk={b['block_k']} bm={b['block_m']} split={b['split_k']} dot={int(b['use_dot'])}"
+        print(f"  b={s['batch']:<3} {s['op']:8s} heuristic {s['heuristic_us']:8.2f}  best {s['best_us']:8.2f} "
+              f"({shape}, w{b['num_warps']} s{b['num_stages']})  left {s['us_per_step_left']:6.1f}")
+    for batch in dict.fromkeys(s["batch"] for s in summary):
+        left = sum(s["us_per_step_left"] for s in summary if s["batch"] == batch)
+        print(f"  b={batch:<3} total left: {left:.0f} us per decode step")
+
+
+def fused_max_batch(cells: list[Cell]) -> int | None:
+    """Largest measured batch up to which `fused` beats `torch-graph` at every context of every batch (the
+    value for FusedLlamaDecoder.max_batch_size); 0 when it loses at the smallest batch, None when not measured."""
+    batches = sorted({c.batch for c in cells})
+    best: int | None = None
+    for batch in batches:
+        pairs = [(c.results.get("fused"), c.results.get("torch-graph")) for c in cells if c.batch == batch]
+        if any(f is None or t is None or f.ms is None or t.ms is None for f, t in pairs):
+            return best
+        if not all(f.ms < t.ms for f, t in pairs):
+            return best if best is not None else 0
+        best = batch
+    return best
 
 
 def run_hf(cells: list[Cell], report: dict, hf_dict: dict, dtype, device, settings: Settings) -> None:
@@ -697,6 +776,9 @@ def print_table(cells: list[Cell], report: dict, variants: list[str]) -> None:
     errors = {(c.batch, c.context, v): r.error for c in cells for v, r in c.results.items() if r.error}
     for (b, ctx, v), err in list(errors.items())[:10]:
         print(f"  error b={b} ctx={ctx} {v}: {err}")
+    wins = fused_max_batch(cells)
+    if wins is not None:
+        print(f"  fused beats torch-graph at every context up to batch {wins} (FusedLlamaDecoder.max_batch_size)")
     for note in report.get("notes", []):
         print(f"  note: {note}")
 
@@ -712,6 +794,9 @@ def register(subparsers) -> None:
     p.add_argument("--hf-budget-s", type=float, default=240.0, help="stop starting transformers cells after this")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel breakdown")
     p.add_argument("--sweep", action="store_true", help="also time alternative tile shapes for every GEMM op")
+    p.add_argument("--sweep-batches", default="1,4,16", help="batches the tile sweep covers")
+    p.add_argument("--sweep-budget-s", type=float, default=150.0,
+                   help="stop starting sweep shapes after this (the rest are recorded as skipped)")
     p.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "tiny"])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--device", default="cuda")

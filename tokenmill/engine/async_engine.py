@@ -13,7 +13,10 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
+
 from tokenmill.config import EngineConfig
+from tokenmill.engine.cpu_threads import apply_threads, serving_threads
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.outputs import EngineObserver, FinishedRequestStats, RequestOutput, SchedulerStats
 from tokenmill.sampling_params import SamplingParams
@@ -79,6 +82,11 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._dead: BaseException | None = None
+        # Leave a core to the event loop on CPU (see cpu_threads.py); set here and again on the engine thread.
+        device = getattr(engine, "device", None)
+        self._threads = serving_threads(device) if isinstance(device, torch.device) else None
+        self._threads_before = torch.get_num_threads()
+        apply_threads(self._threads)
         self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)
         self._thread.start()
 
@@ -97,6 +105,8 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        if self._threads is not None:
+            apply_threads(self._threads_before)
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
@@ -152,6 +162,7 @@ class AsyncEngine:
                         stream.put(out)
 
     def _loop(self) -> None:
+        apply_threads(self._threads)
         live: dict[str, _Stream] = {}
         try:
             while not self._stop.is_set():

@@ -20,7 +20,7 @@ from tokenmill.layers.attention import AttentionBackend, paged_attention
 from tokenmill.layers.attention_metadata import AttentionMetadata
 from tokenmill.layers.linear import empty_embedding, empty_linear
 from tokenmill.layers.mlp import GatedMLP
-from tokenmill.layers.quantized_linear import QuantizedLinear, quantize_linears_
+from tokenmill.layers.quantized_linear import LM_HEAD_SMALL_BATCH_ROWS, QuantizedLinear, quantize_linears_
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, rotate
 
@@ -130,7 +130,9 @@ class LlamaForCausalLM(nn.Module):
         in `mode` (int8 or int4), the LM head in int8 (GGUF files keep it at 8 bits or more, and 4 bits there cost
         visibly more accuracy than anywhere else). The token embedding stays as loaded: it is only indexed."""
         quantize_linears_(self.layers, mode)
-        self.quantized_lm_head = QuantizedLinear(self.lm_head_weight, None, "int8", small_batch_rows=2)
+        self.quantized_lm_head = QuantizedLinear(
+            self.lm_head_weight, None, "int8", small_batch_rows=LM_HEAD_SMALL_BATCH_ROWS
+        )
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -1,0 +1,45 @@
+"""How many intra-op threads torch gets on CPU.
+
+Offline (LLM, benchmarks): every core the process may use; torch's default.
+
+Serving: the engine thread shares the process with the HTTP event loop (request parsing, tokenization, one SSE chunk
+per request per step) and with its GIL. torch's OpenMP workers spin while they wait for each other, so a worker
+preempted by the event loop stalls every parallel region until it runs again. One core is left to the event loop:
+on the 2-core CI machine `tokenmill serve` with SmolLM2 streamed ~36 tok/s single-stream and ~360 tok/s at 32
+concurrent requests with 1 thread, against ~28 and ~345 with 2 (while the offline engine alone is faster with 2).
+An explicit OMP_NUM_THREADS (or `torch.set_num_threads` by the embedding program, via `requested`) wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which containers and taskset narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def serving_threads(device: torch.device, requested: int | None = None) -> int | None:
+    """Intra-op threads for an engine behind an HTTP server; None leaves torch's setting alone (CUDA, or the user
+    chose through OMP_NUM_THREADS)."""
+    if device.type != "cpu":
+        return None
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"thread count must be >= 1, got {requested}")
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, usable_cores() - 1)
+
+
+def apply_threads(threads: int | None) -> None:
+    """Sets torch's intra-op thread count (process-wide; call it from the thread that runs the engine too)."""
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
