@@ -65,9 +65,8 @@ def test_wide_tiles_need_half_a_wave_of_tiles():
 
 def test_split_k_only_for_long_reductions():
     for rows in (2, 16, 64):
-        for op in LLAMA_1B:
+        for op, (_, k, _) in LLAMA_1B.items():
             cfg = pick(op, rows)
-            n, k, _ = LLAMA_1B[op]
             assert k // cfg.split_k >= MIN_SPLIT_K_SPAN or cfg.split_k == 1
     assert pick("down", 16).split_k == 4
     assert pick("qkv", 16).split_k == pick("o", 16).split_k == 1

@@ -85,11 +85,10 @@ def unsupported_reason(model: torch.nn.Module, device: torch.device | str) -> st
 
 
 class FusedLlamaDecoder:
-    # Decode batches above this size run the torch path instead. Measured on H100 (docs/DECODE_NOTES.md,
-    # 2026-11-26): batch 1 is 1.18 ms/token fused vs 1.60 torch+graphs, but at batch 2-16 the tensor-core tiles
-    # lost (2.3 vs 1.7 ms). The tiles were re-tuned from that run's sweep; raise this to the `fused_max_batch`
-    # that `tokenmill bench decode --quick --sweep` reports once a GPU run confirms it (DECODE_NOTES.md, "Next").
-    max_batch_size: int = 1
+    # Decode batches above this size run the torch path instead. Measured on H100 (docs/bench/decode_h100_v2.log,
+    # 2026-11-26, re-tuned tiles): fused beats torch+graphs at every context up to batch 16 (1.12 vs 1.60 ms at
+    # batch 1, 1.54 vs 2.02 at 16 × 1k); larger batches were not measured.
+    max_batch_size: int = 16
 
     def __init__(
         self,
