@@ -27,7 +27,15 @@ def _dense_causal_attention(q, k, v, scale):
 
 @pytest.mark.parametrize(
     "query_lens, seq_lens",
-    [([1, 1, 1], [7, 1, 13]), ([1, 1], [9, 9]), ([5, 1, 9, 1], [5, 6, 20, 3]), ([4], [10]), ([6, 3], [6, 11])],
+    [
+        ([1, 1, 1], [7, 1, 13]),
+        ([1, 1], [9, 9]),  # decode lengths in lockstep: no mask
+        ([5, 1, 9, 1], [5, 6, 20, 3]),
+        ([4], [10]),
+        ([6, 3], [6, 11]),
+        ([4, 4, 1, 4], [4, 4, 9, 4]),  # identical prompts: one batched SDPA call
+        ([3, 3, 3], [8, 8, 3]),  # identical chunks after a cached prefix, and one fresh prompt
+    ],
 )
 def test_paged_attention_matches_dense(query_lens, seq_lens):
     gen = torch.Generator().manual_seed(0)

@@ -57,7 +57,19 @@ class _StepPlan(NamedTuple):
     decode_slots: torch.Tensor | None  # [Sd * L] context slots, L = longest decode context, row-major per sequence
     decode_mask: torch.Tensor | None  # [Sd, 1, 1, L] True = attend (False on padding); None when nothing is padded
     decode_len: int
-    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]  # (start, end, slots [S], mask [Q, S] | None)
+    prefills: list[_PrefillGroup]
+
+
+class _PrefillGroup(NamedTuple):
+    """Prefill chunks of the same query and context length, attended in one SDPA call (a batch of identical-length
+    prompts arriving together is one group)."""
+
+    token_index: torch.Tensor  # [G * Q] flat token indices, sequence after sequence
+    slots: torch.Tensor  # [G * S] context slots
+    mask: torch.Tensor | None  # [Q, S] True = attend; None = causal (Q == S)
+    num_seqs: int  # G
+    query_len: int  # Q
+    seq_len: int  # S
 
 
 def _context_slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -97,17 +109,19 @@ def _build_step_plan(meta: AttentionMetadata, block_size: int, device: torch.dev
         uniform = all(seq_lens[i] == decode_len for i in decode_seqs)
         mask = None if uniform else valid[:, None, None, :]
     decode_set = set(decode_seqs)
-    prefills = []
+    groups: dict[tuple[int, int], list[int]] = {}
     for i in range(meta.num_seqs):
-        if i in decode_set:
-            continue
-        start, end, seq_len = starts[i], starts[i + 1], seq_lens[i]
+        if i not in decode_set:
+            groups.setdefault((starts[i + 1] - starts[i], seq_lens[i]), []).append(i)
+    prefills = []
+    for (query_len, seq_len), members in groups.items():
         positions = torch.arange(seq_len, device=device)
-        seq_slots = _context_slots(meta.block_tables[i], positions, block_size)
-        query_len = end - start
+        tables = meta.block_tables.index_select(0, torch.tensor(members, dtype=torch.long, device=device))
+        group_slots = _context_slots(tables, positions.expand(len(members), seq_len), block_size).flatten()
+        tokens = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in members]).to(device)
         # None: causal. SDPA's causal mask is top-left aligned, which is right when Q == S.
         prefill_mask = None if query_len == seq_len else positions[None, :] <= positions[seq_len - query_len :, None]
-        prefills.append((start, end, seq_slots, prefill_mask))
+        prefills.append(_PrefillGroup(tokens, group_slots, prefill_mask, len(members), query_len, seq_len))
     return _StepPlan(token_index, slots, mask, decode_len, prefills)
 
 
@@ -121,8 +135,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """Reference paged attention: write K/V, then causal attention over each sequence's cached context.
 
-    Decode sequences (query_len == 1) are attended in one padded SDPA call; prefill chunks one SDPA call each. The
-    contexts are gathered from the cache with one index_select over slots for K and one for V.
+    Decode sequences (query_len == 1) are attended in one padded SDPA call; prefill chunks in one SDPA call per group
+    of equal query and context lengths. Contexts are gathered from the cache with one index_select over slots for K
+    and one for V; the slot lists are computed once per step (see _StepPlan).
     """
     kv_flat = _flat_kv(kv_cache_layer)
     _write_kv(k, v, kv_flat, meta.slot_mapping)
@@ -145,18 +160,21 @@ def paged_attention(
     if plan.decode_slots is not None:
         index = plan.decode_token_index
         out.index_copy_(0, index, _decode_attention(q.index_select(0, index), plan, gather, scale))
-    for start, end, slots, mask in plan.prefills:
-        keys, values = gather(slots, 1, slots.shape[0])  # [1, S, Hkv, D]
+    for group in plan.prefills:
+        g, q_len, s_len = group.num_seqs, group.query_len, group.seq_len
+        keys, values = gather(group.slots, g, s_len)  # [G, S, Hkv, D]
+        queries = q.index_select(0, group.token_index).view(g, q_len, *q.shape[1:])
         # 4-D inputs: with 3-D ones and enable_gqa, CPU SDPA falls back to its slow math path.
-        out[start:end] = F.scaled_dot_product_attention(
-            q[start:end].unsqueeze(0).transpose(1, 2),
+        group_out = F.scaled_dot_product_attention(
+            queries.transpose(1, 2),
             keys.transpose(1, 2),
             values.transpose(1, 2),
-            attn_mask=mask,
-            is_causal=mask is None,
+            attn_mask=group.mask,
+            is_causal=group.mask is None,
             scale=scale,
             enable_gqa=gqa,
-        )[0].transpose(0, 1)
+        )
+        out.index_copy_(0, group.token_index, group_out.transpose(1, 2).reshape(g * q_len, *q.shape[1:]))
     return out
 
 
