@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 3 evidence: the same multi-turn workloads against `tokenmill serve` and llama.cpp's llama-server on the same
 # SmolLM2 GGUF, one server at a time, on this machine. Writes docs/bench/serve_<server>_<workload>.json + plots.
-# Usage: scripts/compare_servers.sh LLAMA_SERVER_BIN [SESSIONS]
+# Usage: scripts/compare_servers.sh LLAMA_SERVER_BIN [SESSIONS]   (SKIP_TOKENMILL=1: llama-server only)
 set -euo pipefail
 llama_server=${1:?path to llama-server (scripts/build_llama_cpp.sh builds it)}
 sessions=${2:-16}
@@ -25,12 +25,15 @@ run_workloads() {  # $1 = server label
   done
 }
 
-tokenmill serve "$gguf" --port $port --max-model-len $ctx --log-level warning &
-pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
-wait_health
-run_workloads tokenmill
-kill $pid; wait $pid 2>/dev/null || true
+pid=
+trap '[ -n "$pid" ] && kill $pid 2>/dev/null || true' EXIT
+if [ "${SKIP_TOKENMILL:-0}" != 1 ]; then
+  tokenmill serve "$gguf" --port $port --max-model-len $ctx --log-level warning &
+  pid=$!
+  wait_health
+  run_workloads tokenmill
+  kill $pid; wait $pid 2>/dev/null || true
+fi
 
 "$llama_server" -m "$gguf" --host 127.0.0.1 --port $port -np 4 -c $((ctx * 4)) -t "$(nproc)" --no-webui \
   >/dev/null 2>&1 &

@@ -112,8 +112,8 @@ def test_auto_picks_int4_for_the_q4_1_default_model_on_cpu_only(smollm2_path):
     assert resolve_quantization("int8", source, CPU, "float32") == "int8"
 
 
-@pytest.mark.parametrize("fmt, expected", [("Q4_K", "int4"), ("IQ4_NL", "int4"), ("Q8_0", "int8"), ("Q6_K", "int8"),
-                                           ("F16", "none"), ("BF16", "none"), (None, "none")])
+@pytest.mark.parametrize("fmt, expected", [("Q4_0", "int4"), ("Q4_K", "int4"), ("IQ4_NL", "int8"), ("Q8_0", "int8"),
+                                           ("Q6_K", "int8"), ("F16", "none"), ("BF16", "none"), (None, "none")])
 def test_auto_follows_the_gguf_storage_type(monkeypatch, fmt, expected):
     monkeypatch.setattr(quantization, "gguf_weight_format", lambda path: fmt)
     assert quantization.auto_quantization(ModelSource("gguf", Path("m.gguf")), CPU) == expected

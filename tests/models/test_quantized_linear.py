@@ -36,12 +36,15 @@ def test_int8_round_trip_is_within_half_a_step():
     assert (err <= q.scales[:, None] / 2 + 1e-7).all()
 
 
-def test_int4_round_trip_is_within_half_a_step_per_group():
+def test_int4_round_trip_is_within_half_a_min_max_step_per_group():
     w = _weights(32, 96)
     q = quantize_int4(w, group_size=32)
     assert q.codes.min() >= 0 and q.codes.max() <= 15
-    err = (dequantize_int4(q) - w).abs().reshape(32, 3, 32)
-    assert (err <= q.scales[..., None] / 2 + 1e-6).all()
+    groups = w.reshape(32, 3, 32)
+    err = (dequantize_int4(q).reshape(32, 3, 32) - groups).abs()
+    # each group takes the better of two grids, so it is never worse than min/max with 16 levels
+    half_step = (groups.amax(-1) - groups.amin(-1)) / 30
+    assert (err <= half_step[..., None] + 1e-6).all()
 
 
 def test_int4_recovers_q4_1_style_weights_exactly():
@@ -56,6 +59,28 @@ def test_int4_recovers_q4_1_style_weights_exactly():
     q = quantize_int4(w)
     assert torch.equal(q.codes.reshape(16, 4, 32), codes.to(torch.int32))
     torch.testing.assert_close(dequantize_int4(q), w, atol=1e-7, rtol=1e-6)
+
+
+def test_int4_recovers_q4_0_style_weights_exactly():
+    """Q4_0 blocks: scale * (code - 8), the largest-magnitude value at code 0, codes not spanning 0..15."""
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randint(2, 13, (16, 4, 32), generator=gen)
+    codes[..., 0] = 0
+    scales = (torch.rand(16, 4, 1, generator=gen) * 0.01 + 1e-3) * torch.where(torch.rand(16, 4, 1) > 0.5, 1.0, -1.0)
+    w = ((codes - 8) * scales).reshape(16, 128)
+    torch.testing.assert_close(dequantize_int4(quantize_int4(w)), w, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_int4_recovers_gguf_4_bit_formats_exactly(qtype):
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    kind = GGMLQuantizationType[qtype]
+    w = (np.random.default_rng(0).standard_normal((32, 256)) * 0.05).astype(np.float32)
+    stored = torch.from_numpy(dequantize(quantize(w, kind), kind).reshape(w.shape))
+    torch.testing.assert_close(dequantize_int4(quantize_int4(stored)), stored, atol=1e-7, rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

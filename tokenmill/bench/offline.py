@@ -98,11 +98,33 @@ def load_hf(source, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     if source.kind == "gguf":
-        path = Path(source.path)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        model = _load_hf_from_gguf(Path(source.path)).to(dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=dtype)
     return model.to(device).eval()
+
+
+def _load_hf_from_gguf(path: Path):
+    """transformers' own GGUF import (its dequantization and Q/K un-permutation), without the `accelerate` package
+    that `from_pretrained(gguf_file=...)` requires."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.for_model(**load_gguf_checkpoint(str(path), return_tensors=False)["config"])
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights  # transformers 4
+    with no_init_weights():  # every weight is loaded next
+        model = AutoModelForCausalLM.from_config(config).float()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or not set(missing) <= {"lm_head.weight"}:
+        raise ValueError(f"transformers' GGUF import left {sorted(missing)[:4]} unfilled, {sorted(unexpected)[:4]} unused")
+    model.tie_weights()
+    return model
 
 
 @torch.inference_mode()
@@ -149,12 +171,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class LlamaServerExited(RuntimeError):
+    """llama-server died (at startup or while serving)."""
+
+
 @contextlib.contextmanager
-def llama_server(binary: str, gguf: str, slots: int, ctx: int, threads: int):
+def llama_server(binary: str, gguf: str, slots: int, ctx: int, threads: int, extra_args: tuple[str, ...] = ()):
     port = _free_port()
     proc = subprocess.Popen(
         [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots), "-c", str(ctx * slots),
-         "-t", str(threads), "--no-webui"],
+         "-t", str(threads), "--no-webui", *extra_args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     import httpx
@@ -167,11 +193,18 @@ def llama_server(binary: str, gguf: str, slots: int, ctx: int, threads: int):
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
             if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {proc.returncode}")
+                raise LlamaServerExited(f"llama-server exited with {proc.returncode}")
             time.sleep(0.5)
-        yield url
+        try:
+            yield url
+        except Exception as exc:
+            time.sleep(0.5)  # a crash shows up as a dropped connection first
+            if proc.poll() is not None:
+                raise LlamaServerExited(f"llama-server exited with {proc.returncode} while serving") from exc
+            raise
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
 
 
@@ -213,9 +246,19 @@ def bench_llama_server(binary: str, gguf: str, prompt_ids: list[int], output_len
             res.aggregate_tok_s = sum(r[2] for r in results) / (time.perf_counter() - t0)
             res.aggregate_batch = concurrency
 
-    with llama_server(binary, gguf, slots, ctx=len(prompt_ids) + output_len + 64, threads=os.cpu_count() or 2) as url:
-        asyncio.run(main(url))
-    return res
+    ctx = len(prompt_ids) + output_len + 64
+    # Native builds may crash in their repacked AVX512/AMX weight kernels (SIGILL or SIGSEGV at startup or on the
+    # first request on the 2-core CI VM); then the server runs without repacking, and the result records it.
+    for extra_args in ((), ("--no-repack",)):
+        try:
+            with llama_server(binary, gguf, slots, ctx=ctx, threads=os.cpu_count() or 2, extra_args=extra_args) as url:
+                asyncio.run(main(url))
+        except LlamaServerExited as exc:
+            res.extra.setdefault("crashes", []).append(f"{' '.join(extra_args) or 'default'}: {exc}")
+            continue
+        res.extra["extra_args"] = list(extra_args)
+        return res
+    raise LlamaServerExited(f"llama-server kept crashing: {res.extra['crashes']}")
 
 
 # ---- GPU floor ------------------------------------------------------------------------------------------------------

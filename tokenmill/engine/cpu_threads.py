@@ -4,10 +4,11 @@ Offline (LLM, benchmarks): every core the process may use; torch's default.
 
 Serving: the engine thread shares the process with the HTTP event loop (request parsing, tokenization, one SSE chunk
 per request per step) and with its GIL. torch's OpenMP workers spin while they wait for each other, so a worker
-preempted by the event loop stalls every parallel region until it runs again. One core is left to the event loop:
-on the 2-core CI machine `tokenmill serve` with SmolLM2 streamed ~36 tok/s single-stream and ~360 tok/s at 32
-concurrent requests with 1 thread, against ~28 and ~345 with 2 (while the offline engine alone is faster with 2).
-An explicit OMP_NUM_THREADS (or `torch.set_num_threads` by the embedding program, via `requested`) wins.
+preempted by another thread stalls every parallel region until it runs again (on the shared 2-core CI VM, with one
+other busy process, a 2-thread decode step went from 18 ms to over a second). One core is left to the event loop:
+there `tokenmill serve` with SmolLM2 streamed ~36 tok/s single-stream and ~360 tok/s at 32 concurrent requests
+with 1 thread, against ~28 and ~345 with 2 (load average ~1.4; the offline engine alone is faster with 2).
+An explicit OMP_NUM_THREADS (or a thread count passed as `requested`) wins.
 """
 
 from __future__ import annotations

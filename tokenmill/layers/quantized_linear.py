@@ -4,26 +4,25 @@ Decode with a handful of sequences is memory-bound: every weight is read once pe
 speed. With few rows the layer runs torch's weight-only kernels, which read 1 byte (`_weight_int8pack_mm`) or half a
 byte (`_weight_int4pack_mm_for_cpu`) per weight. Past `small_batch_rows` rows those kernels fall behind a plain GEMM
 (they do not block over rows), so the layer switches to a bf16 copy of the *same* dequantized weights, prepacked
-once for oneDNN (AVX512-BF16 / AMX); on a 2-core Sapphire Rapids that is 3-4x faster than fp32 at 32 rows and 8x
-in prefill. Both paths take bf16 activations (the low-bit kernels only vectorize bf16) and return the caller's dtype.
+once for oneDNN (AVX512-BF16 / AMX); on the 2-core CI VM that is 3-4x faster than fp32 at 32 rows and ~8x in
+prefill. Both paths take bf16 activations (the low-bit kernels only vectorize bf16; with fp32 inputs they are 10x
+slower) and return the caller's dtype.
 
 Quantization, from whatever float weights the loader produced:
   int8  symmetric per output row: w ~ q * scale, q in [-127, 127].
-  int4  asymmetric per group of `group_size` inputs: w ~ q * scale + min, q in [0, 15]. For a GGUF Q4_1 source
-        (blocks of 32 along K with a scale and a min, whose codes span 0..15) this recovers the file's own codes,
-        so only the bf16 rounding of scale and min is lost.
+  int4  per group of `group_size` inputs: w ~ q * scale + min, q in [0, 15], with (scale, min) from the group's
+        min/max or from a grid symmetric around 0, whichever fits the group better. For a GGUF Q4_0 or Q4_1
+        source (blocks of 32 along K) this recovers the file's own codes, so only the bf16 rounding of scale and
+        min inside the kernel is lost.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 QUANTIZATION_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZE = 32
@@ -61,16 +60,30 @@ def dequantize_int8(q: Int8Weights) -> torch.Tensor:
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Int4Weights:
-    """Asymmetric min/max int4 per group of `group_size` consecutive inputs of a row."""
+    """int4 per group of `group_size` consecutive inputs of a row, each group on whichever grid fits it better:
+    min/max (w = code * scale + min, GGUF Q4_1 and Q4_K) or symmetric around 0 with the largest-magnitude value at
+    code 0 (w = (code - 8) * scale, GGUF Q4_0). Groups that came from either format are recovered exactly."""
     n, k = weight.shape
     if k % group_size:
         raise ValueError(f"int4 quantization needs in_features divisible by {group_size}, got {k}")
     w = weight.detach().float().reshape(n, k // group_size, group_size)
+
+    def fit(scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        scales = torch.where(scales != 0, scales, torch.ones_like(scales))  # a constant group: code 0 is exact
+        codes = torch.round((w - mins[..., None]) / scales[..., None]).clamp_(0, 15)
+        error = (codes * scales[..., None] + mins[..., None] - w).abs().amax(dim=-1)
+        return codes, scales, mins, error
+
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-    scales = (hi - lo) / 15.0
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # a constant group: every code 0 is exact
-    codes = torch.round((w - lo[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.int32)
-    return Int4Weights(codes.reshape(n, k), scales, lo, group_size)
+    asym = fit((hi - lo) / 15.0, lo)
+    extreme = torch.where(hi.abs() > lo.abs(), hi, lo)  # Q4_0 puts the largest-magnitude value at code 0
+    sym_scales = extreme / -8.0
+    sym = fit(sym_scales, -8.0 * sym_scales)
+    use_sym = sym[3] < asym[3]
+    codes = torch.where(use_sym[..., None], sym[0], asym[0]).to(torch.int32)
+    scales = torch.where(use_sym, sym[1], asym[1])
+    mins = torch.where(use_sym, sym[2], asym[2])
+    return Int4Weights(codes.reshape(n, k), scales, mins, group_size)
 
 
 def dequantize_int4(q: Int4Weights) -> torch.Tensor:
