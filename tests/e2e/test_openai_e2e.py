@@ -176,3 +176,23 @@ def test_models_metrics_tokenize(server):
         assert name in metrics
     hits = [line for line in metrics.splitlines() if line.startswith("tokenmill:prefix_cache_hits_total")]
     assert hits
+
+
+def test_bench_serve_replays_a_chat_workload_against_tokenmill(server, tmp_path):
+    """Issue 3's smoke run: the replay client against a real tokenmill server on loopback."""
+    from tokenmill.bench.serve_client import main as bench_serve_main
+
+    srv, engine = server
+    out = tmp_path / "results.json"
+    rc = bench_serve_main(["serve", "--base-url", srv.url, "--api-key", API_KEY, "--workload", "chat,scale=0.1",
+                           "--num-sessions", "2", "--seed", "1", "--time-scale", "0.01", "--max-context", "1024",
+                           "--no-progress", "--output", str(out)])
+    assert rc == 0
+    run = json.loads(out.read_text())["runs"][0]
+    summary = run["summary"]
+    assert summary["num_requests"] >= 2 and summary["num_failed"] == 0
+    assert summary["output_length_match"] == 1.0  # ignore_eos/min_tokens honoured
+    if summary["num_requests"] > 2:  # later turns carry the conversation, so the prefix cache must have hit
+        assert summary["cached_tokens"] > 0
+    assert all(r["ttft_s"] > 0 for r in run["requests"] if r.get("ok", True))
+    assert_no_leaks(engine)
