@@ -234,7 +234,9 @@ def bench_llama_server(binary: str, gguf: str, prompt_ids: list[int], output_len
         return first - t0, time.perf_counter() - first, n
 
     async def main(url: str) -> None:
-        async with httpx.AsyncClient() as client:
+        # A fresh connection per request: llama-server may close an idle kept-alive connection just as the next
+        # request reuses it ("Server disconnected without sending a response").
+        async with httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0)) as client:
             await one(client, url)  # warm-up
             singles = []
             for _ in range(repeats):
