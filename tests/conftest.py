@@ -44,3 +44,14 @@ def train_toy_bpe(vocab_size: int = 2000, seed: int = 0):
 @pytest.fixture(scope="session")
 def toy_tokenizer():
     return train_toy_bpe()
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Tiny models on the 2 shared CI cores: intra-op threads only add contention."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -15,8 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-KERNEL_TESTS = Path(__file__).with_name("test_attention_kernels.py")
+HERE = Path(__file__).parent
 REPO_ROOT = Path(__file__).resolve().parents[2]
+GROUPS = {
+    "attention": [HERE / "test_attention_kernels.py"],
+    "fused_decode": [HERE / "test_fused_decode_kernels.py", HERE / "test_fused_decode_model.py"],
+}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernel tests run directly")
@@ -24,16 +28,17 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
     os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="already interpreting: tests run directly"
 )
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_kernels_under_the_interpreter():
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_triton_kernels_under_the_interpreter(group):
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(KERNEL_TESTS)],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *map(str, GROUPS[group])],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, f"interpreted kernel tests failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
-    assert " passed" in result.stdout, result.stdout[-2000:]
+    assert result.returncode == 0, f"interpreted {group} tests failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-2000:]

@@ -30,12 +30,7 @@ VOCAB = 512
 ATOL = 2e-5  # fp32: the paged path and the dense forward differ only in summation order
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_parcae(seed: int = 0, **overrides) -> ParcaeModel:

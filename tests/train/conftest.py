@@ -6,16 +6,11 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI machine has 2 shared cores; intra-op threads only add contention for these tiny models.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old)
 
 
 def generated_documents(n_docs: int = 40, sentences: int = 60, seed: int = 0) -> dict[str, str]:
