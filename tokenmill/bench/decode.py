@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from tokenmill.kernels.fused_llama import gemm_shape
 from tokenmill.layers.attention_metadata import AttentionMetadata
 
 BLOCK_SIZE = 16
@@ -366,19 +367,6 @@ CUDA_CORE_CANDIDATES = [(2, 2048, 1, 4), (4, 1024, 1, 4), (8, 512, 1, 4), (16, 2
                         (8, 512, 2, 4)]
 # CUDA-core shapes for batches 2-4, all rows in one program (block_m x block_n x block_k fp32 in registers).
 SMALL_BATCH_CUDA_CORE_CANDIDATES = [(2, 1024, 1, 4), (4, 512, 1, 4), (4, 256, 1, 4)]
-
-
-def gemm_shape(config, op: str) -> tuple[int, int, int]:
-    """(n, k, pair_half) of a GEMM op, as the fused decoder launches it."""
-    c = config
-    q_size = c.num_attention_heads * c.head_dim
-    return {
-        "qkv": (q_size + 2 * c.num_key_value_heads * c.head_dim, c.hidden_size, c.head_dim // 2),
-        "o": (c.hidden_size, q_size, 0),
-        "gate_up": (2 * c.intermediate_size, c.hidden_size, c.intermediate_size),
-        "down": (c.hidden_size, c.intermediate_size, 0),
-        "lm_head": (c.vocab_size, c.hidden_size, 0),
-    }[op]
 
 
 def sweep_candidates(op: str, batch: int, config) -> list:

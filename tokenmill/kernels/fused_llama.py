@@ -84,6 +84,19 @@ def unsupported_reason(model: torch.nn.Module, device: torch.device | str) -> st
     return None
 
 
+def gemm_shape(config, op: str) -> tuple[int, int, int]:
+    """(n, k, pair_half) of a GEMM op, as the fused decoder launches it."""
+    c = config
+    q_size = c.num_attention_heads * c.head_dim
+    return {
+        "qkv": (q_size + 2 * c.num_key_value_heads * c.head_dim, c.hidden_size, c.head_dim // 2),
+        "o": (c.hidden_size, q_size, 0),
+        "gate_up": (2 * c.intermediate_size, c.hidden_size, c.intermediate_size),
+        "down": (c.hidden_size, c.intermediate_size, 0),
+        "lm_head": (c.vocab_size, c.hidden_size, 0),
+    }[op]
+
+
 class FusedLlamaDecoder:
     # Decode batches above this size run the torch path instead. Measured on H100 (docs/bench/decode_h100_v2.log,
     # 2026-11-26, re-tuned tiles): fused beats torch+graphs at every context up to batch 16 (1.12 vs 1.60 ms at
@@ -166,15 +179,7 @@ class FusedLlamaDecoder:
             from tokenmill.kernels.triton.fused_config import check_gemv_config, choose_gemv_config
             from tokenmill.kernels.triton.fused_decode import sm_count
 
-            cfg = self.config
-            q_size = self.num_q_heads * self.head_dim
-            n, k, pair_half = {
-                "qkv": (q_size + 2 * self.num_kv_heads * self.head_dim, cfg.hidden_size, self.head_dim // 2),
-                "o": (cfg.hidden_size, q_size, 0),
-                "gate_up": (2 * cfg.intermediate_size, cfg.hidden_size, cfg.intermediate_size),
-                "down": (cfg.hidden_size, cfg.intermediate_size, 0),
-                "lm_head": (cfg.vocab_size, cfg.hidden_size, 0),
-            }[op]
+            n, k, pair_half = gemm_shape(self.config, op)
             chosen = choose_gemv_config(num_rows, n, k, sm_count=sm_count(self.device), pair_half=pair_half)
             if op in self.config_overrides:
                 chosen = chosen.with_(**self.config_overrides[op])
