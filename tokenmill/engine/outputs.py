@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -78,9 +78,8 @@ class EngineObserver(Protocol):
     def on_finished(self, stats: FinishedRequestStats) -> None: ...
 
 
-@dataclass
 class NullObserver:
-    events: list = field(default_factory=list)
+    """Ignores every event (the engine's default when nobody listens)."""
 
     def on_step(self, stats: SchedulerStats) -> None:
         pass
