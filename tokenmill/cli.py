@@ -49,8 +49,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpu-blocks-override", "--num-kv-blocks", dest="num_blocks", type=int, default=None)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "triton", "fused"],
-                   help="attention/decode kernels")
+    g.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "triton", "fused", "megakernel"],
+                   help="torch|triton|auto: the model with that attention; fused: fused Triton kernels for decode "
+                        "steps; megakernel: one persistent CUDA kernel per decode step (sm_90 GPUs, bf16 Llama). "
+                        "fused and megakernel fall back (megakernel -> fused -> model) where they do not apply")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--parcae-recurrence", type=int, default=None, metavar="T",
                    help="Parcae looped models: loops to serve at (default: the model's mean recurrence)")

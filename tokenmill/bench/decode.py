@@ -11,6 +11,7 @@ Measures the device-to-device copy bandwidth (read + write), then for each (batc
     torch-graph   the same step captured in a CUDA graph
     fused         FusedLlamaDecoder.decode_step (fused kernels, final norm + LM head + argmax) in a CUDA graph
     fused-pdl     the same with programmatic dependent launch (where triton and the GPU support it)
+    megakernel    MegakernelLlamaDecoder: the whole step in one persistent kernel (sm_90a), argmax after it
 Every step ends in greedy tokens (argmax), so all variants do the same work. Times are medians over many CUDA
 graph replays timed with events (eager: per step). The model is Llama-3.2-1B-shaped with random weights; every
 sequence of a batch sits at the same context length, its blocks scattered through the cache like a real pool.
@@ -38,7 +39,7 @@ from tokenmill.kernels.fused_llama import gemm_shape
 from tokenmill.layers.attention_metadata import AttentionMetadata
 
 BLOCK_SIZE = 16
-VARIANTS = ("hf-static", "torch-eager", "torch-graph", "fused", "fused-pdl")
+VARIANTS = ("hf-static", "torch-eager", "torch-graph", "fused", "fused-pdl", "megakernel")
 GEMV_OPS = ("qkv", "o", "gate_up", "down", "lm_head")
 _TRACED: set[str] = set()
 
@@ -230,6 +231,13 @@ def torch_step(model, kv_cache, inputs: StepInputs):
 
 
 def fused_step(decoder, kv_cache, inputs: StepInputs):
+    if not hasattr(decoder, "decode_step"):  # the megakernel: logits from one launch, then argmax
+        def run_megakernel():
+            logits = decoder.decode_logits(inputs.input_ids, inputs.positions, kv_cache, inputs.meta)
+            return logits, logits.argmax(-1)
+
+        return run_megakernel
+
     def run():
         out = decoder.decode_step(inputs.input_ids, inputs.positions, kv_cache, inputs.meta, argmax=True)
         return out.logits, out.tokens
@@ -463,6 +471,9 @@ def run(args: argparse.Namespace) -> int:
     if settings.breakdown_batches and "fused" in decoders:
         report["breakdown"] = run_breakdown(decoders["fused"], kv_cache, settings, bandwidth, device)
         save()
+    if settings.breakdown_batches and "megakernel" in decoders:
+        report["megakernel_trace"] = run_megakernel_trace(decoders["megakernel"], kv_cache, settings, device)
+        save()
     if settings.sweep and "fused" in decoders:
         report["sweep"] = run_sweep(decoders["fused"], kv_cache, settings, bandwidth, device)
         save()
@@ -535,6 +546,15 @@ def make_decoders(model, variants: list[str], report: dict) -> dict:
             decoders[name] = decoder
         except Exception as exc:  # a variant that cannot even be built is reported, not fatal
             report.setdefault("notes", []).append(f"{name}: {short_error(exc)}")
+    if "megakernel" in variants:
+        try:
+            from tokenmill.kernels.megakernel.decoder import MegakernelLlamaDecoder
+
+            t0 = time.perf_counter()
+            decoders["megakernel"] = MegakernelLlamaDecoder(model)
+            report["megakernel_build_s"] = round(time.perf_counter() - t0, 2)
+        except Exception as exc:
+            report.setdefault("notes", []).append(f"megakernel: {short_error(exc)}")
     return decoders
 
 
@@ -560,7 +580,7 @@ def run_cell(cell: Cell, model, decoders: dict, kv_cache, inputs: StepInputs, se
                 graph.replay()
                 outputs[variant] = out[0].clone()
                 if not torch.equal(out[1], out[0].argmax(-1)):
-                    result.note = "fused argmax differs from argmax of its logits"
+                    result.note = f"{variant} argmax differs from argmax of its logits"
                 del graph
             else:
                 result.error = "not available (see notes)"
@@ -604,6 +624,35 @@ def run_breakdown(decoder, kv_cache, settings: Settings, bandwidth: float, devic
                 print(f"  b={batch:<3} {op:9s} {row['us']:8.2f} us  {row['GBps']:7.0f} GB/s  "
                       f"{row['pct_of_copy']:5.1f}% of copy bw")
     return rows
+
+
+def run_megakernel_trace(decoder, kv_cache, settings: Settings, device: torch.device) -> list[dict]:
+    """One traced megakernel step per breakdown batch at context 1k: per op, the mean time from the previous stage's
+    end to this stage's end (its share of the critical path) and the mean time its instructions waited."""
+    print("\nmegakernel trace (one launch with global-timer stamps; us, mean over layers):")
+    out = []
+    for batch in settings.breakdown_batches:
+        inputs = step_inputs(batch, 1024, kv_cache.shape[2], decoder.config.vocab_size, device, settings.seed + batch)
+        try:
+            decoder.enable_trace(batch)
+            for _ in range(3):  # the last launch's stamps are kept; earlier ones warm up
+                decoder.decode_logits(inputs.input_ids, inputs.positions, kv_cache, inputs.meta)
+            _sync(device)
+            report = decoder.trace_report(batch)
+            decoder.enable_trace(batch, on=False)
+        except Exception as exc:
+            out.append(dict(batch=batch, error=short_error(exc)))
+            continue
+        stages = report["stages"]
+        per_op: dict[str, list[tuple[float, float]]] = {}
+        for prev, cur in zip(stages, stages[1:]):
+            per_op.setdefault(cur["op"], []).append((cur["last_end"] - prev["last_end"], cur["mean_wait_us"]))
+        summary = {op: dict(stage_us=statistics.mean(v[0] for v in vals), wait_us=statistics.mean(v[1] for v in vals),
+                            count=len(vals)) for op, vals in per_op.items()}
+        print(f"  b={batch} ctx=1024 span {report['span_us']:.1f} us: " + ", ".join(
+            f"{op} {v['stage_us']:.1f} (wait {v['wait_us']:.1f})" for op, v in summary.items()))
+        out.append(dict(batch=batch, context=1024, span_us=report["span_us"], per_op=summary, stages=stages))
+    return out
 
 
 def run_sweep(decoder, kv_cache, settings: Settings, bandwidth: float, device: torch.device) -> list[dict]:
@@ -746,7 +795,9 @@ def print_table(cells: list[Cell], report: dict, variants: list[str]) -> None:
     table.add_column("floor ms", justify="right")
     for v in variants:
         table.add_column(v, justify="right")
-    table.add_column("fused vs torch", justify="right")
+    checked = [v for v in ("fused", "megakernel") if v in variants]
+    for v in checked:
+        table.add_column(f"{v} vs torch", justify="right")
     for cell in cells:
         row = [str(cell.batch), str(cell.context), f"{cell.floor_ms:.3f}"]
         for v in variants:
@@ -757,8 +808,9 @@ def print_table(cells: list[Cell], report: dict, variants: list[str]) -> None:
                 row.append("err" if r.error and not r.error.startswith("skipped") else "skip")
             else:
                 row.append(f"{r.ms:.3f} ({100 * cell.floor_ms / r.ms:.0f}%)")
-        chk = (cell.check or {}).get("fused")
-        row.append(f"{chk['max_rel_err']:.1e} / {chk['argmax_agree']:.2f}" if chk else "-")
+        for v in checked:
+            chk = (cell.check or {}).get(v)
+            row.append(f"{chk['max_rel_err']:.1e} / {chk['argmax_agree']:.2f}" if chk else "-")
         table.add_row(*row)
     Console(width=200).print(table)
     errors = {(c.batch, c.context, v): r.error for c in cells for v, r in c.results.items() if r.error}

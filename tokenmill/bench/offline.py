@@ -426,7 +426,7 @@ def register(subparsers) -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "triton", "fused"])
+    p.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "triton", "fused", "megakernel"])
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-compile", action="store_true", help="skip transformers static cache + torch.compile")
     p.add_argument("--llama-server", default=None, help="path to llama.cpp's llama-server binary")

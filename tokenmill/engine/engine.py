@@ -48,8 +48,9 @@ class LLMEngine:
         if self.quantization != "none" and config.dtype == "auto":
             # The quantized layers compute in bf16 anyway; bf16 activations and KV also halve attention's traffic.
             self.dtype = torch.bfloat16
-        # 'fused' replaces the whole decode step; prefill and mixed steps keep the model with the best attention.
-        fused = config.decode_backend == "fused"
+        # 'fused' and 'megakernel' replace the whole decode step; prefill and mixed steps keep the model with the best
+        # attention.
+        fused = config.decode_backend in ("fused", "megakernel")
         backend = get_attention_backend("auto" if fused else config.decode_backend, self.device)
         loaded = load_model(
             source, dtype=self.dtype, device=self.device, attn_backend=backend,
@@ -66,7 +67,14 @@ class LLMEngine:
         self.uses_state_seed = bool(getattr(self.model, "uses_state_seed", False))
         self.default_state_seed = config.seed
         decode_model = None
-        if fused:
+        if config.decode_backend == "megakernel":
+            from tokenmill.kernels.megakernel.decoder import make_megakernel_decoder
+
+            decode_model = make_megakernel_decoder(self.model, self.device)  # None, with a warning, where it can't
+            if decode_model is not None:
+                logger.info("decode backend: one persistent megakernel launch per decode step (batch <= %d)",
+                            decode_model.max_batch_size)
+        if fused and decode_model is None:
             from tokenmill.kernels.fused_llama import make_fused_decoder
 
             decode_model = make_fused_decoder(self.model, self.device)  # None, with a warning, where it can't run

@@ -1,0 +1,207 @@
+"""Compiles llama_decode.cu for sm_90a at run time and launches it through the CUDA driver API.
+
+nvcc builds a cubin (cached under ~/.cache/tokenmill/kernels by the source's hash, so a process compiles at most
+once per source change); the driver loads it (cuModuleLoadData) and the decoder launches it cooperatively
+(cuLaunchCooperativeKernel: every block resident at once, which the dependency counters need) on torch's current
+stream, so it is captured into CUDA graphs like any other kernel. No torch C++ extension is built: the kernel
+needs no torch headers, and a cubin compiles in seconds.
+
+The kernel takes one by-value struct, generated here from PARAM_FIELDS so Python and CUDA agree on its layout:
+every field is 8 bytes (pointers, int64, float64).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("llama_decode.cu")
+KERNEL_NAME = "llama_decode_megakernel"
+ARCH = "sm_90a"
+NUM_THREADS = 288  # 8 consumer warps + 1 producer warp
+
+# (C type, name): pointers as "ptr:<type>", integers "i64", floating point "f64".
+PARAM_FIELDS: tuple[tuple[str, str], ...] = (
+    ("ptr:const LayerPtrs", "layers"),
+    ("ptr:const bf16", "embed"),
+    ("ptr:const bf16", "lm_head"),
+    ("ptr:const bf16", "final_norm"),
+    ("ptr:const float", "cos_tab"),
+    ("ptr:const float", "sin_tab"),
+    ("ptr:const long long", "input_ids"),
+    ("ptr:const long long", "positions"),
+    ("ptr:const long long", "slot_mapping"),
+    ("ptr:const int", "seq_lens"),
+    ("ptr:const int", "block_tables"),
+    ("i64", "bt_stride"),
+    ("ptr:bf16", "kv_cache"),
+    ("i64", "kv_layer_stride"),
+    ("i64", "kv_v_offset"),
+    ("i64", "block_size"),
+    ("ptr:bf16", "h"),
+    ("ptr:float", "q"),
+    ("ptr:bf16", "attn"),
+    ("ptr:bf16", "act"),
+    ("ptr:float", "part"),
+    ("ptr:float", "o_part"),
+    ("ptr:float", "ml_part"),
+    ("ptr:float", "logits"),
+    ("ptr:int", "done"),
+    ("ptr:int", "arrivals"),
+    ("ptr:const int", "instrs"),
+    ("ptr:const int", "instr_counts"),
+    ("i64", "max_instrs"),
+    ("i64", "M"),
+    ("i64", "hidden"),
+    ("i64", "inter"),
+    ("i64", "vocab"),
+    ("i64", "n_q_heads"),
+    ("i64", "n_kv_heads"),
+    ("i64", "head_dim"),
+    ("i64", "num_layers"),
+    ("i64", "attn_splits"),
+    ("i64", "kseg_o"),
+    ("i64", "kseg_down"),
+    ("i64", "num_stages"),
+    ("ptr:long long", "trace"),
+    ("f64", "eps"),
+    ("f64", "scale_log2"),
+)
+
+
+class MegakernelUnavailable(RuntimeError):
+    """The megakernel cannot be built or loaded here (no nvcc, no CUDA driver, not a Hopper GPU...)."""
+
+
+def params_struct_source() -> str:
+    lines = ["struct Params {"]
+    for kind, name in PARAM_FIELDS:
+        if kind.startswith("ptr:"):
+            lines.append(f"  {kind[4:]}* {name};")
+        else:
+            lines.append(f"  {'long long' if kind == 'i64' else 'double'} {name};")
+    lines.append("};")
+    return "\n".join(lines)
+
+
+def full_source() -> str:
+    """The kernel source as compiled: LayerPtrs and helpers first, then Params, then the kernel."""
+    body = SOURCE.read_text()
+    marker = "// ---- PTX helpers"
+    head, sep, tail = body.partition(marker)
+    return head + params_struct_source() + "\n\n" + sep + tail
+
+
+def pack_params(values: dict[str, int | float]) -> ctypes.Array:
+    missing = {name for _, name in PARAM_FIELDS} - set(values)
+    extra = set(values) - {name for _, name in PARAM_FIELDS}
+    if missing or extra:
+        raise ValueError(f"params: missing {sorted(missing)}, unknown {sorted(extra)}")
+    buf = (ctypes.c_uint64 * len(PARAM_FIELDS))()
+    for i, (kind, name) in enumerate(PARAM_FIELDS):
+        if kind == "f64":
+            buf[i] = ctypes.c_uint64.from_buffer(ctypes.c_double(float(values[name]))).value
+        else:
+            buf[i] = int(values[name]) & (2**64 - 1)
+    return buf
+
+
+def find_nvcc() -> str | None:
+    for candidate in (os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("TOKENMILL_CACHE", Path.home() / ".cache" / "tokenmill"))
+    return root / "kernels"
+
+
+def compile_cubin(head_dim: int = 64, group: int = 4, arch: str = ARCH, out_dir: Path | None = None,
+                  extra_flags: tuple[str, ...] = ()) -> Path:
+    """nvcc -cubin for `arch`, specialised to a model's attention shape (head_dim 32/64/128, query heads per KV
+    head <= 8); returns the cached cubin's path. Raises MegakernelUnavailable without nvcc or when nvcc fails."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise MegakernelUnavailable("nvcc not found (set NVCC or put it on PATH)")
+    if head_dim not in (32, 64, 128) or not 1 <= group <= 8:
+        raise MegakernelUnavailable(f"no attention variant for head_dim {head_dim}, group {group}")
+    source = full_source()
+    flags = ("-cubin", f"-arch={arch}", "-O3", "-std=c++17", "-lineinfo", f"-DATTN_HEAD_DIM={head_dim}",
+             f"-DATTN_GROUP_MAX={4 if group <= 4 else 8}", *extra_flags)
+    key = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
+    out_dir = out_dir or cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cubin = out_dir / f"llama_decode_{arch}_d{head_dim}_{key}.cubin"
+    if cubin.exists():
+        return cubin
+    src = out_dir / f"llama_decode_{key}.cu"
+    src.write_text(source)
+    tmp = cubin.with_suffix(f".{os.getpid()}.tmp")
+    proc = subprocess.run([nvcc, *flags, "-o", str(tmp), str(src)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise MegakernelUnavailable(f"nvcc failed:\n{proc.stderr[-4000:]}")
+    tmp.replace(cubin)
+    return cubin
+
+
+@dataclass
+class LoadedKernel:
+    function: ctypes.c_void_p
+    module: ctypes.c_void_p
+    libcuda: ctypes.CDLL
+
+    def launch(self, grid: int, smem_bytes: int, params: ctypes.Array, stream: int) -> None:
+        args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        _check(self.libcuda, self.libcuda.cuLaunchCooperativeKernel(
+            self.function, ctypes.c_uint(grid), ctypes.c_uint(1), ctypes.c_uint(1),
+            ctypes.c_uint(NUM_THREADS), ctypes.c_uint(1), ctypes.c_uint(1),
+            ctypes.c_uint(smem_bytes), ctypes.c_void_p(stream), args,
+        ), "cuLaunchCooperativeKernel")
+
+
+def _check(lib: ctypes.CDLL, status: int, what: str) -> None:
+    if status != 0:
+        name = ctypes.c_char_p()
+        lib.cuGetErrorName(status, ctypes.byref(name))
+        raise MegakernelUnavailable(f"{what} failed: {name.value.decode() if name.value else status}")
+
+
+_LOADED: dict[tuple[int, int, int], LoadedKernel] = {}
+
+
+def load_kernel(device_index: int, head_dim: int, group: int) -> LoadedKernel:
+    """Compiles (once per attention shape) and loads the kernel into the current CUDA context of `device_index`."""
+    key = (device_index, head_dim, group)
+    if key in _LOADED:
+        return _LOADED[key]
+    import torch
+
+    torch.cuda.init()
+    with torch.cuda.device(device_index):
+        torch.cuda.current_stream().synchronize()  # makes sure torch's primary context is current
+        major, minor = torch.cuda.get_device_capability(device_index)
+        if (major, minor) != (9, 0):
+            raise MegakernelUnavailable(f"the megakernel is built for sm_90a (H100/H200), this GPU is sm_{major}{minor}")
+        cubin = compile_cubin(head_dim, group).read_bytes()
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+        except OSError as exc:
+            raise MegakernelUnavailable(f"CUDA driver library not found: {exc}") from exc
+        module, function = ctypes.c_void_p(), ctypes.c_void_p()
+        _check(lib, lib.cuModuleLoadData(ctypes.byref(module), ctypes.c_char_p(cubin)), "cuModuleLoadData")
+        _check(lib, lib.cuModuleGetFunction(ctypes.byref(function), module, KERNEL_NAME.encode()),
+               "cuModuleGetFunction")
+        from tokenmill.kernels.megakernel.schedule import SMEM_MAX
+
+        max_dynamic_smem = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        _check(lib, lib.cuFuncSetAttribute(function, max_dynamic_smem, ctypes.c_int(SMEM_MAX)),
+               "cuFuncSetAttribute")
+    _LOADED[key] = LoadedKernel(function, module, lib)
+    return _LOADED[key]

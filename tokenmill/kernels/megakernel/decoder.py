@@ -1,0 +1,271 @@
+"""MegakernelLlamaDecoder: a whole decode step of a bf16 Llama-family model as one persistent kernel launch.
+
+Contract as FusedLlamaDecoder and the model (so the runner captures it in its per-batch-size CUDA graphs), plus
+decode_logits(), which the runner prefers: the kernel ends in the LM head, so there is no hidden state to hand back.
+
+Per batch size the decoder keeps a Schedule (instruction lists, schedule.py), its encoding on the device and the
+scratch buffers the kernel writes (residual stream, q, attention output, MLP activation, split partials, logits,
+counters). Each call zeroes the counters and launches once; weights are read in place from the model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tokenmill.kernels.megakernel.schedule import DecodeShape, Schedule, build_schedule, unsupported_reason
+from tokenmill.layers.attention_metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+LOG2E = 1.4426950408889634
+
+
+class MegakernelUnsupported(ValueError):
+    """The megakernel does not apply to this model or device (the caller falls back)."""
+
+
+def model_unsupported_reason(model: torch.nn.Module, device: torch.device | str) -> str | None:
+    """Why the megakernel cannot run `model` on `device`, or None (does not compile anything)."""
+    from tokenmill.models.llama import LlamaForCausalLM
+
+    device = torch.device(device)
+    if type(model) is not LlamaForCausalLM:
+        return f"the megakernel implements the Llama family only, not {type(model).__name__}"
+    if device.type != "cuda":
+        return f"the megakernel runs on CUDA (sm_90a) GPUs, not {device}"
+    if model.dtype != torch.bfloat16:
+        return f"the megakernel reads bf16 weights; the model is {model.dtype}"
+    linears = [m for layer in model.layers for m in (layer.attn.qkv_proj, layer.attn.o_proj,
+                                                     layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    if getattr(model, "quantized_lm_head", None) is not None or any(type(m) is not torch.nn.Linear for m in linears):
+        return "the model's weights are quantized"
+    if any(m.bias is not None for m in linears):
+        return "the megakernel has no projection biases (Qwen2-style q/k/v bias)"
+    return unsupported_reason(DecodeShape.of(model.config, 1))
+
+
+class MegakernelLlamaDecoder:
+    max_batch_size: int = 16
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        device = next(model.parameters()).device
+        reason = model_unsupported_reason(model, device)
+        if reason is not None:
+            raise MegakernelUnsupported(reason)
+        from tokenmill.kernels.megakernel.build import load_kernel
+
+        self.model = model
+        self.config = model.config
+        self.device = device
+        self.kernel = load_kernel(device.index or 0, model.config.head_dim,
+                                  model.config.num_attention_heads // model.config.num_key_value_heads)
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        cfg = model.config
+        self.max_batch_size = max(b for b in range(1, 17) if unsupported_reason(DecodeShape.of(cfg, b)) is None)
+        layer_ptrs = []
+        for layer in model.layers:
+            for w in (layer.attn_norm.weight, layer.attn.qkv_proj.weight, layer.attn.o_proj.weight,
+                      layer.mlp_norm.weight, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight):
+                if not w.is_contiguous():
+                    raise MegakernelUnsupported("a weight is not contiguous")
+                layer_ptrs.append(w.data_ptr())
+        self.layer_ptrs = torch.tensor(layer_ptrs, dtype=torch.int64, device=device)
+        self.embed = model.embed_tokens.weight
+        self.lm_head_weight = model.lm_head_weight.contiguous()
+        self.final_norm = model.norm.weight
+        self.cos = model.rotary.cos_cache.contiguous()
+        self.sin = model.rotary.sin_cache.contiguous()
+        self.scale = model.layers[0].attn.scale
+        self._per_batch: dict[int, dict] = {}
+        # Tests: fill the kernel's outputs with NaN before each launch, so anything it fails to write shows.
+        self.poison_scratch = False
+
+    # ---- per batch size ---------------------------------------------------------------------------------------
+
+    def schedule(self, batch: int) -> Schedule:
+        return self._state(batch)["schedule"]
+
+    def _state(self, batch: int) -> dict:
+        if batch not in self._per_batch:
+            cfg, dev = self.config, self.device
+            shape = DecodeShape.of(cfg, batch)
+            schedule = build_schedule(shape, self.num_sms)
+            flat, counts = schedule.encoded()
+            q_size = cfg.num_attention_heads * cfg.head_dim
+            group = cfg.num_attention_heads // cfg.num_key_value_heads
+            splits = schedule.attn_splits
+            max_segs = max(shape.segs(3), shape.segs(5))
+            num_arrivals = cfg.num_hidden_layers * 2 * (cfg.hidden_size // 16) + \
+                cfg.num_hidden_layers * batch * cfg.num_key_value_heads
+            self._per_batch[batch] = {
+                "schedule": schedule,
+                "shape": shape,
+                "instrs": torch.tensor(flat, dtype=torch.int32, device=dev),
+                "counts": torch.tensor(counts, dtype=torch.int32, device=dev),
+                "h": torch.empty(batch, cfg.hidden_size, dtype=torch.bfloat16, device=dev),
+                "q": torch.empty(batch, q_size, dtype=torch.float32, device=dev),
+                "attn": torch.empty(batch, q_size, dtype=torch.bfloat16, device=dev),
+                "act": torch.empty(batch, cfg.intermediate_size, dtype=torch.bfloat16, device=dev),
+                "part": torch.empty(max_segs * batch * cfg.hidden_size, dtype=torch.float32, device=dev),
+                "o_part": torch.empty(batch * cfg.num_key_value_heads * splits * group * cfg.head_dim,
+                                      dtype=torch.float32, device=dev),
+                "ml_part": torch.empty(batch * cfg.num_key_value_heads * splits * group * 2,
+                                       dtype=torch.float32, device=dev),
+                "logits": torch.empty(batch, cfg.vocab_size, dtype=torch.float32, device=dev),
+                # done counters (one per stage) then arrival counters, zeroed by one memset per launch
+                "counters": torch.zeros(len(schedule.stages) + num_arrivals, dtype=torch.int32, device=dev),
+                "trace": None,
+            }
+        return self._per_batch[batch]
+
+    def enable_trace(self, batch: int, on: bool = True) -> None:
+        """Makes the kernel record, per instruction, global-timer stamps (start, dependency met, end) for batch."""
+        st = self._state(batch)
+        st["trace"] = torch.zeros(self.num_sms * st["schedule"].max_instrs * 3, dtype=torch.int64,
+                                  device=self.device) if on else None
+
+    def trace_report(self, batch: int) -> dict:
+        """Per-stage timing of the last traced launch: when its instructions started, how long they waited for their
+        dependency, when the stage finished; plus the step's span. Times in microseconds from the first stamp."""
+        from tokenmill.kernels.megakernel.schedule import OP_NAMES
+
+        st = self._state(batch)
+        if st["trace"] is None:
+            raise ValueError("enable_trace(batch) first")
+        schedule = st["schedule"]
+        stamps = st["trace"].view(self.num_sms, schedule.max_instrs, 3).cpu()
+        t0 = int(stamps[stamps > 0].min())
+        per_stage: dict[int, dict] = {}
+        for b, block in enumerate(schedule.blocks):
+            for i, instr in enumerate(block):
+                start, met, end = (int(x) - t0 for x in stamps[b, i])
+                row = per_stage.setdefault(instr.stage, dict(stage=instr.stage, op=OP_NAMES[instr.op],
+                                                             layer=instr.layer, first_start=start, dep_met=met,
+                                                             last_end=end, wait_sum=0, instrs=0))
+                row["first_start"] = min(row["first_start"], start)
+                row["dep_met"] = min(row["dep_met"], met)
+                row["last_end"] = max(row["last_end"], end)
+                row["wait_sum"] += met - start
+                row["instrs"] += 1
+        rows = [per_stage[k] for k in sorted(per_stage)]
+        for row in rows:
+            for key in ("first_start", "dep_met", "last_end", "wait_sum"):
+                row[key] = row[key] / 1000.0
+            row["mean_wait_us"] = row.pop("wait_sum") / row["instrs"]
+        return dict(span_us=max(r["last_end"] for r in rows), stages=rows)
+
+    # ---- the step ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode_logits(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Runs the decode step; returns logits [M, vocab] fp32 (a buffer the next call with M rows overwrites)."""
+        from tokenmill.kernels.megakernel.build import pack_params
+
+        batch = input_ids.shape[0]
+        if not meta.is_decode_only:
+            raise ValueError("the megakernel runs decode-only batches (one new token per sequence)")
+        if not 1 <= batch <= self.max_batch_size:
+            raise ValueError(f"the megakernel runs batches of 1..{self.max_batch_size}, got {batch}")
+        if meta.block_tables.shape[0] != batch or positions.shape != input_ids.shape:
+            raise ValueError("one position, slot and block table row per token")
+        if kv_cache.dtype != torch.bfloat16 or kv_cache.shape[0] != self.config.num_hidden_layers:
+            raise ValueError("kv_cache must be bf16 with one entry per layer")
+        st = self._state(batch)
+        cfg = self.config
+        ids = input_ids if input_ids.dtype == torch.int64 else input_ids.long()
+        pos = positions if positions.dtype == torch.int64 else positions.long()
+        slots = meta.slot_mapping if meta.slot_mapping.dtype == torch.int64 else meta.slot_mapping.long()
+        seq_lens = meta.seq_lens if meta.seq_lens.dtype == torch.int32 else meta.seq_lens.int()
+        tables = meta.block_tables if meta.block_tables.dtype == torch.int32 else meta.block_tables.int()
+        if not (ids.is_contiguous() and pos.is_contiguous() and slots.is_contiguous() and seq_lens.is_contiguous()
+                and tables.stride(-1) == 1 and kv_cache.is_contiguous()):
+            raise ValueError("decode inputs and the KV cache must be contiguous")
+        if self.poison_scratch:
+            for name in ("h", "q", "attn", "act", "part", "o_part", "ml_part", "logits"):
+                st[name].fill_(float("nan"))
+        st["counters"].zero_()
+        schedule = st["schedule"]
+        params = pack_params({
+            "layers": self.layer_ptrs.data_ptr(),
+            "embed": self.embed.data_ptr(),
+            "lm_head": self.lm_head_weight.data_ptr(),
+            "final_norm": self.final_norm.data_ptr(),
+            "cos_tab": self.cos.data_ptr(),
+            "sin_tab": self.sin.data_ptr(),
+            "input_ids": ids.data_ptr(),
+            "positions": pos.data_ptr(),
+            "slot_mapping": slots.data_ptr(),
+            "seq_lens": seq_lens.data_ptr(),
+            "block_tables": tables.data_ptr(),
+            "bt_stride": tables.stride(0),
+            "kv_cache": kv_cache.data_ptr(),
+            "kv_layer_stride": kv_cache.stride(0),
+            "kv_v_offset": kv_cache.stride(1),
+            "block_size": kv_cache.shape[3],
+            "h": st["h"].data_ptr(),
+            "q": st["q"].data_ptr(),
+            "attn": st["attn"].data_ptr(),
+            "act": st["act"].data_ptr(),
+            "part": st["part"].data_ptr(),
+            "o_part": st["o_part"].data_ptr(),
+            "ml_part": st["ml_part"].data_ptr(),
+            "logits": st["logits"].data_ptr(),
+            "done": st["counters"].data_ptr(),
+            "arrivals": st["counters"].data_ptr() + 4 * len(schedule.stages),
+            "instrs": st["instrs"].data_ptr(),
+            "instr_counts": st["counts"].data_ptr(),
+            "max_instrs": schedule.max_instrs,
+            "M": batch,
+            "hidden": cfg.hidden_size,
+            "inter": cfg.intermediate_size,
+            "vocab": cfg.vocab_size,
+            "n_q_heads": cfg.num_attention_heads,
+            "n_kv_heads": cfg.num_key_value_heads,
+            "head_dim": cfg.head_dim,
+            "num_layers": cfg.num_hidden_layers,
+            "attn_splits": schedule.attn_splits,
+            "kseg_o": st["shape"].kseg(st["shape"].k(3)),
+            "kseg_down": st["shape"].kseg(st["shape"].k(5)),
+            "num_stages": st["shape"].num_stages(),
+            "trace": st["trace"].data_ptr() if st["trace"] is not None else 0,
+            "eps": cfg.rms_norm_eps,
+            "scale_log2": self.scale * LOG2E,
+        })
+        # Keep the converted inputs alive until the launch is enqueued.
+        st["inputs"] = (ids, pos, slots, seq_lens, tables)
+        self.kernel.launch(self.num_sms, st["shape"].smem_bytes(), params,
+                           torch.cuda.current_stream(self.device).cuda_stream)
+        return st["logits"]
+
+    @torch.no_grad()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The model's contract: returns 'hidden' rows for compute_logits. Here they are the logits already."""
+        return self.decode_logits(input_ids, positions, kv_cache, meta)
+
+    __call__ = forward
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Identity on what forward() returned (the kernel ends in the LM head); rows may have been selected."""
+        if hidden.shape[-1] != self.config.vocab_size:
+            raise ValueError("compute_logits expects the rows forward() returned")
+        return hidden
+
+
+def make_megakernel_decoder(model: torch.nn.Module, device: torch.device | str) -> MegakernelLlamaDecoder | None:
+    """The megakernel decoder, or None (with a log line saying why) where it does not apply or cannot be built."""
+    from tokenmill.kernels.megakernel.build import MegakernelUnavailable
+
+    reason = model_unsupported_reason(model, device)
+    if reason is None:
+        try:
+            return MegakernelLlamaDecoder(model)
+        except (MegakernelUnavailable, MegakernelUnsupported) as exc:
+            reason = str(exc)
+    logger.warning("decode backend 'megakernel' does not apply (%s)", reason)
+    return None

@@ -1,0 +1,718 @@
+// One decode step of a Llama-family model (bf16 weights, batch <= 16) in one persistent kernel.
+//
+// One block per SM, each with its own list of instructions (built and checked in Python: schedule.py).
+// Warp 8 of every block is the *producer*: it walks the block's instruction list ahead of the others and streams
+// each weight tile into a ring of shared-memory stages with bulk copies (cp.async.bulk, completion on an mbarrier).
+// Weights depend on nothing, so the producer runs ahead across instruction boundaries: while the consumer warps
+// wait for an instruction's inputs (a dependency counter), that instruction's weights are already arriving.
+// Warps 0-7 are the *consumers*: they wait for the instruction's dependency (acquire load of a global counter),
+// stage the activations in shared memory (RMSNorm folded in), run the tile's dot products on tensor cores
+// (mma.sync m16n8k16, weights as the A operand: 16 weight rows x batch columns), reduce across warps and run the
+// op's epilogue (RoPE + KV-cache write, residual add, SiLU*up, logits), then release the stage's counter.
+//
+// Stages (in order): embed | per layer: qkv, attention, o, gate_up, down | lm_head. A stage's instructions wait
+// only for the previous stage; every block runs its instructions in stage order, so the earliest unfinished stage
+// can always progress (no deadlock with every block resident, which the cooperative launch guarantees).
+//
+// The Params struct is generated from schedule.PARAM_FIELDS and prepended to this file.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+#define NUM_CONSUMER_WARPS 8
+#define NUM_CONSUMERS (NUM_CONSUMER_WARPS * 32)
+#define NUM_THREADS (NUM_CONSUMERS + 32)
+#define TILE_ROWS 16
+#define CHUNK_K 1024
+#define MAX_STAGES 8  // ring stages: as many as fit next to the activation buffer (Params.num_stages)
+#define ROW_PAD_BYTES 64  // row stride = 64 mod 128 bytes: the 8 lanes of one 16-byte load phase hit distinct banks
+#define STAGE_ROW_BYTES (CHUNK_K * 2 + ROW_PAD_BYTES)
+#define STAGE_BYTES (TILE_ROWS * STAGE_ROW_BYTES)
+#define RED_BYTES (NUM_CONSUMER_WARPS * 2 * 32 * 16)
+#define MISC_BYTES 2048
+#define ATTN_TOKENS 256
+#define INSTR_INTS 8
+
+enum Op { OP_EMBED = 0, OP_QKV = 1, OP_ATTN = 2, OP_O = 3, OP_GATE_UP = 4, OP_DOWN = 5, OP_LM_HEAD = 6 };
+
+struct LayerPtrs {
+  const bf16* attn_norm;
+  const bf16* qkv;
+  const bf16* o;
+  const bf16* mlp_norm;
+  const bf16* gate_up;
+  const bf16* down;
+};
+
+// ---- PTX helpers -----------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n"
+      "}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+
+// Bulk copy global -> this CTA's shared memory; completes `bytes` of the mbarrier's transaction count.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::
+          "r"(smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
+      : "memory");
+}
+
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void red_release_add(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ int atom_acq_rel_add(int* p, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+
+// Barrier of the consumer warps only (the producer warp never joins it).
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(NUM_CONSUMERS) : "memory"); }
+
+__device__ __forceinline__ void mma_bf16(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Activations written by other blocks in this launch: read through L2 (L1 is not coherent across SMs).
+__device__ __forceinline__ uint4 ld_cg16(const void* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
+
+__device__ __forceinline__ long long globaltimer() {
+  long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+// ---- ops: weights, shapes, tile rows --------------------------------------------------------------------------
+
+struct OpInfo {
+  const bf16* weight;  // [N, K] row-major
+  int K;
+  int kseg;  // K is reduced in segments of kseg (several segments: split-K with a fix-up by the last to arrive)
+};
+
+__device__ __forceinline__ OpInfo op_info(const Params& p, int op, int layer) {
+  const LayerPtrs& L = p.layers[layer < 0 ? 0 : layer];
+  switch (op) {
+    case OP_QKV: return {L.qkv, (int)p.hidden, (int)p.hidden};
+    case OP_O: return {L.o, (int)(p.n_q_heads * p.head_dim), (int)p.kseg_o};
+    case OP_GATE_UP: return {L.gate_up, (int)p.hidden, (int)p.hidden};
+    case OP_DOWN: return {L.down, (int)p.inter, (int)p.kseg_down};
+    default: return {p.lm_head, (int)p.hidden, (int)p.hidden};
+  }
+}
+
+// Row i (0..15) of weight tile `tile`. Paired ops put a row and its partner in rows i and i + 8 of one tile, which
+// the mma accumulator hands to the same thread: RoPE halves (q and k heads) and gate/up.
+__device__ __forceinline__ int tile_row(const Params& p, int op, int tile, int i) {
+  if (op == OP_QKV) {
+    const int D = (int)p.head_dim, tiles_per_head = D / 16;
+    const int rope_tiles = (int)(p.n_q_heads + p.n_kv_heads) * tiles_per_head;
+    if (tile < rope_tiles) {
+      const int head = tile / tiles_per_head, j = tile % tiles_per_head;
+      return head * D + 8 * j + (i & 7) + (i >> 3) * (D / 2);
+    }
+    return rope_tiles * 16 + (tile - rope_tiles) * 16 + i;
+  }
+  if (op == OP_GATE_UP) return 8 * tile + (i & 7) + (i >> 3) * (int)p.inter;
+  return 16 * tile + i;
+}
+
+__device__ __forceinline__ bool is_matmul(int op) { return op != OP_EMBED && op != OP_ATTN; }
+
+// ---- producer ---------------------------------------------------------------------------------------------------
+
+__device__ void producer(const Params& p, const int* instrs, int count, char* ring, uint64_t* full,
+                         uint64_t* empty) {
+  const int lane = threadIdx.x & 31;
+  const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
+  const uint64_t policy = evict_first_policy();
+  uint32_t chunk = 0;
+  for (int ii = 0; ii < count; ++ii) {
+    const int* in = instrs + ii * INSTR_INTS;
+    const int op = in[0];
+    if (!is_matmul(op)) continue;
+    const OpInfo info = op_info(p, op, in[1]);
+    const int k0 = in[2] * info.kseg, k1 = min(info.K, k0 + info.kseg);
+    for (int tile = in[3]; tile < in[4]; ++tile) {
+      const int row = lane < TILE_ROWS ? tile_row(p, op, tile, lane) : 0;
+      for (int kc = k0; kc < k1; kc += CHUNK_K, ++chunk) {
+        const int len = min(CHUNK_K, k1 - kc);
+        const int s = chunk % NUM_STAGES;
+        mbar_wait(&empty[s], ((chunk / NUM_STAGES) & 1) ^ 1);
+        if (lane == 0) mbar_expect_tx(&full[s], TILE_ROWS * len * 2);
+        __syncwarp();
+        if (lane < TILE_ROWS)
+          bulk_copy(ring + s * STAGE_BYTES + lane * STAGE_ROW_BYTES, info.weight + (size_t)row * info.K + kc,
+                    len * 2, &full[s], policy);
+      }
+    }
+  }
+}
+
+// ---- consumers: activations into shared memory --------------------------------------------------------------
+
+struct Misc {
+  float ss[NUM_CONSUMER_WARPS][16];
+  float rstd[16];
+  int flag;
+  int merged;
+};
+
+// xs[m][0..klen) = x[m][k0..k0+klen) for m < M, RMSNorm'd (HF order) when norm != null.
+__device__ void stage_x(const Params& p, const bf16* src, int ld, int k0, int klen, const bf16* norm, char* xs,
+                        int xstride, Misc* misc) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int M = (int)p.M, vecs = klen / 8, rows = M;
+  for (int m = 0; m < rows; ++m) {
+    float ss = 0.f;
+    for (int v = tid; v < vecs; v += NUM_CONSUMERS) {
+      const uint4 x = ld_cg16(src + (size_t)m * ld + k0 + v * 8);
+      *reinterpret_cast<uint4*>(xs + m * xstride + v * 16) = x;
+      if (norm) {
+        const bf16* e = reinterpret_cast<const bf16*>(&x);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float f = __bfloat162float(e[j]);
+          ss += f * f;
+        }
+      }
+    }
+    if (norm) {
+#pragma unroll
+      for (int off = 16; off; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+      if (lane == 0) misc->ss[warp][m] = ss;
+    }
+  }
+  if (!norm) {
+    consumer_sync();
+    return;
+  }
+  consumer_sync();
+  if (tid < rows) {
+    float total = 0.f;
+    for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) total += misc->ss[w][tid];
+    misc->rstd[tid] = rsqrtf(total / (float)klen + (float)p.eps);
+  }
+  consumer_sync();
+  for (int m = 0; m < M; ++m) {
+    const float r = misc->rstd[m];
+    for (int v = tid; v < vecs; v += NUM_CONSUMERS) {
+      uint4* slot = reinterpret_cast<uint4*>(xs + m * xstride + v * 16);
+      uint4 x = *slot;
+      const uint4 g = *reinterpret_cast<const uint4*>(norm + k0 + v * 8);
+      bf16* e = reinterpret_cast<bf16*>(&x);
+      const bf16* ge = reinterpret_cast<const bf16*>(&g);
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        e[j] = __float2bfloat16(__bfloat162float(ge[j]) * bf16_round(__bfloat162float(e[j]) * r));
+      *slot = x;
+    }
+  }
+  consumer_sync();
+}
+
+// ---- consumers: epilogues ----------------------------------------------------------------------------------------
+
+// Output rows `lo_row` (tile row r) and `hi_row` (tile row r + 8) for batch row m, values in fp32.
+__device__ void epilogue(const Params& p, int op, int layer, int tile, int r, int m, float lo, float hi) {
+  const int lo_row = tile_row(p, op, tile, r), hi_row = tile_row(p, op, tile, r + 8);
+  switch (op) {
+    case OP_QKV: {
+      const int D = (int)p.head_dim, half = D / 2, Hq = (int)p.n_q_heads, Hkv = (int)p.n_kv_heads;
+      const int head = lo_row / D;
+      const long long slot = p.slot_mapping[m];
+      if (head < Hq + Hkv) {  // a RoPE pair: dims d and d + D/2 of one q or k head
+        const int d = lo_row % D;
+        const long long pos = p.positions[m];
+        const float c = p.cos_tab[pos * half + d], s = p.sin_tab[pos * half + d];
+        const float y_lo = lo * c - hi * s, y_hi = hi * c + lo * s;
+        if (head < Hq) {
+          p.q[(size_t)m * Hq * D + head * D + d] = y_lo;
+          p.q[(size_t)m * Hq * D + head * D + d + half] = y_hi;
+        } else if (slot >= 0) {
+          bf16* k = p.kv_cache + layer * p.kv_layer_stride + slot * Hkv * D + (head - Hq) * D;
+          k[d] = __float2bfloat16(y_lo);
+          k[d + half] = __float2bfloat16(y_hi);
+        }
+      } else if (slot >= 0) {  // v rows: a plain 16-row tile inside one head
+        const int vi = lo_row - (Hq + Hkv) * D;
+        bf16* v = p.kv_cache + layer * p.kv_layer_stride + p.kv_v_offset + slot * Hkv * D;
+        v[vi] = __float2bfloat16(lo);
+        v[vi + 8] = __float2bfloat16(hi);
+      }
+      break;
+    }
+    case OP_O:
+    case OP_DOWN: {
+      bf16* h = p.h + (size_t)m * p.hidden;
+      h[lo_row] = __float2bfloat16(__bfloat162float(__ldcg(h + lo_row)) + bf16_round(lo));
+      h[hi_row] = __float2bfloat16(__bfloat162float(__ldcg(h + hi_row)) + bf16_round(hi));
+      break;
+    }
+    case OP_GATE_UP: {
+      const float g = bf16_round(lo), u = bf16_round(hi);
+      p.act[(size_t)m * p.inter + lo_row] = __float2bfloat16(bf16_round(g / (1.f + __expf(-g))) * u);
+      break;
+    }
+    default:
+      p.logits[(size_t)m * p.vocab + lo_row] = lo;
+      p.logits[(size_t)m * p.vocab + hi_row] = hi;
+  }
+}
+
+// ---- consumers: one matmul instruction ------------------------------------------------------------------------
+
+template <int NT>  // n-tiles of 8 batch rows
+__device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t* full, uint64_t* empty, char* xs,
+                           float4* red, Misc* misc, uint32_t& chunk) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int op = in[0], layer = in[1], seg = in[2], M = (int)p.M;
+  const OpInfo info = op_info(p, op, layer);
+  const int k0 = seg * info.kseg, k1 = min(info.K, k0 + info.kseg), klen = k1 - k0;
+  const int nsegs = (info.K + info.kseg - 1) / info.kseg;
+  const int xstride = klen * 2 + ROW_PAD_BYTES;
+
+  const bf16* src;
+  const bf16* norm = nullptr;
+  int ld;
+  switch (op) {
+    case OP_QKV: src = p.h; ld = (int)p.hidden; norm = p.layers[layer].attn_norm; break;
+    case OP_GATE_UP: src = p.h; ld = (int)p.hidden; norm = p.layers[layer].mlp_norm; break;
+    case OP_O: src = p.attn; ld = (int)(p.n_q_heads * p.head_dim); break;
+    case OP_DOWN: src = p.act; ld = (int)p.inter; break;
+    default: src = p.h; ld = (int)p.hidden; norm = p.final_norm;
+  }
+  stage_x(p, src, ld, k0, klen, norm, xs, xstride, misc);
+  const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
+
+  int merged = 0;
+  const int N = op == OP_O || op == OP_DOWN ? (int)p.hidden : 0;
+  for (int tile = in[3]; tile < in[4]; ++tile) {
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    for (int kc = k0; kc < k1; kc += CHUNK_K, ++chunk) {
+      const int len = min(CHUNK_K, k1 - kc);
+      const int s = chunk % NUM_STAGES;
+      mbar_wait(&full[s], (chunk / NUM_STAGES) & 1);
+      const char* w = ring + s * STAGE_BYTES;
+      const int steps = len / 32;
+      for (int step = warp; step < steps; step += NUM_CONSUMER_WARPS) {
+        const int kk = step * 32 + 8 * t;
+        const uint4 alo = *reinterpret_cast<const uint4*>(w + g * STAGE_ROW_BYTES + kk * 2);
+        const uint4 ahi = *reinterpret_cast<const uint4*>(w + (g + 8) * STAGE_ROW_BYTES + kk * 2);
+        const int kx = (kc - k0) + kk;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          // Batch rows past M are zero columns of the B operand (not stored).
+          const uint4 b = n * 8 + g < M ? *reinterpret_cast<const uint4*>(xs + (n * 8 + g) * xstride + kx * 2)
+                                        : make_uint4(0, 0, 0, 0);
+          mma_bf16(acc[n], alo.x, ahi.x, alo.y, ahi.y, b.x, b.y);
+          mma_bf16(acc[n], alo.z, ahi.z, alo.w, ahi.w, b.z, b.w);
+        }
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[s]);
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) red[(warp * NT + n) * 32 + lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
+    consumer_sync();
+    // Thread -> (tile row r < 8, batch column c): sums the 8 warps' partials of rows r and r + 8 in warp order.
+    const int r = tid & 7, c = tid >> 3;
+    float lo = 0.f, hi = 0.f;
+    const bool active = tid < 64 * NT && c < M;
+    if (active) {
+      const int n = c >> 3, cc = c & 7, src_lane = r * 4 + (cc >> 1);
+      for (int w2 = 0; w2 < NUM_CONSUMER_WARPS; ++w2) {
+        const float4 v = red[(w2 * NT + n) * 32 + src_lane];
+        lo += (cc & 1) ? v.y : v.x;
+        hi += (cc & 1) ? v.w : v.z;
+      }
+    }
+    if (nsegs == 1) {
+      if (active) epilogue(p, op, layer, tile, r, c, lo, hi);
+      ++merged;
+    } else {
+      // Split-K: store this segment's partial; the last segment to arrive adds all of them in segment order.
+      if (active) {
+        p.part[((size_t)seg * M + c) * N + tile_row(p, op, tile, r)] = lo;
+        p.part[((size_t)seg * M + c) * N + tile_row(p, op, tile, r + 8)] = hi;
+      }
+      consumer_sync();
+      if (tid == 0) {
+        __threadfence();
+        int* counter = p.arrivals + ((size_t)layer * 2 + (op == OP_DOWN)) * (p.hidden / 16) + tile;
+        misc->flag = atom_acq_rel_add(counter, 1) == nsegs - 1;
+      }
+      consumer_sync();
+      if (misc->flag) {
+        __threadfence();
+        if (active) {
+          const int lo_row = tile_row(p, op, tile, r), hi_row = tile_row(p, op, tile, r + 8);
+          float slo = 0.f, shi = 0.f;
+          for (int s2 = 0; s2 < nsegs; ++s2) {
+            slo += __ldcg(p.part + ((size_t)s2 * M + c) * N + lo_row);
+            shi += __ldcg(p.part + ((size_t)s2 * M + c) * N + hi_row);
+          }
+          epilogue(p, op, layer, tile, r, c, slo, shi);
+        }
+        ++merged;
+      }
+    }
+    consumer_sync();  // red[] and misc->flag are reused by the next tile
+  }
+  if (tid == 0) misc->merged = merged;
+}
+
+// ---- consumers: attention (one sequence x KV head x context split per work item) ------------------------------
+
+#define G_MAX 8  // query heads per KV head
+
+// Attention's shared memory (in the activation buffer), sized by the query group G and head_dim D; Python sizes the
+// buffer to hold it (schedule.attention_smem_bytes).
+struct AttnSmem {
+  long long* token_off;  // [ATTN_TOKENS] element offset of each token's K (and V) row of this KV head
+  float* run_max;        // [G_MAX]
+  float* run_sum;        // [G_MAX]
+  float* alpha;          // [G_MAX]
+  float* q;              // [G * D], pre-scaled by softmax scale * log2(e)
+  float* scores;         // [G][ATTN_TOKENS]
+  float* o_red;          // [NUM_CONSUMER_WARPS][G * D]
+};
+
+__device__ __forceinline__ AttnSmem attn_smem(char* base, int G, int D) {
+  AttnSmem sm;
+  sm.token_off = reinterpret_cast<long long*>(base);
+  sm.run_max = reinterpret_cast<float*>(sm.token_off + ATTN_TOKENS);
+  sm.run_sum = sm.run_max + G_MAX;
+  sm.alpha = sm.run_sum + G_MAX;
+  sm.q = sm.alpha + G_MAX;
+  sm.scores = sm.q + G * D;
+  sm.o_red = sm.scores + G * ATTN_TOKENS;
+  return sm;
+}
+
+// Element offset of context token `pos`'s row (K or V) for KV head `kvh` of sequence m, through the block table.
+__device__ __forceinline__ long long token_offset(const Params& p, int m, int pos, int kvh, int Hkv, int D, int BS) {
+  const int block = __ldg(p.block_tables + (size_t)m * p.bt_stride + pos / BS);
+  return ((long long)block * BS + pos % BS) * Hkv * D + kvh * D;
+}
+
+// One work item = (sequence, KV head, context split), 256 context tokens at a time. Every load of a token block is
+// issued up front (one round trip): K by one thread per token (its whole row, all GM heads' dot products), V by
+// threads that each own 8 consecutive dims of every head for a strided subset of the tokens (summed at the end).
+// The last split of a (sequence, KV head) to finish merges all splits' partials, in split order.
+template <int D, int GM>
+__device__ __forceinline__ void run_attention_t(const Params& p, const int* in, char* xs, Misc* misc) {
+  constexpr int NDVEC = D / 8, TSUBS = NUM_CONSUMERS / NDVEC, VTOK = ATTN_TOKENS / TSUBS;
+  // Loads in flight per thread, fewer for 8-head groups (their accumulators take the registers).
+  constexpr int PASS = GM > 4 ? 4 : 8;
+  constexpr int KPASS = NDVEC < PASS ? NDVEC : PASS, VPASS = VTOK < PASS ? VTOK : PASS;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int layer = in[1];
+  const int Hq = (int)p.n_q_heads, Hkv = (int)p.n_kv_heads, G = Hq / Hkv;
+  const int S = (int)p.attn_splits, M = (int)p.M, BS = (int)p.block_size;
+  const int dvec = tid % NDVEC, tsub = tid / NDVEC;
+  const AttnSmem sm_ = attn_smem(xs, G, D);
+  const AttnSmem* sm = &sm_;
+  const bf16* k_cache = p.kv_cache + layer * p.kv_layer_stride;
+  const bf16* v_cache = k_cache + p.kv_v_offset;
+  int merged = 0;
+  for (int item = in[3]; item < in[4]; ++item) {
+    const int split = item % S, kvh = (item / S) % Hkv, m = item / (S * Hkv);
+    const int L = p.seq_lens[m];
+    const int per_split = (L + S - 1) / S;
+    const int t0 = split * per_split, t1 = min(L, t0 + per_split);
+    for (int i = tid; i < G * D; i += NUM_CONSUMERS)
+      sm->q[i] = __ldcg(p.q + (size_t)m * Hq * D + kvh * G * D + i) * (float)p.scale_log2;
+    if (tid < G) {
+      sm->run_max[tid] = -INFINITY;
+      sm->run_sum[tid] = 0.f;
+    }
+    float acc[GM][8];
+#pragma unroll
+    for (int h = 0; h < GM; ++h)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[h][j] = 0.f;
+    consumer_sync();
+    for (int tb = t0; tb < t1; tb += ATTN_TOKENS) {
+      const int n = min(ATTN_TOKENS, t1 - tb);
+      // V loads of the first pass go out together with the K loads.
+      uint4 vreg[VPASS];
+#pragma unroll
+      for (int j = 0; j < VPASS; ++j) {
+        const int i = tsub + j * TSUBS;
+        if (i < n) vreg[j] = ld_cg16(v_cache + token_offset(p, m, tb + i, kvh, Hkv, D, BS) + dvec * 8);
+      }
+      if (tid < n) {
+        const long long off = token_offset(p, m, tb + tid, kvh, Hkv, D, BS);
+        float dots[GM];
+#pragma unroll
+        for (int h = 0; h < GM; ++h) dots[h] = 0.f;
+#pragma unroll
+        for (int c0 = 0; c0 < NDVEC; c0 += KPASS) {
+          uint4 kreg[KPASS];
+#pragma unroll
+          for (int c = 0; c < KPASS; ++c) kreg[c] = ld_cg16(k_cache + off + (c0 + c) * 8);
+#pragma unroll
+          for (int c = 0; c < KPASS; ++c) {
+            const bf16* ke = reinterpret_cast<const bf16*>(&kreg[c]);
+#pragma unroll
+            for (int h = 0; h < GM; ++h) {
+              if (h < G) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) dots[h] += sm->q[h * D + (c0 + c) * 8 + j] * __bfloat162float(ke[j]);
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int h = 0; h < GM; ++h)
+          if (h < G) sm->scores[h * ATTN_TOKENS + tid] = dots[h];
+      }
+      consumer_sync();
+      // Online softmax, one warp per head: new max, rescale factor, probabilities (base 2) in place.
+      for (int h = warp; h < G; h += NUM_CONSUMER_WARPS) {
+        float mx = -INFINITY;
+        for (int i = lane; i < n; i += 32) mx = fmaxf(mx, sm->scores[h * ATTN_TOKENS + i]);
+        for (int off = 16; off; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        const float new_max = fmaxf(sm->run_max[h], mx);
+        float sum = 0.f;
+        for (int i = lane; i < n; i += 32) {
+          const float e = exp2f(sm->scores[h * ATTN_TOKENS + i] - new_max);
+          sm->scores[h * ATTN_TOKENS + i] = e;
+          sum += e;
+        }
+        for (int off = 16; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        __syncwarp();
+        if (lane == 0) {
+          const float a = exp2f(sm->run_max[h] - new_max);
+          sm->alpha[h] = a;
+          sm->run_sum[h] = sm->run_sum[h] * a + sum;
+          sm->run_max[h] = new_max;
+        }
+      }
+      consumer_sync();
+#pragma unroll
+      for (int h = 0; h < GM; ++h) {
+        if (h < G) {
+          const float a = sm->alpha[h];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[h][j] *= a;
+        }
+      }
+#pragma unroll
+      for (int j0 = 0; j0 < VTOK; j0 += VPASS) {
+        if (j0 > 0) {
+#pragma unroll
+          for (int j = 0; j < VPASS; ++j) {
+            const int i = tsub + (j0 + j) * TSUBS;
+            if (i < n) vreg[j] = ld_cg16(v_cache + token_offset(p, m, tb + i, kvh, Hkv, D, BS) + dvec * 8);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < VPASS; ++j) {
+          const int i = tsub + (j0 + j) * TSUBS;
+          if (i < n) {
+            const bf16* ve = reinterpret_cast<const bf16*>(&vreg[j]);
+#pragma unroll
+            for (int h = 0; h < GM; ++h) {
+              if (h < G) {
+                const float pr = sm->scores[h * ATTN_TOKENS + i];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[h][e] += pr * __bfloat162float(ve[e]);
+              }
+            }
+          }
+        }
+      }
+      consumer_sync();
+    }
+    // Sum the token subsets: lanes NDVEC apart in a warp first, then the warps through shared memory.
+#pragma unroll
+    for (int h = 0; h < GM; ++h) {
+      if (h < G) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          float v = acc[h][j];
+#pragma unroll
+          for (int off = NDVEC; off < 32; off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+          if (lane < NDVEC) sm->o_red[warp * G * D + h * D + dvec * 8 + j] = v;
+        }
+      }
+    }
+    consumer_sync();
+    // Partial result of this split: unnormalised output, running max (log2 domain) and sum.
+    const size_t base = (((size_t)m * Hkv + kvh) * S + split) * G;
+    for (int idx = tid; idx < G * D; idx += NUM_CONSUMERS) {
+      float o = 0.f;
+#pragma unroll
+      for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) o += sm->o_red[w * G * D + idx];
+      p.o_part[base * D + idx] = o;
+    }
+    if (tid < G) {
+      p.ml_part[(base + tid) * 2] = sm->run_max[tid];
+      p.ml_part[(base + tid) * 2 + 1] = sm->run_sum[tid];
+    }
+    consumer_sync();
+    if (tid == 0) {
+      __threadfence();
+      int* counter = p.arrivals + (size_t)p.num_layers * 2 * (p.hidden / 16) + ((size_t)layer * M + m) * Hkv + kvh;
+      misc->flag = atom_acq_rel_add(counter, 1) == S - 1;
+    }
+    consumer_sync();
+    if (misc->flag) {
+      __threadfence();
+      const size_t b0 = ((size_t)m * Hkv + kvh) * S * G;
+      float* weight = sm->scores;  // [S][G]: each split's share of the normalised output
+      if (tid < S * G) {
+        weight[tid] = __ldcg(p.ml_part + (b0 + tid) * 2);
+        weight[ATTN_TOKENS + tid] = __ldcg(p.ml_part + (b0 + tid) * 2 + 1);
+      }
+      consumer_sync();
+      if (tid < G) {
+        float gmax = -INFINITY, den = 0.f;
+        for (int s2 = 0; s2 < S; ++s2) gmax = fmaxf(gmax, weight[s2 * G + tid]);
+        for (int s2 = 0; s2 < S; ++s2) den += weight[ATTN_TOKENS + s2 * G + tid] * exp2f(weight[s2 * G + tid] - gmax);
+        for (int s2 = 0; s2 < S; ++s2) weight[s2 * G + tid] = exp2f(weight[s2 * G + tid] - gmax) / den;
+      }
+      consumer_sync();
+      for (int idx = tid; idx < G * D; idx += NUM_CONSUMERS) {
+        const int h = idx / D, d = idx % D;
+        float o = 0.f;
+#pragma unroll 8
+        for (int s2 = 0; s2 < S; ++s2) o += weight[s2 * G + h] * __ldcg(p.o_part + (b0 + s2 * G + h) * D + d);
+        p.attn[(size_t)m * Hq * D + (kvh * G + h) * D + d] = __float2bfloat16(o);
+      }
+      ++merged;
+    }
+    consumer_sync();
+  }
+  if (tid == 0) misc->merged = merged;
+}
+
+// The attention shape is fixed when the kernel is compiled for a model (build.compile_cubin passes both).
+#ifndef ATTN_HEAD_DIM
+#define ATTN_HEAD_DIM 64
+#endif
+#ifndef ATTN_GROUP_MAX
+#define ATTN_GROUP_MAX 4
+#endif
+
+__device__ void run_attention(const Params& p, const int* in, char* xs, Misc* misc) {
+  if (p.head_dim != ATTN_HEAD_DIM || p.n_q_heads / p.n_kv_heads > ATTN_GROUP_MAX) __trap();
+  run_attention_t<ATTN_HEAD_DIM, ATTN_GROUP_MAX>(p, in, xs, misc);
+}
+
+// ---- the kernel ---------------------------------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megakernel(const Params p) {
+  extern __shared__ __align__(128) char smem[];
+  // [ring: num_stages x STAGE_BYTES][red][misc: mbarriers, Misc][xs: xs_bytes]
+  char* ring = smem;
+  float4* red = reinterpret_cast<float4*>(ring + p.num_stages * STAGE_BYTES);
+  char* misc_bytes = reinterpret_cast<char*>(red) + RED_BYTES;
+  uint64_t* full = reinterpret_cast<uint64_t*>(misc_bytes);
+  uint64_t* empty = full + MAX_STAGES;
+  Misc* misc = reinterpret_cast<Misc*>(empty + MAX_STAGES);
+  char* xs = misc_bytes + MISC_BYTES;
+
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    for (int s = 0; s < p.num_stages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], NUM_CONSUMER_WARPS);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  const int* instrs = p.instrs + (size_t)blockIdx.x * p.max_instrs * INSTR_INTS;
+  const int count = p.instr_counts[blockIdx.x];
+  if (tid >= NUM_CONSUMERS) {
+    producer(p, instrs, count, ring, full, empty);
+    return;
+  }
+
+  uint32_t chunk = 0;
+  for (int ii = 0; ii < count; ++ii) {
+    const int* in = instrs + ii * INSTR_INTS;
+    const int op = in[0], dep_stage = in[5], dep_target = in[6], stage = in[7];
+    long long* trace = p.trace ? p.trace + ((size_t)blockIdx.x * p.max_instrs + ii) * 3 : nullptr;
+    if (tid == 0 && trace) trace[0] = globaltimer();
+    if (tid == 0 && dep_stage >= 0) {
+      while (ld_acquire(p.done + dep_stage) < dep_target) __nanosleep(20);
+    }
+    if (tid == 0 && trace) trace[1] = globaltimer();
+    consumer_sync();
+    if (op == OP_EMBED) {
+      const int H = (int)p.hidden;
+      for (int m = in[3]; m < in[4]; ++m) {
+        const bf16* row = p.embed + (size_t)p.input_ids[m] * H;
+        for (int v = tid; v < H / 8; v += NUM_CONSUMERS)
+          *reinterpret_cast<uint4*>(p.h + (size_t)m * H + v * 8) = *reinterpret_cast<const uint4*>(row + v * 8);
+      }
+      if (tid == 0) misc->merged = in[4] - in[3];
+    } else if (op == OP_ATTN) {
+      run_attention(p, in, xs, misc);
+    } else if (p.M <= 8) {
+      run_matmul<1>(p, in, ring, full, empty, xs, red, misc, chunk);
+    } else {
+      run_matmul<2>(p, in, ring, full, empty, xs, red, misc, chunk);
+    }
+    consumer_sync();
+    if (tid == 0 && misc->merged > 0) {
+      __threadfence();
+      red_release_add(p.done + stage, misc->merged);
+    }
+    if (tid == 0 && trace) trace[2] = globaltimer();
+  }
+}

@@ -1,0 +1,326 @@
+"""The megakernel's instruction lists: which block runs which tiles of which op, in what order, waiting for what.
+
+Pure Python (no CUDA), so CI checks it on any machine. One decode step is a chain of *stages*:
+
+    embed | for each layer: qkv, attention, o, gate_up, down | lm_head
+
+A stage's work items are weight tiles (16 output rows of one matrix, or a K-segment of them: split-K), or for
+attention (sequence, KV head, context split) triples. Every instruction of a stage waits until the previous stage's
+completion counter reaches that stage's number of completed units (tiles, or merged attention groups). Each block
+runs its instructions in stage order, so the earliest unfinished stage never waits on a later one: no deadlock as
+long as every block is resident at once (the cooperative launch guarantees it). `Schedule.check()` verifies this
+and that every work item is scheduled exactly once.
+
+Tiles of one stage go to blocks as contiguous ranges (a block stages the activations once per instruction), and
+the larger ranges go to the blocks with the least weight bytes so far, so every SM streams about the same bytes
+over the whole step. The kernel's producer warp streams the weights of a block's instructions in list order, ahead
+of the consumers, across stage boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+# Must match llama_decode.cu.
+OP_EMBED, OP_QKV, OP_ATTN, OP_O, OP_GATE_UP, OP_DOWN, OP_LM_HEAD = range(7)
+OP_NAMES = ("embed", "qkv", "attention", "o", "gate_up", "down", "lm_head")
+TILE_ROWS = 16
+CHUNK_K = 1024
+ROW_PAD_BYTES = 64
+STAGE_BYTES = TILE_ROWS * (CHUNK_K * 2 + ROW_PAD_BYTES)
+RED_BYTES = 8 * 2 * 32 * 16
+MISC_BYTES = 2048
+SMEM_MAX = 232448  # dynamic shared memory per block on sm_90
+XS_BUDGET = 66560  # activation buffer budget: 16 rows of 2048 bf16 (+ padding)
+MAX_STAGES = 8
+ATTN_TOKENS = 256
+NUM_CONSUMER_THREADS = 256
+G_MAX = 8
+MAX_BATCH = 16
+MAX_ATTN_SPLITS = 32
+INSTR_INTS = 8
+
+
+class Instr(NamedTuple):
+    op: int
+    layer: int
+    seg: int  # K segment (split-K ops), else 0
+    begin: int  # first work item (tile or attention item)
+    end: int  # one past the last
+    dep_stage: int  # stage whose counter this instruction waits for (-1: none)
+    dep_target: int  # counter value to wait for
+    stage: int  # the counter this instruction adds its completed units to
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """What the schedule depends on: the model's shapes and the batch size."""
+
+    batch: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int
+
+    @classmethod
+    def of(cls, config, batch: int) -> "DecodeShape":
+        return cls(batch, config.hidden_size, config.intermediate_size, config.vocab_size,
+                   config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.num_hidden_layers)
+
+    @property
+    def n_tiles(self) -> int:
+        return 1 if self.batch <= 8 else 2
+
+    @property
+    def padded_batch(self) -> int:
+        return 8 * self.n_tiles
+
+    def max_kseg(self) -> int:
+        """The longest K segment whose activations (batch rows of bf16) fit the activation buffer's budget."""
+        per_row = XS_BUDGET // self.batch - ROW_PAD_BYTES
+        return (per_row // 2) // 32 * 32
+
+    def attention_smem_bytes(self) -> int:
+        group_width = self.num_q_heads // self.num_kv_heads * self.head_dim
+        return ATTN_TOKENS * 8 + 3 * G_MAX * 4 + 4 * (group_width + self.num_q_heads // self.num_kv_heads
+                                                      * ATTN_TOKENS + 8 * group_width)
+
+    def xs_bytes(self) -> int:
+        """Activation buffer: the widest staged K segment for every batch row, or attention's scratch."""
+        widest = max(self.kseg(self.k(op)) for op in (OP_QKV, OP_O, OP_GATE_UP, OP_DOWN, OP_LM_HEAD))
+        need = self.batch * (widest * 2 + ROW_PAD_BYTES)
+        return -(-max(need, self.attention_smem_bytes()) // 128) * 128
+
+    def num_stages(self) -> int:
+        """Weight ring stages: as many as fit beside the activation buffer."""
+        return min(MAX_STAGES, (SMEM_MAX - self.xs_bytes() - RED_BYTES - MISC_BYTES) // STAGE_BYTES)
+
+    def smem_bytes(self) -> int:
+        return self.num_stages() * STAGE_BYTES + RED_BYTES + MISC_BYTES + self.xs_bytes()
+
+    def kseg(self, k: int) -> int:
+        """Segment length for a reduction of length k: k itself when it fits, else equal CHUNK_K multiples."""
+        limit = self.max_kseg()
+        if k <= limit:
+            return k
+        segs = -(-k // limit)
+        while k % segs or (k // segs) % CHUNK_K:
+            segs += 1
+            if segs > k // CHUNK_K:
+                raise ValueError(f"cannot split K={k} into segments of at most {limit} (multiples of {CHUNK_K})")
+        return k // segs
+
+    def tiles(self, op: int) -> int:
+        q_size = self.num_q_heads * self.head_dim
+        return {
+            OP_QKV: (q_size + 2 * self.num_kv_heads * self.head_dim) // TILE_ROWS,
+            OP_O: self.hidden // TILE_ROWS,
+            OP_GATE_UP: self.intermediate // 8,
+            OP_DOWN: self.hidden // TILE_ROWS,
+            OP_LM_HEAD: self.vocab // TILE_ROWS,
+        }[op]
+
+    def k(self, op: int) -> int:
+        return {OP_QKV: self.hidden, OP_O: self.num_q_heads * self.head_dim, OP_GATE_UP: self.hidden,
+                OP_DOWN: self.intermediate, OP_LM_HEAD: self.hidden}[op]
+
+    def segs(self, op: int) -> int:
+        return self.k(op) // self.kseg(self.k(op))
+
+
+def unsupported_reason(shape: DecodeShape) -> str | None:
+    """Why the megakernel cannot run these shapes, or None."""
+    s = shape
+    if not 1 <= s.batch <= MAX_BATCH:
+        return f"batch {s.batch} is outside 1..{MAX_BATCH}"
+    if s.head_dim not in (32, 64, 128):
+        return f"head_dim {s.head_dim} is not 32, 64 or 128"
+    if s.num_q_heads % s.num_kv_heads or s.num_q_heads // s.num_kv_heads > G_MAX:
+        return f"{s.num_q_heads} query heads per {s.num_kv_heads} KV heads: the group must divide and be <= {G_MAX}"
+    if s.num_q_heads // s.num_kv_heads * s.head_dim > 1024:
+        return "a KV head's query group is wider than 1024"
+    for name, value in (("hidden_size", s.hidden), ("intermediate_size", s.intermediate),
+                        ("num_heads * head_dim", s.num_q_heads * s.head_dim), ("vocab_size", s.vocab)):
+        if value % 32:
+            return f"{name} {value} is not a multiple of 32"
+    if s.hidden > s.max_kseg():
+        return f"hidden_size {s.hidden} does not fit one activation segment at batch {s.batch} ({s.max_kseg()})"
+    for op in (OP_O, OP_DOWN):
+        try:
+            s.kseg(s.k(op))
+        except ValueError as exc:
+            return str(exc)
+    if s.num_stages() < 2:
+        return "shared memory holds fewer than two weight stages next to the activations"
+    return None
+
+
+def attention_splits(shape: DecodeShape, num_blocks: int) -> int:
+    """Context splits per (sequence, KV head): about one attention item per block, at most MAX_ATTN_SPLITS."""
+    return max(1, min(MAX_ATTN_SPLITS, num_blocks // (shape.batch * shape.num_kv_heads)))
+
+
+@dataclass
+class Stage:
+    index: int
+    op: int
+    layer: int
+    units: int  # completion units the next stage waits for (tiles, attention groups, embedded rows)
+
+
+@dataclass
+class Schedule:
+    shape: DecodeShape
+    num_blocks: int
+    attn_splits: int
+    stages: list[Stage]
+    blocks: list[list[Instr]] = field(default_factory=list)
+    bytes_per_block: list[int] = field(default_factory=list)
+
+    @property
+    def max_instrs(self) -> int:
+        return max(len(b) for b in self.blocks)
+
+    def encoded(self) -> tuple[list[int], list[int]]:
+        """(instructions flat [num_blocks * max_instrs * INSTR_INTS], counts [num_blocks]) for the kernel."""
+        width = self.max_instrs
+        flat: list[int] = []
+        for block in self.blocks:
+            for instr in block:
+                flat.extend(instr)
+            flat.extend([0] * (INSTR_INTS * (width - len(block))))
+        return flat, [len(b) for b in self.blocks]
+
+    def check(self) -> None:
+        """Raises AssertionError unless: every work item of every stage is scheduled exactly once; every instruction
+        waits for the complete previous stage; every block's list is in stage order (so no block waits on a stage
+        that a block stuck behind it would have to finish)."""
+        s = self.shape
+        for b, block in enumerate(self.blocks):
+            stages = [i.stage for i in block]
+            assert stages == sorted(stages), f"block {b}: instructions out of stage order"
+            for instr in block:
+                assert 0 <= instr.stage < len(self.stages)
+                if instr.stage == 0:
+                    assert instr.dep_stage == -1
+                else:
+                    prev = self.stages[instr.stage - 1]
+                    assert instr.dep_stage == prev.index and instr.dep_target == prev.units, (
+                        f"block {b}: {instr} does not wait for the whole previous stage")
+                assert self.stages[instr.stage].op == instr.op and self.stages[instr.stage].layer == instr.layer
+                assert 0 <= instr.begin < instr.end
+        for stage in self.stages:
+            instrs = [i for block in self.blocks for i in block if i.stage == stage.index]
+            if stage.op == OP_EMBED:
+                expected = {(0, m) for m in range(s.batch)}
+            elif stage.op == OP_ATTN:
+                expected = {(0, x) for x in range(s.batch * s.num_kv_heads * self.attn_splits)}
+            else:
+                expected = {(seg, t) for seg in range(s.segs(stage.op)) for t in range(s.tiles(stage.op))}
+            got = [(i.seg, x) for i in instrs for x in range(i.begin, i.end)]
+            assert len(got) == len(set(got)) and set(got) == expected, (
+                f"stage {stage.index} ({OP_NAMES[stage.op]}): work items scheduled {len(got)} times for "
+                f"{len(expected)} items")
+
+
+def simulate(schedule: Schedule, order_seed: int = 0) -> int:
+    """Runs the instruction lists as the GPU would, one instruction at a time from a randomly chosen block whose
+    next instruction's dependency is met, counting completions the way the kernel does (a split-K tile or an
+    attention group completes when its last part does). Returns the number of instructions run; raises
+    RuntimeError if no block can move while work remains (a deadlock)."""
+    import random
+
+    rng = random.Random(order_seed)
+    s = schedule.shape
+    done = [0] * len(schedule.stages)
+    arrivals: dict[tuple, int] = {}
+    cursor = [0] * len(schedule.blocks)
+    ran = 0
+    while True:
+        ready = []
+        for b, block in enumerate(schedule.blocks):
+            if cursor[b] < len(block):
+                instr = block[cursor[b]]
+                if instr.dep_stage < 0 or done[instr.dep_stage] >= instr.dep_target:
+                    ready.append(b)
+        if not ready:
+            if any(cursor[b] < len(block) for b, block in enumerate(schedule.blocks)):
+                raise RuntimeError(f"deadlock: blocks stuck at {cursor}, stage counters {done}")
+            return ran
+        b = rng.choice(ready)
+        instr = schedule.blocks[b][cursor[b]]
+        cursor[b] += 1
+        ran += 1
+        completed = 0
+        for item in range(instr.begin, instr.end):
+            if instr.op == OP_ATTN:
+                key, parts = (instr.stage, item // schedule.attn_splits), schedule.attn_splits
+            elif instr.op in (OP_O, OP_DOWN):
+                key, parts = (instr.stage, item), s.segs(instr.op)
+            else:
+                key, parts = None, 1
+            if key is None:
+                completed += 1
+                continue
+            arrivals[key] = arrivals.get(key, 0) + 1
+            completed += arrivals[key] == parts
+        done[instr.stage] += completed
+
+
+def build_schedule(shape: DecodeShape, num_blocks: int) -> Schedule:
+    """Instruction lists for `num_blocks` persistent blocks (one per SM)."""
+    reason = unsupported_reason(shape)
+    if reason is not None:
+        raise ValueError(reason)
+    if num_blocks < 1:
+        raise ValueError("need at least one block")
+    s = shape
+    splits = attention_splits(s, num_blocks)
+    stages: list[Stage] = [Stage(0, OP_EMBED, -1, s.batch)]
+    for layer in range(s.num_layers):
+        for op in (OP_QKV, OP_ATTN, OP_O, OP_GATE_UP, OP_DOWN):
+            units = s.batch * s.num_kv_heads if op == OP_ATTN else s.tiles(op)
+            stages.append(Stage(len(stages), op, layer, units))
+    stages.append(Stage(len(stages), OP_LM_HEAD, -1, s.tiles(OP_LM_HEAD)))
+
+    blocks: list[list[Instr]] = [[] for _ in range(num_blocks)]
+    load = [0] * num_blocks  # weight bytes streamed by each block so far
+    for stage in stages:
+        dep = (-1, 0) if stage.index == 0 else (stage.index - 1, stages[stage.index - 1].units)
+        layer = max(stage.layer, 0)
+        if stage.op == OP_EMBED:
+            blocks[0].append(Instr(OP_EMBED, stage.layer, 0, 0, s.batch, *dep, stage.index))
+            continue
+        if stage.op == OP_ATTN:
+            items = [(0, x) for x in range(s.batch * s.num_kv_heads * splits)]
+            item_bytes = 0
+        else:
+            items = [(seg, t) for seg in range(s.segs(stage.op)) for t in range(s.tiles(stage.op))]
+            item_bytes = TILE_ROWS * s.kseg(s.k(stage.op)) * 2
+        q, r = divmod(len(items), num_blocks)
+        # The blocks that streamed least so far take the longer ranges; ties by block index.
+        order = sorted(range(num_blocks), key=lambda b: (load[b], b))
+        sizes = {b: q + (rank < r) for rank, b in enumerate(order)}
+        start = 0
+        for b in range(num_blocks):
+            chunk = items[start:start + sizes[b]]
+            start += sizes[b]
+            if not chunk:
+                continue
+            load[b] += item_bytes * len(chunk)
+            # A contiguous range of (seg, tile) items becomes one instruction per segment it touches.
+            begin = 0
+            while begin < len(chunk):
+                end = begin
+                while end < len(chunk) and chunk[end][0] == chunk[begin][0]:
+                    end += 1
+                blocks[b].append(Instr(stage.op, layer if stage.op != OP_LM_HEAD else -1, chunk[begin][0],
+                                       chunk[begin][1], chunk[end - 1][1] + 1, *dep, stage.index))
+                begin = end
+    schedule = Schedule(s, num_blocks, splits, stages, blocks, load)
+    schedule.check()
+    return schedule
