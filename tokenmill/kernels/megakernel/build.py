@@ -68,6 +68,7 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("i64", "kseg_o"),
     ("i64", "kseg_down"),
     ("i64", "num_stages"),
+    ("i64", "prefetch_chunks"),
     ("ptr:long long", "trace"),
     ("f64", "eps"),
     ("f64", "scale_log2"),
@@ -94,6 +95,8 @@ def full_source() -> str:
     body = SOURCE.read_text()
     marker = "// ---- PTX helpers"
     head, sep, tail = body.partition(marker)
+    if not sep:
+        raise MegakernelUnavailable(f"{SOURCE.name} lost its '{marker}' marker (Params goes before it)")
     return head + params_struct_source() + "\n\n" + sep + tail
 
 
@@ -135,7 +138,8 @@ def compile_cubin(head_dim: int = 64, group: int = 4, arch: str = ARCH, out_dir:
     source = full_source()
     flags = ("-cubin", f"-arch={arch}", "-O3", "-std=c++17", "-lineinfo", f"-DATTN_HEAD_DIM={head_dim}",
              f"-DATTN_GROUP_MAX={4 if group <= 4 else 8}", *extra_flags)
-    key = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256((source + " ".join(flags) + version).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     cubin = out_dir / f"llama_decode_{arch}_d{head_dim}_{key}.cubin"

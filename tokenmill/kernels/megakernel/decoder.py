@@ -11,6 +11,7 @@ counters). Each call zeroes the counters and launches once; weights are read in 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -20,6 +21,7 @@ from tokenmill.layers.attention_metadata import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
+DEFAULT_PREFETCH_CHUNKS = 3  # H100 sweep 2026-11-26: 3 best of 0/3/6/12/24 (docs/DECODE_NOTES.md)
 
 
 class MegakernelUnsupported(ValueError):
@@ -79,6 +81,8 @@ class MegakernelLlamaDecoder:
         self.sin = model.rotary.sin_cache.contiguous()
         self.scale = model.layers[0].attn.scale
         self._per_batch: dict[int, dict] = {}
+        # Weight chunks (16 rows x 1024) the producer asks L2 for beyond its ring, per SM; 0 turns prefetch off.
+        self.prefetch_chunks = int(os.environ.get("TOKENMILL_MEGAKERNEL_PREFETCH", DEFAULT_PREFETCH_CHUNKS))
         # Tests: fill the kernel's outputs with NaN before each launch, so anything it fails to write shows.
         self.poison_scratch = False
 
@@ -231,6 +235,7 @@ class MegakernelLlamaDecoder:
             "kseg_o": st["shape"].kseg(st["shape"].k(3)),
             "kseg_down": st["shape"].kseg(st["shape"].k(5)),
             "num_stages": st["shape"].num_stages(),
+            "prefetch_chunks": self.prefetch_chunks,
             "trace": st["trace"].data_ptr() if st["trace"] is not None else 0,
             "eps": cfg.rms_norm_eps,
             "scale_log2": self.scale * LOG2E,

@@ -14,7 +14,7 @@
 // only for the previous stage; every block runs its instructions in stage order, so the earliest unfinished stage
 // can always progress (no deadlock with every block resident, which the cooperative launch guarantees).
 //
-// The Params struct is generated from schedule.PARAM_FIELDS and prepended to this file.
+// The Params struct is generated from build.PARAM_FIELDS and inserted before the PTX helpers.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -169,31 +169,71 @@ __device__ __forceinline__ bool is_matmul(int op) { return op != OP_EMBED && op 
 
 // ---- producer ---------------------------------------------------------------------------------------------------
 
+// Position in a block's stream of weight chunks (instruction, tile, K offset); ii == count once past the end.
+struct Cursor {
+  int ii, op, tile, tile_end, k0, kc, k1;
+  OpInfo info;
+};
+
+__device__ __forceinline__ void cursor_seek(const Params& p, const int* instrs, int count, Cursor& c) {
+  for (; c.ii < count; ++c.ii) {
+    const int* in = instrs + c.ii * INSTR_INTS;
+    if (is_matmul(in[0]) && in[3] < in[4]) {
+      c.op = in[0];
+      c.info = op_info(p, in[0], in[1]);
+      c.k0 = c.kc = in[2] * c.info.kseg;
+      c.k1 = min(c.info.K, c.k0 + c.info.kseg);
+      c.tile = in[3];
+      c.tile_end = in[4];
+      return;
+    }
+  }
+}
+
+__device__ __forceinline__ void cursor_next(const Params& p, const int* instrs, int count, Cursor& c) {
+  c.kc += CHUNK_K;
+  if (c.kc < c.k1) return;
+  c.kc = c.k0;
+  if (++c.tile < c.tile_end) return;
+  ++c.ii;
+  cursor_seek(p, instrs, count, c);
+}
+
+// The producer warp: every weight chunk of the block's instructions, in order, into the ring (lane i copies row i
+// of the 16-row tile). It also asks L2 for the chunk `prefetch_chunks` further on, so HBM keeps streaming while
+// the ring is full and the consumers wait for a dependency.
 __device__ void producer(const Params& p, const int* instrs, int count, char* ring, uint64_t* full,
                          uint64_t* empty) {
   const int lane = threadIdx.x & 31;
   const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
   const uint64_t policy = evict_first_policy();
-  uint32_t chunk = 0;
-  for (int ii = 0; ii < count; ++ii) {
-    const int* in = instrs + ii * INSTR_INTS;
-    const int op = in[0];
-    if (!is_matmul(op)) continue;
-    const OpInfo info = op_info(p, op, in[1]);
-    const int k0 = in[2] * info.kseg, k1 = min(info.K, k0 + info.kseg);
-    for (int tile = in[3]; tile < in[4]; ++tile) {
-      const int row = lane < TILE_ROWS ? tile_row(p, op, tile, lane) : 0;
-      for (int kc = k0; kc < k1; kc += CHUNK_K, ++chunk) {
-        const int len = min(CHUNK_K, k1 - kc);
-        const int s = chunk % NUM_STAGES;
-        mbar_wait(&empty[s], ((chunk / NUM_STAGES) & 1) ^ 1);
-        if (lane == 0) mbar_expect_tx(&full[s], TILE_ROWS * len * 2);
-        __syncwarp();
-        if (lane < TILE_ROWS)
-          bulk_copy(ring + s * STAGE_BYTES + lane * STAGE_ROW_BYTES, info.weight + (size_t)row * info.K + kc,
-                    len * 2, &full[s], policy);
+  Cursor load, ahead;
+  load.ii = ahead.ii = 0;
+  cursor_seek(p, instrs, count, load);
+  cursor_seek(p, instrs, count, ahead);
+  const bool prefetch = p.prefetch_chunks > 0;
+  for (int i = 0; i < (int)p.prefetch_chunks && ahead.ii < count; ++i) cursor_next(p, instrs, count, ahead);
+  for (uint32_t chunk = 0; load.ii < count; ++chunk) {
+    const int len = min(CHUNK_K, load.k1 - load.kc);
+    const int s = chunk % NUM_STAGES;
+    mbar_wait(&empty[s], ((chunk / NUM_STAGES) & 1) ^ 1);
+    if (lane == 0) mbar_expect_tx(&full[s], TILE_ROWS * len * 2);
+    __syncwarp();
+    if (lane < TILE_ROWS) {
+      const int row = tile_row(p, load.op, load.tile, lane);
+      bulk_copy(ring + s * STAGE_BYTES + lane * STAGE_ROW_BYTES, load.info.weight + (size_t)row * load.info.K + load.kc,
+                len * 2, &full[s], policy);
+      if (prefetch && ahead.ii < count) {
+        const int arow = tile_row(p, ahead.op, ahead.tile, lane);
+        const int alen = min(CHUNK_K, ahead.k1 - ahead.kc);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(
+                         ahead.info.weight + (size_t)arow * ahead.info.K + ahead.kc),
+                     "r"(alen * 2)
+                     : "memory");
       }
     }
+    if (prefetch && ahead.ii < count) cursor_next(p, instrs, count, ahead);
+    cursor_next(p, instrs, count, load);
   }
 }
 
@@ -247,7 +287,7 @@ __device__ void stage_x(const Params& p, const bf16* src, int ld, int k0, int kl
     for (int v = tid; v < vecs; v += NUM_CONSUMERS) {
       uint4* slot = reinterpret_cast<uint4*>(xs + m * xstride + v * 16);
       uint4 x = *slot;
-      const uint4 g = *reinterpret_cast<const uint4*>(norm + k0 + v * 8);
+      const uint4 g = __ldg(reinterpret_cast<const uint4*>(norm + k0 + v * 8));
       bf16* e = reinterpret_cast<bf16*>(&x);
       const bf16* ge = reinterpret_cast<const bf16*>(&g);
 #pragma unroll
@@ -261,8 +301,26 @@ __device__ void stage_x(const Params& p, const bf16* src, int ld, int k0, int kl
 
 // ---- consumers: epilogues ----------------------------------------------------------------------------------------
 
-// Output rows `lo_row` (tile row r) and `hi_row` (tile row r + 8) for batch row m, values in fp32.
-__device__ void epilogue(const Params& p, int op, int layer, int tile, int r, int m, float lo, float hi) {
+// What an epilogue reads besides the accumulators, loaded when the tile starts so the loads overlap its weights:
+// QKV: cos and sin of the RoPE pair; O and DOWN: the residual rows.
+__device__ __forceinline__ float2 epilogue_inputs(const Params& p, int op, int tile, int r, int m) {
+  const int lo_row = tile_row(p, op, tile, r);
+  if (op == OP_QKV) {
+    const int D = (int)p.head_dim, half = D / 2;
+    if (lo_row / D >= (int)(p.n_q_heads + p.n_kv_heads)) return make_float2(0.f, 0.f);
+    const long long at = p.positions[m] * half + lo_row % D;
+    return make_float2(__ldg(p.cos_tab + at), __ldg(p.sin_tab + at));
+  }
+  if (op == OP_O || op == OP_DOWN) {
+    const bf16* h = p.h + (size_t)m * p.hidden;
+    return make_float2(__bfloat162float(__ldcg(h + lo_row)), __bfloat162float(__ldcg(h + tile_row(p, op, tile, r + 8))));
+  }
+  return make_float2(0.f, 0.f);
+}
+
+// Output rows `lo_row` (tile row r) and `hi_row` (tile row r + 8) for batch row m, values in fp32; `in` from
+// epilogue_inputs.
+__device__ void epilogue(const Params& p, int op, int layer, int tile, int r, int m, float lo, float hi, float2 in) {
   const int lo_row = tile_row(p, op, tile, r), hi_row = tile_row(p, op, tile, r + 8);
   switch (op) {
     case OP_QKV: {
@@ -271,8 +329,7 @@ __device__ void epilogue(const Params& p, int op, int layer, int tile, int r, in
       const long long slot = p.slot_mapping[m];
       if (head < Hq + Hkv) {  // a RoPE pair: dims d and d + D/2 of one q or k head
         const int d = lo_row % D;
-        const long long pos = p.positions[m];
-        const float c = p.cos_tab[pos * half + d], s = p.sin_tab[pos * half + d];
+        const float c = in.x, s = in.y;
         const float y_lo = lo * c - hi * s, y_hi = hi * c + lo * s;
         if (head < Hq) {
           p.q[(size_t)m * Hq * D + head * D + d] = y_lo;
@@ -293,8 +350,8 @@ __device__ void epilogue(const Params& p, int op, int layer, int tile, int r, in
     case OP_O:
     case OP_DOWN: {
       bf16* h = p.h + (size_t)m * p.hidden;
-      h[lo_row] = __float2bfloat16(__bfloat162float(__ldcg(h + lo_row)) + bf16_round(lo));
-      h[hi_row] = __float2bfloat16(__bfloat162float(__ldcg(h + hi_row)) + bf16_round(hi));
+      h[lo_row] = __float2bfloat16(in.x + bf16_round(lo));
+      h[hi_row] = __float2bfloat16(in.y + bf16_round(hi));
       break;
     }
     case OP_GATE_UP: {
@@ -336,6 +393,10 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
   int merged = 0;
   const int N = op == OP_O || op == OP_DOWN ? (int)p.hidden : 0;
   for (int tile = in[3]; tile < in[4]; ++tile) {
+    // Thread -> (tile row r < 8, batch column c) in the reduction and epilogue below.
+    const int r = tid & 7, c = tid >> 3;
+    const bool active = tid < 64 * NT && c < M;
+    const float2 epi_in = active ? epilogue_inputs(p, op, tile, r, c) : make_float2(0.f, 0.f);
     float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
@@ -365,10 +426,8 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
 #pragma unroll
     for (int n = 0; n < NT; ++n) red[(warp * NT + n) * 32 + lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
     consumer_sync();
-    // Thread -> (tile row r < 8, batch column c): sums the 8 warps' partials of rows r and r + 8 in warp order.
-    const int r = tid & 7, c = tid >> 3;
+    // Sum the 8 warps' partials of rows r and r + 8 in warp order.
     float lo = 0.f, hi = 0.f;
-    const bool active = tid < 64 * NT && c < M;
     if (active) {
       const int n = c >> 3, cc = c & 7, src_lane = r * 4 + (cc >> 1);
       for (int w2 = 0; w2 < NUM_CONSUMER_WARPS; ++w2) {
@@ -378,7 +437,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       }
     }
     if (nsegs == 1) {
-      if (active) epilogue(p, op, layer, tile, r, c, lo, hi);
+      if (active) epilogue(p, op, layer, tile, r, c, lo, hi, epi_in);
       ++merged;
     } else {
       // Split-K: store this segment's partial; the last segment to arrive adds all of them in segment order.
@@ -402,7 +461,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
             slo += __ldcg(p.part + ((size_t)s2 * M + c) * N + lo_row);
             shi += __ldcg(p.part + ((size_t)s2 * M + c) * N + hi_row);
           }
-          epilogue(p, op, layer, tile, r, c, slo, shi);
+          epilogue(p, op, layer, tile, r, c, slo, shi, epi_in);
         }
         ++merged;
       }

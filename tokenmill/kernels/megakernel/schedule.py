@@ -71,14 +71,6 @@ class DecodeShape:
         return cls(batch, config.hidden_size, config.intermediate_size, config.vocab_size,
                    config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.num_hidden_layers)
 
-    @property
-    def n_tiles(self) -> int:
-        return 1 if self.batch <= 8 else 2
-
-    @property
-    def padded_batch(self) -> int:
-        return 8 * self.n_tiles
-
     def max_kseg(self) -> int:
         """The longest K segment whose activations (batch rows of bf16) fit the activation buffer's budget."""
         per_row = XS_BUDGET // self.batch - ROW_PAD_BYTES

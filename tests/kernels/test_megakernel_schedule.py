@@ -1,0 +1,475 @@
+"""The decode megakernel's pure-Python side: the instruction schedule (schedule.py) and the build helpers (build.py).
+
+Runs on any machine: the schedule is checked and simulated in Python, the generated source is checked against
+llama_decode.cu by text, and the compile test runs only where nvcc is installed (no GPU needed for a cubin).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import random
+import re
+import struct
+import subprocess
+from functools import cache
+
+import pytest
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+
+from tokenmill.kernels.megakernel import build, schedule
+from tokenmill.kernels.megakernel.build import (
+    PARAM_FIELDS,
+    compile_cubin,
+    find_nvcc,
+    full_source,
+    pack_params,
+    params_struct_source,
+)
+from tokenmill.kernels.megakernel.schedule import (
+    OP_ATTN,
+    OP_DOWN,
+    OP_EMBED,
+    OP_GATE_UP,
+    OP_LM_HEAD,
+    OP_O,
+    OP_QKV,
+    SMEM_MAX,
+    DecodeShape,
+    Instr,
+    Schedule,
+    attention_splits,
+    build_schedule,
+    simulate,
+    unsupported_reason,
+)
+
+CUDA_SOURCE = schedule.__file__.replace("schedule.py", "llama_decode.cu")
+MATMUL_OPS = (OP_QKV, OP_O, OP_GATE_UP, OP_DOWN, OP_LM_HEAD)
+
+
+def llama_1b(batch: int) -> DecodeShape:
+    """Llama-3.2-1B: hidden 2048, intermediate 8192, vocab 128256, 32 q / 8 kv heads of 64, 16 layers."""
+    return DecodeShape(batch=batch, hidden=2048, intermediate=8192, vocab=128256, num_q_heads=32, num_kv_heads=8,
+                       head_dim=64, num_layers=16)
+
+
+# Small, but `down` is split-K at batch 16 (K 4096 > max_kseg 2048), so split-K merges are exercised.
+SMALL_SPLIT_K = DecodeShape(batch=16, hidden=512, intermediate=4096, vocab=1024, num_q_heads=8, num_kv_heads=4,
+                            head_dim=64, num_layers=2)
+
+
+@cache
+def cached_schedule(shape: DecodeShape, num_blocks: int) -> Schedule:
+    return build_schedule(shape, num_blocks)
+
+
+def copy_of(sched: Schedule) -> Schedule:
+    return dataclasses.replace(sched, blocks=[list(b) for b in sched.blocks],
+                               bytes_per_block=list(sched.bytes_per_block))
+
+
+def assert_stage_order(sched: Schedule) -> None:
+    for b, block in enumerate(sched.blocks):
+        stages = [i.stage for i in block]
+        assert stages == sorted(stages), f"block {b}: stages {stages} out of order"
+        for instr in block:
+            stage = sched.stages[instr.stage]
+            assert (instr.op, instr.layer) == (stage.op, stage.layer), f"block {b}: {instr} is not of {stage}"
+
+
+def weight_bytes_per_step(s: DecodeShape) -> int:
+    """bf16 bytes of every matrix a decode step streams once (not the embedding, not the norms)."""
+    q_size, kv_size = s.num_q_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    per_layer = (q_size + 2 * kv_size) * s.hidden + s.hidden * q_size + 2 * s.intermediate * s.hidden \
+        + s.hidden * s.intermediate
+    return 2 * (s.num_layers * per_layer + s.vocab * s.hidden)
+
+
+# ---- 1. random shapes: supported -> valid, deadlock-free schedule ------------------------------------------------
+
+
+def shape_from(pick) -> tuple[DecodeShape, int]:
+    """A (shape, num_blocks) case from `pick(lo, hi)` (an inclusive random int): shared by the hypothesis strategy
+    and the test below that checks most generated cases are supported."""
+    batch = pick(1, 16)
+    hidden = 32 * pick(2, 128)
+    # Either small enough for one activation segment, or a multiple of CHUNK_K that split-K can cut.
+    intermediate = 32 * pick(2, 64) if pick(0, 1) else 1024 * pick(1, 8)
+    vocab = 32 * pick(1, 256)
+    head_dim = (32, 64, 128)[pick(0, 2)]
+    num_kv_heads, group = pick(1, 8), pick(1, 8)
+    num_layers = pick(1, 2)
+    num_blocks = pick(1, 160)
+    shape = DecodeShape(batch, hidden, intermediate, vocab, num_kv_heads * group, num_kv_heads, head_dim, num_layers)
+    return shape, num_blocks
+
+
+@st.composite
+def cases(draw) -> tuple[DecodeShape, int]:
+    return shape_from(lambda lo, hi: draw(st.integers(lo, hi)))
+
+
+def test_most_generated_cases_are_supported():
+    rng = random.Random(0)
+    shapes = [shape_from(rng.randint)[0] for _ in range(400)]
+    supported = sum(unsupported_reason(s) is None for s in shapes)
+    assert supported >= 0.6 * len(shapes), f"only {supported}/{len(shapes)} generated shapes are supported"
+    assert supported < len(shapes), "the generator should also produce some unsupported shapes"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(), seed=st.integers(0, 2**32 - 1))
+@example(case=(SMALL_SPLIT_K, 7), seed=0)
+@example(case=(dataclasses.replace(SMALL_SPLIT_K, batch=1, num_layers=1), 1), seed=1)
+def test_supported_shapes_get_valid_deadlock_free_schedules(case, seed):
+    shape, num_blocks = case
+    assume(unsupported_reason(shape) is None)
+    sched = build_schedule(shape, num_blocks)
+    sched.check()
+    assert len(sched.blocks) == num_blocks
+    assert_stage_order(sched)
+    total = sum(len(b) for b in sched.blocks)
+    for s in (seed, seed + 1, seed + 2):
+        assert simulate(sched, s) == total
+    assert sum(sched.bytes_per_block) == weight_bytes_per_step(shape)
+    assert shape.smem_bytes() <= SMEM_MAX
+    assert 2 <= shape.num_stages() <= schedule.MAX_STAGES
+
+
+@pytest.mark.parametrize("num_blocks", [132, 114])
+@pytest.mark.parametrize("batch", range(1, 17))
+def test_llama_1b_schedules(batch, num_blocks):
+    shape = llama_1b(batch)
+    assert unsupported_reason(shape) is None
+    sched = cached_schedule(shape, num_blocks)
+    sched.check()
+    assert_stage_order(sched)
+    assert len(sched.stages) == 1 + 5 * 16 + 1
+    assert sum(sched.bytes_per_block) == weight_bytes_per_step(shape)
+    assert simulate(sched, batch) == sum(len(b) for b in sched.blocks)
+
+
+# ---- 2. check() and simulate() catch broken schedules -------------------------------------------------------------
+
+
+def first_index(sched: Schedule, op: int, block: int | None = None) -> tuple[int, int]:
+    """(block, position) of the first instruction of `op` (in `block` if given)."""
+    for b, instrs in enumerate(sched.blocks):
+        if block is not None and b != block:
+            continue
+        for i, instr in enumerate(instrs):
+            if instr.op == op:
+                return b, i
+    raise LookupError(f"no instruction of op {op}")
+
+
+@pytest.mark.parametrize("op", [OP_EMBED, OP_QKV, OP_ATTN, OP_O, OP_GATE_UP, OP_DOWN, OP_LM_HEAD])
+def test_check_rejects_a_dropped_instruction(op):
+    sched = copy_of(cached_schedule(SMALL_SPLIT_K, 8))
+    b, i = first_index(sched, op)
+    del sched.blocks[b][i]
+    with pytest.raises(AssertionError, match="work items scheduled"):
+        sched.check()
+    if op != OP_LM_HEAD:  # the next stage waits for units that never complete
+        with pytest.raises(RuntimeError, match="deadlock"):
+            simulate(sched, 0)
+
+
+@pytest.mark.parametrize("op", [OP_QKV, OP_ATTN, OP_DOWN, OP_LM_HEAD])
+def test_check_rejects_a_duplicated_work_item(op):
+    sched = copy_of(cached_schedule(SMALL_SPLIT_K, 8))
+    b, i = first_index(sched, op)
+    instr = sched.blocks[b][i]
+    sched.blocks[b].insert(i + 1, instr._replace(begin=instr.end - 1))  # its last item once more, same stage order
+    with pytest.raises(AssertionError, match="work items scheduled"):
+        sched.check()
+
+
+def test_check_rejects_a_split_k_instruction_moved_to_another_segment():
+    sched = copy_of(cached_schedule(SMALL_SPLIT_K, 8))
+    assert SMALL_SPLIT_K.segs(OP_DOWN) == 2
+    b, i = first_index(sched, OP_DOWN)
+    instr = sched.blocks[b][i]
+    sched.blocks[b][i] = instr._replace(seg=1 - instr.seg)
+    with pytest.raises(AssertionError, match="work items scheduled"):
+        sched.check()
+
+
+def test_check_rejects_instructions_out_of_stage_order():
+    sched = copy_of(cached_schedule(SMALL_SPLIT_K, 8))
+    for b, block in enumerate(sched.blocks):
+        swap = next((i for i in range(len(block) - 1) if block[i].stage != block[i + 1].stage), None)
+        if swap is not None:
+            break
+    assert swap is not None
+    block[swap], block[swap + 1] = block[swap + 1], block[swap]
+    with pytest.raises(AssertionError, match="out of stage order"):
+        sched.check()
+
+
+def test_out_of_order_block_deadlocks_in_simulation():
+    # Two blocks; block 0 owns the embedding (stage 0). Moving its first qkv instruction (waits for all of stage 0)
+    # in front of the embedding leaves every block waiting: a real deadlock, for any interleaving.
+    shape = dataclasses.replace(SMALL_SPLIT_K, num_layers=1)
+    sched = copy_of(build_schedule(shape, 2))
+    assert sched.blocks[0][0].op == OP_EMBED
+    simulate(sched, 0)  # the valid schedule runs
+    _, i = first_index(sched, OP_QKV, block=0)
+    sched.blocks[0].insert(0, sched.blocks[0].pop(i))
+    with pytest.raises(AssertionError, match="out of stage order"):
+        sched.check()
+    for seed in range(5):
+        with pytest.raises(RuntimeError, match="deadlock"):
+            simulate(sched, seed)
+
+
+@pytest.mark.parametrize("op", [OP_QKV, OP_ATTN, OP_O, OP_DOWN, OP_LM_HEAD])
+def test_check_rejects_waiting_for_part_of_the_previous_stage(op):
+    sched = copy_of(cached_schedule(SMALL_SPLIT_K, 8))
+    b, i = first_index(sched, op)
+    instr = sched.blocks[b][i]
+    assert instr.dep_target > 0
+    sched.blocks[b][i] = instr._replace(dep_target=instr.dep_target - 1)
+    with pytest.raises(AssertionError, match="does not wait for the whole previous stage"):
+        sched.check()
+
+
+def test_check_rejects_waiting_for_the_wrong_stage_or_too_much():
+    base = cached_schedule(SMALL_SPLIT_K, 8)
+    b, i = first_index(base, OP_GATE_UP)
+    instr = base.blocks[b][i]
+
+    earlier = copy_of(base)
+    earlier.blocks[b][i] = instr._replace(dep_stage=instr.dep_stage - 1)
+    with pytest.raises(AssertionError, match="does not wait for the whole previous stage"):
+        earlier.check()
+
+    too_much = copy_of(base)
+    too_much.blocks[b][i] = instr._replace(dep_target=instr.dep_target + 1)
+    with pytest.raises(AssertionError, match="does not wait for the whole previous stage"):
+        too_much.check()
+    with pytest.raises(RuntimeError, match="deadlock"):
+        simulate(too_much, 0)
+
+
+# ---- 3. load balance ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_llama_1b_weight_bytes_are_balanced_over_132_blocks(batch):
+    sched = cached_schedule(llama_1b(batch), 132)
+    loads = sched.bytes_per_block
+    assert len(loads) == 132 and min(loads) > 0
+    assert max(loads) / min(loads) < 1.05, f"bytes per block {min(loads)}..{max(loads)}"
+
+
+# ---- 4. encoding for the kernel -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,num_blocks", [(llama_1b(1), 132), (llama_1b(16), 114), (SMALL_SPLIT_K, 8)])
+def test_encoded_layout(shape, num_blocks):
+    sched = cached_schedule(shape, num_blocks)
+    flat, counts = sched.encoded()
+    width = sched.max_instrs
+    assert width == max(len(b) for b in sched.blocks)
+    assert len(flat) == num_blocks * width * schedule.INSTR_INTS
+    assert counts == [len(b) for b in sched.blocks]
+    assert tuple(flat[:schedule.INSTR_INTS]) == tuple(sched.blocks[0][0])
+    assert all(-2**31 <= v < 2**31 for v in flat), "the kernel reads int32"
+    row = width * schedule.INSTR_INTS
+    for b, block in enumerate(sched.blocks):
+        chunk = flat[b * row:(b + 1) * row]
+        used = len(block) * schedule.INSTR_INTS
+        assert [Instr(*chunk[j:j + schedule.INSTR_INTS]) for j in range(0, used, schedule.INSTR_INTS)] == block
+        assert chunk[used:] == [0] * (row - used)
+
+
+# ---- 5. unsupported shapes ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"batch": 0}, "batch 0 is outside 1..16"),
+    ({"batch": 17}, "batch 17 is outside 1..16"),
+    ({"head_dim": 96}, "head_dim 96 is not 32, 64 or 128"),
+    ({"num_q_heads": 32, "num_kv_heads": 2}, "the group must divide and be <= 8"),
+    ({"num_q_heads": 32, "num_kv_heads": 3}, "the group must divide"),
+    ({"num_q_heads": 8, "num_kv_heads": 1, "head_dim": 256}, "head_dim 256"),
+    ({"hidden": 2064}, "hidden_size 2064 is not a multiple of 32"),
+    ({"intermediate": 8200}, "intermediate_size 8200 is not a multiple of 32"),
+    ({"vocab": 128257}, "vocab_size 128257 is not a multiple of 32"),
+    ({"hidden": 4096}, "hidden_size 4096 does not fit one activation segment at batch 16"),
+    ({"intermediate": 8192 + 32}, "cannot split K=8224"),
+])
+def test_unsupported_shapes_say_why(change, message):
+    shape = dataclasses.replace(llama_1b(16), **change)
+    reason = unsupported_reason(shape)
+    assert reason is not None and message in reason, reason
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_schedule(shape, 132)
+
+
+def test_build_schedule_needs_a_block():
+    with pytest.raises(ValueError, match="at least one block"):
+        build_schedule(llama_1b(1), 0)
+
+
+# ---- 6. shape arithmetic ------------------------------------------------------------------------------------------
+
+
+def test_llama_1b_split_k_and_shared_memory():
+    assert llama_1b(1).segs(OP_DOWN) == 1
+    assert llama_1b(16).segs(OP_DOWN) == 4
+    assert llama_1b(16).kseg(8192) == 2048
+    for batch in range(1, 17):
+        s = llama_1b(batch)
+        assert s.xs_bytes() >= s.attention_smem_bytes()
+        assert s.xs_bytes() % 128 == 0
+        for op in MATMUL_OPS:
+            kseg = s.kseg(s.k(op))
+            assert s.k(op) % kseg == 0 and (kseg == s.k(op) or kseg % schedule.CHUNK_K == 0)
+            assert s.xs_bytes() >= batch * (kseg * 2 + schedule.ROW_PAD_BYTES), f"batch {batch}: op {op}"
+        assert s.segs(OP_QKV) == s.segs(OP_GATE_UP) == s.segs(OP_LM_HEAD) == 1
+        assert s.num_stages() >= 4, f"batch {batch}: {s.num_stages()} stages"
+        assert s.smem_bytes() <= SMEM_MAX
+
+
+def test_kseg_refuses_k_that_split_k_cannot_cut():
+    with pytest.raises(ValueError, match="cannot split K=4128"):
+        llama_1b(16).kseg(4128)
+
+
+def test_attention_splits():
+    assert attention_splits(llama_1b(1), 132) == 16  # 132 blocks // 8 (sequence, kv head) groups
+    assert attention_splits(llama_1b(16), 132) == 1
+    assert attention_splits(llama_1b(16), 8) == 1
+    assert attention_splits(llama_1b(1), 10_000) == schedule.MAX_ATTN_SPLITS
+
+
+def test_decode_shape_of_model_config():
+    from tokenmill.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8)
+    assert DecodeShape.of(cfg, 5) == llama_1b(5)
+
+
+# ---- Python and CUDA agree ----------------------------------------------------------------------------------------
+
+
+def cuda_text() -> str:
+    with open(CUDA_SOURCE) as f:
+        return f.read()
+
+
+def test_constants_match_the_cuda_source():
+    text = cuda_text()
+    ops = dict(re.findall(r"\b(OP_[A-Z_]+) = (\d+)", text))
+    assert {name: int(v) for name, v in ops.items()} == {
+        name: getattr(schedule, name) for name in ("OP_EMBED", "OP_QKV", "OP_ATTN", "OP_O", "OP_GATE_UP",
+                                                   "OP_DOWN", "OP_LM_HEAD")}
+    defines = dict(re.findall(r"^#define (\w+) (.+?)(?:\s*//.*)?$", text, re.MULTILINE))
+
+    def value(name: str) -> int:  # evaluates a #define, expanding the other #defines it names
+        expr = re.sub(r"[A-Z_]{2,}", lambda m: str(value(m.group(0))), defines[name])
+        return int(eval(expr, {"__builtins__": {}}))
+
+    for name in ("TILE_ROWS", "CHUNK_K", "ROW_PAD_BYTES", "STAGE_BYTES", "RED_BYTES", "MISC_BYTES", "ATTN_TOKENS",
+                 "MAX_STAGES", "G_MAX", "INSTR_INTS"):
+        assert value(name) == getattr(schedule, name), name
+    assert value("NUM_CONSUMERS") == schedule.NUM_CONSUMER_THREADS
+    assert value("NUM_THREADS") == build.NUM_THREADS
+    assert f"void __launch_bounds__(NUM_THREADS, 1) {build.KERNEL_NAME}(" in text
+
+
+def test_kernel_reads_instruction_fields_in_instr_order():
+    # Named reads `field = in[i]` (loop variables such as `tile = in[3]` are checked below as the item range).
+    reads = [(n, i) for n, i in re.findall(r"\b(\w+) = in\[(\d)\]", cuda_text()) if n in Instr._fields]
+    assert {"op", "layer", "seg", "dep_stage", "dep_target", "stage"} <= {name for name, _ in reads}
+    for name, index in reads:
+        assert Instr._fields[int(index)] == name, f"kernel reads {name} from in[{index}]"
+    # Work-item ranges: for (x = in[3]; x < in[4]; ...)
+    ranges = re.findall(r"= in\[(\d)\]; \w+ < in\[(\d)\]", cuda_text())
+    assert ranges and all((Instr._fields[int(a)], Instr._fields[int(b)]) == ("begin", "end") for a, b in ranges)
+
+
+def test_kernel_uses_only_declared_params():
+    names = {name for _, name in PARAM_FIELDS}
+    used = set(re.findall(r"\bp\.(\w+)", cuda_text()))
+    assert {"instrs", "instr_counts", "done", "arrivals", "num_stages", "eps"} <= used
+    assert used <= names, f"kernel reads undeclared params {sorted(used - names)}"
+
+
+# ---- 7. build helpers ---------------------------------------------------------------------------------------------
+
+
+def test_params_struct_source_has_one_line_per_field():
+    lines = params_struct_source().splitlines()
+    assert lines[0] == "struct Params {" and lines[-1] == "};"
+    fields = lines[1:-1]
+    assert len(fields) == len(PARAM_FIELDS)
+    for line, (kind, name) in zip(fields, PARAM_FIELDS):
+        ctype = {"i64": "long long", "f64": "double"}.get(kind, kind[4:] + "*")
+        assert line.strip() == f"{ctype} {name};"
+
+
+def test_full_source_declares_params_before_the_kernel():
+    source = full_source()
+    assert source.count("struct Params {") == 1
+    params_at = source.index("struct Params {")
+    assert source.index("struct LayerPtrs") < params_at < source.index("const Params&")
+    assert params_at < source.index(build.KERNEL_NAME)
+    assert source.replace(params_struct_source() + "\n\n", "") == cuda_text()
+
+
+def field_values() -> dict[str, int | float]:
+    values: dict[str, int | float] = {name: 0x1000 * (i + 1) for i, (_, name) in enumerate(PARAM_FIELDS)}
+    values.update(eps=1e-5, scale_log2=0.125 * 1.4426950408889634, bt_stride=-3)
+    return values
+
+
+def test_pack_params_lays_out_every_field_in_8_bytes():
+    values = field_values()
+    buf = pack_params(values)
+    assert isinstance(buf, ctypes.Array) and len(buf) == len(PARAM_FIELDS)
+    assert ctypes.sizeof(buf) == 8 * len(PARAM_FIELDS)
+    raw = bytes(buf)
+    for i, (kind, name) in enumerate(PARAM_FIELDS):
+        word = raw[8 * i:8 * i + 8]
+        if kind == "f64":
+            assert struct.unpack("<d", word)[0] == values[name], name
+        else:
+            assert struct.unpack("<q", word)[0] == values[name], name
+
+
+def test_pack_params_rejects_missing_and_unknown_fields():
+    values = field_values()
+    del values["eps"]
+    with pytest.raises(ValueError, match="missing \\['eps'\\]"):
+        pack_params(values)
+    with pytest.raises(ValueError, match="unknown \\['bogus'\\]"):
+        pack_params({**field_values(), "bogus": 1})
+
+
+# ---- 8. compile (needs nvcc, not a GPU) ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
+def test_kernel_compiles_for_sm90a_without_spills(tmp_path):
+    cubin = compile_cubin(out_dir=tmp_path)
+    assert cubin.exists() and cubin.suffix == ".cubin" and cubin.parent == tmp_path
+    assert cubin.read_bytes()[:4] == b"\x7fELF"
+    assert compile_cubin(out_dir=tmp_path) == cubin  # cached by the source's hash
+
+    src = tmp_path / "check.cu"
+    src.write_text(full_source())
+    proc = subprocess.run([find_nvcc(), "-cubin", f"-arch={build.ARCH}", "-O3", "-std=c++17", "-Xptxas", "-v",
+                           "-o", str(tmp_path / "check.cubin"), str(src)], capture_output=True, text=True,
+                           check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert f"Compiling entry function '{build.KERNEL_NAME}'" in log
+    assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, log
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    assert registers * build.NUM_THREADS <= 65536, f"{registers} registers x {build.NUM_THREADS} threads"
