@@ -101,3 +101,31 @@ def random_prompts(num_seqs: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
+
+
+def check_graph_replay_matches_eager(run, model: LlamaForCausalLM, prompts: list[list[int]], seed: int,
+                                     steps: int, warmups: int = 1) -> None:
+    """Captures `run(ids, positions, cache, meta) -> logits` once in a CUDA graph over static inputs, then replays
+    it step after step next to eager calls of `run` on a copy of the batch: logits must be bit-identical. The
+    replayed logits are copied before the eager call, since a decoder may hand back the same buffer from both."""
+    eager, graphed = prefill(model, prompts, 40, seed), prefill(model, prompts, 40, seed)
+    ids, positions, meta = decode_inputs(graphed)
+    static_ids, static_positions = ids.clone(), positions.clone()
+    for _ in range(warmups):  # compile and allocate outside the graph
+        run(static_ids, static_positions, graphed.cache.clone(), meta)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run(static_ids, static_positions, graphed.cache, meta)
+    for i in range(steps):
+        ids, positions, step_meta = decode_inputs(graphed)
+        static_ids.copy_(ids)
+        static_positions.copy_(positions)
+        meta.slot_mapping.copy_(step_meta.slot_mapping)
+        meta.seq_lens.copy_(step_meta.seq_lens)
+        graph.replay()
+        replayed = out.clone()
+        ref_logits = step(eager, lambda *args: run(*args).clone())
+        graphed.lens = [n + 1 for n in graphed.lens]
+        graphed.last = replayed.argmax(-1).tolist()
+        assert torch.equal(replayed, ref_logits), f"seed {seed}: step {i}: graph replay differs from eager"

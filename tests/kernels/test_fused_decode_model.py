@@ -17,8 +17,8 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in 
 pytest.importorskip("triton")
 
 from decode_helpers import (  # noqa: E402
-    BLOCK_SIZE, DEVICE, ON_CUDA, decode_inputs, kl, make_model, model_runner, prefill, random_prompts, step,
-    tiny_config,
+    BLOCK_SIZE, DEVICE, ON_CUDA, check_graph_replay_matches_eager, decode_inputs, kl, make_model, model_runner,
+    prefill, random_prompts, step, tiny_config,
 )
 
 from tokenmill.kernels.fused_llama import FusedLlamaDecoder  # noqa: E402
@@ -136,24 +136,6 @@ def test_cuda_graph_replay_matches_eager(use_pdl):
     config = tiny_config()
     model = make_model(config, torch.bfloat16, seed)
     decoder = FusedLlamaDecoder(model, use_pdl=use_pdl)
-    prompts = random_prompts(5, config.vocab_size, seed)
-    eager, graphed = prefill(model, prompts, 40, seed), prefill(model, prompts, 40, seed)
-    ids, positions, meta = decode_inputs(graphed)
-    static = (ids.clone(), positions.clone(), meta)
-    for _ in range(2):
-        decoder(static[0], static[1], graphed.cache.clone(), meta)  # warm-up: compile outside the graph
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = decoder.compute_logits(decoder(static[0], static[1], graphed.cache, static[2]))
-    for i in range(32):
-        ids, positions, step_meta = decode_inputs(graphed)
-        static[0].copy_(ids)
-        static[1].copy_(positions)
-        meta.slot_mapping.copy_(step_meta.slot_mapping)
-        meta.seq_lens.copy_(step_meta.seq_lens)
-        graph.replay()
-        ref_logits = step(eager, lambda i_, p_, c_, m_: decoder.compute_logits(decoder(i_, p_, c_, m_)))
-        graphed.lens = [n + 1 for n in graphed.lens]
-        graphed.last = out.argmax(-1).tolist()
-        assert torch.equal(out, ref_logits), f"step {i}: graph replay differs from eager"
+    run = lambda ids, pos, cache, meta: decoder.compute_logits(decoder(ids, pos, cache, meta))  # noqa: E731
+    check_graph_replay_matches_eager(run, model, random_prompts(5, config.vocab_size, seed), seed, steps=32,
+                                     warmups=2)

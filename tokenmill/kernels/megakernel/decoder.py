@@ -15,7 +15,9 @@ import os
 
 import torch
 
-from tokenmill.kernels.megakernel.schedule import DecodeShape, Schedule, build_schedule, unsupported_reason
+from tokenmill.kernels.megakernel.schedule import (
+    OP_DOWN, OP_O, DecodeShape, Schedule, build_schedule, unsupported_reason,
+)
 from tokenmill.layers.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ class MegakernelLlamaDecoder:
             q_size = cfg.num_attention_heads * cfg.head_dim
             group = cfg.num_attention_heads // cfg.num_key_value_heads
             splits = schedule.attn_splits
-            max_segs = max(shape.segs(3), shape.segs(5))
+            max_segs = max(shape.segs(OP_O), shape.segs(OP_DOWN))
             num_arrivals = cfg.num_hidden_layers * 2 * (cfg.hidden_size // 16) + \
                 cfg.num_hidden_layers * batch * cfg.num_key_value_heads
             self._per_batch[batch] = {
@@ -232,8 +234,8 @@ class MegakernelLlamaDecoder:
             "head_dim": cfg.head_dim,
             "num_layers": cfg.num_hidden_layers,
             "attn_splits": schedule.attn_splits,
-            "kseg_o": st["shape"].kseg(st["shape"].k(3)),
-            "kseg_down": st["shape"].kseg(st["shape"].k(5)),
+            "kseg_o": st["shape"].kseg(st["shape"].k(OP_O)),
+            "kseg_down": st["shape"].kseg(st["shape"].k(OP_DOWN)),
             "num_stages": st["shape"].num_stages(),
             "prefetch_chunks": self.prefetch_chunks,
             "trace": st["trace"].data_ptr() if st["trace"] is not None else 0,
