@@ -70,6 +70,8 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("i64", "num_stages"),
     ("i64", "prefetch_chunks"),
     ("ptr:long long", "trace"),
+    ("ptr:long long", "chunk_trace"),
+    ("i64", "max_chunks"),
     ("f64", "eps"),
     ("f64", "scale_log2"),
 )

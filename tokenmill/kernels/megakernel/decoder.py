@@ -23,7 +23,7 @@ from tokenmill.layers.attention_metadata import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
-DEFAULT_PREFETCH_CHUNKS = 3  # H100 sweep 2026-11-26: 3 best of 0/3/6/12/24 (docs/DECODE_NOTES.md)
+DEFAULT_PREFETCH_CHUNKS = 0  # H100 2026-11-27: 0 beats 3 (the LM head streams at ~3 TB/s without it), docs/DECODE_NOTES.md
 
 
 class MegakernelUnsupported(ValueError):
@@ -123,14 +123,59 @@ class MegakernelLlamaDecoder:
                 # done counters (one per stage) then arrival counters, zeroed by one memset per launch
                 "counters": torch.zeros(len(schedule.stages) + num_arrivals, dtype=torch.int32, device=dev),
                 "trace": None,
+                "chunk_trace": None,
             }
         return self._per_batch[batch]
 
     def enable_trace(self, batch: int, on: bool = True) -> None:
-        """Makes the kernel record, per instruction, global-timer stamps (start, dependency met, end) for batch."""
+        """Makes the kernel record global-timer stamps for batch: per instruction (start, dependency met, end) and
+        per weight chunk (producer issued its copy, consumers found it landed)."""
         st = self._state(batch)
-        st["trace"] = torch.zeros(self.num_sms * st["schedule"].max_instrs * 3, dtype=torch.int64,
+        schedule = st["schedule"]
+        st["trace"] = torch.zeros(self.num_sms * schedule.max_instrs * 3, dtype=torch.int64,
                                   device=self.device) if on else None
+        st["chunk_trace"] = torch.zeros(self.num_sms * schedule.max_chunks * 2, dtype=torch.int64,
+                                        device=self.device) if on else None
+
+    def chunk_timeline(self, batch: int, bin_us: float = 1.0) -> dict:
+        """From the last traced launch: weight bytes the producers issued per time bin over all SMs (GB/s), the
+        stage each SM's consumers were in, and per stage the time the consumers waited for landed weights. Issue
+        rate tracks HBM demand: a producer issues a chunk only when a ring slot frees, so dips show the ring full
+        behind a stalled consumer."""
+        from tokenmill.kernels.megakernel.schedule import CHUNK_K, OP_NAMES, TILE_ROWS
+
+        st = self._state(batch)
+        if st["chunk_trace"] is None:
+            raise ValueError("enable_trace(batch) first")
+        schedule = st["schedule"]
+        stamps = st["chunk_trace"].view(self.num_sms, schedule.max_chunks, 2).cpu().tolist()
+        instr_stamps = st["trace"].view(self.num_sms, schedule.max_instrs, 3).cpu().tolist()
+        t0 = min(v for block in instr_stamps for row in block for v in row if v > 0)
+        issues: list[tuple[float, int]] = []
+        landed_wait: dict[str, float] = {}
+        for b, block in enumerate(schedule.blocks):
+            chunk = 0
+            for i, instr in enumerate(block):
+                kseg = schedule.shape.kseg(schedule.shape.k(instr.op)) if schedule.chunks(instr) else 0
+                per_tile = -(-kseg // CHUNK_K) if kseg else 0
+                prev_end = (instr_stamps[b][i][1] - t0) / 1000.0
+                for _ in range(instr.begin, instr.end):
+                    for c in range(per_tile):
+                        issued, consumed = stamps[b][chunk]
+                        length = min(CHUNK_K, kseg - c * CHUNK_K)
+                        issues.append(((issued - t0) / 1000.0, TILE_ROWS * length * 2))
+                        at = (consumed - t0) / 1000.0
+                        name = OP_NAMES[instr.op]
+                        landed_wait[name] = landed_wait.get(name, 0.0) + max(0.0, at - prev_end)
+                        prev_end = at
+                        chunk += 1
+        span = max(t for t, _ in issues) + bin_us
+        bins = [0.0] * (int(span / bin_us) + 1)
+        for t, nbytes in issues:
+            bins[int(t / bin_us)] += nbytes
+        gbps = [b / (bin_us * 1e3) for b in bins]
+        return dict(bin_us=bin_us, issued_GBps=gbps,
+                    consumer_wait_for_weights_us_per_sm={k: v / self.num_sms for k, v in landed_wait.items()})
 
     def trace_report(self, batch: int) -> dict:
         """Per-stage timing of the last traced launch: when its instructions started, how long they waited for their
@@ -239,6 +284,8 @@ class MegakernelLlamaDecoder:
             "num_stages": st["shape"].num_stages(),
             "prefetch_chunks": self.prefetch_chunks,
             "trace": st["trace"].data_ptr() if st["trace"] is not None else 0,
+            "chunk_trace": st["chunk_trace"].data_ptr() if st["chunk_trace"] is not None else 0,
+            "max_chunks": schedule.max_chunks,
             "eps": cfg.rms_norm_eps,
             "scale_log2": self.scale * LOG2E,
         })

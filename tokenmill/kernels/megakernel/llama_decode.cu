@@ -34,6 +34,7 @@ typedef __nv_bfloat16 bf16;
 #define MISC_BYTES 2048
 #define ATTN_TOKENS 256
 #define INSTR_INTS 8
+#define MAX_ATTN_SPLITS 32  // schedule.MAX_ATTN_SPLITS
 
 enum Op { OP_EMBED = 0, OP_QKV = 1, OP_ATTN = 2, OP_O = 3, OP_GATE_UP = 4, OP_DOWN = 5, OP_LM_HEAD = 6 };
 
@@ -217,6 +218,7 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
     const int len = min(CHUNK_K, load.k1 - load.kc);
     const int s = chunk % NUM_STAGES;
     mbar_wait(&empty[s], ((chunk / NUM_STAGES) & 1) ^ 1);
+    if (lane == 0 && p.chunk_trace) p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk) * 2] = globaltimer();
     if (lane == 0) mbar_expect_tx(&full[s], TILE_ROWS * len * 2);
     __syncwarp();
     if (lane < TILE_ROWS) {
@@ -237,6 +239,17 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
   }
 }
 
+// Waits (thread 0, then every consumer) until stage `dep_stage` has completed `dep_target` units.
+__device__ __forceinline__ void wait_dependency(const Params& p, int dep_stage, int dep_target, long long* trace) {
+  if (threadIdx.x == 0) {
+    if (dep_stage >= 0)
+      while (ld_acquire(p.done + dep_stage) < dep_target) {
+      }
+    if (trace) trace[1] = globaltimer();
+  }
+  consumer_sync();
+}
+
 // ---- consumers: activations into shared memory --------------------------------------------------------------
 
 struct Misc {
@@ -246,9 +259,19 @@ struct Misc {
   int merged;
 };
 
-// xs[m][0..klen) = x[m][k0..k0+klen) for m < M, RMSNorm'd (HF order) when norm != null.
+// Copies norm[k0..k0+klen) into shared memory (`dst`, the reduction scratch, free between tiles) with cp.async:
+// norm weights depend on nothing, so this goes out before the dependency wait; stage_x waits for it.
+__device__ __forceinline__ void preload_norm(const bf16* norm, int k0, int klen, char* dst) {
+  for (int v = threadIdx.x; v < klen / 8; v += NUM_CONSUMERS)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + v * 16)), "l"(norm + k0 + v * 8)
+                 : "memory");
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// xs[m][0..klen) = x[m][k0..k0+klen) for m < M, RMSNorm'd (HF order) when norm != null; norm_smem: the norm
+// weights preload_norm copied, or null (read from global).
 __device__ void stage_x(const Params& p, const bf16* src, int ld, int k0, int klen, const bf16* norm, char* xs,
-                        int xstride, Misc* misc) {
+                        int xstride, Misc* misc, const char* norm_smem) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int M = (int)p.M, vecs = klen / 8, rows = M;
   for (int m = 0; m < rows; ++m) {
@@ -275,6 +298,7 @@ __device__ void stage_x(const Params& p, const bf16* src, int ld, int k0, int kl
     consumer_sync();
     return;
   }
+  asm volatile("cp.async.wait_all;" ::: "memory");  // this thread's norm copies; the barrier publishes them
   consumer_sync();
   if (tid < rows) {
     float total = 0.f;
@@ -287,7 +311,8 @@ __device__ void stage_x(const Params& p, const bf16* src, int ld, int k0, int kl
     for (int v = tid; v < vecs; v += NUM_CONSUMERS) {
       uint4* slot = reinterpret_cast<uint4*>(xs + m * xstride + v * 16);
       uint4 x = *slot;
-      const uint4 g = __ldg(reinterpret_cast<const uint4*>(norm + k0 + v * 8));
+      const uint4 g = norm_smem ? *reinterpret_cast<const uint4*>(norm_smem + v * 16)
+                                : __ldg(reinterpret_cast<const uint4*>(norm + k0 + v * 8));
       bf16* e = reinterpret_cast<bf16*>(&x);
       const bf16* ge = reinterpret_cast<const bf16*>(&g);
 #pragma unroll
@@ -369,7 +394,7 @@ __device__ void epilogue(const Params& p, int op, int layer, int tile, int r, in
 
 template <int NT>  // n-tiles of 8 batch rows
 __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t* full, uint64_t* empty, char* xs,
-                           float4* red, Misc* misc, uint32_t& chunk) {
+                           float4* red, Misc* misc, uint32_t& chunk, long long* trace) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int op = in[0], layer = in[1], seg = in[2], M = (int)p.M;
   const OpInfo info = op_info(p, op, layer);
@@ -387,7 +412,10 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     case OP_DOWN: src = p.act; ld = (int)p.inter; break;
     default: src = p.h; ld = (int)p.hidden; norm = p.final_norm;
   }
-  stage_x(p, src, ld, k0, klen, norm, xs, xstride, misc);
+  const char* norm_smem = norm && klen * 2 <= RED_BYTES ? reinterpret_cast<const char*>(red) : nullptr;
+  if (norm_smem) preload_norm(norm, k0, klen, reinterpret_cast<char*>(red));
+  wait_dependency(p, in[5], in[6], trace);
+  stage_x(p, src, ld, k0, klen, norm, xs, xstride, misc, norm_smem);
   const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
 
   int merged = 0;
@@ -404,6 +432,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       const int len = min(CHUNK_K, k1 - kc);
       const int s = chunk % NUM_STAGES;
       mbar_wait(&full[s], (chunk / NUM_STAGES) & 1);
+      if (tid == 0 && p.chunk_trace) p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk) * 2 + 1] = globaltimer();
       const char* w = ring + s * STAGE_BYTES;
       const int steps = len / 32;
       for (int step = warp; step < steps; step += NUM_CONSUMER_WARPS) {
@@ -446,14 +475,12 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
         p.part[((size_t)seg * M + c) * N + tile_row(p, op, tile, r + 8)] = hi;
       }
       consumer_sync();
-      if (tid == 0) {
-        __threadfence();
+      if (tid == 0) {  // acq_rel: releases the block's partials (barrier above), acquires the others'
         int* counter = p.arrivals + ((size_t)layer * 2 + (op == OP_DOWN)) * (p.hidden / 16) + tile;
         misc->flag = atom_acq_rel_add(counter, 1) == nsegs - 1;
       }
       consumer_sync();
       if (misc->flag) {
-        __threadfence();
         if (active) {
           const int lo_row = tile_row(p, op, tile, r), hi_row = tile_row(p, op, tile, r + 8);
           float slo = 0.f, shi = 0.f;
@@ -482,7 +509,7 @@ struct AttnSmem {
   float* run_max;        // [G_MAX]
   float* run_sum;        // [G_MAX]
   float* alpha;          // [G_MAX]
-  float* q;              // [G * D], pre-scaled by softmax scale * log2(e)
+  float* q;              // [G * D] (16-byte aligned: cp.async)
   float* scores;         // [G][ATTN_TOKENS]
   float* o_red;          // [NUM_CONSUMER_WARPS][G * D]
 };
@@ -505,15 +532,69 @@ __device__ __forceinline__ long long token_offset(const Params& p, int m, int po
   return ((long long)block * BS + pos % BS) * Hkv * D + kvh * D;
 }
 
+// Asks L2 for the K and V rows of `n` context tokens from `tb` (one thread per token and row), and touches the block
+// table on the way. The past tokens' K and V do not depend on this step, so attention does this before waiting for
+// qkv; after the wait its loads hit L2 instead of HBM.
+template <int D>
+__device__ __forceinline__ void prefetch_kv_l2(const Params& p, const bf16* k_cache, const bf16* v_cache, int m,
+                                               int tb, int n, int kvh) {
+  const int tid = threadIdx.x;
+  for (int i = tid; i < 2 * n; i += NUM_CONSUMERS) {
+    const long long off = token_offset(p, m, tb + (i >> 1), kvh, (int)p.n_kv_heads, D, (int)p.block_size);
+    const bf16* row = ((i & 1) ? v_cache : k_cache) + off;
+#pragma unroll
+    for (int b = 0; b < D * 2; b += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + b / 2));
+  }
+}
+
+// The last split of (sequence m, KV head kvh) to finish: attention output = the splits' partial outputs weighted by
+// their softmax mass.
+__device__ __forceinline__ void merge_splits(const Params& p, int m, int kvh, int D, float* weight) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int Hq = (int)p.n_q_heads, Hkv = (int)p.n_kv_heads, G = Hq / Hkv, S = (int)p.attn_splits;
+  const size_t b0 = ((size_t)m * Hkv + kvh) * S * G;
+  const bool own = tid < G * D;
+  const int h0 = tid / D, d0 = tid % D;
+  for (int h = warp; h < G; h += NUM_CONSUMER_WARPS) {  // one warp per head, one lane per split
+    const float mx = lane < S ? __ldcg(p.ml_part + (b0 + lane * G + h) * 2) : -INFINITY;
+    const float sum = lane < S ? __ldcg(p.ml_part + (b0 + lane * G + h) * 2 + 1) : 0.f;
+    float gmax = mx;
+#pragma unroll
+    for (int off = 16; off; off >>= 1) gmax = fmaxf(gmax, __shfl_xor_sync(0xffffffffu, gmax, off));
+    const float e = lane < S ? exp2f(mx - gmax) : 0.f;
+    float den = sum * e;
+#pragma unroll
+    for (int off = 16; off; off >>= 1) den += __shfl_xor_sync(0xffffffffu, den, off);
+    if (lane < S) weight[lane * G + h] = e / den;
+  }
+  consumer_sync();
+  if (own) {
+    const float* my_part = p.o_part + (b0 + h0) * D + d0;  // split s2 at my_part[s2 * G * D]
+    float o = 0.f;
+#pragma unroll 16
+    for (int s2 = 0; s2 < S; ++s2) o += weight[s2 * G + h0] * __ldcg(my_part + (size_t)s2 * G * D);
+    p.attn[(size_t)m * Hq * D + (kvh * G + h0) * D + d0] = __float2bfloat16(o);
+  }
+  for (int idx = tid + NUM_CONSUMERS; idx < G * D; idx += NUM_CONSUMERS) {
+    const int h = idx / D, d = idx % D;
+    float o = 0.f;
+#pragma unroll 8
+    for (int s2 = 0; s2 < S; ++s2) o += weight[s2 * G + h] * __ldcg(p.o_part + (b0 + s2 * G + h) * D + d);
+    p.attn[(size_t)m * Hq * D + (kvh * G + h) * D + d] = __float2bfloat16(o);
+  }
+}
+
 // One work item = (sequence, KV head, context split), 256 context tokens at a time. Every load of a token block is
 // issued up front (one round trip): K by one thread per token (its whole row, all GM heads' dot products), V by
 // threads that each own 8 consecutive dims of every head for a strided subset of the tokens (summed at the end).
+// Before waiting for qkv, the first block's K and V rows are requested into L2 (prefetch_kv_l2).
 // The last split of a (sequence, KV head) to finish merges all splits' partials, in split order.
 template <int D, int GM>
-__device__ __forceinline__ void run_attention_t(const Params& p, const int* in, char* xs, Misc* misc) {
+__device__ __forceinline__ void run_attention_t(const Params& p, const int* in, char* xs, Misc* misc,
+                                                long long* trace) {
   constexpr int NDVEC = D / 8, TSUBS = NUM_CONSUMERS / NDVEC, VTOK = ATTN_TOKENS / TSUBS;
-  // Loads in flight per thread, fewer for 8-head groups (their accumulators take the registers).
-  constexpr int PASS = GM > 4 ? 4 : 8;
+  // Loads in flight per thread, fewer for 8-head groups and 128-dim heads (registers: no spills at the 168 cap).
+  constexpr int PASS = GM > 4 || D > 64 ? 4 : 8;
   constexpr int KPASS = NDVEC < PASS ? NDVEC : PASS, VPASS = VTOK < PASS ? VTOK : PASS;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int layer = in[1];
@@ -525,13 +606,23 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
   const bf16* k_cache = p.kv_cache + layer * p.kv_layer_stride;
   const bf16* v_cache = k_cache + p.kv_v_offset;
   int merged = 0;
+  bool waited = false;
   for (int item = in[3]; item < in[4]; ++item) {
     const int split = item % S, kvh = (item / S) % Hkv, m = item / (S * Hkv);
     const int L = p.seq_lens[m];
     const int per_split = (L + S - 1) / S;
     const int t0 = split * per_split, t1 = min(L, t0 + per_split);
-    for (int i = tid; i < G * D; i += NUM_CONSUMERS)
-      sm->q[i] = __ldcg(p.q + (size_t)m * Hq * D + kvh * G * D + i) * (float)p.scale_log2;
+    if (!waited) {
+      prefetch_kv_l2<D>(p, k_cache, v_cache, m, t0, min(ATTN_TOKENS, t1 - t0), kvh);
+      wait_dependency(p, in[5], in[6], trace);
+      waited = true;
+    }
+    // q (written by this step's qkv) lands in shared memory while the first K and V loads are in flight.
+    for (int i = tid; i < G * D / 4; i += NUM_CONSUMERS)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(sm->q + 4 * i)),
+                   "l"(p.q + (size_t)m * Hq * D + kvh * G * D + 4 * i)
+                   : "memory");
+    asm volatile("cp.async.commit_group;" ::: "memory");
     if (tid < G) {
       sm->run_max[tid] = -INFINITY;
       sm->run_sum[tid] = 0.f;
@@ -541,7 +632,6 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
     for (int h = 0; h < GM; ++h)
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[h][j] = 0.f;
-    consumer_sync();
     for (int tb = t0; tb < t1; tb += ATTN_TOKENS) {
       const int n = min(ATTN_TOKENS, t1 - tb);
       // V loads of the first pass go out together with the K loads.
@@ -551,16 +641,27 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
         const int i = tsub + j * TSUBS;
         if (i < n) vreg[j] = ld_cg16(v_cache + token_offset(p, m, tb + i, kvh, Hkv, D, BS) + dvec * 8);
       }
+      long long off = 0;
+      uint4 kreg[KPASS];
       if (tid < n) {
-        const long long off = token_offset(p, m, tb + tid, kvh, Hkv, D, BS);
+        off = token_offset(p, m, tb + tid, kvh, Hkv, D, BS);
+#pragma unroll
+        for (int c = 0; c < KPASS; ++c) kreg[c] = ld_cg16(k_cache + off + c * 8);
+      }
+      if (tb == t0) {  // q and the softmax state are in shared memory from here
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        consumer_sync();
+      }
+      if (tid < n) {
         float dots[GM];
 #pragma unroll
         for (int h = 0; h < GM; ++h) dots[h] = 0.f;
 #pragma unroll
         for (int c0 = 0; c0 < NDVEC; c0 += KPASS) {
-          uint4 kreg[KPASS];
+          if (c0 > 0) {
 #pragma unroll
-          for (int c = 0; c < KPASS; ++c) kreg[c] = ld_cg16(k_cache + off + (c0 + c) * 8);
+            for (int c = 0; c < KPASS; ++c) kreg[c] = ld_cg16(k_cache + off + (c0 + c) * 8);
+          }
 #pragma unroll
           for (int c = 0; c < KPASS; ++c) {
             const bf16* ke = reinterpret_cast<const bf16*>(&kreg[c]);
@@ -575,7 +676,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
         }
 #pragma unroll
         for (int h = 0; h < GM; ++h)
-          if (h < G) sm->scores[h * ATTN_TOKENS + tid] = dots[h];
+          if (h < G) sm->scores[h * ATTN_TOKENS + tid] = dots[h] * (float)p.scale_log2;
       }
       consumer_sync();
       // Online softmax, one warp per head: new max, rescale factor, probabilities (base 2) in place.
@@ -635,6 +736,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       }
       consumer_sync();
     }
+    asm volatile("cp.async.wait_all;" ::: "memory");  // an empty split never waited for its q copy
     // Sum the token subsets: lanes NDVEC apart in a warp first, then the warps through shared memory.
 #pragma unroll
     for (int h = 0; h < GM; ++h) {
@@ -662,35 +764,13 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       p.ml_part[(base + tid) * 2 + 1] = sm->run_sum[tid];
     }
     consumer_sync();
-    if (tid == 0) {
-      __threadfence();
+    if (tid == 0) {  // acq_rel: releases this split's partials (barrier above), acquires the other splits'
       int* counter = p.arrivals + (size_t)p.num_layers * 2 * (p.hidden / 16) + ((size_t)layer * M + m) * Hkv + kvh;
       misc->flag = atom_acq_rel_add(counter, 1) == S - 1;
     }
     consumer_sync();
     if (misc->flag) {
-      __threadfence();
-      const size_t b0 = ((size_t)m * Hkv + kvh) * S * G;
-      float* weight = sm->scores;  // [S][G]: each split's share of the normalised output
-      if (tid < S * G) {
-        weight[tid] = __ldcg(p.ml_part + (b0 + tid) * 2);
-        weight[ATTN_TOKENS + tid] = __ldcg(p.ml_part + (b0 + tid) * 2 + 1);
-      }
-      consumer_sync();
-      if (tid < G) {
-        float gmax = -INFINITY, den = 0.f;
-        for (int s2 = 0; s2 < S; ++s2) gmax = fmaxf(gmax, weight[s2 * G + tid]);
-        for (int s2 = 0; s2 < S; ++s2) den += weight[ATTN_TOKENS + s2 * G + tid] * exp2f(weight[s2 * G + tid] - gmax);
-        for (int s2 = 0; s2 < S; ++s2) weight[s2 * G + tid] = exp2f(weight[s2 * G + tid] - gmax) / den;
-      }
-      consumer_sync();
-      for (int idx = tid; idx < G * D; idx += NUM_CONSUMERS) {
-        const int h = idx / D, d = idx % D;
-        float o = 0.f;
-#pragma unroll 8
-        for (int s2 = 0; s2 < S; ++s2) o += weight[s2 * G + h] * __ldcg(p.o_part + (b0 + s2 * G + h) * D + d);
-        p.attn[(size_t)m * Hq * D + (kvh * G + h) * D + d] = __float2bfloat16(o);
-      }
+      merge_splits(p, m, kvh, D, sm->scores);
       ++merged;
     }
     consumer_sync();
@@ -706,9 +786,9 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
 #define ATTN_GROUP_MAX 4
 #endif
 
-__device__ void run_attention(const Params& p, const int* in, char* xs, Misc* misc) {
+__device__ void run_attention(const Params& p, const int* in, char* xs, Misc* misc, long long* trace) {
   if (p.head_dim != ATTN_HEAD_DIM || p.n_q_heads / p.n_kv_heads > ATTN_GROUP_MAX) __trap();
-  run_attention_t<ATTN_HEAD_DIM, ATTN_GROUP_MAX>(p, in, xs, misc);
+  run_attention_t<ATTN_HEAD_DIM, ATTN_GROUP_MAX>(p, in, xs, misc, trace);
 }
 
 // ---- the kernel ---------------------------------------------------------------------------------------------------
@@ -747,11 +827,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
     const int op = in[0], dep_stage = in[5], dep_target = in[6], stage = in[7];
     long long* trace = p.trace ? p.trace + ((size_t)blockIdx.x * p.max_instrs + ii) * 3 : nullptr;
     if (tid == 0 && trace) trace[0] = globaltimer();
-    if (tid == 0 && dep_stage >= 0) {
-      while (ld_acquire(p.done + dep_stage) < dep_target) __nanosleep(20);
-    }
-    if (tid == 0 && trace) trace[1] = globaltimer();
-    consumer_sync();
+    if (op == OP_EMBED) wait_dependency(p, dep_stage, dep_target, trace);  // the others wait after their first loads
     if (op == OP_EMBED) {
       const int H = (int)p.hidden;
       for (int m = in[3]; m < in[4]; ++m) {
@@ -761,15 +837,15 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
       }
       if (tid == 0) misc->merged = in[4] - in[3];
     } else if (op == OP_ATTN) {
-      run_attention(p, in, xs, misc);
+      run_attention(p, in, xs, misc, trace);
     } else if (p.M <= 8) {
-      run_matmul<1>(p, in, ring, full, empty, xs, red, misc, chunk);
+      run_matmul<1>(p, in, ring, full, empty, xs, red, misc, chunk, trace);
     } else {
-      run_matmul<2>(p, in, ring, full, empty, xs, red, misc, chunk);
+      run_matmul<2>(p, in, ring, full, empty, xs, red, misc, chunk, trace);
     }
     consumer_sync();
+    // The release is cumulative: every consumer's writes precede it through the barrier above.
     if (tid == 0 && misc->merged > 0) {
-      __threadfence();
       red_release_add(p.done + stage, misc->merged);
     }
     if (tid == 0 && trace) trace[2] = globaltimer();

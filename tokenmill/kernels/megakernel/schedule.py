@@ -177,6 +177,16 @@ class Schedule:
     def max_instrs(self) -> int:
         return max(len(b) for b in self.blocks)
 
+    def chunks(self, instr: Instr) -> int:
+        """Weight chunks (16 rows x up to CHUNK_K columns) the producer streams for one instruction."""
+        if instr.op in (OP_EMBED, OP_ATTN):
+            return 0
+        return (instr.end - instr.begin) * -(-self.shape.kseg(self.shape.k(instr.op)) // CHUNK_K)
+
+    @property
+    def max_chunks(self) -> int:
+        return max(sum(self.chunks(i) for i in block) for block in self.blocks)
+
     def encoded(self) -> tuple[list[int], list[int]]:
         """(instructions flat [num_blocks * max_instrs * INSTR_INTS], counts [num_blocks]) for the kernel."""
         width = self.max_instrs

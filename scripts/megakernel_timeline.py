@@ -1,0 +1,82 @@
+"""Where a megakernel decode step spends its time: one traced launch per (batch, context), on an sm_90 GPU.
+
+Writes, per cell, the raw global-timer stamps (per instruction: start / dependency met / end; per weight chunk:
+producer issued / consumers found it landed) to <out>/timeline_b<B>_c<C>.pt, prints the per-stage summary, the
+weight bytes the producers issued per microsecond over all SMs (HBM demand) and the share of the step in which
+that demand is below half the copy bandwidth, and plots both to <out>/timeline_b<B>_c<C>.png.
+
+    PYTHONPATH=. python scripts/megakernel_timeline.py --cells 1x1024,16x1024 --out /tmp/timeline
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from tokenmill.bench.decode import _sync, build_model, make_kv_cache, measure_copy_bandwidth, step_inputs
+from tokenmill.kernels.megakernel.decoder import MegakernelLlamaDecoder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", default="1x1024", help="comma-separated BATCHxCONTEXT")
+    ap.add_argument("--shape", default="llama-3.2-1b")
+    ap.add_argument("--out", type=Path, default=Path("timeline"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda")
+    cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",")]
+    model, config, _ = build_model(args.shape, torch.bfloat16, device, seed=0)
+    kv_cache = make_kv_cache(config, max(b for b, _ in cells), max(c for _, c in cells), torch.bfloat16, device, 1)
+    bandwidth = measure_copy_bandwidth(device)
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    decoder = MegakernelLlamaDecoder(model)
+    for batch, context in cells:
+        inputs = step_inputs(batch, context, kv_cache.shape[2], config.vocab_size, device, seed=batch)
+        decoder.enable_trace(batch)
+        for _ in range(3):  # the last launch's stamps are kept
+            decoder.decode_logits(inputs.input_ids, inputs.positions, kv_cache, inputs.meta)
+        _sync(device)
+        st = decoder._state(batch)
+        report = decoder.trace_report(batch)
+        timeline = decoder.chunk_timeline(batch)
+        stem = args.out / f"timeline_b{batch}_c{context}"
+        torch.save(dict(trace=st["trace"].cpu(), chunk_trace=st["chunk_trace"].cpu(), report=report,
+                        timeline=timeline, blocks=[list(map(tuple, b)) for b in st["schedule"].blocks],
+                        bandwidth=bandwidth), f"{stem}.pt")
+        rate = timeline["issued_GBps"]
+        low = sum(1 for r in rate if r < 0.5 * bandwidth / 1e9) / len(rate)
+        print(f"b={batch} ctx={context}: span {report['span_us']:.1f} us; issue rate below half the copy bandwidth "
+              f"in {100 * low:.0f}% of the 1-us bins")
+        stages = report["stages"]
+        for prev, cur in zip(stages, stages[1:]):
+            if cur["layer"] == 1 or cur["op"] == "lm_head":
+                print(f"  {cur['op']:9s} layer {cur['layer']:2d}: ends {cur['last_end']:8.1f} us "
+                      f"(+{cur['last_end'] - prev['last_end']:5.1f}), mean wait {cur['mean_wait_us']:5.1f}")
+        decoder.enable_trace(batch, on=False)
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            continue
+        fig, ax = plt.subplots(figsize=(14, 4))
+        ax.plot([i * timeline["bin_us"] for i in range(len(rate))], rate, lw=0.8)
+        ax.axhline(bandwidth / 1e9, color="k", ls="--", lw=0.8, label="copy bandwidth")
+        for row in stages:
+            if row["op"] in ("qkv", "attention"):
+                ax.axvline(row["last_end"], color="r" if row["op"] == "attention" else "g", lw=0.4)
+        ax.set_xlabel("us since the first instruction (green: qkv ends, red: attention ends)")
+        ax.set_ylabel("weight bytes issued, GB/s")
+        ax.set_title(f"megakernel b={batch} ctx={context}: HBM demand over one decode step")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(f"{stem}.png", dpi=110)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
