@@ -177,9 +177,37 @@ def test_length_scale_and_max_context():
     for s, uncapped in zip(capped, full):
         assert len(s.turns) >= 1
         last = s.turns[-1]
-        assert last.input_tokens + last.output_tokens <= 2048
+        # content plus 8 chat-template tokens for the system prompt and for every message and answer so far
+        template = 8 * ((1 if s.prefix else 0) + 2 * len(s.turns))
+        assert last.input_tokens + last.output_tokens + template <= 2048
         assert s.turns[0].new_tokens <= uncapped.turns[0].new_tokens  # shrunk, never grown
     assert any(len(s.turns) < len(u.turns) for s, u in zip(capped, full))
+    # Without template tokens the same cap admits more: the guard counts them, it does not just cut turns.
+    bare = generate_sessions(parse_workload_spec("coding_agent,sessions=50,seed=2,max_context=2048,template_tokens=0"),
+                             with_hash_ids=False)
+    def admitted(sessions):
+        return sum(s.turns[-1].input_tokens + s.turns[-1].output_tokens for s in sessions)
+
+    assert admitted(bare) > admitted(capped)
+    assert all(s.turns[-1].input_tokens + s.turns[-1].output_tokens <= 2048 for s in bare)
+
+
+@pytest.mark.parametrize("limit", [32, 40, 64])
+def test_tiny_max_context_still_fits_one_exchange(limit):
+    sessions = generate_sessions(parse_workload_spec(f"coding_agent,sessions=20,seed=5,max_context={limit}"),
+                                 with_hash_ids=False)
+    for s in sessions:
+        first = s.turns[0]
+        template = 8 * ((1 if s.prefix else 0) + 2)
+        assert len(s.turns) >= 1 and first.new_tokens >= 1 and first.output_tokens >= 1
+        assert first.input_tokens + first.output_tokens + template <= limit
+
+
+def test_max_context_must_hold_the_template():
+    with pytest.raises(ValueError, match="max_context must be >= 32"):
+        parse_workload_spec("chat,max_context=31")
+    with pytest.raises(ValueError, match="template_tokens must be >= 0"):
+        parse_workload_spec("chat,template_tokens=-1")
 
 
 def test_shared_prefixes_share_hash_ids_and_ids_are_chained():

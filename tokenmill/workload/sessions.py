@@ -414,6 +414,9 @@ class WorkloadSpec:
     num_sessions: int = 100
     length_scale: float = 1.0
     max_context: int | None = None  # a session ends before a turn whose prompt + answer would exceed this
+    # Tokens a chat template adds per message (role markers, separators; ChatML: 5), counted against max_context
+    # for the system prompt, every user / tool message and every answer, so the guard holds on /v1/chat/completions.
+    template_tokens: int = 8
     block_size: int = 16
     seed: int = 0
 
@@ -426,8 +429,11 @@ class WorkloadSpec:
             raise ValueError(f"num_sessions must be >= 1, got {self.num_sessions}")
         if not self.length_scale > 0:
             raise ValueError(f"length scale must be > 0, got {self.length_scale}")
-        if self.max_context is not None and self.max_context < 8:
-            raise ValueError(f"max_context must be >= 8 tokens, got {self.max_context}")
+        if self.template_tokens < 0:
+            raise ValueError(f"template_tokens must be >= 0, got {self.template_tokens}")
+        if self.max_context is not None and self.max_context < 8 + 3 * self.template_tokens:
+            raise ValueError(f"max_context must be >= {8 + 3 * self.template_tokens} tokens (8 plus the chat template "
+                             f"of a system prompt, a message and an answer), got {self.max_context}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
@@ -483,7 +489,7 @@ def _make_session(
 
     limit = spec.max_context
     if limit is not None:  # keep room for at least a short first exchange
-        budget = max(1, limit // 2)
+        budget = max(1, (limit - 3 * spec.template_tokens) // 2)
         clipped: list[Segment] = []
         for s in prefix:
             if budget <= 0:
@@ -495,6 +501,8 @@ def _make_session(
     session = Session(session_id=sid, workload=cls.name, arrival_s=arrival_s, prefix=prefix)
     num_turns = cls.turns.sample_int(rng, minimum=1)
     context = session.prefix_tokens
+    per_turn_template = 2 * spec.template_tokens  # the message and its answer
+    template = spec.template_tokens if prefix else 0  # the system prompt's
     now = arrival_s
     for k in range(num_turns):
         if k == 0:
@@ -512,11 +520,11 @@ def _make_session(
                 else:
                     gap, gap_kind = cls.think_time_s.sample_one(rng), "think"
         out = cls.output_tokens.sample_int(rng, minimum=1)
-        if limit is not None and context + new + out > limit:
+        if limit is not None and context + template + per_turn_template + new + out > limit:
             if k > 0:
                 break
             # First turn: shrink the message, then the answer, so every session has at least one request.
-            room = limit - context
+            room = limit - context - template - per_turn_template
             out = max(1, min(out, room // 2))
             new = max(1, min(new, room - out))
         now += gap
@@ -532,6 +540,7 @@ def _make_session(
         )
         session.turns.append(turn)
         context += new + out
+        template += per_turn_template
     return session
 
 
@@ -660,6 +669,7 @@ _OPTION_ALIASES = {
     "scale": "length_scale",
     "length_scale": "length_scale",
     "max_context": "max_context",
+    "template_tokens": "template_tokens",
     "block": "block_size",
     "block_size": "block_size",
     "seed": "seed",
@@ -669,7 +679,8 @@ WORKLOAD_SPEC_HELP = (
     "CLASS[,key=value...] or mix:CLASS=WEIGHT,...[,key=value...]; classes: "
     + ", ".join(WORKLOAD_CLASSES)
     + "; keys: rate (sessions/s), arrival (poisson|bursty|diurnal), cv, period (s), amplitude, sessions, "
-    "scale (token lengths x), max_context, block, seed; CLASS.FIELD=VALUE sets a class field "
+    "scale (token lengths x), max_context, template_tokens (chat-template tokens per message counted against "
+    "max_context, default 8), block, seed; CLASS.FIELD=VALUE sets a class field "
     "(a distribution's mean, or a number), e.g. chat.output_tokens=64"
 )
 
@@ -759,6 +770,7 @@ def parse_workload_spec(text: str, **overrides) -> WorkloadSpec:
         num_sessions=int(_number("sessions", options.get("num_sessions", "100"))),
         length_scale=_number("scale", options.get("length_scale", "1.0")),
         max_context=int(_number("max_context", max_context)) if max_context not in (None, "", "none") else None,
+        template_tokens=int(_number("template_tokens", options.get("template_tokens", "8"))),
         block_size=int(_number("block", options.get("block_size", "16"))),
         seed=int(_number("seed", options.get("seed", "0"))),
     )
