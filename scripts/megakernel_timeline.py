@@ -17,6 +17,7 @@ import torch
 
 from tokenmill.bench.decode import _sync, build_model, make_kv_cache, measure_copy_bandwidth, step_inputs
 from tokenmill.kernels.megakernel.decoder import MegakernelLlamaDecoder
+from tokenmill.kernels.megakernel.trace import per_op_stage_times
 
 
 def main() -> None:
@@ -51,10 +52,11 @@ def main() -> None:
         print(f"b={batch} ctx={context}: span {report['span_us']:.1f} us; issue rate below half the copy bandwidth "
               f"in {100 * low:.0f}% of the 1-us bins")
         stages = report["stages"]
-        for prev, cur in zip(stages, stages[1:]):
-            if cur["layer"] == 1 or cur["op"] == "lm_head":
-                print(f"  {cur['op']:9s} layer {cur['layer']:2d}: ends {cur['last_end']:8.1f} us "
-                      f"(+{cur['last_end'] - prev['last_end']:5.1f}), mean wait {cur['mean_wait_us']:5.1f}")
+        print("  per op, us (mean over layers): stage end to stage end | dependency met -> first chunk landed | "
+              "last chunk landed -> end")
+        for op, row in per_op_stage_times(report).items():
+            print(f"  {op:9s} {row['stage_us']:7.2f} | {timeline['staging_us'].get(op, 0.0):5.2f} | "
+                  f"{timeline['tail_us'].get(op, 0.0):5.2f}")
         decoder.enable_trace(batch, on=False)
         try:
             import matplotlib

@@ -629,6 +629,8 @@ def run_breakdown(decoder, kv_cache, settings: Settings, bandwidth: float, devic
 def run_megakernel_trace(decoder, kv_cache, settings: Settings, device: torch.device) -> list[dict]:
     """One traced megakernel step per breakdown batch at context 1k: per op, the mean time from the previous stage's
     end to this stage's end (its share of the critical path) and the mean time its instructions waited."""
+    from tokenmill.kernels.megakernel.trace import per_op_stage_times
+
     print("\nmegakernel trace (one launch with global-timer stamps; us, mean over layers):")
     out = []
     for batch in settings.breakdown_batches:
@@ -644,11 +646,7 @@ def run_megakernel_trace(decoder, kv_cache, settings: Settings, device: torch.de
             out.append(dict(batch=batch, error=short_error(exc)))
             continue
         stages = report["stages"]
-        per_op: dict[str, list[tuple[float, float]]] = {}
-        for prev, cur in zip(stages, stages[1:]):
-            per_op.setdefault(cur["op"], []).append((cur["last_end"] - prev["last_end"], cur["mean_wait_us"]))
-        summary = {op: dict(stage_us=statistics.mean(v[0] for v in vals), wait_us=statistics.mean(v[1] for v in vals),
-                            count=len(vals)) for op, vals in per_op.items()}
+        summary = per_op_stage_times(report)
         print(f"  b={batch} ctx=1024 span {report['span_us']:.1f} us: " + ", ".join(
             f"{op} {v['stage_us']:.1f} (wait {v['wait_us']:.1f})" for op, v in summary.items()))
         out.append(dict(batch=batch, context=1024, span_us=report["span_us"], per_op=summary, stages=stages))

@@ -18,6 +18,7 @@ import torch
 from tokenmill.kernels.megakernel.schedule import (
     OP_DOWN, OP_O, DecodeShape, Schedule, build_schedule, unsupported_reason,
 )
+from tokenmill.kernels.megakernel.trace import chunk_timeline, stage_report
 from tokenmill.layers.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -137,75 +138,23 @@ class MegakernelLlamaDecoder:
         st["chunk_trace"] = torch.zeros(self.num_sms * schedule.max_chunks * 2, dtype=torch.int64,
                                         device=self.device) if on else None
 
-    def chunk_timeline(self, batch: int, bin_us: float = 1.0) -> dict:
-        """From the last traced launch: weight bytes the producers issued per time bin over all SMs (GB/s), the
-        stage each SM's consumers were in, and per stage the time the consumers waited for landed weights. Issue
-        rate tracks HBM demand: a producer issues a chunk only when a ring slot frees, so dips show the ring full
-        behind a stalled consumer."""
-        from tokenmill.kernels.megakernel.schedule import CHUNK_K, OP_NAMES, TILE_ROWS
-
-        st = self._state(batch)
-        if st["chunk_trace"] is None:
-            raise ValueError("enable_trace(batch) first")
-        schedule = st["schedule"]
-        stamps = st["chunk_trace"].view(self.num_sms, schedule.max_chunks, 2).cpu().tolist()
-        instr_stamps = st["trace"].view(self.num_sms, schedule.max_instrs, 3).cpu().tolist()
-        t0 = min(v for block in instr_stamps for row in block for v in row if v > 0)
-        issues: list[tuple[float, int]] = []
-        landed_wait: dict[str, float] = {}
-        for b, block in enumerate(schedule.blocks):
-            chunk = 0
-            for i, instr in enumerate(block):
-                kseg = schedule.shape.kseg(schedule.shape.k(instr.op)) if schedule.chunks(instr) else 0
-                per_tile = -(-kseg // CHUNK_K) if kseg else 0
-                prev_end = (instr_stamps[b][i][1] - t0) / 1000.0
-                for _ in range(instr.begin, instr.end):
-                    for c in range(per_tile):
-                        issued, consumed = stamps[b][chunk]
-                        length = min(CHUNK_K, kseg - c * CHUNK_K)
-                        issues.append(((issued - t0) / 1000.0, TILE_ROWS * length * 2))
-                        at = (consumed - t0) / 1000.0
-                        name = OP_NAMES[instr.op]
-                        landed_wait[name] = landed_wait.get(name, 0.0) + max(0.0, at - prev_end)
-                        prev_end = at
-                        chunk += 1
-        span = max(t for t, _ in issues) + bin_us
-        bins = [0.0] * (int(span / bin_us) + 1)
-        for t, nbytes in issues:
-            bins[int(t / bin_us)] += nbytes
-        gbps = [b / (bin_us * 1e3) for b in bins]
-        return dict(bin_us=bin_us, issued_GBps=gbps,
-                    consumer_wait_for_weights_us_per_sm={k: v / self.num_sms for k, v in landed_wait.items()})
-
-    def trace_report(self, batch: int) -> dict:
-        """Per-stage timing of the last traced launch: when its instructions started, how long they waited for their
-        dependency, when the stage finished; plus the step's span. Times in microseconds from the first stamp."""
-        from tokenmill.kernels.megakernel.schedule import OP_NAMES
-
+    def _stamps(self, batch: int) -> tuple[Schedule, list, list]:
         st = self._state(batch)
         if st["trace"] is None:
             raise ValueError("enable_trace(batch) first")
         schedule = st["schedule"]
-        stamps = st["trace"].view(self.num_sms, schedule.max_instrs, 3).cpu()
-        t0 = int(stamps[stamps > 0].min())
-        per_stage: dict[int, dict] = {}
-        for b, block in enumerate(schedule.blocks):
-            for i, instr in enumerate(block):
-                start, met, end = (int(x) - t0 for x in stamps[b, i])
-                row = per_stage.setdefault(instr.stage, dict(stage=instr.stage, op=OP_NAMES[instr.op],
-                                                             layer=instr.layer, first_start=start, dep_met=met,
-                                                             last_end=end, wait_sum=0, instrs=0))
-                row["first_start"] = min(row["first_start"], start)
-                row["dep_met"] = min(row["dep_met"], met)
-                row["last_end"] = max(row["last_end"], end)
-                row["wait_sum"] += met - start
-                row["instrs"] += 1
-        rows = [per_stage[k] for k in sorted(per_stage)]
-        for row in rows:
-            for key in ("first_start", "dep_met", "last_end", "wait_sum"):
-                row[key] = row[key] / 1000.0
-            row["mean_wait_us"] = row.pop("wait_sum") / row["instrs"]
-        return dict(span_us=max(r["last_end"] for r in rows), stages=rows)
+        return (schedule, st["trace"].view(self.num_sms, schedule.max_instrs, 3).tolist(),
+                st["chunk_trace"].view(self.num_sms, schedule.max_chunks, 2).tolist())
+
+    def trace_report(self, batch: int) -> dict:
+        """Per-stage timing of the last traced launch (trace.stage_report)."""
+        schedule, instr_stamps, _ = self._stamps(batch)
+        return stage_report(schedule, instr_stamps)
+
+    def chunk_timeline(self, batch: int, bin_us: float = 1.0) -> dict:
+        """HBM demand over the last traced launch and each op's staging / tail latency (trace.chunk_timeline)."""
+        schedule, instr_stamps, chunk_stamps = self._stamps(batch)
+        return chunk_timeline(schedule, instr_stamps, chunk_stamps, bin_us)
 
     # ---- the step ---------------------------------------------------------------------------------------------
 

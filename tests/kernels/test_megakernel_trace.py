@@ -1,0 +1,75 @@
+"""The megakernel's trace readers (trace.py) on synthetic stamps: CPU only, no kernel."""
+
+import pytest
+
+from tokenmill.kernels.megakernel.schedule import OP_NAMES, DecodeShape, build_schedule
+from tokenmill.kernels.megakernel.trace import chunk_timeline, per_op_stage_times, stage_report
+
+# down is split-K at batch 16 here (K 4096 > 2048), so chunk lengths and counts per tile vary by op
+SHAPE = DecodeShape(batch=16, hidden=512, intermediate=4096, vocab=1024, num_q_heads=8, num_kv_heads=4, head_dim=64,
+                    num_layers=2)
+T0 = 5_000_000  # globaltimer is not zero-based
+STAGING_NS, CHUNK_NS, TAIL_NS, WAIT_NS = 500, 1000, 300, 100
+
+
+def synthetic_stamps(schedule):
+    """Each block runs its instructions back to back: wait WAIT_NS, first chunk lands STAGING_NS after the wait,
+    then one chunk per CHUNK_NS (issued 2 us before it lands), end TAIL_NS after the last chunk."""
+    instr = [[[0, 0, 0] for _ in range(schedule.max_instrs)] for _ in schedule.blocks]
+    chunks = [[[0, 0] for _ in range(schedule.max_chunks)] for _ in schedule.blocks]
+    for b, block in enumerate(schedule.blocks):
+        t, c = T0 + 1000 * b, 0
+        for i, ins in enumerate(block):
+            start, met = t, t + WAIT_NS
+            n = schedule.chunks(ins)
+            landed = [met + STAGING_NS + k * CHUNK_NS for k in range(n)]
+            for k, at in enumerate(landed):
+                chunks[b][c + k] = [at - 2000, at]
+            c += n
+            end = (landed[-1] if landed else met) + TAIL_NS
+            instr[b][i] = [start, met, end]
+            t = end
+    return instr, chunks
+
+
+def test_stage_report_and_per_op_times_follow_the_stamps():
+    schedule = build_schedule(SHAPE, 6)
+    instr, _ = synthetic_stamps(schedule)
+    report = stage_report(schedule, instr)
+    assert [r["stage"] for r in report["stages"]] == list(range(len(schedule.stages)))
+    assert report["stages"][0]["first_start"] == 0.0
+    ends = {}
+    for b, block in enumerate(schedule.blocks):
+        for i, ins in enumerate(block):
+            ends[ins.stage] = max(ends.get(ins.stage, 0), instr[b][i][2] - T0)
+    assert [r["last_end"] for r in report["stages"]] == [ends[s] / 1000 for s in sorted(ends)]
+    assert report["span_us"] == max(ends.values()) / 1000
+    assert all(r["mean_wait_us"] == pytest.approx(WAIT_NS / 1000) for r in report["stages"])
+    per_op = per_op_stage_times(report)
+    assert set(per_op) == {"qkv", "attention", "o", "gate_up", "down", "lm_head"}
+    assert per_op["qkv"]["count"] == SHAPE.num_layers and per_op["lm_head"]["count"] == 1
+
+
+def test_chunk_timeline_bins_every_weight_byte_and_measures_staging_and_tail():
+    schedule = build_schedule(SHAPE, 6)
+    instr, chunks = synthetic_stamps(schedule)
+    for bin_us in (0.5, 1.0, 7.0):
+        timeline = chunk_timeline(schedule, instr, chunks, bin_us=bin_us)
+        streamed = sum(timeline["issued_GBps"]) * bin_us * 1e3
+        expected = sum(2 * 16 * SHAPE.kseg(SHAPE.k(ins.op)) * (ins.end - ins.begin)
+                       for block in schedule.blocks for ins in block if schedule.chunks(ins))
+        assert streamed == pytest.approx(expected)
+    matmuls = {OP_NAMES[ins.op] for block in schedule.blocks for ins in block if schedule.chunks(ins)}
+    assert set(timeline["staging_us"]) == set(timeline["tail_us"]) == matmuls
+    assert all(v == pytest.approx(STAGING_NS / 1000) for v in timeline["staging_us"].values())
+    assert all(v == pytest.approx(TAIL_NS / 1000) for v in timeline["tail_us"].values())
+
+
+def test_readers_refuse_untraced_stamps_and_bad_bins():
+    schedule = build_schedule(SHAPE, 6)
+    zeros = [[[0, 0, 0] for _ in range(schedule.max_instrs)] for _ in schedule.blocks]
+    with pytest.raises(ValueError, match="no stamps"):
+        stage_report(schedule, zeros)
+    instr, chunks = synthetic_stamps(schedule)
+    with pytest.raises(ValueError, match="bin_us"):
+        chunk_timeline(schedule, instr, chunks, bin_us=0)

@@ -1,0 +1,103 @@
+"""Reading the megakernel's global-timer stamps (MegakernelLlamaDecoder.enable_trace): pure Python over lists.
+
+The kernel stamps, per block and instruction, (start, dependency met, end), and per weight chunk (producer issued
+its copies, consumers found it landed), in nanoseconds of %globaltimer. From them:
+
+- stage_report: when each stage's instructions started, waited and finished (the critical path per stage);
+- chunk_timeline: weight bytes issued per time bin over all SMs (the demand on HBM: a producer issues a chunk only
+  when a ring slot frees, so a dip means rings full behind stalled consumers) and, per op, the two latencies that
+  frame every instruction: dependency met -> first chunk landed (staging the activations) and last chunk landed ->
+  end (reduction, epilogue, release).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Sequence
+
+from tokenmill.kernels.megakernel.schedule import CHUNK_K, OP_NAMES, TILE_ROWS, Schedule
+
+Stamps = Sequence[Sequence[Sequence[int]]]  # [block][slot][field]
+
+
+def _origin(instr_stamps: Stamps) -> int:
+    stamped = [v for block in instr_stamps for row in block for v in row if v > 0]
+    if not stamped:
+        raise ValueError("no stamps: was the launch traced?")
+    return min(stamped)
+
+
+def stage_report(schedule: Schedule, instr_stamps: Stamps) -> dict:
+    """Per stage: first start, earliest dependency met, last end and the mean wait of its instructions; plus the
+    step's span. Microseconds from the first stamp."""
+    t0 = _origin(instr_stamps)
+    per_stage: dict[int, dict] = {}
+    for b, block in enumerate(schedule.blocks):
+        for i, instr in enumerate(block):
+            start, met, end = (int(x) - t0 for x in instr_stamps[b][i])
+            row = per_stage.setdefault(instr.stage, dict(stage=instr.stage, op=OP_NAMES[instr.op], layer=instr.layer,
+                                                         first_start=start, dep_met=met, last_end=end, wait_sum=0,
+                                                         instrs=0))
+            row["first_start"] = min(row["first_start"], start)
+            row["dep_met"] = min(row["dep_met"], met)
+            row["last_end"] = max(row["last_end"], end)
+            row["wait_sum"] += met - start
+            row["instrs"] += 1
+    rows = [per_stage[k] for k in sorted(per_stage)]
+    for row in rows:
+        for key in ("first_start", "dep_met", "last_end", "wait_sum"):
+            row[key] = row[key] / 1000.0
+        row["mean_wait_us"] = row.pop("wait_sum") / row["instrs"]
+    return dict(span_us=max(r["last_end"] for r in rows), stages=rows)
+
+
+def chunk_timeline(schedule: Schedule, instr_stamps: Stamps, chunk_stamps: Stamps, bin_us: float = 1.0) -> dict:
+    """Weight bytes issued per `bin_us` bin over all blocks (GB/s), and per op the mean over its instructions of
+    `staging_us` (dependency met -> first chunk landed) and `tail_us` (last chunk landed -> instruction end)."""
+    if bin_us <= 0:
+        raise ValueError("bin_us must be > 0")
+    t0 = _origin(instr_stamps)
+    issues: list[tuple[float, int]] = []
+    staging: dict[str, list[float]] = {}
+    tail: dict[str, list[float]] = {}
+    for b, block in enumerate(schedule.blocks):
+        chunk = 0
+        for i, instr in enumerate(block):
+            count = schedule.chunks(instr)
+            if not count:
+                continue
+            kseg = schedule.shape.kseg(schedule.shape.k(instr.op))
+            per_tile = -(-kseg // CHUNK_K)
+            landed = []
+            for c in range(count):
+                issued, consumed = chunk_stamps[b][chunk + c]
+                length = min(CHUNK_K, kseg - (c % per_tile) * CHUNK_K)
+                issues.append(((int(issued) - t0) / 1000.0, TILE_ROWS * length * 2))
+                landed.append((int(consumed) - t0) / 1000.0)
+            chunk += count
+            _, met, end = ((int(x) - t0) / 1000.0 for x in instr_stamps[b][i])
+            name = OP_NAMES[instr.op]
+            staging.setdefault(name, []).append(landed[0] - met)
+            tail.setdefault(name, []).append(end - landed[-1])
+    if not issues:
+        raise ValueError("the schedule streams no weights")
+    bins = [0.0] * (int(max(t for t, _ in issues) / bin_us) + 1)
+    for t, nbytes in issues:
+        bins[max(0, int(t / bin_us))] += nbytes
+    return dict(
+        bin_us=bin_us,
+        issued_GBps=[b / (bin_us * 1e3) for b in bins],
+        staging_us={k: statistics.mean(v) for k, v in staging.items()},
+        tail_us={k: statistics.mean(v) for k, v in tail.items()},
+    )
+
+
+def per_op_stage_times(report: dict) -> dict[str, dict]:
+    """From stage_report: per op, the mean time from the previous stage's end to this stage's end (its share of the
+    critical path) and the mean wait of its instructions."""
+    stages = report["stages"]
+    per_op: dict[str, list[tuple[float, float]]] = {}
+    for prev, cur in zip(stages, stages[1:]):
+        per_op.setdefault(cur["op"], []).append((cur["last_end"] - prev["last_end"], cur["mean_wait_us"]))
+    return {op: dict(stage_us=statistics.mean(v[0] for v in vals), wait_us=statistics.mean(v[1] for v in vals),
+                     count=len(vals)) for op, vals in per_op.items()}
