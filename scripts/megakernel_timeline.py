@@ -17,7 +17,7 @@ import torch
 
 from tokenmill.bench.decode import _sync, build_model, make_kv_cache, measure_copy_bandwidth, step_inputs
 from tokenmill.kernels.megakernel.decoder import MegakernelLlamaDecoder
-from tokenmill.kernels.megakernel.trace import per_op_stage_times
+from tokenmill.kernels.megakernel.trace import chunk_timeline, per_op_stage_times, stage_report
 
 
 def main() -> None:
@@ -40,13 +40,12 @@ def main() -> None:
         for _ in range(3):  # the last launch's stamps are kept
             decoder.decode_logits(inputs.input_ids, inputs.positions, kv_cache, inputs.meta)
         _sync(device)
-        st = decoder._state(batch)
-        report = decoder.trace_report(batch)
-        timeline = decoder.chunk_timeline(batch)
+        schedule, instr_stamps, chunk_stamps = decoder.trace_stamps(batch)  # one device-to-host copy
+        report = stage_report(schedule, instr_stamps)
+        timeline = chunk_timeline(schedule, instr_stamps, chunk_stamps)
         stem = args.out / f"timeline_b{batch}_c{context}"
-        torch.save(dict(trace=st["trace"].cpu(), chunk_trace=st["chunk_trace"].cpu(), report=report,
-                        timeline=timeline, blocks=[list(map(tuple, b)) for b in st["schedule"].blocks],
-                        bandwidth=bandwidth), f"{stem}.pt")
+        torch.save(dict(trace=instr_stamps, chunk_trace=chunk_stamps, report=report, timeline=timeline,
+                        blocks=[list(map(tuple, b)) for b in schedule.blocks], bandwidth=bandwidth), f"{stem}.pt")
         rate = timeline["issued_GBps"]
         low = sum(1 for r in rate if r < 0.5 * bandwidth / 1e9) / len(rate)
         print(f"b={batch} ctx={context}: span {report['span_us']:.1f} us; issue rate below half the copy bandwidth "

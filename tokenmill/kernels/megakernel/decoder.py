@@ -18,13 +18,14 @@ import torch
 from tokenmill.kernels.megakernel.schedule import (
     OP_DOWN, OP_O, DecodeShape, Schedule, build_schedule, unsupported_reason,
 )
-from tokenmill.kernels.megakernel.trace import chunk_timeline, stage_report
+from tokenmill.kernels.megakernel.trace import stage_report
 from tokenmill.layers.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
-DEFAULT_PREFETCH_CHUNKS = 0  # H100 2026-11-27: 0 beats 3 (the LM head streams at ~3 TB/s without it), docs/DECODE_NOTES.md
+# H100 2026-11-27: 0 beats 3 (without it the LM head streams at ~3 TB/s); docs/DECODE_NOTES.md m7
+DEFAULT_PREFETCH_CHUNKS = 0
 
 
 class MegakernelUnsupported(ValueError):
@@ -109,6 +110,7 @@ class MegakernelLlamaDecoder:
             self._per_batch[batch] = {
                 "schedule": schedule,
                 "shape": shape,
+                "max_chunks": schedule.max_chunks,  # walks every instruction (ms): once, not per launch
                 "instrs": torch.tensor(flat, dtype=torch.int32, device=dev),
                 "counts": torch.tensor(counts, dtype=torch.int32, device=dev),
                 "h": torch.empty(batch, cfg.hidden_size, dtype=torch.bfloat16, device=dev),
@@ -135,26 +137,23 @@ class MegakernelLlamaDecoder:
         schedule = st["schedule"]
         st["trace"] = torch.zeros(self.num_sms * schedule.max_instrs * 3, dtype=torch.int64,
                                   device=self.device) if on else None
-        st["chunk_trace"] = torch.zeros(self.num_sms * schedule.max_chunks * 2, dtype=torch.int64,
+        st["chunk_trace"] = torch.zeros(self.num_sms * st["max_chunks"] * 2, dtype=torch.int64,
                                         device=self.device) if on else None
 
-    def _stamps(self, batch: int) -> tuple[Schedule, list, list]:
+    def trace_stamps(self, batch: int) -> tuple[Schedule, list, list]:
+        """(schedule, per-instruction stamps [block][instr][3], per-chunk stamps [block][chunk][2]) of the last traced
+        launch, copied to the host once; tokenmill.kernels.megakernel.trace reads them."""
         st = self._state(batch)
         if st["trace"] is None:
             raise ValueError("enable_trace(batch) first")
         schedule = st["schedule"]
         return (schedule, st["trace"].view(self.num_sms, schedule.max_instrs, 3).tolist(),
-                st["chunk_trace"].view(self.num_sms, schedule.max_chunks, 2).tolist())
+                st["chunk_trace"].view(self.num_sms, st["max_chunks"], 2).tolist())
 
     def trace_report(self, batch: int) -> dict:
         """Per-stage timing of the last traced launch (trace.stage_report)."""
-        schedule, instr_stamps, _ = self._stamps(batch)
+        schedule, instr_stamps, _ = self.trace_stamps(batch)
         return stage_report(schedule, instr_stamps)
-
-    def chunk_timeline(self, batch: int, bin_us: float = 1.0) -> dict:
-        """HBM demand over the last traced launch and each op's staging / tail latency (trace.chunk_timeline)."""
-        schedule, instr_stamps, chunk_stamps = self._stamps(batch)
-        return chunk_timeline(schedule, instr_stamps, chunk_stamps, bin_us)
 
     # ---- the step ---------------------------------------------------------------------------------------------
 
@@ -234,7 +233,7 @@ class MegakernelLlamaDecoder:
             "prefetch_chunks": self.prefetch_chunks,
             "trace": st["trace"].data_ptr() if st["trace"] is not None else 0,
             "chunk_trace": st["chunk_trace"].data_ptr() if st["chunk_trace"] is not None else 0,
-            "max_chunks": schedule.max_chunks,
+            "max_chunks": st["max_chunks"],
             "eps": cfg.rms_norm_eps,
             "scale_log2": self.scale * LOG2E,
         })
