@@ -114,8 +114,9 @@ class FusedLlamaDecoder:
 
         use_pdl launches the fused kernels with programmatic dependent launch (Hopper+, when triton supports it;
         otherwise it is turned off with a log line). On by default: on the H100 it is 0.017-0.029 ms per step
-        faster in all 15 measured cells, batch 1-16 x context 128-4k (docs/bench/decode_h100_v2.log, 2026-11-26). config_overrides maps an op name (qkv, o, gate_up, down,
-        lm_head) to GemvConfig fields that replace the heuristic's choice, e.g. {"down": {"split_k": 4}}.
+        faster in all 15 measured cells, batch 1-16 x context 128-4k (docs/bench/decode_h100_v2.log, 2026-11-26).
+        config_overrides maps an op name (qkv, o, gate_up, down, lm_head) to GemvConfig fields that replace the
+        heuristic's choice, e.g. {"down": {"split_k": 4}}.
         """
         device = next(model.parameters()).device
         reason = unsupported_reason(model, device)

@@ -194,7 +194,8 @@ def load_kernel(device_index: int, head_dim: int, group: int) -> LoadedKernel:
         torch.cuda.current_stream().synchronize()  # makes sure torch's primary context is current
         major, minor = torch.cuda.get_device_capability(device_index)
         if (major, minor) != (9, 0):
-            raise MegakernelUnavailable(f"the megakernel is built for sm_90a (H100/H200), this GPU is sm_{major}{minor}")
+            raise MegakernelUnavailable(
+                f"the megakernel is built for sm_90a (H100/H200), this GPU is sm_{major}{minor}")
         cubin = compile_cubin(head_dim, group).read_bytes()
         try:
             lib = ctypes.CDLL("libcuda.so.1")
