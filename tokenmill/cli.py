@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenmill.plotting import PlottingUnavailable
 
 
 class CLIError(Exception):
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError) as exc:
+    except (CLIError, ValueError, FileNotFoundError, PlottingUnavailable) as exc:
         print(f"tokenmill: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ from rich.table import Table
 from tokenmill.bench.metrics import RunResult, RunSummary, Stat
 from tokenmill.bench.slo import SLOReport
 from tokenmill.bench.sweep import SweepPoint
+from tokenmill.plotting import pyplot
 
 
 def jsonable(x: Any) -> Any:
@@ -108,18 +109,9 @@ def sweep_table(points: Sequence[SweepPoint], best: float | None) -> Table:
     return t
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_latency_cdfs(runs: Sequence[RunResult], path: str | Path) -> Path:
     """TTFT, TPOT, ITL and E2E empirical CDFs, one line per run."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     metrics = (
         ("TTFT", lambda rs: [r.ttft_s for r in rs]),
@@ -150,7 +142,7 @@ def plot_latency_cdfs(runs: Sequence[RunResult], path: str | Path) -> Path:
 
 
 def plot_goodput_vs_rate(points: Sequence[SweepPoint], path: str | Path, unit: str = "sessions/s") -> Path:
-    plt = _plt()
+    plt = pyplot()
     pts = sorted(points, key=lambda p: p.rate)
     rates = [p.rate for p in pts]
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -19,10 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from tokenmill.plotting import pyplot
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -38,12 +35,14 @@ def _series(rows: list[dict[str, Any]], kind: str, x: str, y: str) -> tuple[list
 
 
 def _panels(n: int, title: str):
+    plt = pyplot()
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.0), sharey=True, squeeze=False)
     fig.suptitle(title)
     return fig, axes[0]
 
 
 def plot_sweep(sweep_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    plt = pyplot()
     sweep_dir, out_dir = Path(sweep_dir), Path(out_dir)
     summary = json.loads((sweep_dir / "summary.json").read_text())
     runs = summary["runs"]
@@ -110,6 +109,7 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path) -> list[Path]:
 
 
 def plot_quality(quality_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    plt = pyplot()
     quality_dir, out_dir = Path(quality_dir), Path(out_dir)
     summary = json.loads((quality_dir / "quality.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
