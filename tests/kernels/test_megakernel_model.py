@@ -98,3 +98,33 @@ def test_rejects_prefill_batches_and_oversized_batches():
     big = prefill(model, random_prompts(17, config.vocab_size, 0), 4, 0)
     with pytest.raises(ValueError, match="batches of 1..16"):
         decoder.decode_logits(*decode_inputs(big)[:2], big.cache, decode_inputs(big)[2])
+
+
+def test_traced_launch_stamps_every_instruction_and_chunk_and_keeps_the_logits():
+    from tokenmill.kernels.megakernel.trace import chunk_timeline, per_op_stage_times, stage_report
+
+    config = tiny_config(**SHAPES["split-k"])
+    model = make_model(config, torch.bfloat16, 0)
+    decoder = MegakernelLlamaDecoder(model)
+    batch = prefill(model, random_prompts(16, config.vocab_size, 0), 4, 0)
+    ids, pos, meta = decode_inputs(batch)
+    plain = decoder.decode_logits(ids, pos, batch.cache, meta).clone()
+    decoder.enable_trace(16)
+    traced = decoder.decode_logits(ids, pos, batch.cache, meta).clone()
+    torch.cuda.synchronize()
+    assert torch.equal(plain, traced), "tracing changed the result"
+    schedule, instr, chunks = decoder.trace_stamps(16)
+    for b, block in enumerate(schedule.blocks):
+        assert all(0 < instr[b][i][0] <= instr[b][i][1] <= instr[b][i][2] for i in range(len(block))), f"block {b}"
+        used = sum(schedule.chunks(ins) for ins in block)
+        assert all(0 < issued <= consumed for issued, consumed in chunks[b][:used]), f"block {b}: chunk stamps"
+    report = stage_report(schedule, instr)
+    assert len(report["stages"]) == len(schedule.stages) and report["span_us"] > 0
+    assert set(per_op_stage_times(report)) == {"qkv", "attention", "o", "gate_up", "down", "lm_head"}
+    timeline = chunk_timeline(schedule, instr, chunks)
+    streamed = sum(timeline["issued_GBps"]) * timeline["bin_us"] * 1e3
+    assert streamed == pytest.approx(sum(32 * schedule.shape.kseg(schedule.shape.k(ins.op)) * (ins.end - ins.begin)
+                                         for block in schedule.blocks for ins in block if schedule.chunks(ins)))
+    decoder.enable_trace(16, on=False)
+    with pytest.raises(ValueError, match="enable_trace"):
+        decoder.trace_report(16)
