@@ -22,7 +22,8 @@ def test_every_cli_command_parses_without_matplotlib():
 
 
 def test_plot_command_without_matplotlib_is_a_clear_error(tmp_path):
-    proc = run_python(f"from tokenmill.cli import main; sys.exit(main(['train', 'plots', '--sweep', {str(tmp_path)!r}]))")
+    args = ["train", "plots", "--sweep", str(tmp_path)]
+    proc = run_python(f"from tokenmill.cli import main; sys.exit(main({args!r}))")
     assert proc.returncode == 2, proc.stderr
     assert "plots need matplotlib: pip install 'tokenmill[plot]'" in proc.stderr
     assert "Traceback" not in proc.stderr
