@@ -38,15 +38,18 @@ def megakernel_runner(decoder: MegakernelLlamaDecoder):
     return lambda ids, pos, cache, meta: decoder.decode_logits(ids, pos, cache, meta).clone()
 
 
-@pytest.mark.parametrize("shape,num_seqs", [("small", 1), ("small", 3), ("small", 16), ("split-k", 16),
-                                            ("split-k", 5)])
-def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs):
+# min_split: fewest context tokens per attention split. 1 splits every context as far as the schedule allows (up
+# to 32 splits merged); 256 (the default) leaves these contexts (1..266 tokens) one split, two near the end.
+@pytest.mark.parametrize("shape,num_seqs,min_split", [("small", 1, 256), ("small", 1, 1), ("small", 3, 16),
+                                                      ("small", 16, 256), ("split-k", 16, 1), ("split-k", 5, 256)])
+def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, min_split):
     seed = int.from_bytes(os.urandom(4), "little")
     config = tiny_config(**SHAPES[shape])
     ref_model = make_model(config, torch.float32, seed)
     bf16_model = make_model(config, torch.bfloat16, seed)
     decoder = MegakernelLlamaDecoder(bf16_model)
     decoder.poison_scratch = True
+    decoder.min_split_tokens = min_split
     prompts = random_prompts(num_seqs, config.vocab_size, seed)
     ref = prefill(ref_model, prompts, STEPS + 1, seed)
     torch_bf16, mega = prefill(bf16_model, prompts, STEPS + 1, seed), prefill(bf16_model, prompts, STEPS + 1, seed)
@@ -101,7 +104,8 @@ def test_rejects_prefill_batches_and_oversized_batches():
 
 
 def test_traced_launch_stamps_every_instruction_and_chunk_and_keeps_the_logits():
-    from tokenmill.kernels.megakernel.trace import chunk_timeline, per_op_stage_times, stage_report
+    from tokenmill.kernels.megakernel.schedule import OP_ATTN
+    from tokenmill.kernels.megakernel.trace import attention_phases, chunk_timeline, per_op_stage_times, stage_report
 
     config = tiny_config(**SHAPES["split-k"])
     model = make_model(config, torch.bfloat16, 0)
@@ -118,6 +122,15 @@ def test_traced_launch_stamps_every_instruction_and_chunk_and_keeps_the_logits()
         assert all(0 < instr[b][i][0] <= instr[b][i][1] <= instr[b][i][2] for i in range(len(block))), f"block {b}"
         used = sum(schedule.chunks(ins) for ins in block)
         assert all(0 < issued <= consumed for issued, consumed in chunks[b][:used]), f"block {b}: chunk stamps"
+    attn = decoder.attention_stamps(16)
+    for b, block in enumerate(schedule.blocks):  # attention phases: in order within their instruction, or unstamped
+        for i, ins in enumerate(block):
+            if ins.op == OP_ATTN and any(attn[b][i]):
+                assert instr[b][i][1] <= attn[b][i][0] and attn[b][i][-1] <= instr[b][i][2], f"block {b}"
+                assert attn[b][i] == sorted(attn[b][i]), f"block {b}: attention phases"
+            else:
+                assert not any(attn[b][i]), f"block {b}: stamped attention phases of a non-attention instruction"
+    assert sum(attention_phases(schedule, instr, attn).values()) > 0
     report = stage_report(schedule, instr)
     assert len(report["stages"]) == len(schedule.stages) and report["span_us"] > 0
     assert set(per_op_stage_times(report)) == {"qkv", "attention", "o", "gate_up", "down", "lm_head"}

@@ -381,6 +381,7 @@ def test_constants_match_the_cuda_source():
     assert value("NUM_CONSUMERS") == schedule.NUM_CONSUMER_THREADS
     assert value("NUM_THREADS") == build.NUM_THREADS
     assert value("MAX_ATTN_SPLITS") == schedule.MAX_ATTN_SPLITS
+    assert value("ATTN_PHASES") == schedule.ATTN_PHASES
     assert f"void __launch_bounds__(NUM_THREADS, 1) {build.KERNEL_NAME}(" in text
 
 

@@ -2,8 +2,10 @@
 
 import pytest
 
-from tokenmill.kernels.megakernel.schedule import OP_NAMES, DecodeShape, build_schedule
-from tokenmill.kernels.megakernel.trace import chunk_timeline, per_op_stage_times, stage_report
+from tokenmill.kernels.megakernel.schedule import ATTN_PHASES, OP_ATTN, OP_NAMES, DecodeShape, build_schedule
+from tokenmill.kernels.megakernel.trace import (
+    ATTENTION_PHASES, attention_phases, chunk_timeline, per_op_stage_times, stage_report, unwrap_timer,
+)
 
 # down is split-K at batch 16 here (K 4096 > 2048), so chunk lengths and counts per tile vary by op
 SHAPE = DecodeShape(batch=16, hidden=512, intermediate=4096, vocab=1024, num_q_heads=8, num_kv_heads=4, head_dim=64,
@@ -63,6 +65,41 @@ def test_chunk_timeline_bins_every_weight_byte_and_measures_staging_and_tail():
     assert set(timeline["staging_us"]) == set(timeline["tail_us"]) == matmuls
     assert all(v == pytest.approx(STAGING_NS / 1000) for v in timeline["staging_us"].values())
     assert all(v == pytest.approx(TAIL_NS / 1000) for v in timeline["tail_us"].values())
+
+
+def test_attention_phases_follow_the_block_that_ends_each_stage_last():
+    schedule = build_schedule(SHAPE, 6)
+    instr, _ = synthetic_stamps(schedule)
+    phase_ns = 40  # each phase ends 40 ns after the one before, the first 40 ns after the dependency is met
+    attn = [[[0] * ATTN_PHASES for _ in range(schedule.max_instrs)] for _ in schedule.blocks]
+    for b, block in enumerate(schedule.blocks):
+        for i, ins in enumerate(block):
+            if ins.op == OP_ATTN:
+                attn[b][i] = [instr[b][i][1] + phase_ns * (k + 1) for k in range(ATTN_PHASES)]
+    last = len(schedule.blocks) - 1  # ends every stage last (blocks start 1 us apart); left unstamped: ignored
+    attn[last] = [[0] * ATTN_PHASES for _ in range(schedule.max_instrs)]
+    ends, crit = {}, {}
+    for b, block in enumerate(schedule.blocks):
+        for i, ins in enumerate(block):
+            ends[ins.stage] = max(ends.get(ins.stage, 0), instr[b][i][2])
+            if ins.op == OP_ATTN and b != last and instr[b][i][2] > crit.get(ins.stage, (0, 0))[0]:
+                crit[ins.stage] = (instr[b][i][2], instr[b][i][1])
+    phases = attention_phases(schedule, instr, attn)
+    assert list(phases) == ["poll", *ATTENTION_PHASES, "release"]
+    polls = [(met - ends[stage - 1]) / 1000 for stage, (_, met) in crit.items()]
+    assert phases["poll"] == pytest.approx(sum(polls) / len(polls))
+    assert all(phases[name] == pytest.approx(phase_ns / 1000) for name in ATTENTION_PHASES)
+    assert phases["release"] == pytest.approx((TAIL_NS - phase_ns * ATTN_PHASES) / 1000)
+    with pytest.raises(ValueError, match="no attention stamps"):
+        attention_phases(schedule, instr, [[[0] * ATTN_PHASES for _ in range(schedule.max_instrs)]
+                                           for _ in schedule.blocks])
+
+
+def test_unwrap_timer_restores_stamps_across_a_32_bit_wrap():
+    base = 7 * 2**32
+    for reference, stamp in [(base + 100, base + 5000), (base - 3000, base + 20), (base + 20, base - 3000),
+                             (base + 2**31 - 1, base + 2**31 + 1_000_000)]:
+        assert unwrap_timer(stamp & 0xFFFFFFFF, reference) == stamp
 
 
 def test_readers_refuse_untraced_stamps_and_bad_bins():

@@ -16,9 +16,9 @@ import os
 import torch
 
 from tokenmill.kernels.megakernel.schedule import (
-    OP_DOWN, OP_O, DecodeShape, Schedule, build_schedule, unsupported_reason,
+    ATTN_PHASES, OP_DOWN, OP_O, DecodeShape, Schedule, build_schedule, unsupported_reason,
 )
-from tokenmill.kernels.megakernel.trace import stage_report
+from tokenmill.kernels.megakernel.trace import stage_report, unwrap_timer
 from tokenmill.layers.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 LOG2E = 1.4426950408889634
 # H100 2026-11-27: 0 beats 3 (without it the LM head streams at ~3 TB/s); docs/DECODE_NOTES.md m7
 DEFAULT_PREFETCH_CHUNKS = 0
+DEFAULT_MIN_SPLIT_TOKENS = 128
 
 
 class MegakernelUnsupported(ValueError):
@@ -85,8 +86,13 @@ class MegakernelLlamaDecoder:
         self.sin = model.rotary.sin_cache.contiguous()
         self.scale = model.layers[0].attn.scale
         self._per_batch: dict[int, dict] = {}
-        # Weight chunks (16 rows x 1024) the producer asks L2 for beyond its ring, per SM; 0 turns prefetch off.
+        # Weight chunks (16 rows x 1024) the producer asks L2 for beyond its ring while the ring is full, per SM;
+        # 0 turns prefetch off (on the H100 it slowed the latency-bound stages more than it sped up the streaming).
         self.prefetch_chunks = int(os.environ.get("TOKENMILL_MEGAKERNEL_PREFETCH", DEFAULT_PREFETCH_CHUNKS))
+        # Fewest context tokens per attention split: shorter contexts use fewer splits (no merge for one split).
+        self.min_split_tokens = int(os.environ.get("TOKENMILL_MEGAKERNEL_MIN_SPLIT", DEFAULT_MIN_SPLIT_TOKENS))
+        if self.min_split_tokens < 1:
+            raise MegakernelUnsupported("TOKENMILL_MEGAKERNEL_MIN_SPLIT must be at least 1")
         # Tests: fill the kernel's outputs with NaN before each launch, so anything it fails to write shows.
         self.poison_scratch = False
 
@@ -127,28 +133,47 @@ class MegakernelLlamaDecoder:
                 "counters": torch.zeros(len(schedule.stages) + num_arrivals, dtype=torch.int32, device=dev),
                 "trace": None,
                 "chunk_trace": None,
+                "attn_trace": None,
             }
         return self._per_batch[batch]
 
     def enable_trace(self, batch: int, on: bool = True) -> None:
-        """Makes the kernel record global-timer stamps for batch: per instruction (start, dependency met, end) and
-        per weight chunk (producer issued its copy, consumers found it landed)."""
+        """Makes the kernel record global-timer stamps for batch: per instruction (start, dependency met, end), per
+        weight chunk (producer issued its copy, consumers found it landed) and per attention instruction the end of
+        each phase of its last non-empty item (trace.ATTENTION_PHASES)."""
         st = self._state(batch)
         schedule = st["schedule"]
         st["trace"] = torch.zeros(self.num_sms * schedule.max_instrs * 3, dtype=torch.int64,
                                   device=self.device) if on else None
         st["chunk_trace"] = torch.zeros(self.num_sms * st["max_chunks"] * 2, dtype=torch.int64,
                                         device=self.device) if on else None
+        st["attn_trace"] = torch.zeros(self.num_sms * schedule.max_instrs * ATTN_PHASES, dtype=torch.int64,
+                                       device=self.device) if on else None
 
     def trace_stamps(self, batch: int) -> tuple[Schedule, list, list]:
         """(schedule, per-instruction stamps [block][instr][3], per-chunk stamps [block][chunk][2]) of the last traced
         launch, copied to the host once; tokenmill.kernels.megakernel.trace reads them."""
-        st = self._state(batch)
-        if st["trace"] is None:
-            raise ValueError("enable_trace(batch) first")
+        st = self._traced_state(batch)
         schedule = st["schedule"]
         return (schedule, st["trace"].view(self.num_sms, schedule.max_instrs, 3).tolist(),
                 st["chunk_trace"].view(self.num_sms, st["max_chunks"], 2).tolist())
+
+    def attention_stamps(self, batch: int) -> list:
+        """Per block and instruction, the ATTN_PHASES phase-end stamps of the last traced launch (zeros for the
+        instructions that are not attention or whose items were all empty). The kernel keeps the timer's low 32
+        bits; the instruction's "dependency met" stamp supplies the rest."""
+        st = self._traced_state(batch)
+        max_instrs = st["schedule"].max_instrs
+        lows = st["attn_trace"].view(self.num_sms, max_instrs, ATTN_PHASES).tolist()
+        met = st["trace"].view(self.num_sms, max_instrs, 3)[:, :, 1].tolist()
+        return [[[unwrap_timer(lo, met[b][i]) if lo else 0 for lo in row] for i, row in enumerate(block)]
+                for b, block in enumerate(lows)]
+
+    def _traced_state(self, batch: int) -> dict:
+        st = self._state(batch)
+        if st["trace"] is None:
+            raise ValueError("enable_trace(batch) first")
+        return st
 
     def trace_report(self, batch: int) -> dict:
         """Per-stage timing of the last traced launch (trace.stage_report)."""
@@ -227,12 +252,14 @@ class MegakernelLlamaDecoder:
             "head_dim": cfg.head_dim,
             "num_layers": cfg.num_hidden_layers,
             "attn_splits": schedule.attn_splits,
+            "min_split_tokens": self.min_split_tokens,
             "kseg_o": st["shape"].kseg(st["shape"].k(OP_O)),
             "kseg_down": st["shape"].kseg(st["shape"].k(OP_DOWN)),
             "num_stages": st["shape"].num_stages(),
             "prefetch_chunks": self.prefetch_chunks,
             "trace": st["trace"].data_ptr() if st["trace"] is not None else 0,
             "chunk_trace": st["chunk_trace"].data_ptr() if st["chunk_trace"] is not None else 0,
+            "attn_trace": st["attn_trace"].data_ptr() if st["attn_trace"] is not None else 0,
             "max_chunks": st["max_chunks"],
             "eps": cfg.rms_norm_eps,
             "scale_log2": self.scale * LOG2E,

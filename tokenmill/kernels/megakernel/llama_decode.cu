@@ -35,6 +35,7 @@ typedef __nv_bfloat16 bf16;
 #define ATTN_TOKENS 256
 #define INSTR_INTS 8
 #define MAX_ATTN_SPLITS 32  // schedule.MAX_ATTN_SPLITS
+#define ATTN_PHASES 7       // schedule.ATTN_PHASES: stamps per traced attention instruction
 
 enum Op { OP_EMBED = 0, OP_QKV = 1, OP_ATTN = 2, OP_O = 3, OP_GATE_UP = 4, OP_DOWN = 5, OP_LM_HEAD = 6 };
 
@@ -76,6 +77,20 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "}\n" ::"r"(smem_addr(bar)),
       "r"(parity)
       : "memory");
+}
+
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(smem_addr(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
 }
 
 __device__ __forceinline__ uint64_t evict_first_policy() {
@@ -126,6 +141,13 @@ __device__ __forceinline__ uint4 ld_cg16(const void* p) { return __ldcg(reinterp
 __device__ __forceinline__ long long globaltimer() {
   long long t;
   asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+// The low 32 bits (wraps every 4.3 s): one register where a stamp must not cost the loop a spill.
+__device__ __forceinline__ uint32_t globaltimer_lo() {
+  uint32_t t;
+  asm volatile("mov.u32 %0, %globaltimer_lo;" : "=r"(t));
   return t;
 }
 
@@ -201,23 +223,41 @@ __device__ __forceinline__ void cursor_next(const Params& p, const int* instrs, 
 }
 
 // The producer warp: every weight chunk of the block's instructions, in order, into the ring (lane i copies row i
-// of the 16-row tile). It also asks L2 for the chunk `prefetch_chunks` further on, so HBM keeps streaming while
-// the ring is full and the consumers wait for a dependency.
+// of the 16-row tile). While the ring is full (the consumers wait for a dependency, so this SM's share of HBM
+// bandwidth would go unused), it asks L2 for the chunks after the ring, up to `prefetch_chunks` of them: those
+// later come from L2. It never prefetches while the ring has room, so streaming phases issue each request once.
 __device__ void producer(const Params& p, const int* instrs, int count, char* ring, uint64_t* full,
                          uint64_t* empty) {
   const int lane = threadIdx.x & 31;
   const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
+  const int max_ahead = (int)p.prefetch_chunks;
   const uint64_t policy = evict_first_policy();
-  Cursor load, ahead;
-  load.ii = ahead.ii = 0;
+  Cursor load;
+  load.ii = 0;
   cursor_seek(p, instrs, count, load);
-  cursor_seek(p, instrs, count, ahead);
-  const bool prefetch = p.prefetch_chunks > 0;
-  for (int i = 0; i < (int)p.prefetch_chunks && ahead.ii < count; ++i) cursor_next(p, instrs, count, ahead);
+  Cursor ahead = load;  // next chunk to ask L2 for; chunks [load, ahead) have been asked for already
+  int ahead_count = 0;
   for (uint32_t chunk = 0; load.ii < count; ++chunk) {
     const int len = min(CHUNK_K, load.k1 - load.kc);
     const int s = chunk % NUM_STAGES;
-    mbar_wait(&empty[s], ((chunk / NUM_STAGES) & 1) ^ 1);
+    const uint32_t parity = ((chunk / NUM_STAGES) & 1) ^ 1;
+    if (max_ahead > 0) {
+      // Lane 0 polls, so every lane takes the same branches and the cursors stay warp-uniform.
+      while (!__shfl_sync(0xffffffffu, lane == 0 ? mbar_try_wait(&empty[s], parity) : false, 0)) {
+        if (ahead_count < max_ahead && ahead.ii < count) {
+          if (lane < TILE_ROWS) {
+            const int row = tile_row(p, ahead.op, ahead.tile, lane);
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(
+                             ahead.info.weight + (size_t)row * ahead.info.K + ahead.kc),
+                         "r"(min(CHUNK_K, ahead.k1 - ahead.kc) * 2)
+                         : "memory");
+          }
+          cursor_next(p, instrs, count, ahead);
+          ++ahead_count;
+        }
+      }
+    }
+    mbar_wait(&empty[s], parity);
     if (lane == 0 && p.chunk_trace) p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk) * 2] = globaltimer();
     if (lane == 0) mbar_expect_tx(&full[s], TILE_ROWS * len * 2);
     __syncwarp();
@@ -225,17 +265,12 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
       const int row = tile_row(p, load.op, load.tile, lane);
       bulk_copy(ring + s * STAGE_BYTES + lane * STAGE_ROW_BYTES, load.info.weight + (size_t)row * load.info.K + load.kc,
                 len * 2, &full[s], policy);
-      if (prefetch && ahead.ii < count) {
-        const int arow = tile_row(p, ahead.op, ahead.tile, lane);
-        const int alen = min(CHUNK_K, ahead.k1 - ahead.kc);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(
-                         ahead.info.weight + (size_t)arow * ahead.info.K + ahead.kc),
-                     "r"(alen * 2)
-                     : "memory");
-      }
     }
-    if (prefetch && ahead.ii < count) cursor_next(p, instrs, count, ahead);
     cursor_next(p, instrs, count, load);
+    if (ahead_count > 0)
+      --ahead_count;
+    else
+      ahead = load;
   }
 }
 
@@ -257,6 +292,7 @@ struct Misc {
   float rstd[16];
   int flag;
   int merged;
+  uint32_t phase[ATTN_PHASES];  // attention's phase ends, always stamped (a conditional stamp made ptxas spill)
 };
 
 // Copies norm[k0..k0+klen) into shared memory (`dst`, the reduction scratch, free between tiles) with cp.async:
@@ -532,6 +568,19 @@ __device__ __forceinline__ long long token_offset(const Params& p, int m, int po
   return ((long long)block * BS + pos % BS) * Hkv * D + kvh * D;
 }
 
+// Context tokens [t0, t1) of split `split` of a sequence of L tokens, and how many splits are non-empty: a split
+// covers at least min_split_tokens tokens, so short contexts leave the last splits empty.
+struct SplitRange {
+  int t0, t1, splits;
+};
+
+__device__ __forceinline__ SplitRange split_range(const Params& p, int L, int split) {
+  const int S = (int)p.attn_splits;
+  const int per_split = max((L + S - 1) / S, (int)p.min_split_tokens);
+  const int t0 = split * per_split;
+  return {t0, min(L, t0 + per_split), max(1, (L + per_split - 1) / per_split)};
+}
+
 // Asks L2 for the K and V rows of `n` context tokens from `tb` (one thread per token and row), and touches the block
 // table on the way. The past tokens' K and V do not depend on this step, so attention does this before waiting for
 // qkv; after the wait its loads hit L2 instead of HBM.
@@ -547,40 +596,32 @@ __device__ __forceinline__ void prefetch_kv_l2(const Params& p, const bf16* k_ca
   }
 }
 
-// The last split of (sequence m, KV head kvh) to finish: attention output = the splits' partial outputs weighted by
-// their softmax mass.
-__device__ __forceinline__ void merge_splits(const Params& p, int m, int kvh, int D, float* weight) {
+// The last of the `splits` non-empty splits of (sequence m, KV head kvh) to finish: attention output = the splits'
+// partial outputs weighted by their softmax mass, summed in split order.
+__device__ __forceinline__ void merge_splits(const Params& p, int m, int kvh, int D, int splits, float* weight) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int Hq = (int)p.n_q_heads, Hkv = (int)p.n_kv_heads, G = Hq / Hkv, S = (int)p.attn_splits;
   const size_t b0 = ((size_t)m * Hkv + kvh) * S * G;
-  const bool own = tid < G * D;
-  const int h0 = tid / D, d0 = tid % D;
   for (int h = warp; h < G; h += NUM_CONSUMER_WARPS) {  // one warp per head, one lane per split
-    const float mx = lane < S ? __ldcg(p.ml_part + (b0 + lane * G + h) * 2) : -INFINITY;
-    const float sum = lane < S ? __ldcg(p.ml_part + (b0 + lane * G + h) * 2 + 1) : 0.f;
+    const float mx = lane < splits ? __ldcg(p.ml_part + (b0 + lane * G + h) * 2) : -INFINITY;
+    const float sum = lane < splits ? __ldcg(p.ml_part + (b0 + lane * G + h) * 2 + 1) : 0.f;
     float gmax = mx;
 #pragma unroll
     for (int off = 16; off; off >>= 1) gmax = fmaxf(gmax, __shfl_xor_sync(0xffffffffu, gmax, off));
-    const float e = lane < S ? exp2f(mx - gmax) : 0.f;
+    const float e = lane < splits ? exp2f(mx - gmax) : 0.f;
     float den = sum * e;
 #pragma unroll
     for (int off = 16; off; off >>= 1) den += __shfl_xor_sync(0xffffffffu, den, off);
-    if (lane < S) weight[lane * G + h] = e / den;
+    if (lane < splits) weight[lane * G + h] = e / den;
   }
   consumer_sync();
-  if (own) {
-    const float* my_part = p.o_part + (b0 + h0) * D + d0;  // split s2 at my_part[s2 * G * D]
-    float o = 0.f;
-#pragma unroll 16
-    for (int s2 = 0; s2 < S; ++s2) o += weight[s2 * G + h0] * __ldcg(my_part + (size_t)s2 * G * D);
-    p.attn[(size_t)m * Hq * D + (kvh * G + h0) * D + d0] = __float2bfloat16(o);
-  }
-  for (int idx = tid + NUM_CONSUMERS; idx < G * D; idx += NUM_CONSUMERS) {
-    const int h = idx / D, d = idx % D;
+  for (int idx = tid; idx < G * D; idx += NUM_CONSUMERS) {
+    const int h = idx / D;
+    const float* part = p.o_part + (b0 + h) * D + idx % D;  // split s2 at part[s2 * G * D]
     float o = 0.f;
 #pragma unroll 8
-    for (int s2 = 0; s2 < S; ++s2) o += weight[s2 * G + h] * __ldcg(p.o_part + (b0 + s2 * G + h) * D + d);
-    p.attn[(size_t)m * Hq * D + (kvh * G + h) * D + d] = __float2bfloat16(o);
+    for (int s2 = 0; s2 < splits; ++s2) o += weight[s2 * G + h] * __ldcg(part + (size_t)s2 * G * D);
+    p.attn[(size_t)m * Hq * D + kvh * G * D + idx] = __float2bfloat16(o);
   }
 }
 
@@ -588,7 +629,9 @@ __device__ __forceinline__ void merge_splits(const Params& p, int m, int kvh, in
 // issued up front (one round trip): K by one thread per token (its whole row, all GM heads' dot products), V by
 // threads that each own 8 consecutive dims of every head for a strided subset of the tokens (summed at the end).
 // Before waiting for qkv, the first block's K and V rows are requested into L2 (prefetch_kv_l2).
-// The last split of a (sequence, KV head) to finish merges all splits' partials, in split order.
+// A split covers at least `min_split_tokens` tokens, so short contexts use fewer than attn_splits splits (the rest
+// of the items are empty). A single split writes the normalised output itself; otherwise the last split of a
+// (sequence, KV head) to finish merges all splits' partials, in split order.
 template <int D, int GM>
 __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, char* xs, Misc* misc,
                                                 long long* trace) {
@@ -610,8 +653,18 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
   for (int item = in[3]; item < in[4]; ++item) {
     const int split = item % S, kvh = (item / S) % Hkv, m = item / (S * Hkv);
     const int L = p.seq_lens[m];
-    const int per_split = (L + S - 1) / S;
-    const int t0 = split * per_split, t1 = min(L, t0 + per_split);
+    const SplitRange r = split_range(p, L, split);
+    if (split >= r.splits) continue;  // empty: the (sequence, KV head) completes without it
+    const int t0 = r.t0, t1 = r.t1, splits = r.splits;
+    if (tid < G) {
+      sm->run_max[tid] = -INFINITY;
+      sm->run_sum[tid] = 0.f;
+    }
+    float acc[GM][8];
+#pragma unroll
+    for (int h = 0; h < GM; ++h)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[h][j] = 0.f;
     if (!waited) {
       prefetch_kv_l2<D>(p, k_cache, v_cache, m, t0, min(ATTN_TOKENS, t1 - t0), kvh);
       wait_dependency(p, in[5], in[6], trace);
@@ -623,15 +676,6 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
                    "l"(p.q + (size_t)m * Hq * D + kvh * G * D + 4 * i)
                    : "memory");
     asm volatile("cp.async.commit_group;" ::: "memory");
-    if (tid < G) {
-      sm->run_max[tid] = -INFINITY;
-      sm->run_sum[tid] = 0.f;
-    }
-    float acc[GM][8];
-#pragma unroll
-    for (int h = 0; h < GM; ++h)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[h][j] = 0.f;
     for (int tb = t0; tb < t1; tb += ATTN_TOKENS) {
       const int n = min(ATTN_TOKENS, t1 - tb);
       // V loads of the first pass go out together with the K loads.
@@ -649,8 +693,10 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
         for (int c = 0; c < KPASS; ++c) kreg[c] = ld_cg16(k_cache + off + c * 8);
       }
       if (tb == t0) {  // q and the softmax state are in shared memory from here
+        if (tid == 0) misc->phase[0] = globaltimer_lo();  // thread 0's K and V loads issued
         asm volatile("cp.async.wait_all;" ::: "memory");
         consumer_sync();
+        if (tid == 0) misc->phase[1] = globaltimer_lo();  // q landed (its K and V loads are in flight)
       }
       if (tid < n) {
         float dots[GM];
@@ -679,6 +725,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
           if (h < G) sm->scores[h * ATTN_TOKENS + tid] = dots[h] * (float)p.scale_log2;
       }
       consumer_sync();
+      if (tid == 0) misc->phase[2] = globaltimer_lo();  // scores
       // Online softmax, one warp per head: new max, rescale factor, probabilities (base 2) in place.
       for (int h = warp; h < G; h += NUM_CONSUMER_WARPS) {
         float mx = -INFINITY;
@@ -701,6 +748,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
         }
       }
       consumer_sync();
+      if (tid == 0) misc->phase[3] = globaltimer_lo();  // softmax
 #pragma unroll
       for (int h = 0; h < GM; ++h) {
         if (h < G) {
@@ -736,7 +784,8 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       }
       consumer_sync();
     }
-    asm volatile("cp.async.wait_all;" ::: "memory");  // an empty split never waited for its q copy
+    if (tid == 0) misc->phase[4] = globaltimer_lo();  // probabilities x V
+    asm volatile("cp.async.wait_all;" ::: "memory");  // a context of 0 tokens never waited for its q copy
     // Sum the token subsets: lanes NDVEC apart in a warp first, then the warps through shared memory.
 #pragma unroll
     for (int h = 0; h < GM; ++h) {
@@ -751,31 +800,50 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       }
     }
     consumer_sync();
-    // Partial result of this split: unnormalised output, running max (log2 domain) and sum.
+    // One split: the normalised output (as the merge would weight it). Several: this split's partial result,
+    // unnormalised output, running max (log2 domain) and sum.
+    const bool single = splits == 1;
     const size_t base = (((size_t)m * Hkv + kvh) * S + split) * G;
     for (int idx = tid; idx < G * D; idx += NUM_CONSUMERS) {
       float o = 0.f;
 #pragma unroll
       for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) o += sm->o_red[w * G * D + idx];
-      p.o_part[base * D + idx] = o;
+      if (single)
+        p.attn[(size_t)m * Hq * D + kvh * G * D + idx] = __float2bfloat16((1.f / sm->run_sum[idx / D]) * o);
+      else
+        p.o_part[base * D + idx] = o;
     }
-    if (tid < G) {
+    if (!single && tid < G) {
       p.ml_part[(base + tid) * 2] = sm->run_max[tid];
       p.ml_part[(base + tid) * 2 + 1] = sm->run_sum[tid];
     }
     consumer_sync();
-    if (tid == 0) {  // acq_rel: releases this split's partials (barrier above), acquires the other splits'
-      int* counter = p.arrivals + (size_t)p.num_layers * 2 * (p.hidden / 16) + ((size_t)layer * M + m) * Hkv + kvh;
-      misc->flag = atom_acq_rel_add(counter, 1) == S - 1;
-    }
-    consumer_sync();
-    if (misc->flag) {
-      merge_splits(p, m, kvh, D, sm->scores);
+    if (tid == 0) misc->phase[5] = globaltimer_lo();  // output or partials written
+    if (single) {
       ++merged;
+    } else {
+      if (tid == 0) {  // acq_rel: releases this split's partials (barrier above), acquires the other splits'
+        int* counter = p.arrivals + (size_t)p.num_layers * 2 * (p.hidden / 16) + ((size_t)layer * M + m) * Hkv + kvh;
+        misc->flag = atom_acq_rel_add(counter, 1) == splits - 1;
+      }
+      consumer_sync();
+      if (misc->flag) {
+        merge_splits(p, m, kvh, D, splits, sm->scores);
+        ++merged;
+      }
     }
     consumer_sync();
+    if (tid == 0) misc->phase[6] = globaltimer_lo();  // merged (or found another split will)
   }
-  if (tid == 0) misc->merged = merged;
+  // A block whose items were all empty still stamps "dependency met" (nothing of it waits on qkv).
+  if (!waited) wait_dependency(p, in[5], in[6], trace);
+  if (tid == 0) {
+    misc->merged = merged;
+    if (trace && p.attn_trace && waited) {  // traced: the phase stamps of the block's last non-empty item
+      long long* out = p.attn_trace + (trace - p.trace) / 3 * ATTN_PHASES;
+      for (int k = 0; k < ATTN_PHASES; ++k) out[k] = misc->phase[k];
+    }
+  }
 }
 
 // The attention shape is fixed when the kernel is compiled for a model (build.compile_cubin passes both).

@@ -7,7 +7,8 @@ its copies, consumers found it landed), in nanoseconds of %globaltimer. From the
 - chunk_timeline: weight bytes issued per time bin over all SMs (the demand on HBM: a producer issues a chunk only
   when a ring slot frees, so a dip means rings full behind stalled consumers) and, per op, the two latencies that
   frame every instruction: dependency met -> first chunk landed (staging the activations) and last chunk landed ->
-  end (reduction, epilogue, release).
+  end (reduction, epilogue, release);
+- attention_phases: where the attention stage's critical block spends its time, phase by phase.
 """
 
 from __future__ import annotations
@@ -15,9 +16,24 @@ from __future__ import annotations
 import statistics
 from typing import Sequence
 
-from tokenmill.kernels.megakernel.schedule import CHUNK_K, OP_NAMES, TILE_ROWS, Schedule
+from tokenmill.kernels.megakernel.schedule import ATTN_PHASES, CHUNK_K, OP_ATTN, OP_NAMES, TILE_ROWS, Schedule
 
 Stamps = Sequence[Sequence[Sequence[int]]]  # [block][slot][field]
+
+# What ends at each of the kernel's attention stamps (of a block's last non-empty item; "issued": thread 0 has issued
+# its first K and V loads, and q's copy; the middle three are of its last 256-token block).
+ATTENTION_PHASES = ("issued", "q_landed", "scores", "softmax", "pv", "written", "merged")
+assert len(ATTENTION_PHASES) == ATTN_PHASES
+
+
+def unwrap_timer(low: int, reference: int) -> int:
+    """A full global-timer stamp from its low 32 bits and a full stamp taken within 2 s of it."""
+    stamp = (reference & ~0xFFFFFFFF) | (low & 0xFFFFFFFF)
+    if stamp < reference - 2**31:
+        stamp += 2**32
+    elif stamp > reference + 2**31:
+        stamp -= 2**32
+    return stamp
 
 
 def _origin(instr_stamps: Stamps) -> int:
@@ -101,3 +117,27 @@ def per_op_stage_times(report: dict) -> dict[str, dict]:
         per_op.setdefault(cur["op"], []).append((cur["last_end"] - prev["last_end"], cur["mean_wait_us"]))
     return {op: dict(stage_us=statistics.mean(v[0] for v in vals), wait_us=statistics.mean(v[1] for v in vals),
                      count=len(vals)) for op, vals in per_op.items()}
+
+
+def attention_phases(schedule: Schedule, instr_stamps: Stamps, attn_stamps: Stamps) -> dict[str, float]:
+    """The attention stages' critical path, split by phase: in every attention stage the block that ended last,
+    from the previous stage's end to its dependency met (`poll`), then each of ATTENTION_PHASES from the one
+    before, then `release` (merged -> instruction end). Mean over the attention stages, microseconds; the parts
+    sum to the stage's end-to-end time."""
+    ends: dict[int, int] = {}
+    critical: dict[int, tuple[int, int, int]] = {}  # stage -> (end, block, instr)
+    for b, block in enumerate(schedule.blocks):
+        for i, instr in enumerate(block):
+            end = int(instr_stamps[b][i][2])
+            ends[instr.stage] = max(ends.get(instr.stage, 0), end)
+            if instr.op == OP_ATTN and all(attn_stamps[b][i]) and end > critical.get(instr.stage, (0,))[0]:
+                critical[instr.stage] = (end, b, i)
+    if not critical:
+        raise ValueError("no attention stamps: was the launch traced, with a non-empty attention item?")
+    names = ("poll",) + ATTENTION_PHASES + ("release",)
+    parts: dict[str, list[float]] = {name: [] for name in names}
+    for stage, (end, b, i) in sorted(critical.items()):
+        marks = [ends[stage - 1], int(instr_stamps[b][i][1]), *map(int, attn_stamps[b][i]), end]
+        for name, before, after in zip(names, marks, marks[1:]):
+            parts[name].append((after - before) / 1000.0)
+    return {name: statistics.mean(values) for name, values in parts.items()}
