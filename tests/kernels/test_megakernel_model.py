@@ -39,7 +39,7 @@ def megakernel_runner(decoder: MegakernelLlamaDecoder):
 
 
 # min_split: fewest context tokens per attention split. 1 splits every context as far as the schedule allows (up
-# to 32 splits merged); 256 (the default) leaves these contexts (1..266 tokens) one split, two near the end.
+# to 32 splits merged); 256 leaves these contexts (1..266 tokens) one split, two near the end; 16 a few.
 @pytest.mark.parametrize("shape,num_seqs,min_split", [("small", 1, 256), ("small", 1, 1), ("small", 3, 16),
                                                       ("small", 16, 256), ("split-k", 16, 1), ("split-k", 5, 256)])
 def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, min_split):

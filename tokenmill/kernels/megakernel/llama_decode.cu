@@ -895,8 +895,8 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
     const int op = in[0], dep_stage = in[5], dep_target = in[6], stage = in[7];
     long long* trace = p.trace ? p.trace + ((size_t)blockIdx.x * p.max_instrs + ii) * 3 : nullptr;
     if (tid == 0 && trace) trace[0] = globaltimer();
-    if (op == OP_EMBED) wait_dependency(p, dep_stage, dep_target, trace);  // the others wait after their first loads
     if (op == OP_EMBED) {
+      wait_dependency(p, dep_stage, dep_target, trace);  // the other ops wait after issuing their first loads
       const int H = (int)p.hidden;
       for (int m = in[3]; m < in[4]; ++m) {
         const bf16* row = p.embed + (size_t)p.input_ids[m] * H;

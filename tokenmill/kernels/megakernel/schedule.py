@@ -234,8 +234,8 @@ def simulate(schedule: Schedule, order_seed: int = 0) -> int:
     """Runs the instruction lists as the GPU would, one instruction at a time from a randomly chosen block whose
     next instruction's dependency is met, counting completions the way the kernel does (a split-K tile or an
     attention group completes when its last part does; the kernel leaves splits of short contexts empty, which
-    only removes waits, so every context splitting fully is the case to check). Returns the number of instructions run; raises
-    RuntimeError if no block can move while work remains (a deadlock)."""
+    only removes waits, so every context splitting fully is the case to check). Returns the number of instructions
+    run; raises RuntimeError if no block can move while work remains (a deadlock)."""
     import random
 
     rng = random.Random(order_seed)
