@@ -12,7 +12,7 @@ import torch
 from tokenmill.config import ModelConfig
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.kernels.megakernel.decoder import (
-    MegakernelLlamaDecoder, make_megakernel_decoder, model_unsupported_reason,
+    MegakernelLlamaDecoder, MegakernelUnsupported, env_int, make_megakernel_decoder, model_unsupported_reason,
 )
 from tokenmill.llm import make_engine_config
 from tokenmill.models.llama import LlamaForCausalLM
@@ -46,6 +46,20 @@ def test_unsupported_models_and_devices_are_named():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_tuning_knobs_from_the_environment_are_checked(monkeypatch):
+    name = "TOKENMILL_MEGAKERNEL_MIN_SPLIT"
+    monkeypatch.delenv(name, raising=False)
+    assert env_int(name, 128, minimum=1) == 128
+    monkeypatch.setenv(name, "64")
+    assert env_int(name, 128, minimum=1) == 64
+    monkeypatch.setenv(name, "0")
+    with pytest.raises(MegakernelUnsupported, match=f"{name} must be >= 1, got 0"):
+        env_int(name, 128, minimum=1)
+    monkeypatch.setenv(name, "lots")
+    with pytest.raises(MegakernelUnsupported, match=f"{name} must be an integer, got 'lots'"):
+        env_int(name, 128, minimum=1)
+
+
 def test_make_megakernel_decoder_falls_back_on_cpu_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="tokenmill.kernels.megakernel.decoder"):
         assert make_megakernel_decoder(tiny_model(), "cpu") is None

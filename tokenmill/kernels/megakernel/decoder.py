@@ -33,6 +33,21 @@ class MegakernelUnsupported(ValueError):
     """The megakernel does not apply to this model or device (the caller falls back)."""
 
 
+def env_int(name: str, default: int, *, minimum: int) -> int:
+    """An integer tuning knob from the environment; MegakernelUnsupported (the engine then falls back, saying why)
+    when it is not an integer >= minimum."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise MegakernelUnsupported(f"{name} must be an integer, got {text!r}") from None
+    if value < minimum:
+        raise MegakernelUnsupported(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def model_unsupported_reason(model: torch.nn.Module, device: torch.device | str) -> str | None:
     """Why the megakernel cannot run `model` on `device`, or None (does not compile anything)."""
     from tokenmill.models.llama import LlamaForCausalLM
@@ -88,11 +103,9 @@ class MegakernelLlamaDecoder:
         self._per_batch: dict[int, dict] = {}
         # Weight chunks (16 rows x 1024) the producer asks L2 for beyond its ring while the ring is full, per SM;
         # 0 turns prefetch off (on the H100 it slowed the latency-bound stages more than it sped up the streaming).
-        self.prefetch_chunks = int(os.environ.get("TOKENMILL_MEGAKERNEL_PREFETCH", DEFAULT_PREFETCH_CHUNKS))
+        self.prefetch_chunks = env_int("TOKENMILL_MEGAKERNEL_PREFETCH", DEFAULT_PREFETCH_CHUNKS, minimum=0)
         # Fewest context tokens per attention split: shorter contexts use fewer splits (no merge for one split).
-        self.min_split_tokens = int(os.environ.get("TOKENMILL_MEGAKERNEL_MIN_SPLIT", DEFAULT_MIN_SPLIT_TOKENS))
-        if self.min_split_tokens < 1:
-            raise MegakernelUnsupported("TOKENMILL_MEGAKERNEL_MIN_SPLIT must be at least 1")
+        self.min_split_tokens = env_int("TOKENMILL_MEGAKERNEL_MIN_SPLIT", DEFAULT_MIN_SPLIT_TOKENS, minimum=1)
         # Tests: fill the kernel's outputs with NaN before each launch, so anything it fails to write shows.
         self.poison_scratch = False
 
