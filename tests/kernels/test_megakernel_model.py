@@ -31,6 +31,12 @@ SHAPES = {
                   num_key_value_heads=2, head_dim=64),
     "split-k": dict(vocab_size=1024, hidden_size=512, intermediate_size=4096, num_attention_heads=8,
                     num_key_value_heads=4, head_dim=64),
+    # The other attention variants: 8-head groups of 128-dim heads (4 dims per lane, 64-token chunks) and 32-dim
+    # heads (256-token chunks).
+    "wide-heads": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                       num_key_value_heads=1, head_dim=128),
+    "narrow-heads": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                         num_key_value_heads=2, head_dim=32),
 }
 
 
@@ -41,7 +47,8 @@ def megakernel_runner(decoder: MegakernelLlamaDecoder):
 # min_split: fewest context tokens per attention split. 1 splits every context as far as the schedule allows (up
 # to 32 splits merged); 256 leaves these contexts (1..266 tokens) one split, two near the end; 16 a few.
 @pytest.mark.parametrize("shape,num_seqs,min_split", [("small", 1, 256), ("small", 1, 1), ("small", 3, 16),
-                                                      ("small", 16, 256), ("split-k", 16, 1), ("split-k", 5, 256)])
+                                                      ("small", 16, 256), ("split-k", 16, 1), ("split-k", 5, 256),
+                                                      ("wide-heads", 3, 16), ("narrow-heads", 2, 1)])
 def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, min_split):
     seed = int.from_bytes(os.urandom(4), "little")
     config = tiny_config(**SHAPES[shape])

@@ -2,9 +2,10 @@
 //
 // One block per SM, each with its own list of instructions (built and checked in Python: schedule.py).
 // Warp 8 of every block is the *producer*: it walks the block's instruction list ahead of the others and streams
-// each weight tile into a ring of shared-memory stages with bulk copies (cp.async.bulk, completion on an mbarrier).
-// Weights depend on nothing, so the producer runs ahead across instruction boundaries: while the consumer warps
-// wait for an instruction's inputs (a dependency counter), that instruction's weights are already arriving.
+// each weight tile into a ring of shared-memory stages with bulk copies (cp.async.bulk, completion on an mbarrier),
+// and attention's past-token K and V rows the same way (cp.async: the rows are short). Neither depends on this
+// step, so the producer runs ahead across instruction boundaries: while the consumer warps wait for an
+// instruction's inputs (a dependency counter), that instruction's weights (or K and V) are already arriving.
 // Warps 0-7 are the *consumers*: they wait for the instruction's dependency (acquire load of a global counter),
 // stage the activations in shared memory (RMSNorm folded in), run the tile's dot products on tensor cores
 // (mma.sync m16n8k16, weights as the A operand: 16 weight rows x batch columns), reduce across warps and run the
@@ -32,10 +33,13 @@ typedef __nv_bfloat16 bf16;
 #define STAGE_BYTES (TILE_ROWS * STAGE_ROW_BYTES)
 #define RED_BYTES (NUM_CONSUMER_WARPS * 2 * 32 * 16)
 #define MISC_BYTES 2048
-#define ATTN_TOKENS 256
+#define ATTN_CHUNK_BYTES 16384  // an attention chunk in a ring stage: K rows of its tokens, then V rows (16 KB each)
 #define INSTR_INTS 8
 #define MAX_ATTN_SPLITS 32  // schedule.MAX_ATTN_SPLITS
 #define ATTN_PHASES 7       // schedule.ATTN_PHASES: stamps per traced attention instruction
+// Context tokens per attention chunk: 128 for 64-dim heads.
+#define ATTN_CHUNK_TOKENS (ATTN_CHUNK_BYTES / (2 * ATTN_HEAD_DIM))
+static_assert(2 * ATTN_CHUNK_BYTES <= STAGE_BYTES, "an attention chunk's K and V fill one ring stage");
 
 enum Op { OP_EMBED = 0, OP_QKV = 1, OP_ATTN = 2, OP_O = 3, OP_GATE_UP = 4, OP_DOWN = 5, OP_LM_HEAD = 6 };
 
@@ -138,6 +142,28 @@ __device__ __forceinline__ void mma_bf16(float* c, uint32_t a0, uint32_t a1, uin
 // Activations written by other blocks in this launch: read through L2 (L1 is not coherent across SMs).
 __device__ __forceinline__ uint4 ld_cg16(const void* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
 
+// N (4 or 8) consecutive bf16 from shared memory as floats, zeros when !valid. A volatile load: the compiler may
+// not merge it with an equal one or hoist it, as re-reading is cheaper than a register held across a loop (the
+// register budget is tight).
+template <int N>
+__device__ __forceinline__ void lds_bf16(const bf16* p, bool valid, float (&out)[N]) {
+  static_assert(N == 4 || N == 8, "4 or 8 values");
+  uint32_t w[N / 2] = {};
+  if (valid) {
+    if constexpr (N == 8)
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+                   : "r"(smem_addr(p)));
+    else
+      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "r"(smem_addr(p)));
+  }
+#pragma unroll
+  for (int k = 0; k < N / 2; ++k) {
+    out[2 * k] = __uint_as_float(w[k] << 16);
+    out[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+  }
+}
+
 __device__ __forceinline__ long long globaltimer() {
   long long t;
   asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
@@ -190,13 +216,68 @@ __device__ __forceinline__ int tile_row(const Params& p, int op, int tile, int i
 
 __device__ __forceinline__ bool is_matmul(int op) { return op != OP_EMBED && op != OP_ATTN; }
 
+// ---- attention work items ----------------------------------------------------------------------------------
+
+// Element offset of context token `pos`'s row (K or V) for KV head `kvh` of sequence m, through the block table.
+__device__ __forceinline__ long long token_offset(const Params& p, int m, int pos, int kvh, int Hkv, int D, int BS) {
+  const int block = __ldg(p.block_tables + (size_t)m * p.bt_stride + pos / BS);
+  return ((long long)block * BS + pos % BS) * Hkv * D + kvh * D;
+}
+
+// Context tokens [t0, t1) of split `split` of a sequence of L tokens, and how many splits are non-empty: a split
+// covers at least min_split_tokens tokens, so short contexts leave the last splits empty.
+struct SplitRange {
+  int t0, t1, splits;
+};
+
+__device__ __forceinline__ SplitRange split_range(const Params& p, int L, int split) {
+  const int S = (int)p.attn_splits;
+  const int per_split = max((L + S - 1) / S, (int)p.min_split_tokens);
+  const int t0 = split * per_split;
+  return {t0, min(L, t0 + per_split), max(1, (L + per_split - 1) / per_split)};
+}
+
+// Attention work item = (sequence m, KV head kvh, context split): tokens [t0, t1) of the sequence's L (the last of
+// them, L - 1, is this step's token); an item with split >= splits is empty.
+struct AttnItem {
+  int m, kvh, split, L, t0, t1, splits;
+};
+
+__device__ __forceinline__ AttnItem attn_item(const Params& p, int item) {
+  const int S = (int)p.attn_splits, Hkv = (int)p.n_kv_heads;
+  AttnItem a;
+  a.split = item % S;
+  a.kvh = (item / S) % Hkv;
+  a.m = item / (S * Hkv);
+  a.L = p.seq_lens[a.m];
+  const SplitRange r = split_range(p, a.L, a.split);
+  a.t0 = r.t0;
+  a.t1 = r.t1;
+  a.splits = r.splits;
+  return a;
+}
+
 // ---- producer ---------------------------------------------------------------------------------------------------
 
-// Position in a block's stream of weight chunks (instruction, tile, K offset); ii == count once past the end.
+// Position in a block's stream of ring chunks; ii == count once past the end. A matmul chunk is (instruction,
+// tile, K offset kc); an attention chunk is (instruction, item = tile, first token kc of the item's [.., k1)), with
+// info.weight the layer's K cache and m, kvh, newest (this step's token, not copied) from the item.
 struct Cursor {
   int ii, op, tile, tile_end, k0, kc, k1;
+  int m, kvh, newest;
   OpInfo info;
 };
+
+// Points an attention cursor at item c.tile; false when the item has no context tokens (no chunks).
+__device__ __forceinline__ bool cursor_attention_item(const Params& p, Cursor& c) {
+  const AttnItem a = attn_item(p, c.tile);
+  c.kc = a.t0;
+  c.k1 = a.t1;
+  c.m = a.m;
+  c.kvh = a.kvh;
+  c.newest = a.L - 1;
+  return a.split < a.splits && a.t1 > a.t0;
+}
 
 __device__ __forceinline__ void cursor_seek(const Params& p, const int* instrs, int count, Cursor& c) {
   for (; c.ii < count; ++c.ii) {
@@ -210,10 +291,26 @@ __device__ __forceinline__ void cursor_seek(const Params& p, const int* instrs, 
       c.tile_end = in[4];
       return;
     }
+    if (in[0] == OP_ATTN) {
+      c.op = OP_ATTN;
+      c.info.weight = p.kv_cache + in[1] * p.kv_layer_stride;
+      c.tile_end = in[4];
+      for (c.tile = in[3]; c.tile < c.tile_end; ++c.tile)
+        if (cursor_attention_item(p, c)) return;
+    }
   }
 }
 
 __device__ __forceinline__ void cursor_next(const Params& p, const int* instrs, int count, Cursor& c) {
+  if (c.op == OP_ATTN) {
+    c.kc += ATTN_CHUNK_TOKENS;
+    if (c.kc < c.k1) return;
+    while (++c.tile < c.tile_end)
+      if (cursor_attention_item(p, c)) return;
+    ++c.ii;
+    cursor_seek(p, instrs, count, c);
+    return;
+  }
   c.kc += CHUNK_K;
   if (c.kc < c.k1) return;
   c.kc = c.k0;
@@ -222,10 +319,52 @@ __device__ __forceinline__ void cursor_next(const Params& p, const int* instrs, 
   cursor_seek(p, instrs, count, c);
 }
 
-// The producer warp: every weight chunk of the block's instructions, in order, into the ring (lane i copies row i
-// of the 16-row tile). While the ring is full (the consumers wait for a dependency, so this SM's share of HBM
-// bandwidth would go unused), it asks L2 for the chunks after the ring, up to `prefetch_chunks` of them: those
-// later come from L2. It never prefetches while the ring has room, so streaming phases issue each request once.
+// An attention chunk: the K rows (then, ATTN_CHUNK_BYTES on, the V rows) of up to ATTN_CHUNK_TOKENS context tokens
+// of one item. Past tokens' K and V do not depend on this step, so they stream in ahead like weights; this step's
+// token (c.newest) is not written yet: the consumers copy its rows after their dependency. The rows are short
+// (128 bytes for 64-dim heads), too short for bulk copies (measured: ~7 us per 32 KB chunk), so the warp copies
+// 16-byte pieces with cp.async, NVEC lanes per row, and each lane's copies arrive on the stage's mbarrier. Lane k
+// reads the block table entry of the chunk's k-th KV block once (the copies then never wait for a table lookup).
+__device__ __forceinline__ void produce_attention_chunk(const Params& p, const Cursor& c, char* stage,
+                                                        uint64_t* full) {
+  constexpr int D = ATTN_HEAD_DIM, NVEC = D / 8, ROWS_PER_PASS = 32 / NVEC;
+  const int lane = threadIdx.x & 31, vec = lane % NVEC;
+  const int n = min(ATTN_CHUNK_TOKENS, c.k1 - c.kc), BS = (int)p.block_size, Hkv = (int)p.n_kv_heads;
+  const int* table = p.block_tables + (size_t)c.m * p.bt_stride;
+  const int first_block = c.kc / BS, blocks = (c.kc + n - 1) / BS - first_block + 1;
+  const int my_block = lane < blocks ? __ldg(table + first_block + lane) : 0;
+  // The lane's token, its KV block (relative to the chunk's first) and slot in it, advanced by additions only: one
+  // warp issues every copy of the chunk, so its instruction count is the chunk's issue time.
+  const long long row_stride = (long long)Hkv * D, block_stride = (long long)BS * row_stride;
+  const bf16* src0 = c.info.weight + c.kvh * D + vec * 8;
+  int i = lane / NVEC, pos = c.kc + i, rel = pos / BS - first_block, slot = pos % BS;
+  uint32_t dst = smem_addr(stage + (i * D + vec * 8) * 2);
+  for (int i0 = 0; i0 < n; i0 += ROWS_PER_PASS) {
+    int block = __shfl_sync(0xffffffffu, my_block, rel & 31);
+    if (i < n && pos != c.newest) {
+      if (rel >= 32) block = __ldg(table + first_block + rel);  // a chunk over more than 32 KV blocks
+      const bf16* src = src0 + block * block_stride + slot * row_stride;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + ATTN_CHUNK_BYTES),
+                   "l"(src + p.kv_v_offset)
+                   : "memory");
+    }
+    i += ROWS_PER_PASS;
+    pos += ROWS_PER_PASS;
+    dst += ROWS_PER_PASS * D * 2;
+    for (slot += ROWS_PER_PASS; slot >= BS; slot -= BS) ++rel;
+  }
+  // Each lane's arrival waits for its copies (and counts itself in: net zero); lane 0's is the one expected.
+  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];" ::"r"(smem_addr(full)) : "memory");
+  __syncwarp();
+  if (lane == 0) mbar_arrive(full);
+}
+
+// The producer warp: every chunk of the block's instructions, in order, into the ring: a weight chunk (lane i copies
+// row i of the 16-row tile) or an attention chunk. While the ring is full (the consumers wait for a dependency, so
+// this SM's share of HBM bandwidth would go unused), it asks L2 for the weight chunks after the ring, up to
+// `prefetch_chunks` of them: those later come from L2. It never prefetches while the ring has room, so streaming
+// phases issue each request once.
 __device__ void producer(const Params& p, const int* instrs, int count, char* ring, uint64_t* full,
                          uint64_t* empty) {
   const int lane = threadIdx.x & 31;
@@ -237,6 +376,7 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
   cursor_seek(p, instrs, count, load);
   Cursor ahead = load;  // next chunk to ask L2 for; chunks [load, ahead) have been asked for already
   int ahead_count = 0;
+  uint32_t attn_chunks = 0;  // chunk trace entries are weight chunks only
   for (uint32_t chunk = 0; load.ii < count; ++chunk) {
     const int len = min(CHUNK_K, load.k1 - load.kc);
     const int s = chunk % NUM_STAGES;
@@ -245,7 +385,7 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
       // Lane 0 polls, so every lane takes the same branches and the cursors stay warp-uniform.
       while (!__shfl_sync(0xffffffffu, lane == 0 ? mbar_try_wait(&empty[s], parity) : false, 0)) {
         if (ahead_count < max_ahead && ahead.ii < count) {
-          if (lane < TILE_ROWS) {
+          if (ahead.op != OP_ATTN && lane < TILE_ROWS) {
             const int row = tile_row(p, ahead.op, ahead.tile, lane);
             asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(
                              ahead.info.weight + (size_t)row * ahead.info.K + ahead.kc),
@@ -258,13 +398,19 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
       }
     }
     mbar_wait(&empty[s], parity);
-    if (lane == 0 && p.chunk_trace) p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk) * 2] = globaltimer();
-    if (lane == 0) mbar_expect_tx(&full[s], TILE_ROWS * len * 2);
-    __syncwarp();
-    if (lane < TILE_ROWS) {
-      const int row = tile_row(p, load.op, load.tile, lane);
-      bulk_copy(ring + s * STAGE_BYTES + lane * STAGE_ROW_BYTES, load.info.weight + (size_t)row * load.info.K + load.kc,
-                len * 2, &full[s], policy);
+    if (load.op == OP_ATTN) {
+      produce_attention_chunk(p, load, ring + s * STAGE_BYTES, &full[s]);
+      ++attn_chunks;
+    } else {
+      if (lane == 0 && p.chunk_trace)
+        p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk - attn_chunks) * 2] = globaltimer();
+      if (lane == 0) mbar_expect_tx(&full[s], TILE_ROWS * len * 2);
+      __syncwarp();
+      if (lane < TILE_ROWS) {
+        const int row = tile_row(p, load.op, load.tile, lane);
+        bulk_copy(ring + s * STAGE_BYTES + lane * STAGE_ROW_BYTES,
+                  load.info.weight + (size_t)row * load.info.K + load.kc, len * 2, &full[s], policy);
+      }
     }
     cursor_next(p, instrs, count, load);
     if (ahead_count > 0)
@@ -292,6 +438,7 @@ struct Misc {
   float rstd[16];
   int flag;
   int merged;
+  uint32_t attn_chunks;  // ring chunks that were attention's so far (the chunk trace counts weight chunks)
   uint32_t phase[ATTN_PHASES];  // attention's phase ends, always stamped (a conditional stamp made ptxas spill)
 };
 
@@ -374,7 +521,8 @@ __device__ __forceinline__ float2 epilogue_inputs(const Params& p, int op, int t
   }
   if (op == OP_O || op == OP_DOWN) {
     const bf16* h = p.h + (size_t)m * p.hidden;
-    return make_float2(__bfloat162float(__ldcg(h + lo_row)), __bfloat162float(__ldcg(h + tile_row(p, op, tile, r + 8))));
+    const int hi_row = tile_row(p, op, tile, r + 8);
+    return make_float2(__bfloat162float(__ldcg(h + lo_row)), __bfloat162float(__ldcg(h + hi_row)));
   }
   return make_float2(0.f, 0.f);
 }
@@ -468,7 +616,8 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       const int len = min(CHUNK_K, k1 - kc);
       const int s = chunk % NUM_STAGES;
       mbar_wait(&full[s], (chunk / NUM_STAGES) & 1);
-      if (tid == 0 && p.chunk_trace) p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk) * 2 + 1] = globaltimer();
+      if (tid == 0 && p.chunk_trace)
+        p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk - misc->attn_chunks) * 2 + 1] = globaltimer();
       const char* w = ring + s * STAGE_BYTES;
       const int steps = len / 32;
       for (int step = warp; step < steps; step += NUM_CONSUMER_WARPS) {
@@ -489,7 +638,8 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       if (lane == 0) mbar_arrive(&empty[s]);
     }
 #pragma unroll
-    for (int n = 0; n < NT; ++n) red[(warp * NT + n) * 32 + lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
+    for (int n = 0; n < NT; ++n)
+      red[(warp * NT + n) * 32 + lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
     consumer_sync();
     // Sum the 8 warps' partials of rows r and r + 8 in warp order.
     float lo = 0.f, hi = 0.f;
@@ -541,59 +691,21 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
 // Attention's shared memory (in the activation buffer), sized by the query group G and head_dim D; Python sizes the
 // buffer to hold it (schedule.attention_smem_bytes).
 struct AttnSmem {
-  long long* token_off;  // [ATTN_TOKENS] element offset of each token's K (and V) row of this KV head
-  float* run_max;        // [G_MAX]
-  float* run_sum;        // [G_MAX]
-  float* alpha;          // [G_MAX]
-  float* q;              // [G * D] (16-byte aligned: cp.async)
-  float* scores;         // [G][ATTN_TOKENS]
-  float* o_red;          // [NUM_CONSUMER_WARPS][G * D]
+  float* warp_max;  // [NUM_CONSUMER_WARPS][G_MAX] each warp's running max (log2 domain) per head
+  float* warp_sum;  // [NUM_CONSUMER_WARPS][G_MAX] and its sum of probabilities
+  float* merge_w;   // [MAX_ATTN_SPLITS][G_MAX] the split merge's weights
+  float* q;         // [G * D] (16-byte aligned: cp.async)
+  float* o_red;     // [NUM_CONSUMER_WARPS][G * D] each warp's unnormalised output
 };
 
 __device__ __forceinline__ AttnSmem attn_smem(char* base, int G, int D) {
   AttnSmem sm;
-  sm.token_off = reinterpret_cast<long long*>(base);
-  sm.run_max = reinterpret_cast<float*>(sm.token_off + ATTN_TOKENS);
-  sm.run_sum = sm.run_max + G_MAX;
-  sm.alpha = sm.run_sum + G_MAX;
-  sm.q = sm.alpha + G_MAX;
-  sm.scores = sm.q + G * D;
-  sm.o_red = sm.scores + G * ATTN_TOKENS;
+  sm.warp_max = reinterpret_cast<float*>(base);
+  sm.warp_sum = sm.warp_max + NUM_CONSUMER_WARPS * G_MAX;
+  sm.merge_w = sm.warp_sum + NUM_CONSUMER_WARPS * G_MAX;
+  sm.q = sm.merge_w + MAX_ATTN_SPLITS * G_MAX;
+  sm.o_red = sm.q + G * D;
   return sm;
-}
-
-// Element offset of context token `pos`'s row (K or V) for KV head `kvh` of sequence m, through the block table.
-__device__ __forceinline__ long long token_offset(const Params& p, int m, int pos, int kvh, int Hkv, int D, int BS) {
-  const int block = __ldg(p.block_tables + (size_t)m * p.bt_stride + pos / BS);
-  return ((long long)block * BS + pos % BS) * Hkv * D + kvh * D;
-}
-
-// Context tokens [t0, t1) of split `split` of a sequence of L tokens, and how many splits are non-empty: a split
-// covers at least min_split_tokens tokens, so short contexts leave the last splits empty.
-struct SplitRange {
-  int t0, t1, splits;
-};
-
-__device__ __forceinline__ SplitRange split_range(const Params& p, int L, int split) {
-  const int S = (int)p.attn_splits;
-  const int per_split = max((L + S - 1) / S, (int)p.min_split_tokens);
-  const int t0 = split * per_split;
-  return {t0, min(L, t0 + per_split), max(1, (L + per_split - 1) / per_split)};
-}
-
-// Asks L2 for the K and V rows of `n` context tokens from `tb` (one thread per token and row), and touches the block
-// table on the way. The past tokens' K and V do not depend on this step, so attention does this before waiting for
-// qkv; after the wait its loads hit L2 instead of HBM.
-template <int D>
-__device__ __forceinline__ void prefetch_kv_l2(const Params& p, const bf16* k_cache, const bf16* v_cache, int m,
-                                               int tb, int n, int kvh) {
-  const int tid = threadIdx.x;
-  for (int i = tid; i < 2 * n; i += NUM_CONSUMERS) {
-    const long long off = token_offset(p, m, tb + (i >> 1), kvh, (int)p.n_kv_heads, D, (int)p.block_size);
-    const bf16* row = ((i & 1) ? v_cache : k_cache) + off;
-#pragma unroll
-    for (int b = 0; b < D * 2; b += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + b / 2));
-  }
 }
 
 // The last of the `splits` non-empty splits of (sequence m, KV head kvh) to finish: attention output = the splits'
@@ -625,197 +737,204 @@ __device__ __forceinline__ void merge_splits(const Params& p, int m, int kvh, in
   }
 }
 
-// One work item = (sequence, KV head, context split), 256 context tokens at a time. Every load of a token block is
-// issued up front (one round trip): K by one thread per token (its whole row, all GM heads' dot products), V by
-// threads that each own 8 consecutive dims of every head for a strided subset of the tokens (summed at the end).
-// Before waiting for qkv, the first block's K and V rows are requested into L2 (prefetch_kv_l2).
+// One work item = (sequence, KV head, context split), one ring chunk (ATTN_CHUNK_TOKENS context tokens) at a time:
+// the producer streamed the past tokens' K and V rows into the ring ahead of time, so after the dependency wait only
+// q and this step's token's K and V rows are copied (one round trip).
+// Each warp owns an eighth of every chunk's tokens: token warp * KTOK + r + j * 8 * KTOK (r = lane / NDVEC, pass
+// j < NPASS), dims dvec * DPL .. + DPL of it in lane dvec = lane % NDVEC. A warp runs its own online softmax over
+// its tokens (scores summed across the token's NDVEC lanes, max and sum across its KTOK tokens), so a chunk needs
+// no block barrier; the warps' (max, sum, output) are merged once per item.
 // A split covers at least `min_split_tokens` tokens, so short contexts use fewer than attn_splits splits (the rest
 // of the items are empty). A single split writes the normalised output itself; otherwise the last split of a
 // (sequence, KV head) to finish merges all splits' partials, in split order.
 template <int D, int GM>
-__device__ __forceinline__ void run_attention_t(const Params& p, const int* in, char* xs, Misc* misc,
+__device__ __forceinline__ void run_attention_t(const Params& p, const int* in, char* ring, uint64_t* full,
+                                                uint64_t* empty, uint32_t& chunk, char* xs, Misc* misc,
                                                 long long* trace) {
-  constexpr int NDVEC = D / 8, TSUBS = NUM_CONSUMERS / NDVEC, VTOK = ATTN_TOKENS / TSUBS;
-  // Loads in flight per thread, fewer for 8-head groups and 128-dim heads (registers: no spills at the 168 cap).
-  constexpr int PASS = GM > 4 || D > 64 ? 4 : 8;
-  constexpr int KPASS = NDVEC < PASS ? NDVEC : PASS, VPASS = VTOK < PASS ? VTOK : PASS;
+  // DPL dims of a token per lane (4 for groups of more than 4 heads: their accumulators would not fit registers).
+  constexpr int DPL = GM > 4 ? 4 : 8, CT = ATTN_CHUNK_BYTES / (2 * D), NDVEC = D / DPL, KTOK = 32 / NDVEC;
+  constexpr int STRIDE = NUM_CONSUMER_WARPS * KTOK, NPASS = CT / STRIDE, HB = GM > 4 ? 2 : GM, PIECES = D / 8;
+  static_assert(NPASS * STRIDE == CT, "a chunk's tokens split evenly over the warps' passes");
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int layer = in[1];
   const int Hq = (int)p.n_q_heads, Hkv = (int)p.n_kv_heads, G = Hq / Hkv;
   const int S = (int)p.attn_splits, M = (int)p.M, BS = (int)p.block_size;
-  const int dvec = tid % NDVEC, tsub = tid / NDVEC;
+  const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
+  const int dvec = lane % NDVEC, tok0 = warp * KTOK + lane / NDVEC;
   const AttnSmem sm_ = attn_smem(xs, G, D);
   const AttnSmem* sm = &sm_;
-  const bf16* k_cache = p.kv_cache + layer * p.kv_layer_stride;
-  const bf16* v_cache = k_cache + p.kv_v_offset;
   int merged = 0;
   bool waited = false;
   for (int item = in[3]; item < in[4]; ++item) {
-    const int split = item % S, kvh = (item / S) % Hkv, m = item / (S * Hkv);
-    const int L = p.seq_lens[m];
-    const SplitRange r = split_range(p, L, split);
-    if (split >= r.splits) continue;  // empty: the (sequence, KV head) completes without it
-    const int t0 = r.t0, t1 = r.t1, splits = r.splits;
-    if (tid < G) {
-      sm->run_max[tid] = -INFINITY;
-      sm->run_sum[tid] = 0.f;
+    const AttnItem a = attn_item(p, item);
+    if (a.split >= a.splits) continue;  // empty: the (sequence, KV head) completes without it
+    const int m = a.m, kvh = a.kvh, split = a.split, splits = a.splits, newest = a.L - 1;
+    // The warp's softmax state lives in shared memory (registers: the 8-head groups would spill); every lane
+    // computes the same values, lane 0 stores them, and the warp syncs before the next chunk reads them.
+    float* run_max = sm->warp_max + warp * G_MAX;
+    float* run_sum = sm->warp_sum + warp * G_MAX;
+    if (lane < GM) {
+      run_max[lane] = -INFINITY;
+      run_sum[lane] = 0.f;
     }
-    float acc[GM][8];
+    __syncwarp();
+    float acc[GM][DPL];
 #pragma unroll
     for (int h = 0; h < GM; ++h)
 #pragma unroll
-      for (int j = 0; j < 8; ++j) acc[h][j] = 0.f;
+      for (int j = 0; j < DPL; ++j) acc[h][j] = 0.f;
     if (!waited) {
-      prefetch_kv_l2<D>(p, k_cache, v_cache, m, t0, min(ATTN_TOKENS, t1 - t0), kvh);
       wait_dependency(p, in[5], in[6], trace);
       waited = true;
     }
-    // q (written by this step's qkv) lands in shared memory while the first K and V loads are in flight.
     for (int i = tid; i < G * D / 4; i += NUM_CONSUMERS)
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(sm->q + 4 * i)),
                    "l"(p.q + (size_t)m * Hq * D + kvh * G * D + 4 * i)
                    : "memory");
-    asm volatile("cp.async.commit_group;" ::: "memory");
-    for (int tb = t0; tb < t1; tb += ATTN_TOKENS) {
-      const int n = min(ATTN_TOKENS, t1 - tb);
-      // V loads of the first pass go out together with the K loads.
-      uint4 vreg[VPASS];
-#pragma unroll
-      for (int j = 0; j < VPASS; ++j) {
-        const int i = tsub + j * TSUBS;
-        if (i < n) vreg[j] = ld_cg16(v_cache + token_offset(p, m, tb + i, kvh, Hkv, D, BS) + dvec * 8);
+    for (int tb = a.t0; tb < a.t1; tb += CT, ++chunk) {
+      const int n = min(CT, a.t1 - tb);
+      const int s = chunk % NUM_STAGES;
+      char* stage = ring + s * STAGE_BYTES;
+      // This step's token: its K and V rows go into the chunk beside the ones the producer copies. The slot holds
+      // nothing else of ours (every earlier chunk was consumed), so the copy need not wait for the producer.
+      const bool has_newest = newest >= tb && newest < tb + n;
+      if (has_newest && tid < 2 * PIECES) {  // 16-byte pieces
+        const int kv = tid / PIECES;  // 0: K, 1: V
+        const bf16* src = p.kv_cache + layer * p.kv_layer_stride + kv * p.kv_v_offset +
+                          token_offset(p, m, newest, kvh, Hkv, D, BS) + (tid % PIECES) * 8;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(
+                         stage + kv * ATTN_CHUNK_BYTES + ((newest - tb) * D + (tid % PIECES) * 8) * 2)),
+                     "l"(src)
+                     : "memory");
       }
-      long long off = 0;
-      uint4 kreg[KPASS];
-      if (tid < n) {
-        off = token_offset(p, m, tb + tid, kvh, Hkv, D, BS);
-#pragma unroll
-        for (int c = 0; c < KPASS; ++c) kreg[c] = ld_cg16(k_cache + off + c * 8);
-      }
-      if (tb == t0) {  // q and the softmax state are in shared memory from here
-        if (tid == 0) misc->phase[0] = globaltimer_lo();  // thread 0's K and V loads issued
+      asm volatile("cp.async.commit_group;" ::: "memory");
+      if (tb == a.t0 && tid == 0) misc->phase[0] = globaltimer_lo();  // q and the new K / V rows asked for
+      mbar_wait(&full[s], (chunk / NUM_STAGES) & 1);
+      if (tb == a.t0 || has_newest) {
         asm volatile("cp.async.wait_all;" ::: "memory");
         consumer_sync();
-        if (tid == 0) misc->phase[1] = globaltimer_lo();  // q landed (its K and V loads are in flight)
+        if (tb == a.t0 && tid == 0) misc->phase[1] = globaltimer_lo();  // q, K and V in shared memory
       }
-      if (tid < n) {
-        float dots[GM];
+      const bf16* ks = reinterpret_cast<const bf16*>(stage);
+      const bf16* vs = reinterpret_cast<const bf16*>(stage + ATTN_CHUNK_BYTES);
+      // Heads in blocks of HB (registers: the 8-head groups would spill), each block: scores of this thread's NPASS
+      // tokens (-inf past the chunk's end) summed over the token's lanes, online softmax over the warp's tokens (max
+      // and sum across passes, then across the warp's KTOK tokens; the output so far rescaled to the new max), and
+      // P.V into this thread's DPL dims of each head (summed across the warp's token lanes once the item is done).
 #pragma unroll
-        for (int h = 0; h < GM; ++h) dots[h] = 0.f;
+      for (int h0 = 0; h0 < GM; h0 += HB) {
+        float sc[NPASS][HB];
 #pragma unroll
-        for (int c0 = 0; c0 < NDVEC; c0 += KPASS) {
-          if (c0 > 0) {
+        for (int j = 0; j < NPASS; ++j) {
+          float k[DPL];
+          lds_bf16<DPL>(ks + (tok0 + j * STRIDE) * D + dvec * DPL, tok0 + j * STRIDE < n, k);
 #pragma unroll
-            for (int c = 0; c < KPASS; ++c) kreg[c] = ld_cg16(k_cache + off + (c0 + c) * 8);
-          }
+          for (int hh = 0; hh < HB; ++hh) {
+            const float* qh = sm->q + (h0 + hh < G ? h0 + hh : 0) * D + dvec * DPL;
+            float dot = 0.f;
 #pragma unroll
-          for (int c = 0; c < KPASS; ++c) {
-            const bf16* ke = reinterpret_cast<const bf16*>(&kreg[c]);
-#pragma unroll
-            for (int h = 0; h < GM; ++h) {
-              if (h < G) {
-#pragma unroll
-                for (int j = 0; j < 8; ++j) dots[h] += sm->q[h * D + (c0 + c) * 8 + j] * __bfloat162float(ke[j]);
-              }
+            for (int e = 0; e < DPL; e += 4) {
+              const float4 q4 = *reinterpret_cast<const float4*>(qh + e);
+              dot += q4.x * k[e] + q4.y * k[e + 1] + q4.z * k[e + 2] + q4.w * k[e + 3];
             }
+            sc[j][hh] = dot;
           }
         }
 #pragma unroll
-        for (int h = 0; h < GM; ++h)
-          if (h < G) sm->scores[h * ATTN_TOKENS + tid] = dots[h] * (float)p.scale_log2;
-      }
-      consumer_sync();
-      if (tid == 0) misc->phase[2] = globaltimer_lo();  // scores
-      // Online softmax, one warp per head: new max, rescale factor, probabilities (base 2) in place.
-      for (int h = warp; h < G; h += NUM_CONSUMER_WARPS) {
-        float mx = -INFINITY;
-        for (int i = lane; i < n; i += 32) mx = fmaxf(mx, sm->scores[h * ATTN_TOKENS + i]);
-        for (int off = 16; off; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-        const float new_max = fmaxf(sm->run_max[h], mx);
-        float sum = 0.f;
-        for (int i = lane; i < n; i += 32) {
-          const float e = exp2f(sm->scores[h * ATTN_TOKENS + i] - new_max);
-          sm->scores[h * ATTN_TOKENS + i] = e;
-          sum += e;
-        }
-        for (int off = 16; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        __syncwarp();
-        if (lane == 0) {
-          const float a = exp2f(sm->run_max[h] - new_max);
-          sm->alpha[h] = a;
-          sm->run_sum[h] = sm->run_sum[h] * a + sum;
-          sm->run_max[h] = new_max;
-        }
-      }
-      consumer_sync();
-      if (tid == 0) misc->phase[3] = globaltimer_lo();  // softmax
+        for (int off = 1; off < NDVEC; off <<= 1)
 #pragma unroll
-      for (int h = 0; h < GM; ++h) {
-        if (h < G) {
-          const float a = sm->alpha[h];
+          for (int j = 0; j < NPASS; ++j)
 #pragma unroll
-          for (int j = 0; j < 8; ++j) acc[h][j] *= a;
-        }
-      }
+            for (int hh = 0; hh < HB; ++hh) sc[j][hh] += __shfl_xor_sync(0xffffffffu, sc[j][hh], off);
+        if (tb == a.t0 && h0 == 0 && tid == 0) misc->phase[2] = globaltimer_lo();  // scores
 #pragma unroll
-      for (int j0 = 0; j0 < VTOK; j0 += VPASS) {
-        if (j0 > 0) {
+        for (int hh = 0; hh < HB; ++hh) {
+          const int h = h0 + hh;
+          float mx = -INFINITY;
 #pragma unroll
-          for (int j = 0; j < VPASS; ++j) {
-            const int i = tsub + (j0 + j) * TSUBS;
-            if (i < n) vreg[j] = ld_cg16(v_cache + token_offset(p, m, tb + i, kvh, Hkv, D, BS) + dvec * 8);
+          for (int j = 0; j < NPASS; ++j) {
+            sc[j][hh] = tok0 + j * STRIDE < n ? sc[j][hh] * (float)p.scale_log2 : -INFINITY;
+            mx = fmaxf(mx, sc[j][hh]);
           }
-        }
 #pragma unroll
-        for (int j = 0; j < VPASS; ++j) {
-          const int i = tsub + (j0 + j) * TSUBS;
-          if (i < n) {
-            const bf16* ve = reinterpret_cast<const bf16*>(&vreg[j]);
+          for (int off = NDVEC; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+          const float old_max = run_max[h], new_max = fmaxf(old_max, mx);
+          const float alpha = old_max == -INFINITY ? 0.f : exp2f(old_max - new_max);
+          float sum = 0.f;
 #pragma unroll
-            for (int h = 0; h < GM; ++h) {
-              if (h < G) {
-                const float pr = sm->scores[h * ATTN_TOKENS + i];
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc[h][e] += pr * __bfloat162float(ve[e]);
-              }
-            }
+          for (int j = 0; j < NPASS; ++j) {
+            sc[j][hh] = sc[j][hh] == -INFINITY ? 0.f : exp2f(sc[j][hh] - new_max);
+            sum += sc[j][hh];
           }
+#pragma unroll
+          for (int off = NDVEC; off < 32; off <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+          const float new_sum = run_sum[h] * alpha + sum;
+          __syncwarp();
+          if (lane == 0) {
+            run_max[h] = new_max;
+            run_sum[h] = new_sum;
+          }
+#pragma unroll
+          for (int e = 0; e < DPL; ++e) acc[h][e] *= alpha;
+        }
+        if (tb == a.t0 && h0 == 0 && tid == 0) misc->phase[3] = globaltimer_lo();  // softmax
+#pragma unroll
+        for (int j = 0; j < NPASS; ++j) {
+          float v[DPL];
+          lds_bf16<DPL>(vs + (tok0 + j * STRIDE) * D + dvec * DPL, tok0 + j * STRIDE < n, v);
+#pragma unroll
+          for (int hh = 0; hh < HB; ++hh)
+#pragma unroll
+            for (int e = 0; e < DPL; ++e) acc[h0 + hh][e] += sc[j][hh] * v[e];
         }
       }
-      consumer_sync();
+      // The chunk was written through the generic proxy (cp.async); the producer may refill the slot with bulk
+      // copies (async proxy).
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[s]);
+      if (tid == 0) ++misc->attn_chunks;
     }
     if (tid == 0) misc->phase[4] = globaltimer_lo();  // probabilities x V
     asm volatile("cp.async.wait_all;" ::: "memory");  // a context of 0 tokens never waited for its q copy
-    // Sum the token subsets: lanes NDVEC apart in a warp first, then the warps through shared memory.
+    // Each warp's output (summed over its token lanes), max and sum; then the warps merged in warp order.
 #pragma unroll
     for (int h = 0; h < GM; ++h) {
-      if (h < G) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          float v = acc[h][j];
+      for (int e = 0; e < DPL; ++e) {
+        float v = acc[h][e];
 #pragma unroll
-          for (int off = NDVEC; off < 32; off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-          if (lane < NDVEC) sm->o_red[warp * G * D + h * D + dvec * 8 + j] = v;
-        }
+        for (int off = NDVEC; off < 32; off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (h < G && lane < NDVEC) sm->o_red[warp * G * D + h * D + dvec * DPL + e] = v;
       }
     }
     consumer_sync();
     // One split: the normalised output (as the merge would weight it). Several: this split's partial result,
-    // unnormalised output, running max (log2 domain) and sum.
+    // unnormalised output, max (log2 domain) and sum.
     const bool single = splits == 1;
     const size_t base = (((size_t)m * Hkv + kvh) * S + split) * G;
     for (int idx = tid; idx < G * D; idx += NUM_CONSUMERS) {
-      float o = 0.f;
+      const int h = idx / D;
+      float mx = -INFINITY;
 #pragma unroll
-      for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) o += sm->o_red[w * G * D + idx];
-      if (single)
-        p.attn[(size_t)m * Hq * D + kvh * G * D + idx] = __float2bfloat16((1.f / sm->run_sum[idx / D]) * o);
-      else
+      for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) mx = fmaxf(mx, sm->warp_max[w * G_MAX + h]);
+      float o = 0.f, sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) {
+        const float wm = sm->warp_max[w * G_MAX + h];
+        const float wt = wm == -INFINITY ? 0.f : exp2f(wm - mx);
+        o += wt * sm->o_red[w * G * D + idx];
+        sum += wt * sm->warp_sum[w * G_MAX + h];
+      }
+      if (single) {
+        p.attn[(size_t)m * Hq * D + kvh * G * D + idx] = __float2bfloat16((1.f / sum) * o);
+      } else {
         p.o_part[base * D + idx] = o;
-    }
-    if (!single && tid < G) {
-      p.ml_part[(base + tid) * 2] = sm->run_max[tid];
-      p.ml_part[(base + tid) * 2 + 1] = sm->run_sum[tid];
+        if (idx % D == 0) {
+          p.ml_part[(base + h) * 2] = mx;
+          p.ml_part[(base + h) * 2 + 1] = sum;
+        }
+      }
     }
     consumer_sync();
     if (tid == 0) misc->phase[5] = globaltimer_lo();  // output or partials written
@@ -828,7 +947,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       }
       consumer_sync();
       if (misc->flag) {
-        merge_splits(p, m, kvh, D, splits, sm->scores);
+        merge_splits(p, m, kvh, D, splits, sm->merge_w);
         ++merged;
       }
     }
@@ -846,17 +965,10 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
   }
 }
 
-// The attention shape is fixed when the kernel is compiled for a model (build.compile_cubin passes both).
-#ifndef ATTN_HEAD_DIM
-#define ATTN_HEAD_DIM 64
-#endif
-#ifndef ATTN_GROUP_MAX
-#define ATTN_GROUP_MAX 4
-#endif
-
-__device__ void run_attention(const Params& p, const int* in, char* xs, Misc* misc, long long* trace) {
+__device__ void run_attention(const Params& p, const int* in, char* ring, uint64_t* full, uint64_t* empty,
+                              uint32_t& chunk, char* xs, Misc* misc, long long* trace) {
   if (p.head_dim != ATTN_HEAD_DIM || p.n_q_heads / p.n_kv_heads > ATTN_GROUP_MAX) __trap();
-  run_attention_t<ATTN_HEAD_DIM, ATTN_GROUP_MAX>(p, in, xs, misc, trace);
+  run_attention_t<ATTN_HEAD_DIM, ATTN_GROUP_MAX>(p, in, ring, full, empty, chunk, xs, misc, trace);
 }
 
 // ---- the kernel ---------------------------------------------------------------------------------------------------
@@ -874,6 +986,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
 
   const int tid = threadIdx.x;
   if (tid == 0) {
+    misc->attn_chunks = 0;
     for (int s = 0; s < p.num_stages; ++s) {
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], NUM_CONSUMER_WARPS);
@@ -905,7 +1018,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
       }
       if (tid == 0) misc->merged = in[4] - in[3];
     } else if (op == OP_ATTN) {
-      run_attention(p, in, xs, misc, trace);
+      run_attention(p, in, ring, full, empty, chunk, xs, misc, trace);
     } else if (p.M <= 8) {
       run_matmul<1>(p, in, ring, full, empty, xs, red, misc, chunk, trace);
     } else {

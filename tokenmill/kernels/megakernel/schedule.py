@@ -34,7 +34,7 @@ MISC_BYTES = 2048
 SMEM_MAX = 232448  # dynamic shared memory per block on sm_90
 XS_BUDGET = 66560  # activation buffer budget: 16 rows of 2048 bf16 (+ padding)
 MAX_STAGES = 8
-ATTN_TOKENS = 256
+ATTN_CHUNK_BYTES = 16384  # attention chunk in a ring stage: K rows, then V rows, 16 KB each
 NUM_CONSUMER_THREADS = 256
 G_MAX = 8
 MAX_BATCH = 16
@@ -78,9 +78,10 @@ class DecodeShape:
         return (per_row // 2) // 32 * 32
 
     def attention_smem_bytes(self) -> int:
+        """Attention's scratch in the activation buffer: the warps' softmax state, the split merge's weights, q and
+        the warps' outputs."""
         group_width = self.num_q_heads // self.num_kv_heads * self.head_dim
-        return ATTN_TOKENS * 8 + 3 * G_MAX * 4 + 4 * (group_width + self.num_q_heads // self.num_kv_heads
-                                                      * ATTN_TOKENS + 8 * group_width)
+        return 4 * (2 * 8 * G_MAX + MAX_ATTN_SPLITS * G_MAX + group_width + 8 * group_width)
 
     def xs_bytes(self) -> int:
         """Activation buffer: the widest staged K segment for every batch row, or attention's scratch."""
