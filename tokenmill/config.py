@@ -135,6 +135,10 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     decode_backend: str = "auto"  # torch | triton | fused | megakernel
+    # With decode_backend megakernel: the largest decode batch it runs; larger ones go to the fused kernels. On the
+    # H100 (Llama-3.2-1B shape, docs/bench/decode_h100_megakernel_m10.log, 2026-11-27) the megakernel beats fused +
+    # PDL at batch 1-2 for every context measured (128 / 1k / 4k), at batch 4 only up to 1k, and loses from 8 on.
+    megakernel_max_batch: int = 2
     # Weight-only quantization: auto | none | int8 | int4 (CPU). auto: int4/int8 for a quantized GGUF on CPU when
     # dtype is auto, else none (tokenmill/models/quantization.py).
     quantization: str = "auto"
@@ -149,6 +153,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.parcae_recurrence is not None and self.parcae_recurrence < 1:
             raise ValueError(f"parcae_recurrence must be >= 1, got {self.parcae_recurrence}")
+        if self.megakernel_max_batch < 1:
+            raise ValueError(f"megakernel_max_batch must be >= 1, got {self.megakernel_max_batch}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

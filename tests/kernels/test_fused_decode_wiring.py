@@ -68,6 +68,6 @@ def test_engine_with_fused_backend_generates_the_torch_tokens(tiny_model_dir):
     engine, fused = generate(tiny_model_dir, "fused", prompts)
     from tokenmill.kernels.fused_llama import FusedLlamaDecoder
 
-    uses_fused = isinstance(engine.runner.decode_model, FusedLlamaDecoder)
+    uses_fused = any(isinstance(m, FusedLlamaDecoder) for m in engine.runner.decode_models)
     assert uses_fused == (DEVICE == "cuda")
     assert fused == reference

@@ -66,9 +66,9 @@ def test_make_megakernel_decoder_falls_back_on_cpu_with_a_warning(caplog):
     assert "does not apply" in caplog.text
 
 
-def generate(model_dir, backend: str, prompts: list[list[int]], dtype: str, device: str):
+def generate(model_dir, backend: str, prompts: list[list[int]], dtype: str, device: str, **config):
     engine = LLMEngine(make_engine_config(str(model_dir), dtype=dtype, device=device, max_model_len=256,
-                                          decode_backend=backend, max_num_seqs=8, num_blocks=128))
+                                          decode_backend=backend, max_num_seqs=8, num_blocks=128, **config))
     outs = engine.generate_blocking(prompts, GREEDY)
     return engine, [o.outputs[0].token_ids for o in outs]
 
@@ -80,21 +80,36 @@ PROMPTS = [[5, 17, 300, 42], [7] * 11, [100, 200], [1, 2, 3, 4, 5, 6, 7, 8, 9, 1
 def test_engine_with_megakernel_backend_on_cpu_generates_the_torch_tokens(tiny_model_dir):
     _, reference = generate(tiny_model_dir, "torch", PROMPTS, "float32", "cpu")
     engine, tokens = generate(tiny_model_dir, "megakernel", PROMPTS, "float32", "cpu")
-    assert not isinstance(engine.runner.decode_model, MegakernelLlamaDecoder)
+    assert not any(isinstance(m, MegakernelLlamaDecoder) for m in engine.runner.decode_models)
     assert tokens == reference
 
 
 @pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU (H100/H200)")
 def test_engine_with_megakernel_follows_the_bf16_model(tmp_path):
+    from tokenmill.kernels.fused_llama import FusedLlamaDecoder
     from tokenmill.models.random_weights import make_random_model_dir
 
     shape = dict(MEGA_SHAPE, rms_norm_eps=1e-5, tie_word_embeddings=True)
     model_dir = make_random_model_dir(tmp_path / "m", shape, dtype=torch.bfloat16, std=0.2)
     _, reference = generate(model_dir, "triton", PROMPTS, "bfloat16", "cuda")
-    engine, tokens = generate(model_dir, "megakernel", PROMPTS, "bfloat16", "cuda")
-    assert isinstance(engine.runner.decode_model, MegakernelLlamaDecoder)
+    # Every decode batch on the megakernel.
+    engine, tokens = generate(model_dir, "megakernel", PROMPTS, "bfloat16", "cuda", megakernel_max_batch=16)
+    assert [type(m) for m in engine.runner.decode_models] == [MegakernelLlamaDecoder, FusedLlamaDecoder]
     assert engine.runner.graphs, "decode steps should run in CUDA graphs"
-    # bf16 rounding differs between the two paths; greedy choices may flip on near-ties late in a sequence.
+    # bf16 rounding differs between the two paths; greedy choices may flip on near-ties late in a sequence, and a
+    # sequence goes its own way from there (H100, 2026-11-27: 59 of 64 tokens agree).
     agree = sum(a == b for ref, got in zip(reference, tokens) for a, b in zip(ref, got))
     assert agree >= 0.9 * sum(len(r) for r in reference), (reference, tokens)
     assert [t[:4] for t in tokens] == [r[:4] for r in reference]
+    # The default: the megakernel up to batch 2, the fused kernels above. Their greedy tokens are not compared with
+    # the reference: free-running bf16 paths part ways (fused alone: 28 of these 64 tokens, though teacher-forced
+    # it is as close to fp32 as the bf16 model is), and each path's numerics have their own tests.
+    engine, tokens = generate(model_dir, "megakernel", PROMPTS, "bfloat16", "cuda")
+    assert [type(m) for m in engine.runner.decode_models] == [MegakernelLlamaDecoder, FusedLlamaDecoder]
+    assert engine.runner.decode_models[0].max_batch_size == 2
+    assert [len(t) for t in tokens] == [len(r) for r in reference]
+
+
+def test_megakernel_max_batch_is_checked_before_anything_else():
+    with pytest.raises(ValueError, match="max_batch must be >= 1"):
+        MegakernelLlamaDecoder(tiny_model(), max_batch=0)

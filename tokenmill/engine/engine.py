@@ -66,20 +66,25 @@ class LLMEngine:
         # requests with another seed than the default get a cache salt, so default requests share prefixes as usual.
         self.uses_state_seed = bool(getattr(self.model, "uses_state_seed", False))
         self.default_state_seed = config.seed
-        decode_model = None
+        # Decode-only steps: the megakernel for the smallest batches, the fused kernels up to theirs, the model above.
+        decode_models = []
         if config.decode_backend == "megakernel":
             from tokenmill.kernels.megakernel.decoder import make_megakernel_decoder
 
-            decode_model = make_megakernel_decoder(self.model, self.device)  # None, with a warning, where it can't
-            if decode_model is not None:
+            # None, with a warning, where it can't run
+            megakernel = make_megakernel_decoder(self.model, self.device, config.megakernel_max_batch)
+            if megakernel is not None:
+                decode_models.append(megakernel)
                 logger.info("decode backend: one persistent megakernel launch per decode step (batch <= %d)",
-                            decode_model.max_batch_size)
-        if fused and decode_model is None:
+                            megakernel.max_batch_size)
+        if fused:
             from tokenmill.kernels.fused_llama import make_fused_decoder
 
-            decode_model = make_fused_decoder(self.model, self.device)  # None, with a warning, where it can't run
-            if decode_model is not None:
-                logger.info("decode backend: fused Triton kernels for decode-only steps")
+            fused_decoder = make_fused_decoder(self.model, self.device)  # None, with a warning, where it can't run
+            if fused_decoder is not None:
+                decode_models.append(fused_decoder)
+                logger.info("decode backend: fused Triton kernels for decode-only steps (batch <= %d)",
+                            fused_decoder.max_batch_size)
         self.model_config: ModelConfig = loaded.config
         self.tokenizer = Tokenizer.from_source(config.tokenizer or loaded.source)
         if config.served_model_name is None:
@@ -110,7 +115,7 @@ class LLMEngine:
             and getattr(backend, "supports_cuda_graphs", False)
             and getattr(self.model, "supports_cuda_graphs", True),
             max_graph_batch_size=sched_cfg.max_num_seqs,
-            decode_model=decode_model,
+            decode_models=decode_models,
         )
         self.sampler = Sampler(max_logprobs=config.max_logprobs, seed=config.seed)
         self.outputs = OutputProcessor(self.tokenizer, self.observer)

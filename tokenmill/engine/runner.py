@@ -8,6 +8,7 @@ captured per padded batch size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,13 +84,13 @@ class ModelRunner:
         device: torch.device,
         use_cuda_graphs: bool = False,
         max_graph_batch_size: int = 64,
-        decode_model=None,
+        decode_models: Sequence = (),
     ) -> None:
         self.model = model
-        # Runs decode-only steps when given (e.g. kernels.fused_llama.FusedLlamaDecoder): same forward() and
-        # compute_logits() contract as `model`, which keeps prefill and mixed steps.
-        self.decode_model = decode_model if decode_model is not None else model
-        self.decode_model_max_batch = getattr(decode_model, "max_batch_size", 1 << 30)
+        # Decode-only steps run on the first of these whose max_batch_size covers the batch (e.g. the megakernel for
+        # the smallest batches, then kernels.fused_llama.FusedLlamaDecoder), else on `model`, which also keeps
+        # prefill and mixed steps. Same forward() and compute_logits() contract as `model`.
+        self.decode_models = list(decode_models)
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
@@ -133,8 +134,11 @@ class ModelRunner:
         return step.sample_rows, logits
 
     def _model_for(self, decode_batch_size: int):
-        """The decode model where it serves this batch size, the general model otherwise."""
-        return self.decode_model if decode_batch_size <= self.decode_model_max_batch else self.model
+        """The first decode model that serves this batch size, the general model otherwise."""
+        for decode_model in self.decode_models:
+            if decode_batch_size <= decode_model.max_batch_size:
+                return decode_model
+        return self.model
 
     # ---- CUDA graphs for decode -------------------------------------------------------------------------------
 

@@ -71,7 +71,11 @@ def model_unsupported_reason(model: torch.nn.Module, device: torch.device | str)
 class MegakernelLlamaDecoder:
     max_batch_size: int = 16
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, max_batch: int | None = None) -> None:
+        """max_batch: serve decode batches up to this size (the engine gives larger ones to the next backend); None:
+        as large as the shapes allow (16)."""
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         device = next(model.parameters()).device
         reason = model_unsupported_reason(model, device)
         if reason is not None:
@@ -86,6 +90,8 @@ class MegakernelLlamaDecoder:
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         cfg = model.config
         self.max_batch_size = max(b for b in range(1, 17) if unsupported_reason(DecodeShape.of(cfg, b)) is None)
+        if max_batch is not None:
+            self.max_batch_size = min(self.max_batch_size, max_batch)
         layer_ptrs = []
         for layer in model.layers:
             for w in (layer.attn_norm.weight, layer.attn.qkv_proj.weight, layer.attn.o_proj.weight,
@@ -299,14 +305,16 @@ class MegakernelLlamaDecoder:
         return hidden
 
 
-def make_megakernel_decoder(model: torch.nn.Module, device: torch.device | str) -> MegakernelLlamaDecoder | None:
-    """The megakernel decoder, or None (with a log line saying why) where it does not apply or cannot be built."""
+def make_megakernel_decoder(model: torch.nn.Module, device: torch.device | str,
+                            max_batch: int | None = None) -> MegakernelLlamaDecoder | None:
+    """The megakernel decoder (batches up to max_batch), or None (with a log line saying why) where it does not apply
+    or cannot be built."""
     from tokenmill.kernels.megakernel.build import MegakernelUnavailable
 
     reason = model_unsupported_reason(model, device)
     if reason is None:
         try:
-            return MegakernelLlamaDecoder(model)
+            return MegakernelLlamaDecoder(model, max_batch)
         except (MegakernelUnavailable, MegakernelUnsupported) as exc:
             reason = str(exc)
     logger.warning("decode backend 'megakernel' does not apply (%s)", reason)

@@ -758,7 +758,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int layer = in[1];
   const int Hq = (int)p.n_q_heads, Hkv = (int)p.n_kv_heads, G = Hq / Hkv;
-  const int S = (int)p.attn_splits, M = (int)p.M, BS = (int)p.block_size;
+  const int S = (int)p.attn_splits, M = (int)p.M;
   const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
   const int dvec = lane % NDVEC, tok0 = warp * KTOK + lane / NDVEC;
   const AttnSmem sm_ = attn_smem(xs, G, D);
@@ -769,6 +769,9 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
     const AttnItem a = attn_item(p, item);
     if (a.split >= a.splits) continue;  // empty: the (sequence, KV head) completes without it
     const int m = a.m, kvh = a.kvh, split = a.split, splits = a.splits, newest = a.L - 1;
+    // This step's token's cache slot (the one qkv writes; < 0: a row without one) is an input of the step: read
+    // before the dependency wait, so its K / V copy after the wait needs no block-table lookup.
+    const long long newest_slot = p.slot_mapping[m];
     // The warp's softmax state lives in shared memory (registers: the 8-head groups would spill); every lane
     // computes the same values, lane 0 stores them, and the warp syncs before the next chunk reads them.
     float* run_max = sm->warp_max + warp * G_MAX;
@@ -798,10 +801,10 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       // This step's token: its K and V rows go into the chunk beside the ones the producer copies. The slot holds
       // nothing else of ours (every earlier chunk was consumed), so the copy need not wait for the producer.
       const bool has_newest = newest >= tb && newest < tb + n;
-      if (has_newest && tid < 2 * PIECES) {  // 16-byte pieces
+      if (has_newest && newest_slot >= 0 && tid < 2 * PIECES) {  // 16-byte pieces
         const int kv = tid / PIECES;  // 0: K, 1: V
         const bf16* src = p.kv_cache + layer * p.kv_layer_stride + kv * p.kv_v_offset +
-                          token_offset(p, m, newest, kvh, Hkv, D, BS) + (tid % PIECES) * 8;
+                          (newest_slot * Hkv + kvh) * D + (tid % PIECES) * 8;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(
                          stage + kv * ATTN_CHUNK_BYTES + ((newest - tb) * D + (tid % PIECES) * 8) * 2)),
                      "l"(src)
