@@ -218,12 +218,6 @@ __device__ __forceinline__ bool is_matmul(int op) { return op != OP_EMBED && op 
 
 // ---- attention work items ----------------------------------------------------------------------------------
 
-// Element offset of context token `pos`'s row (K or V) for KV head `kvh` of sequence m, through the block table.
-__device__ __forceinline__ long long token_offset(const Params& p, int m, int pos, int kvh, int Hkv, int D, int BS) {
-  const int block = __ldg(p.block_tables + (size_t)m * p.bt_stride + pos / BS);
-  return ((long long)block * BS + pos % BS) * Hkv * D + kvh * D;
-}
-
 // Context tokens [t0, t1) of split `split` of a sequence of L tokens, and how many splits are non-empty: a split
 // covers at least min_split_tokens tokens, so short contexts leave the last splits empty.
 struct SplitRange {

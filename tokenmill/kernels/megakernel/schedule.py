@@ -180,7 +180,8 @@ class Schedule:
         return max(len(b) for b in self.blocks)
 
     def chunks(self, instr: Instr) -> int:
-        """Weight chunks (16 rows x up to CHUNK_K columns) the producer streams for one instruction."""
+        """Weight chunks (16 rows x up to CHUNK_K columns) the producer streams for one instruction. Attention's K / V
+        chunks depend on the context lengths and are not counted: the chunk trace indexes weight chunks only."""
         if instr.op in (OP_EMBED, OP_ATTN):
             return 0
         return (instr.end - instr.begin) * -(-self.shape.kseg(self.shape.k(instr.op)) // CHUNK_K)

@@ -20,8 +20,9 @@ from tokenmill.kernels.megakernel.schedule import ATTN_PHASES, CHUNK_K, OP_ATTN,
 
 Stamps = Sequence[Sequence[Sequence[int]]]  # [block][slot][field]
 
-# What ends at each of the kernel's attention stamps (of a block's last non-empty item; "issued": thread 0 has issued
-# its first K and V loads, and q's copy; the middle three are of its last 256-token block).
+# What ends at each of the kernel's attention stamps (of a block's last non-empty item; "issued": q's copy and this
+# step's K / V rows asked for; "q_landed": those and the first chunk's past K / V in shared memory; scores,
+# softmax and pv: of the first chunk, pv through the item's last chunk).
 ATTENTION_PHASES = ("issued", "q_landed", "scores", "softmax", "pv", "written", "merged")
 assert len(ATTENTION_PHASES) == ATTN_PHASES
 
