@@ -19,6 +19,7 @@ import torch
 from tokenmill.bench.decode import _sync, build_model, make_kv_cache, measure_copy_bandwidth, step_inputs
 from tokenmill.kernels.megakernel.decoder import MegakernelLlamaDecoder
 from tokenmill.kernels.megakernel.trace import attention_phases, chunk_timeline, per_op_stage_times, stage_report
+from tokenmill.plotting import PlottingUnavailable, pyplot
 
 
 def main() -> None:
@@ -64,11 +65,8 @@ def main() -> None:
               + ", ".join(f"{name} {us:.2f}" for name, us in phases.items()))
         decoder.enable_trace(batch, on=False)
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+            plt = pyplot()
+        except PlottingUnavailable:
             continue
         fig, ax = plt.subplots(figsize=(14, 4))
         ax.plot([i * timeline["bin_us"] for i in range(len(rate))], rate, lw=0.8)

@@ -54,7 +54,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="torch|triton|auto: the model with that attention; fused: fused Triton kernels for decode "
                         "steps; megakernel: one persistent CUDA kernel per decode step (sm_90 GPUs, bf16 Llama). "
                         "fused and megakernel fall back (megakernel -> fused -> model) where they do not apply")
-    g.add_argument("--megakernel-max-batch", type=int, default=2, metavar="N",
+    g.add_argument("--megakernel-max-batch", type=int, default=EngineConfig.megakernel_max_batch, metavar="N",
                    help="with --decode-backend megakernel: its largest decode batch; larger ones run the fused "
                         "kernels (default 2: where it beat them at every context on the H100)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
@@ -89,7 +89,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         device=args.device,
         seed=args.seed,
         decode_backend=args.decode_backend,
-        megakernel_max_batch=getattr(args, "megakernel_max_batch", 2),
+        megakernel_max_batch=getattr(args, "megakernel_max_batch", EngineConfig.megakernel_max_batch),
         enforce_eager=args.enforce_eager,
         parcae_recurrence=getattr(args, "parcae_recurrence", None),
         cache=cache,
