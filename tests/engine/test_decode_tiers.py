@@ -54,3 +54,12 @@ def test_decode_batches_go_to_the_first_model_that_covers_them(tiny_model_dir):
 def test_megakernel_max_batch_must_be_positive():
     with pytest.raises(ValueError, match="megakernel_max_batch must be >= 1"):
         EngineConfig(megakernel_max_batch=0)
+
+
+def test_megakernel_max_batch_from_the_cli():
+    from tokenmill.cli import build_parser, engine_config_from_args, main
+
+    args = build_parser().parse_args(["serve", "--decode-backend", "megakernel", "--megakernel-max-batch", "4"])
+    assert engine_config_from_args(args).megakernel_max_batch == 4
+    assert engine_config_from_args(build_parser().parse_args(["serve"])).megakernel_max_batch == 2
+    assert main(["serve", "--megakernel-max-batch", "0"]) == 2  # a CLI error, not a traceback
