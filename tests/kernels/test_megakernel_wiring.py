@@ -113,3 +113,15 @@ def test_engine_with_megakernel_follows_the_bf16_model(tmp_path):
 def test_megakernel_max_batch_is_checked_before_anything_else():
     with pytest.raises(ValueError, match="max_batch must be >= 1"):
         MegakernelLlamaDecoder(tiny_model(), max_batch=0)
+
+
+def test_kv_tensor_map_shape_of_the_cache():
+    from tokenmill.kernels.megakernel.build import KVTensorMapShape
+
+    shape = KVTensorMapShape.of((16, 2, 1000, 16, 8, 64))  # Llama-3.2-1B, 1000 blocks of 16 tokens
+    assert shape.dims == (64, 8, 16 * 2 * 1000 * 16)
+    assert shape.strides == (64 * 2, 8 * 64 * 2)
+    assert shape.box == (64, 1, 16)
+    assert KVTensorMapShape.of((2, 2, 10, 8, 2, 128)).box == (128, 1, 8)  # blocks smaller than 16 tokens
+    with pytest.raises(MegakernelUnsupported, match="32-bit"):
+        KVTensorMapShape.of((80, 2, 1 << 20, 16, 8, 64))

@@ -70,6 +70,8 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("i64", "kseg_down"),
     ("i64", "num_stages"),
     ("i64", "prefetch_chunks"),
+    ("i64", "attn_tma"),
+    ("ptr:const void", "kv_tmap"),
     ("ptr:long long", "trace"),
     ("ptr:long long", "chunk_trace"),
     ("ptr:long long", "attn_trace"),
@@ -77,6 +79,46 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("f64", "eps"),
     ("f64", "scale_log2"),
 )
+
+
+@dataclass(frozen=True)
+class KVTensorMapShape:
+    """The KV cache [layers, 2, blocks, block_size, kv_heads, head_dim] (bf16) as the 3-D tensor TMA copies from:
+    dims innermost first (head_dim, kv_heads, every token row of every layer, K and V), strides in bytes of the outer
+    two, and the box one copy brings: one KV head's rows of up to 16 tokens of one KV block."""
+
+    dims: tuple[int, int, int]
+    strides: tuple[int, int]
+    box: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, cache_shape: tuple[int, ...]) -> "KVTensorMapShape":
+        layers, two, blocks, block_size, kv_heads, head_dim = cache_shape
+        rows = layers * two * blocks * block_size
+        if rows >= 2**31:
+            raise MegakernelUnsupported(f"the KV cache has {rows} token rows; TMA coordinates are 32-bit")
+        return cls((head_dim, kv_heads, rows), (head_dim * 2, kv_heads * head_dim * 2),
+                   (head_dim, 1, min(block_size, 16)))
+
+
+def encode_kv_tensor_map(libcuda: ctypes.CDLL, kv_cache) -> bytes:
+    """The 128-byte CUtensorMap of `kv_cache` (cuTensorMapEncodeTiled: bf16, no interleave or swizzle, L2 promotion
+    128 B, no out-of-bounds fill)."""
+    shape = KVTensorMapShape.of(tuple(kv_cache.shape))
+    storage = (ctypes.c_uint8 * (128 + 64))()  # the map must be 64-byte aligned
+    address = (ctypes.addressof(storage) + 63) // 64 * 64
+    bf16, interleave_none, swizzle_none, l2_promotion_128b, oob_fill_none = 9, 0, 0, 2, 0
+    _check(libcuda, libcuda.cuTensorMapEncodeTiled(
+        ctypes.c_void_p(address), ctypes.c_int(bf16), ctypes.c_uint32(3), ctypes.c_void_p(kv_cache.data_ptr()),
+        (ctypes.c_uint64 * 3)(*shape.dims), (ctypes.c_uint64 * 2)(*shape.strides),
+        (ctypes.c_uint32 * 3)(*shape.box), (ctypes.c_uint32 * 3)(1, 1, 1),
+        ctypes.c_int(interleave_none), ctypes.c_int(swizzle_none), ctypes.c_int(l2_promotion_128b),
+        ctypes.c_int(oob_fill_none)), "cuTensorMapEncodeTiled")
+    return ctypes.string_at(address, 128)
+
+
+class MegakernelUnsupported(ValueError):
+    """The megakernel does not apply to this model or device (the caller falls back)."""
 
 
 class MegakernelUnavailable(RuntimeError):

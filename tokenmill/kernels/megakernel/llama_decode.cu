@@ -112,6 +112,14 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
       : "memory");
 }
 
+// A 3-D tensor copy (TMA) of one box of `tmap` at coordinates (c0, c1, c2) into shared memory, completion on `bar`.
+__device__ __forceinline__ void tma_load_3d(void* dst, const void* tmap, int c0, int c1, int c2, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
+      ::"r"(smem_addr(dst)), "l"(tmap), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+      : "memory");
+}
+
 __device__ __forceinline__ int ld_acquire(const int* p) {
   int v;
   asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -219,14 +227,15 @@ __device__ __forceinline__ bool is_matmul(int op) { return op != OP_EMBED && op 
 // ---- attention work items ----------------------------------------------------------------------------------
 
 // Context tokens [t0, t1) of split `split` of a sequence of L tokens, and how many splits are non-empty: a split
-// covers at least min_split_tokens tokens, so short contexts leave the last splits empty.
+// covers at least min_split_tokens tokens (rounded up to 16), so short contexts leave the last splits empty.
 struct SplitRange {
   int t0, t1, splits;
 };
 
 __device__ __forceinline__ SplitRange split_range(const Params& p, int L, int split) {
   const int S = (int)p.attn_splits;
-  const int per_split = max((L + S - 1) / S, (int)p.min_split_tokens);
+  // Multiples of 16 tokens: an attention chunk then starts on a TMA box (a KV block's 16 rows, or all of a smaller one).
+  const int per_split = (max((L + S - 1) / S, (int)p.min_split_tokens) + 15) / 16 * 16;
   const int t0 = split * per_split;
   return {t0, min(L, t0 + per_split), max(1, (L + per_split - 1) / per_split)};
 }
@@ -255,10 +264,10 @@ __device__ __forceinline__ AttnItem attn_item(const Params& p, int item) {
 
 // Position in a block's stream of ring chunks; ii == count once past the end. A matmul chunk is (instruction,
 // tile, K offset kc); an attention chunk is (instruction, item = tile, first token kc of the item's [.., k1)), with
-// info.weight the layer's K cache and m, kvh, newest (this step's token, not copied) from the item.
+// info.weight the layer's K cache and m, kvh from the item.
 struct Cursor {
   int ii, op, tile, tile_end, k0, kc, k1;
-  int m, kvh, newest;
+  int m, kvh;
   OpInfo info;
 };
 
@@ -269,7 +278,6 @@ __device__ __forceinline__ bool cursor_attention_item(const Params& p, Cursor& c
   c.k1 = a.t1;
   c.m = a.m;
   c.kvh = a.kvh;
-  c.newest = a.L - 1;
   return a.split < a.splits && a.t1 > a.t0;
 }
 
@@ -314,17 +322,32 @@ __device__ __forceinline__ void cursor_next(const Params& p, const int* instrs, 
 }
 
 // An attention chunk: the K rows (then, ATTN_CHUNK_BYTES on, the V rows) of up to ATTN_CHUNK_TOKENS context tokens
-// of one item. Past tokens' K and V do not depend on this step, so they stream in ahead like weights; this step's
-// token (c.newest) is not written yet: the consumers copy its rows after their dependency. The rows are short
-// (128 bytes for 64-dim heads), too short for bulk copies (measured: ~7 us per 32 KB chunk), so the warp copies
-// 16-byte pieces with cp.async, NVEC lanes per row, and each lane's copies arrive on the stage's mbarrier. Lane k
-// reads the block table entry of the chunk's k-th KV block once (the copies then never wait for a table lookup).
+// of one item. Past tokens' K and V do not depend on this step, so they stream in ahead like weights; the row of
+// this step's token comes along stale and the consumers overwrite it after their dependency.
+// With p.attn_tma, one TMA tensor copy per (KV block's box of up to 16 rows, K or V); else the warp copies 16-byte
+// pieces with cp.async, NVEC lanes per row (the rows, 128 bytes for 64-dim heads, are too short for plain bulk
+// copies: ~7 us per 32 KB chunk measured), each lane's copies arriving on the stage's mbarrier.
 __device__ __forceinline__ void produce_attention_chunk(const Params& p, const Cursor& c, char* stage,
                                                         uint64_t* full) {
   constexpr int D = ATTN_HEAD_DIM, NVEC = D / 8, ROWS_PER_PASS = 32 / NVEC;
   const int lane = threadIdx.x & 31, vec = lane % NVEC;
   const int n = min(ATTN_CHUNK_TOKENS, c.k1 - c.kc), BS = (int)p.block_size, Hkv = (int)p.n_kv_heads;
   const int* table = p.block_tables + (size_t)c.m * p.bt_stride;
+  if (p.attn_tma) {
+    // Token rows of the tensor map (all layers, K and V, every block's slots): this layer's K rows start at
+    // layer_row, its V rows v_rows later. A chunk starts on a box (split_range) and a box stays in one KV block.
+    const int box = min(BS, 16), boxes = (n + box - 1) / box;
+    const long long row_elems = (long long)Hkv * D;
+    const int layer_row = (int)((c.info.weight - p.kv_cache) / row_elems), v_rows = (int)(p.kv_v_offset / row_elems);
+    if (lane == 0) mbar_expect_tx(full, boxes * 2 * box * D * 2);
+    __syncwarp();
+    for (int b = lane; b < 2 * boxes; b += 32) {
+      const int kv = b & 1, pos = c.kc + (b >> 1) * box;
+      const int row = layer_row + kv * v_rows + __ldg(table + pos / BS) * BS + pos % BS;
+      tma_load_3d(stage + kv * ATTN_CHUNK_BYTES + (pos - c.kc) * D * 2, p.kv_tmap, 0, c.kvh, row, full);
+    }
+    return;
+  }
   const int first_block = c.kc / BS, blocks = (c.kc + n - 1) / BS - first_block + 1;
   const int my_block = lane < blocks ? __ldg(table + first_block + lane) : 0;
   // The lane's token, its KV block (relative to the chunk's first) and slot in it, advanced by additions only: one
@@ -335,7 +358,7 @@ __device__ __forceinline__ void produce_attention_chunk(const Params& p, const C
   uint32_t dst = smem_addr(stage + (i * D + vec * 8) * 2);
   for (int i0 = 0; i0 < n; i0 += ROWS_PER_PASS) {
     int block = __shfl_sync(0xffffffffu, my_block, rel & 31);
-    if (i < n && pos != c.newest) {
+    if (i < n) {
       if (rel >= 32) block = __ldg(table + first_block + rel);  // a chunk over more than 32 KV blocks
       const bf16* src = src0 + block * block_stride + slot * row_stride;
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
@@ -733,7 +756,7 @@ __device__ __forceinline__ void merge_splits(const Params& p, int m, int kvh, in
 
 // One work item = (sequence, KV head, context split), one ring chunk (ATTN_CHUNK_TOKENS context tokens) at a time:
 // the producer streamed the past tokens' K and V rows into the ring ahead of time, so after the dependency wait only
-// q and this step's token's K and V rows are copied (one round trip).
+// q and this step's token's K and V rows are copied (one round trip each, overlapping).
 // Each warp owns an eighth of every chunk's tokens: token warp * KTOK + r + j * 8 * KTOK (r = lane / NDVEC, pass
 // j < NPASS), dims dvec * DPL .. + DPL of it in lane dvec = lane % NDVEC. A warp runs its own online softmax over
 // its tokens (scores summed across the token's NDVEC lanes, max and sum across its KTOK tokens), so a chunk needs
@@ -792,9 +815,11 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       const int n = min(CT, a.t1 - tb);
       const int s = chunk % NUM_STAGES;
       char* stage = ring + s * STAGE_BYTES;
-      // This step's token: its K and V rows go into the chunk beside the ones the producer copies. The slot holds
-      // nothing else of ours (every earlier chunk was consumed), so the copy need not wait for the producer.
       const bool has_newest = newest >= tb && newest < tb + n;
+      if (tb == a.t0 && tid == 0) misc->phase[0] = globaltimer_lo();  // q asked for
+      mbar_wait(&full[s], (chunk / NUM_STAGES) & 1);
+      // This step's token: the producer's copy of its rows is stale (qkv had not written them); its K and V rows
+      // replace them once the stage has landed.
       if (has_newest && newest_slot >= 0 && tid < 2 * PIECES) {  // 16-byte pieces
         const int kv = tid / PIECES;  // 0: K, 1: V
         const bf16* src = p.kv_cache + layer * p.kv_layer_stride + kv * p.kv_v_offset +
@@ -804,9 +829,6 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
                      "l"(src)
                      : "memory");
       }
-      asm volatile("cp.async.commit_group;" ::: "memory");
-      if (tb == a.t0 && tid == 0) misc->phase[0] = globaltimer_lo();  // q and the new K / V rows asked for
-      mbar_wait(&full[s], (chunk / NUM_STAGES) & 1);
       if (tb == a.t0 || has_newest) {
         asm volatile("cp.async.wait_all;" ::: "memory");
         consumer_sync();
