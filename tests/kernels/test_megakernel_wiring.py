@@ -125,3 +125,5 @@ def test_kv_tensor_map_shape_of_the_cache():
     assert KVTensorMapShape.of((2, 2, 10, 8, 2, 128)).box == (128, 1, 8)  # blocks smaller than 16 tokens
     with pytest.raises(MegakernelUnsupported, match="32-bit"):
         KVTensorMapShape.of((80, 2, 1 << 20, 16, 8, 64))
+    with pytest.raises(MegakernelUnsupported, match="too small"):
+        KVTensorMapShape.of((2, 2, 10, 1, 2, 32))  # one 64-byte row per box

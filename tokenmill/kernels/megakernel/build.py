@@ -97,6 +97,10 @@ class KVTensorMapShape:
         rows = layers * two * blocks * block_size
         if rows >= 2**31:
             raise MegakernelUnsupported(f"the KV cache has {rows} token rows; TMA coordinates are 32-bit")
+        if min(block_size, 16) * head_dim * 2 % 128:
+            # Boxes land at multiples of their size in shared memory, and tensor copies want 128-byte alignment.
+            raise MegakernelUnsupported(f"KV blocks of {block_size} tokens of {head_dim}-dim heads are too small "
+                                        "for TMA boxes")
         return cls((head_dim, kv_heads, rows), (head_dim * 2, kv_heads * head_dim * 2),
                    (head_dim, 1, min(block_size, 16)))
 
