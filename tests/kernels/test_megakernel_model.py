@@ -46,7 +46,7 @@ def megakernel_runner(decoder: MegakernelLlamaDecoder):
 
 # min_split: fewest context tokens per attention split. 1 splits every context as far as the schedule allows (up
 # to 32 splits merged); 256 leaves these contexts (1..266 tokens) one split, two near the end; 16 a few.
-# attn_tma: attention's K / V by TMA tensor copies instead of cp.async (TOKENMILL_MEGAKERNEL_ATTN_TMA).
+# attn_tma: attention's K / V by TMA tensor copies instead of cp.async (TOKENMILL_MEGAKERNEL_ATTN_TMA_MIN_BATCH).
 @pytest.mark.parametrize("shape,num_seqs,min_split,attn_tma", [
     ("small", 1, 256, 0), ("small", 1, 1, 0), ("small", 3, 16, 0), ("small", 16, 256, 0), ("split-k", 16, 1, 0),
     ("split-k", 5, 256, 0), ("wide-heads", 3, 16, 0), ("narrow-heads", 2, 1, 0),
@@ -59,7 +59,7 @@ def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, 
     decoder = MegakernelLlamaDecoder(bf16_model)
     decoder.poison_scratch = True
     decoder.min_split_tokens = min_split
-    decoder.attn_tma = attn_tma
+    decoder.attn_tma_min_batch = 1 if attn_tma else decoder.max_batch_size + 1
     prompts = random_prompts(num_seqs, config.vocab_size, seed)
     ref = prefill(ref_model, prompts, STEPS + 1, seed)
     torch_bf16, mega = prefill(bf16_model, prompts, STEPS + 1, seed), prefill(bf16_model, prompts, STEPS + 1, seed)

@@ -28,6 +28,9 @@ LOG2E = 1.4426950408889634
 # H100 2026-11-27: 0 beats 3 (without it the LM head streams at ~3 TB/s); docs/DECODE_NOTES.md m7
 DEFAULT_PREFETCH_CHUNKS = 0
 DEFAULT_MIN_SPLIT_TOKENS = 128
+# H100 2026-11-27, ctx 1k: TMA tensor copies of attention's K / V beat one warp's cp.async from batch 2 on (batch 16
+# 2.00 -> 1.64 ms) and lose ~13 us at batch 1 (short items: 64 tokens per split); docs/DECODE_NOTES.md m11
+DEFAULT_ATTN_TMA_MIN_BATCH = 2
 
 
 def env_int(name: str, default: int, *, minimum: int) -> int:
@@ -107,12 +110,12 @@ class MegakernelLlamaDecoder:
         # Weight chunks (16 rows x 1024) the producer asks L2 for beyond its ring while the ring is full, per SM;
         # 0 turns prefetch off (on the H100 it slowed the latency-bound stages more than it sped up the streaming).
         self.prefetch_chunks = env_int("TOKENMILL_MEGAKERNEL_PREFETCH", DEFAULT_PREFETCH_CHUNKS, minimum=0)
-        # 1: attention's past K / V arrive by TMA tensor copies (a KV block's rows of one head per copy) instead of
-        # one warp's 16-byte cp.async; not yet measured on a GPU (docs/DECODE_NOTES.md, m10 next steps).
-        self.attn_tma = env_int("TOKENMILL_MEGAKERNEL_ATTN_TMA", 0, minimum=0)
-        if self.attn_tma > 1:
-            raise MegakernelUnsupported(f"TOKENMILL_MEGAKERNEL_ATTN_TMA must be 0 or 1, got {self.attn_tma}")
-        self._kv_tensor_map: tuple[tuple, torch.Tensor] | None = None  # ((cache pointer, shape), map on the GPU)
+        # From this batch size on, attention's past K / V arrive by TMA tensor copies (a KV block's rows of one head
+        # per copy) instead of one warp's 16-byte cp.async, where the cache's geometry allows (kv_tensor_map).
+        self.attn_tma_min_batch = env_int("TOKENMILL_MEGAKERNEL_ATTN_TMA_MIN_BATCH", DEFAULT_ATTN_TMA_MIN_BATCH,
+                                          minimum=1)
+        # ((cache pointer, shape), its map on the GPU or None where TMA does not apply)
+        self._kv_tensor_map: tuple[tuple, torch.Tensor | None] | None = None
         # Fewest context tokens per attention split: shorter contexts use fewer splits (no merge for one split).
         self.min_split_tokens = env_int("TOKENMILL_MEGAKERNEL_MIN_SPLIT", DEFAULT_MIN_SPLIT_TOKENS, minimum=1)
         # Tests: fill the kernel's outputs with NaN before each launch, so anything it fails to write shows.
@@ -202,14 +205,20 @@ class MegakernelLlamaDecoder:
         schedule, instr_stamps, _ = self.trace_stamps(batch)
         return stage_report(schedule, instr_stamps)
 
-    def kv_tensor_map(self, kv_cache: torch.Tensor) -> torch.Tensor:
-        """The cache's TMA tensor map in GPU memory (the kernel reads it there), rebuilt when the cache changes."""
+    def kv_tensor_map(self, kv_cache: torch.Tensor) -> torch.Tensor | None:
+        """The cache's TMA tensor map in GPU memory (the kernel reads it there), rebuilt when the cache changes;
+        None where the cache does not fit TMA (attention then copies with cp.async). Built by the eager warm-up
+        launches, before any graph capture."""
         from tokenmill.kernels.megakernel.build import encode_kv_tensor_map
 
         key = (kv_cache.data_ptr(), tuple(kv_cache.shape))
         if self._kv_tensor_map is None or self._kv_tensor_map[0] != key:
-            raw = encode_kv_tensor_map(self.kernel.libcuda, kv_cache)
-            tmap = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
+            try:
+                raw = encode_kv_tensor_map(self.kernel.libcuda, kv_cache)
+                tmap = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
+            except MegakernelUnsupported as exc:
+                logger.info("megakernel attention copies K / V with cp.async, not TMA: %s", exc)
+                tmap = None
             self._kv_tensor_map = (key, tmap)
         return self._kv_tensor_map[1]
 
@@ -246,6 +255,7 @@ class MegakernelLlamaDecoder:
                 st[name].fill_(float("nan"))
         st["counters"].zero_()
         schedule = st["schedule"]
+        kv_tmap = self.kv_tensor_map(kv_cache) if batch >= self.attn_tma_min_batch else None
         params = pack_params({
             "layers": self.layer_ptrs.data_ptr(),
             "embed": self.embed.data_ptr(),
@@ -290,8 +300,8 @@ class MegakernelLlamaDecoder:
             "kseg_down": st["shape"].kseg(st["shape"].k(OP_DOWN)),
             "num_stages": st["shape"].num_stages(),
             "prefetch_chunks": self.prefetch_chunks,
-            "attn_tma": self.attn_tma,
-            "kv_tmap": self.kv_tensor_map(kv_cache).data_ptr() if self.attn_tma else 0,
+            "attn_tma": int(kv_tmap is not None),
+            "kv_tmap": kv_tmap.data_ptr() if kv_tmap is not None else 0,
             "trace": st["trace"].data_ptr() if st["trace"] is not None else 0,
             "chunk_trace": st["chunk_trace"].data_ptr() if st["chunk_trace"] is not None else 0,
             "attn_trace": st["attn_trace"].data_ptr() if st["attn_trace"] is not None else 0,

@@ -226,22 +226,10 @@ __device__ __forceinline__ bool is_matmul(int op) { return op != OP_EMBED && op 
 
 // ---- attention work items ----------------------------------------------------------------------------------
 
-// Context tokens [t0, t1) of split `split` of a sequence of L tokens, and how many splits are non-empty: a split
-// covers at least min_split_tokens tokens (rounded up to 16), so short contexts leave the last splits empty.
-struct SplitRange {
-  int t0, t1, splits;
-};
-
-__device__ __forceinline__ SplitRange split_range(const Params& p, int L, int split) {
-  const int S = (int)p.attn_splits;
-  // Multiples of 16 tokens: an attention chunk then starts on a TMA box (a KV block's 16 rows, or all of a smaller one).
-  const int per_split = (max((L + S - 1) / S, (int)p.min_split_tokens) + 15) / 16 * 16;
-  const int t0 = split * per_split;
-  return {t0, min(L, t0 + per_split), max(1, (L + per_split - 1) / per_split)};
-}
-
 // Attention work item = (sequence m, KV head kvh, context split): tokens [t0, t1) of the sequence's L (the last of
-// them, L - 1, is this step's token); an item with split >= splits is empty.
+// them, L - 1, is this step's token). A split covers at least min_split_tokens tokens, rounded up to 16 (a chunk then
+// starts on a TMA box: a KV block's 16 rows, or all of a smaller block), so short contexts use fewer splits: `splits`
+// counts the non-empty ones, and an item with split >= splits is empty.
 struct AttnItem {
   int m, kvh, split, L, t0, t1, splits;
 };
@@ -253,10 +241,10 @@ __device__ __forceinline__ AttnItem attn_item(const Params& p, int item) {
   a.kvh = (item / S) % Hkv;
   a.m = item / (S * Hkv);
   a.L = p.seq_lens[a.m];
-  const SplitRange r = split_range(p, a.L, a.split);
-  a.t0 = r.t0;
-  a.t1 = r.t1;
-  a.splits = r.splits;
+  const int per_split = (max((a.L + S - 1) / S, (int)p.min_split_tokens) + 15) / 16 * 16;
+  a.t0 = a.split * per_split;
+  a.t1 = min(a.L, a.t0 + per_split);
+  a.splits = max(1, (a.L + per_split - 1) / per_split);
   return a;
 }
 
@@ -335,7 +323,7 @@ __device__ __forceinline__ void produce_attention_chunk(const Params& p, const C
   const int* table = p.block_tables + (size_t)c.m * p.bt_stride;
   if (p.attn_tma) {
     // Token rows of the tensor map (all layers, K and V, every block's slots): this layer's K rows start at
-    // layer_row, its V rows v_rows later. A chunk starts on a box (split_range) and a box stays in one KV block.
+    // layer_row, its V rows v_rows later. A chunk starts on a box (attn_item) and a box stays in one KV block.
     const int box = min(BS, 16), boxes = (n + box - 1) / box;
     const long long row_elems = (long long)Hkv * D;
     const int layer_row = (int)((c.info.weight - p.kv_cache) / row_elems), v_rows = (int)(p.kv_v_offset / row_elems);
@@ -451,8 +439,7 @@ __device__ __forceinline__ void wait_dependency(const Params& p, int dep_stage, 
 // ---- consumers: activations into shared memory --------------------------------------------------------------
 
 struct Misc {
-  float ss[NUM_CONSUMER_WARPS][16];
-  float rstd[16];
+  float ss[NUM_CONSUMER_WARPS][2];  // stage_x: each warp's sum of squares of its rows (at most 2 per warp group)
   int flag;
   int merged;
   uint32_t attn_chunks;  // ring chunks that were attention's so far (the chunk trace counts weight chunks)
@@ -470,55 +457,74 @@ __device__ __forceinline__ void preload_norm(const bf16* norm, int k0, int klen,
 
 // xs[m][0..klen) = x[m][k0..k0+klen) for m < M, RMSNorm'd (HF order) when norm != null; norm_smem: the norm
 // weights preload_norm copied, or null (read from global).
+// The rows are spread over G groups of whole warps (G = M rounded up to a power of two, at most 8): a group copies
+// its rows with cp.async (every piece of every row in flight at once), sums the squares of the pieces each thread
+// copied itself, and after the one block barrier adds its warps' sums and normalises its own pieces. (Row by row
+// across the block, loads into registers then stores, paid an L2 round trip and a reduction per row: ~0.6 us per
+// row at batch 16; one warp per row made batch 1 slower.)
 __device__ void stage_x(const Params& p, const bf16* src, int ld, int k0, int klen, const bf16* norm, char* xs,
                         int xstride, Misc* misc, const char* norm_smem) {
+  constexpr int U = 2;  // pieces per thread loaded before any is used
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int M = (int)p.M, vecs = klen / 8, rows = M;
-  for (int m = 0; m < rows; ++m) {
-    float ss = 0.f;
-    for (int v = tid; v < vecs; v += NUM_CONSUMERS) {
-      const uint4 x = ld_cg16(src + (size_t)m * ld + k0 + v * 8);
-      *reinterpret_cast<uint4*>(xs + m * xstride + v * 16) = x;
-      if (norm) {
+  const int M = (int)p.M, vecs = klen / 8;
+  const int G = M >= 8 ? 8 : M >= 4 ? 4 : M >= 2 ? 2 : 1;  // groups of rows: at most 2 rows each (M <= 16)
+  const int group_threads = NUM_CONSUMERS / G, group = tid / group_threads, i0 = tid % group_threads;
+  const int group_warps = group_threads / 32, first_warp = group * group_warps;
+  for (int m = group; m < M; m += G)
+    for (int v = i0; v < vecs; v += group_threads)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(xs + m * xstride + v * 16)),
+                   "l"(src + (size_t)m * ld + k0 + v * 8)
+                   : "memory");
+  asm volatile("cp.async.wait_all;" ::: "memory");  // also this thread's norm copies (preload_norm)
+  if (norm) {
+    for (int m = group, j = 0; m < M; m += G, ++j) {
+      const char* row = xs + m * xstride;
+      float ss = 0.f;
+#pragma unroll U
+      for (int v = i0; v < vecs; v += group_threads) {
+        const uint4 x = *reinterpret_cast<const uint4*>(row + v * 16);
         const bf16* e = reinterpret_cast<const bf16*>(&x);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const float f = __bfloat162float(e[j]);
+        for (int k = 0; k < 8; ++k) {
+          const float f = __bfloat162float(e[k]);
           ss += f * f;
         }
       }
-    }
-    if (norm) {
 #pragma unroll
       for (int off = 16; off; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-      if (lane == 0) misc->ss[warp][m] = ss;
+      if (lane == 0) misc->ss[warp][j] = ss;
     }
   }
-  if (!norm) {
-    consumer_sync();
-    return;
-  }
-  asm volatile("cp.async.wait_all;" ::: "memory");  // this thread's norm copies; the barrier publishes them
-  consumer_sync();
-  if (tid < rows) {
+  consumer_sync();  // every row in xs; the sums of squares; the norm weights (copied by all consumers)
+  if (!norm) return;
+  for (int m = group, j = 0; m < M; m += G, ++j) {
+    char* row = xs + m * xstride;
     float total = 0.f;
-    for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) total += misc->ss[w][tid];
-    misc->rstd[tid] = rsqrtf(total / (float)klen + (float)p.eps);
-  }
-  consumer_sync();
-  for (int m = 0; m < M; ++m) {
-    const float r = misc->rstd[m];
-    for (int v = tid; v < vecs; v += NUM_CONSUMERS) {
-      uint4* slot = reinterpret_cast<uint4*>(xs + m * xstride + v * 16);
-      uint4 x = *slot;
-      const uint4 g = norm_smem ? *reinterpret_cast<const uint4*>(norm_smem + v * 16)
-                                : __ldg(reinterpret_cast<const uint4*>(norm + k0 + v * 8));
-      bf16* e = reinterpret_cast<bf16*>(&x);
-      const bf16* ge = reinterpret_cast<const bf16*>(&g);
+    for (int w = first_warp; w < first_warp + group_warps; ++w) total += misc->ss[w][j];
+    const float r = rsqrtf(total / (float)klen + (float)p.eps);
+    for (int v0 = i0; v0 < vecs; v0 += group_threads * U) {
+      uint4 x[U], g[U];
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
-        e[j] = __float2bfloat16(__bfloat162float(ge[j]) * bf16_round(__bfloat162float(e[j]) * r));
-      *slot = x;
+      for (int u = 0; u < U; ++u) {
+        const int v = v0 + group_threads * u;
+        if (v < vecs) {
+          x[u] = *reinterpret_cast<const uint4*>(row + v * 16);
+          g[u] = norm_smem ? *reinterpret_cast<const uint4*>(norm_smem + v * 16)
+                           : __ldg(reinterpret_cast<const uint4*>(norm + k0 + v * 8));
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = v0 + group_threads * u;
+        if (v < vecs) {
+          bf16* e = reinterpret_cast<bf16*>(&x[u]);
+          const bf16* ge = reinterpret_cast<const bf16*>(&g[u]);
+#pragma unroll
+          for (int k = 0; k < 8; ++k)
+            e[k] = __float2bfloat16(__bfloat162float(ge[k]) * bf16_round(__bfloat162float(e[k]) * r));
+          *reinterpret_cast<uint4*>(row + v * 16) = x[u];
+        }
+      }
     }
   }
   consumer_sync();
