@@ -56,7 +56,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "fused and megakernel fall back (megakernel -> fused -> model) where they do not apply")
     g.add_argument("--megakernel-max-batch", type=int, default=EngineConfig.megakernel_max_batch, metavar="N",
                    help="with --decode-backend megakernel: its largest decode batch; larger ones run the fused "
-                        "kernels (default 2: where it beat them at every context on the H100)")
+                        "kernels (default 8: up to where it beat them on the H100)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--parcae-recurrence", type=int, default=None, metavar="T",
                    help="Parcae looped models: loops to serve at (default: the model's mean recurrence)")

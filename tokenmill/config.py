@@ -136,9 +136,10 @@ class EngineConfig:
     seed: int = 0
     decode_backend: str = "auto"  # torch | triton | fused | megakernel
     # With decode_backend megakernel: the largest decode batch it runs; larger ones go to the fused kernels. On the
-    # H100 (Llama-3.2-1B shape, docs/bench/decode_h100_megakernel_m10.log, 2026-11-27) the megakernel beats fused +
-    # PDL at batch 1-2 for every context measured (128 / 1k / 4k), at batch 4 only up to 1k, and loses from 8 on.
-    megakernel_max_batch: int = 2
+    # H100 (Llama-3.2-1B shape, docs/bench/decode_h100_megakernel_m11.log, 2026-11-27) the megakernel beats fused +
+    # PDL at batches 1-4 for every context measured (128 / 1k / 4k), at batch 8 up to 1k (a tie at 4k), and loses
+    # at 16.
+    megakernel_max_batch: int = 8
     # Weight-only quantization: auto | none | int8 | int4 (CPU). auto: int4/int8 for a quantized GGUF on CPU when
     # dtype is auto, else none (tokenmill/models/quantization.py).
     quantization: str = "auto"

@@ -61,5 +61,6 @@ def test_megakernel_max_batch_from_the_cli():
 
     args = build_parser().parse_args(["serve", "--decode-backend", "megakernel", "--megakernel-max-batch", "4"])
     assert engine_config_from_args(args).megakernel_max_batch == 4
-    assert engine_config_from_args(build_parser().parse_args(["serve"])).megakernel_max_batch == 2
+    default = engine_config_from_args(build_parser().parse_args(["serve"])).megakernel_max_batch
+    assert default == EngineConfig.megakernel_max_batch
     assert main(["serve", "--megakernel-max-batch", "0"]) == 2  # a CLI error, not a traceback

@@ -104,15 +104,18 @@ def random_prompts(num_seqs: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def check_graph_replay_matches_eager(run, model: LlamaForCausalLM, prompts: list[list[int]], seed: int,
-                                     steps: int, warmups: int = 1) -> None:
+                                     steps: int, warmups: int = 1, before_capture=None) -> None:
     """Captures `run(ids, positions, cache, meta) -> logits` once in a CUDA graph over static inputs, then replays
     it step after step next to eager calls of `run` on a copy of the batch: logits must be bit-identical. The
-    replayed logits are copied before the eager call, since a decoder may hand back the same buffer from both."""
+    replayed logits are copied before the eager call, since a decoder may hand back the same buffer from both.
+    before_capture(cache): per-cache set-up to do outside the graph."""
     eager, graphed = prefill(model, prompts, 40, seed), prefill(model, prompts, 40, seed)
     ids, positions, meta = decode_inputs(graphed)
     static_ids, static_positions = ids.clone(), positions.clone()
     for _ in range(warmups):  # compile and allocate outside the graph
         run(static_ids, static_positions, graphed.cache.clone(), meta)
+    if before_capture is not None:
+        before_capture(graphed.cache)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -114,8 +114,9 @@ class MegakernelLlamaDecoder:
         # per copy) instead of one warp's 16-byte cp.async, where the cache's geometry allows (kv_tensor_map).
         self.attn_tma_min_batch = env_int("TOKENMILL_MEGAKERNEL_ATTN_TMA_MIN_BATCH", DEFAULT_ATTN_TMA_MIN_BATCH,
                                           minimum=1)
-        # ((cache pointer, shape), its map on the GPU or None where TMA does not apply)
-        self._kv_tensor_map: tuple[tuple, torch.Tensor | None] | None = None
+        # (cache pointer, shape) -> its map on the GPU, or None where TMA does not apply. Kept for the decoder's
+        # lifetime: a captured CUDA graph holds the map's address.
+        self._kv_tensor_maps: dict[tuple, torch.Tensor | None] = {}
         # Fewest context tokens per attention split: shorter contexts use fewer splits (no merge for one split).
         self.min_split_tokens = env_int("TOKENMILL_MEGAKERNEL_MIN_SPLIT", DEFAULT_MIN_SPLIT_TOKENS, minimum=1)
         # Tests: fill the kernel's outputs with NaN before each launch, so anything it fails to write shows.
@@ -206,21 +207,23 @@ class MegakernelLlamaDecoder:
         return stage_report(schedule, instr_stamps)
 
     def kv_tensor_map(self, kv_cache: torch.Tensor) -> torch.Tensor | None:
-        """The cache's TMA tensor map in GPU memory (the kernel reads it there), rebuilt when the cache changes;
-        None where the cache does not fit TMA (attention then copies with cp.async). Built by the eager warm-up
-        launches, before any graph capture."""
+        """The cache's TMA tensor map in GPU memory (the kernel reads it there); None where the cache does not fit
+        TMA, or where it is first seen while a CUDA graph is being captured (the map's copy to the GPU cannot be
+        captured): attention then copies with cp.async. The engine's warm-up launches build it before capture."""
         from tokenmill.kernels.megakernel.build import encode_kv_tensor_map
 
         key = (kv_cache.data_ptr(), tuple(kv_cache.shape))
-        if self._kv_tensor_map is None or self._kv_tensor_map[0] != key:
+        if key not in self._kv_tensor_maps:
+            if torch.cuda.is_current_stream_capturing():
+                logger.info("megakernel: KV cache first seen during graph capture; its attention copies use cp.async")
+                return None
             try:
                 raw = encode_kv_tensor_map(self.kernel.libcuda, kv_cache)
-                tmap = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
+                self._kv_tensor_maps[key] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
             except MegakernelUnsupported as exc:
                 logger.info("megakernel attention copies K / V with cp.async, not TMA: %s", exc)
-                tmap = None
-            self._kv_tensor_map = (key, tmap)
-        return self._kv_tensor_map[1]
+                self._kv_tensor_maps[key] = None
+        return self._kv_tensor_maps[key]
 
     # ---- the step ---------------------------------------------------------------------------------------------
 
