@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.outputs import NullObserver
