@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from tokenmill.config import ModelConfig
+from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.kernels.megakernel.decoder import (
     MegakernelLlamaDecoder, MegakernelUnsupported, env_int, make_megakernel_decoder, model_unsupported_reason,
@@ -101,12 +101,13 @@ def test_engine_with_megakernel_follows_the_bf16_model(tmp_path):
     agree = sum(a == b for ref, got in zip(reference, tokens) for a, b in zip(ref, got))
     assert agree >= 0.9 * sum(len(r) for r in reference), (reference, tokens)
     assert [t[:4] for t in tokens] == [r[:4] for r in reference]
-    # The default: the megakernel up to batch 2, the fused kernels above. Their greedy tokens are not compared with
-    # the reference: free-running bf16 paths part ways (fused alone: 28 of these 64 tokens, though teacher-forced
-    # it is as close to fp32 as the bf16 model is), and each path's numerics have their own tests.
+    # The default: the megakernel up to EngineConfig.megakernel_max_batch, the fused kernels above. Their greedy
+    # tokens are not compared with the reference: free-running bf16 paths part ways (fused alone: 28 of these 64
+    # tokens, though teacher-forced it is as close to fp32 as the bf16 model is), and each path's numerics have
+    # their own tests.
     engine, tokens = generate(model_dir, "megakernel", PROMPTS, "bfloat16", "cuda")
     assert [type(m) for m in engine.runner.decode_models] == [MegakernelLlamaDecoder, FusedLlamaDecoder]
-    assert engine.runner.decode_models[0].max_batch_size == 2
+    assert engine.runner.decode_models[0].max_batch_size == EngineConfig.megakernel_max_batch
     assert [len(t) for t in tokens] == [len(r) for r in reference]
 
 
