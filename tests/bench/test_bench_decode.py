@@ -40,6 +40,32 @@ def test_bench_decode_smoke_on_cpu(tmp_path, capsys):
     assert cells[(2, 40)]["results"]["hf-static"]["ms"] > 0
     assert any("fused" in note for note in report["notes"])
     assert "floor ms" in capsys.readouterr().out
+    assert out.with_suffix(".png").stat().st_size > 0  # the plot, beside the JSON
+
+
+def saved_cell(batch: int, context: int, ms: float) -> dict:
+    return dict(batch=batch, context=context, floor_ms=0.8 + 0.01 * batch, kv_bytes=0,
+                results={"fused-pdl": dict(ms=ms, error=None, note=None),
+                         "megakernel": dict(ms=None, error="no GPU", note=None)})  # a failed variant: not drawn
+
+
+def test_replot_draws_a_saved_run_and_rejects_other_files(tmp_path):
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(dict(device="H100", copy_bandwidth_TBps=3.0,
+                                     cells=[saved_cell(b, c, 1.0 + b / 100) for b in (1, 2) for c in (128, 1024)])))
+    assert decode.run(parse(["--replot", str(saved)])) == 0
+    assert saved.with_suffix(".png").stat().st_size > 0
+    assert decode.run(parse(["--replot", str(saved), "--out", str(tmp_path / "fig" / "x.png")])) == 0
+    assert (tmp_path / "fig" / "x.png").stat().st_size > 0
+    (tmp_path / "other.json").write_text(json.dumps({"cells": [{"batch": 1}]}))
+    with pytest.raises(ValueError, match="lacks"):
+        decode.run(parse(["--replot", str(tmp_path / "other.json")]))
+    (tmp_path / "text.json").write_text("not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        decode.run(parse(["--replot", str(tmp_path / "text.json")]))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a bench decode report"):
+        decode.run(parse(["--replot", str(tmp_path / "list.json")]))
 
 
 def test_bench_decode_rejects_the_full_model_off_the_gpu():

@@ -405,6 +405,8 @@ def sweep_candidates(op: str, batch: int, config) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.replot:
+        return replot(args)
     settings = make_settings(args)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -490,6 +492,26 @@ def run(args: argparse.Namespace) -> int:
     save()
     if out_path:
         print(f"wrote {out_path} ({report['elapsed_s']} s)")
+        write_plot(report, out_path.with_suffix(".png"))
+    return 0
+
+
+def write_plot(report: dict, path: Path) -> None:
+    from tokenmill.bench.decode_plot import plot_decode
+    from tokenmill.plotting import PlottingUnavailable
+
+    try:
+        print(f"wrote {plot_decode(report, path)}")
+    except PlottingUnavailable as exc:
+        print(f"no plot: {exc}")
+
+
+def replot(args: argparse.Namespace) -> int:
+    """--replot: the figure of a saved run (no GPU)."""
+    from tokenmill.bench.decode_plot import load_report, plot_decode
+
+    source = Path(args.replot)
+    print(f"wrote {plot_decode(load_report(source), Path(args.out) if args.out else source.with_suffix('.png'))}")
     return 0
 
 
@@ -839,5 +861,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write JSON results here")
+    p.add_argument("--out", default=None, help="write JSON results here (and their plot beside it, .png)")
+    p.add_argument("--replot", default=None, metavar="JSON",
+                   help="only draw the plot of a saved run (to --out, default beside the JSON); no GPU needed")
     p.set_defaults(func=run)
