@@ -457,7 +457,7 @@ __device__ __forceinline__ void preload_norm(const bf16* norm, int k0, int klen,
 
 // xs[m][0..klen) = x[m][k0..k0+klen) for m < M, RMSNorm'd (HF order) when norm != null; norm_smem: the norm
 // weights preload_norm copied, or null (read from global).
-// The rows are spread over G groups of whole warps (G = M rounded up to a power of two, at most 8): a group copies
+// The rows are spread over G groups of whole warps (G = the largest power of two <= M, at most 8): a group copies
 // its rows with cp.async (every piece of every row in flight at once), sums the squares of the pieces each thread
 // copied itself, and after the one block barrier adds its warps' sums and normalises its own pieces. (Row by row
 // across the block, loads into registers then stores, paid an L2 round trip and a reduction per row: ~0.6 us per
