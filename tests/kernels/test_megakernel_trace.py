@@ -1,10 +1,15 @@
 """The megakernel's trace readers (trace.py) on synthetic stamps: CPU only, no kernel."""
 
+from types import SimpleNamespace
+
 import pytest
 
-from tokenmill.kernels.megakernel.schedule import ATTN_PHASES, OP_ATTN, OP_NAMES, DecodeShape, build_schedule
+from tokenmill.kernels.megakernel.schedule import (
+    ATTN_PHASES, OP_ATTN, OP_NAMES, OP_O, OP_QKV, DecodeShape, Instr, build_schedule,
+)
 from tokenmill.kernels.megakernel.trace import (
-    ATTENTION_PHASES, attention_phases, chunk_timeline, per_op_stage_times, stage_report, unwrap_timer,
+    ATTENTION_PHASES, attention_phases, chunk_timeline, critical_path, per_op_stage_times, stage_report,
+    unwrap_timer,
 )
 
 # down is split-K at batch 16 here (K 4096 > 2048), so chunk lengths and counts per tile vary by op
@@ -93,6 +98,20 @@ def test_attention_phases_follow_the_block_that_ends_each_stage_last():
     with pytest.raises(ValueError, match="no attention stamps"):
         attention_phases(schedule, instr, [[[0] * ATTN_PHASES for _ in range(schedule.max_instrs)]
                                            for _ in schedule.blocks])
+
+
+def test_critical_path_follows_the_block_that_ends_each_stage_last():
+    # Two blocks, three stages (qkv on both, attention on block 0, o on block 1), two weight chunks per matmul.
+    qkv = Instr(OP_QKV, 0, 0, 0, 1, -1, 0, 0)
+    attn, o = Instr(OP_ATTN, 0, 0, 0, 1, 0, 2, 1), Instr(OP_O, 0, 0, 0, 1, 1, 1, 2)
+    schedule = SimpleNamespace(blocks=[[qkv, attn], [qkv._replace(begin=1, end=2), o]],
+                               chunks=lambda ins: 2 if ins.op in (OP_QKV, OP_O) else 0)
+    instr = [[[0, 100, 5000], [5000, 5400, 7000]], [[0, 200, 6000], [6000, 7100, 9000]]]
+    chunks = [[[50, 1000], [60, 3000]], [[70, 2000], [80, 4000], [6500, 7600], [6600, 8000]]]
+    path = critical_path(schedule, instr, chunks)
+    assert set(path) == {"attention", "o"}  # qkv is the first stage: nothing ends before it
+    assert path["attention"] == pytest.approx({"dep_met": -0.6, "end": 1.0})  # after qkv's end (6000)
+    assert path["o"] == pytest.approx({"dep_met": 0.1, "first_chunk": 0.6, "last_chunk": 1.0, "end": 2.0})
 
 
 def test_unwrap_timer_restores_stamps_across_a_32_bit_wrap():

@@ -120,6 +120,41 @@ def per_op_stage_times(report: dict) -> dict[str, dict]:
                      count=len(vals)) for op, vals in per_op.items()}
 
 
+def critical_path(schedule: Schedule, instr_stamps: Stamps, chunk_stamps: Stamps) -> dict[str, dict[str, float]]:
+    """Per op, the mean over its stages of the stage's last block to end, in microseconds after the previous
+    stage's end: `dep_met`, `first_chunk` and `last_chunk` (its first and last weight chunks taken up by the
+    consumers; absent for attention) and `end`. A chunk issued before the previous stage ended shows how far ahead
+    the producer ran."""
+    ends: dict[int, int] = {}
+    last: dict[int, tuple[int, int, int]] = {}  # stage -> (end, block, instr)
+    first_chunk: dict[tuple[int, int], int] = {}  # (block, instr) -> index of its first chunk stamp
+    for b, block in enumerate(schedule.blocks):
+        chunk = 0
+        for i, instr in enumerate(block):
+            first_chunk[b, i] = chunk
+            chunk += schedule.chunks(instr)
+            end = int(instr_stamps[b][i][2])
+            ends[instr.stage] = max(ends.get(instr.stage, 0), end)
+            if end > last.get(instr.stage, (0,))[0]:
+                last[instr.stage] = (end, b, i)
+    per_op: dict[str, dict[str, list[float]]] = {}
+    for stage, (end, b, i) in sorted(last.items()):
+        if stage - 1 not in ends:
+            continue  # the first stage: nothing before it
+        instr = schedule.blocks[b][i]
+        before = ends[stage - 1]
+        row = {"dep_met": int(instr_stamps[b][i][1]), "end": end}
+        count = schedule.chunks(instr)
+        if count:
+            row["first_chunk"] = int(chunk_stamps[b][first_chunk[b, i]][1])
+            row["last_chunk"] = int(chunk_stamps[b][first_chunk[b, i] + count - 1][1])
+        parts = per_op.setdefault(OP_NAMES[instr.op], {})
+        for key, at in row.items():
+            parts.setdefault(key, []).append((at - before) / 1000.0)
+    order = ("dep_met", "first_chunk", "last_chunk", "end")
+    return {op: {k: statistics.mean(parts[k]) for k in order if k in parts} for op, parts in per_op.items()}
+
+
 def attention_phases(schedule: Schedule, instr_stamps: Stamps, attn_stamps: Stamps) -> dict[str, float]:
     """The attention stages' critical path, split by phase: in every attention stage the block that ended last,
     from the previous stage's end to its dependency met (`poll`), then each of ATTENTION_PHASES from the one
