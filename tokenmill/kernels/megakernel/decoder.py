@@ -29,7 +29,7 @@ LOG2E = 1.4426950408889634
 DEFAULT_PREFETCH_CHUNKS = 0
 DEFAULT_MIN_SPLIT_TOKENS = 128
 # H100 2026-11-27, ctx 1k: TMA tensor copies of attention's K / V beat one warp's cp.async from batch 2 on (batch 16
-# 2.00 -> 1.64 ms) and lose ~13 us at batch 1 (short items: 64 tokens per split); docs/DECODE_NOTES.md m11
+# 2.00 -> 1.64 ms) and lose ~13 us at batch 1 (one short chunk per item: 8 splits of 128 tokens); DECODE_NOTES m11
 DEFAULT_ATTN_TMA_MIN_BATCH = 2
 
 
