@@ -112,6 +112,11 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
       : "memory");
 }
 
+// A 16-byte copy global -> shared memory (shared address dst) through L2 only; cp.async.wait_all completes it.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+
 // A 3-D tensor copy (TMA) of one box of `tmap` at coordinates (c0, c1, c2) into shared memory, completion on `bar`.
 __device__ __forceinline__ void tma_load_3d(void* dst, const void* tmap, int c0, int c1, int c2, uint64_t* bar) {
   asm volatile(
@@ -349,10 +354,8 @@ __device__ __forceinline__ void produce_attention_chunk(const Params& p, const C
     if (i < n) {
       if (rel >= 32) block = __ldg(table + first_block + rel);  // a chunk over more than 32 KV blocks
       const bf16* src = src0 + block * block_stride + slot * row_stride;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + ATTN_CHUNK_BYTES),
-                   "l"(src + p.kv_v_offset)
-                   : "memory");
+      cp_async16(dst, src);
+      cp_async16(dst + ATTN_CHUNK_BYTES, src + p.kv_v_offset);
     }
     i += ROWS_PER_PASS;
     pos += ROWS_PER_PASS;
@@ -450,8 +453,7 @@ struct Misc {
 // norm weights depend on nothing, so this goes out before the dependency wait; stage_x waits for it.
 __device__ __forceinline__ void preload_norm(const bf16* norm, int k0, int klen, char* dst) {
   for (int v = threadIdx.x; v < klen / 8; v += NUM_CONSUMERS)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + v * 16)), "l"(norm + k0 + v * 8)
-                 : "memory");
+    cp_async16(smem_addr(dst + v * 16), norm + k0 + v * 8);
   asm volatile("cp.async.commit_group;" ::: "memory");
 }
 
@@ -472,9 +474,7 @@ __device__ void stage_x(const Params& p, const bf16* src, int ld, int k0, int kl
   const int group_warps = group_threads / 32, first_warp = group * group_warps;
   for (int m = group; m < M; m += G)
     for (int v = i0; v < vecs; v += group_threads)
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(xs + m * xstride + v * 16)),
-                   "l"(src + (size_t)m * ld + k0 + v * 8)
-                   : "memory");
+      cp_async16(smem_addr(xs + m * xstride + v * 16), src + (size_t)m * ld + k0 + v * 8);
   asm volatile("cp.async.wait_all;" ::: "memory");  // also this thread's norm copies (preload_norm)
   if (norm) {
     for (int m = group, j = 0; m < M; m += G, ++j) {
@@ -814,9 +814,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       waited = true;
     }
     for (int i = tid; i < G * D / 4; i += NUM_CONSUMERS)
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(sm->q + 4 * i)),
-                   "l"(p.q + (size_t)m * Hq * D + kvh * G * D + 4 * i)
-                   : "memory");
+      cp_async16(smem_addr(sm->q + 4 * i), p.q + (size_t)m * Hq * D + kvh * G * D + 4 * i);
     for (int tb = a.t0; tb < a.t1; tb += CT, ++chunk) {
       const int n = min(CT, a.t1 - tb);
       const int s = chunk % NUM_STAGES;
@@ -830,10 +828,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
         const int kv = tid / PIECES;  // 0: K, 1: V
         const bf16* src = p.kv_cache + layer * p.kv_layer_stride + kv * p.kv_v_offset +
                           (newest_slot * Hkv + kvh) * D + (tid % PIECES) * 8;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(
-                         stage + kv * ATTN_CHUNK_BYTES + ((newest - tb) * D + (tid % PIECES) * 8) * 2)),
-                     "l"(src)
-                     : "memory");
+        cp_async16(smem_addr(stage + kv * ATTN_CHUNK_BYTES + ((newest - tb) * D + (tid % PIECES) * 8) * 2), src);
       }
       if (tb == a.t0 || has_newest) {
         asm volatile("cp.async.wait_all;" ::: "memory");
