@@ -8,6 +8,8 @@ its copies, consumers found it landed), in nanoseconds of %globaltimer. From the
   when a ring slot frees, so a dip means rings full behind stalled consumers) and, per op, the two latencies that
   frame every instruction: dependency met -> first chunk landed (staging the activations) and last chunk landed ->
   end (reduction, epilogue, release);
+- critical_path: per op, when the block that ends each stage last met its dependency, used its first and last
+  weight chunks and ended;
 - attention_phases: where the attention stage's critical block spends its time, phase by phase.
 """
 
@@ -120,23 +122,33 @@ def per_op_stage_times(report: dict) -> dict[str, dict]:
                      count=len(vals)) for op, vals in per_op.items()}
 
 
+def _stage_ends(schedule: Schedule, instr_stamps: Stamps, counts=lambda b, i, instr: True
+                ) -> tuple[dict[int, int], dict[int, tuple[int, int, int]]]:
+    """Per stage: the end of its last instruction, and (end, block, instr) of its last-ending instruction among
+    those `counts(block, instr_index, instr)` accepts."""
+    ends: dict[int, int] = {}
+    last: dict[int, tuple[int, int, int]] = {}
+    for b, block in enumerate(schedule.blocks):
+        for i, instr in enumerate(block):
+            end = int(instr_stamps[b][i][2])
+            ends[instr.stage] = max(ends.get(instr.stage, 0), end)
+            if counts(b, i, instr) and end > last.get(instr.stage, (0,))[0]:
+                last[instr.stage] = (end, b, i)
+    return ends, last
+
+
 def critical_path(schedule: Schedule, instr_stamps: Stamps, chunk_stamps: Stamps) -> dict[str, dict[str, float]]:
     """Per op, the mean over its stages of the stage's last block to end, in microseconds after the previous
     stage's end: `dep_met`, `first_chunk` and `last_chunk` (its first and last weight chunks taken up by the
     consumers; absent for attention) and `end`. A chunk issued before the previous stage ended shows how far ahead
     the producer ran."""
-    ends: dict[int, int] = {}
-    last: dict[int, tuple[int, int, int]] = {}  # stage -> (end, block, instr)
+    ends, last = _stage_ends(schedule, instr_stamps)
     first_chunk: dict[tuple[int, int], int] = {}  # (block, instr) -> index of its first chunk stamp
     for b, block in enumerate(schedule.blocks):
         chunk = 0
         for i, instr in enumerate(block):
             first_chunk[b, i] = chunk
             chunk += schedule.chunks(instr)
-            end = int(instr_stamps[b][i][2])
-            ends[instr.stage] = max(ends.get(instr.stage, 0), end)
-            if end > last.get(instr.stage, (0,))[0]:
-                last[instr.stage] = (end, b, i)
     per_op: dict[str, dict[str, list[float]]] = {}
     for stage, (end, b, i) in sorted(last.items()):
         if stage - 1 not in ends:
@@ -160,14 +172,8 @@ def attention_phases(schedule: Schedule, instr_stamps: Stamps, attn_stamps: Stam
     from the previous stage's end to its dependency met (`poll`), then each of ATTENTION_PHASES from the one
     before, then `release` (merged -> instruction end). Mean over the attention stages, microseconds; the parts
     sum to the stage's end-to-end time."""
-    ends: dict[int, int] = {}
-    critical: dict[int, tuple[int, int, int]] = {}  # stage -> (end, block, instr)
-    for b, block in enumerate(schedule.blocks):
-        for i, instr in enumerate(block):
-            end = int(instr_stamps[b][i][2])
-            ends[instr.stage] = max(ends.get(instr.stage, 0), end)
-            if instr.op == OP_ATTN and all(attn_stamps[b][i]) and end > critical.get(instr.stage, (0,))[0]:
-                critical[instr.stage] = (end, b, i)
+    ends, critical = _stage_ends(schedule, instr_stamps,
+                                 lambda b, i, instr: instr.op == OP_ATTN and all(attn_stamps[b][i]))
     if not critical:
         raise ValueError("no attention stamps: was the launch traced, with a non-empty attention item?")
     names = ("poll",) + ATTENTION_PHASES + ("release",)
