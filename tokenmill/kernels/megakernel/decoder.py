@@ -15,7 +15,9 @@ import os
 
 import torch
 
-from tokenmill.kernels.megakernel.build import MegakernelUnsupported
+from tokenmill.kernels.megakernel.build import (
+    MegakernelUnavailable, MegakernelUnsupported, encode_kv_tensor_map, load_kernel, pack_params,
+)
 from tokenmill.kernels.megakernel.schedule import (
     ATTN_PHASES, OP_DOWN, OP_O, DecodeShape, Schedule, build_schedule, unsupported_reason,
 )
@@ -80,8 +82,6 @@ class MegakernelLlamaDecoder:
         reason = model_unsupported_reason(model, device)
         if reason is not None:
             raise MegakernelUnsupported(reason)
-        from tokenmill.kernels.megakernel.build import load_kernel
-
         self.model = model
         self.config = model.config
         self.device = device
@@ -210,8 +210,6 @@ class MegakernelLlamaDecoder:
         """The cache's TMA tensor map in GPU memory (the kernel reads it there); None where the cache does not fit
         TMA, or where it is first seen while a CUDA graph is being captured (the map's copy to the GPU cannot be
         captured): attention then copies with cp.async. The engine's warm-up launches build it before capture."""
-        from tokenmill.kernels.megakernel.build import encode_kv_tensor_map
-
         key = (kv_cache.data_ptr(), tuple(kv_cache.shape))
         if key not in self._kv_tensor_maps:
             if torch.cuda.is_current_stream_capturing():
@@ -232,8 +230,6 @@ class MegakernelLlamaDecoder:
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Runs the decode step; returns logits [M, vocab] fp32 (a buffer the next call with M rows overwrites)."""
-        from tokenmill.kernels.megakernel.build import pack_params
-
         batch = input_ids.shape[0]
         if not meta.is_decode_only:
             raise ValueError("the megakernel runs decode-only batches (one new token per sequence)")
@@ -338,8 +334,6 @@ def make_megakernel_decoder(model: torch.nn.Module, device: torch.device | str,
                             max_batch: int | None = None) -> MegakernelLlamaDecoder | None:
     """The megakernel decoder (batches up to max_batch), or None (with a log line saying why) where it does not apply
     or cannot be built."""
-    from tokenmill.kernels.megakernel.build import MegakernelUnavailable
-
     reason = model_unsupported_reason(model, device)
     if reason is None:
         try:
