@@ -1,11 +1,10 @@
 """Where a megakernel decode step spends its time: one traced launch per (batch, context), on an sm_90 GPU.
 
-Writes, per cell, the raw global-timer stamps (per instruction: start / dependency met / end; per weight chunk:
-producer issued / consumers found it landed; per attention instruction: its phase ends) to
-<out>/timeline_b<B>_c<C>.pt, prints the per-stage summary, the block that ends each stage last, attention's
-critical path by phase, the weight bytes the producers issued per microsecond over all SMs (HBM demand) and the
-share of the step in which that demand is below half the copy bandwidth, and plots both to
-<out>/timeline_b<B>_c<C>.png.
+Writes, per cell, the raw global-timer stamps (per instruction: start / dependency met / end and its phase ends;
+per weight chunk: producer issued / consumers found it landed) to <out>/timeline_b<B>_c<C>.pt, prints the
+per-stage summary, the block that ends each stage last, each matmul's phases, attention's critical path by phase,
+the weight bytes the producers issued per microsecond over all SMs (HBM demand) and the share of the step in
+which that demand is below half the copy bandwidth, and plots both to <out>/timeline_b<B>_c<C>.png.
 
     PYTHONPATH=. python scripts/megakernel_timeline.py --cells 1x1024,16x1024 --out /tmp/timeline
 """
@@ -20,7 +19,7 @@ import torch
 from tokenmill.bench.decode import _sync, build_model, make_kv_cache, measure_copy_bandwidth, step_inputs
 from tokenmill.kernels.megakernel.decoder import MegakernelLlamaDecoder
 from tokenmill.kernels.megakernel.trace import (
-    attention_phases, chunk_timeline, critical_path, per_op_stage_times, stage_report,
+    attention_phases, chunk_timeline, critical_path, matmul_phases, per_op_stage_times, stage_report,
 )
 from tokenmill.plotting import PlottingUnavailable, pyplot
 
@@ -46,14 +45,15 @@ def main() -> None:
             decoder.decode_logits(inputs.input_ids, inputs.positions, kv_cache, inputs.meta)
         _sync(device)
         schedule, instr_stamps, chunk_stamps = decoder.trace_stamps(batch)  # one device-to-host copy
-        attn_stamps = decoder.attention_stamps(batch)
-        phases = attention_phases(schedule, instr_stamps, attn_stamps)
+        phase_stamps = decoder.phase_stamps(batch)
+        phases = attention_phases(schedule, instr_stamps, phase_stamps)
+        mm_phases = matmul_phases(schedule, instr_stamps, phase_stamps)
         report = stage_report(schedule, instr_stamps)
         timeline = chunk_timeline(schedule, instr_stamps, chunk_stamps)
         path = critical_path(schedule, instr_stamps, chunk_stamps)
         stem = args.out / f"timeline_b{batch}_c{context}"
-        torch.save(dict(trace=instr_stamps, chunk_trace=chunk_stamps, attn_trace=attn_stamps, report=report,
-                        timeline=timeline, attention_phases=phases, critical_path=path,
+        torch.save(dict(trace=instr_stamps, chunk_trace=chunk_stamps, phase_trace=phase_stamps, report=report,
+                        timeline=timeline, attention_phases=phases, matmul_phases=mm_phases, critical_path=path,
                         blocks=[list(map(tuple, b)) for b in schedule.blocks], bandwidth=bandwidth), f"{stem}.pt")
         rate = timeline["issued_GBps"]
         low = sum(1 for r in rate if r < 0.5 * bandwidth / 1e9) / len(rate)
@@ -70,6 +70,9 @@ def main() -> None:
         for op, row in path.items():
             print(f"  {op:9s} " + " | ".join(f"{row[k]:6.2f}" if k in row else "     -"
                                             for k in ("dep_met", "first_chunk", "last_chunk", "end")))
+        print("  matmul instructions, us per phase (mean over all blocks): "
+              + "; ".join(f"{op} " + " ".join(f"{name} {us:.2f}" for name, us in parts.items())
+                          for op, parts in mm_phases.items()))
         print("  attention's critical block, us per phase (mean over layers): "
               + ", ".join(f"{name} {us:.2f}" for name, us in phases.items()))
         decoder.enable_trace(batch, on=False)

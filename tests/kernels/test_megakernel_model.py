@@ -122,8 +122,10 @@ def test_rejects_prefill_batches_and_oversized_batches():
 
 
 def test_traced_launch_stamps_every_instruction_and_chunk_and_keeps_the_logits():
-    from tokenmill.kernels.megakernel.schedule import OP_ATTN
-    from tokenmill.kernels.megakernel.trace import attention_phases, chunk_timeline, per_op_stage_times, stage_report
+    from tokenmill.kernels.megakernel.schedule import MATMUL_PHASES, OP_ATTN, OP_EMBED
+    from tokenmill.kernels.megakernel.trace import (
+        attention_phases, chunk_timeline, matmul_phases, per_op_stage_times, stage_report,
+    )
 
     config = tiny_config(**SHAPES["split-k"])
     model = make_model(config, torch.bfloat16, 0)
@@ -140,15 +142,20 @@ def test_traced_launch_stamps_every_instruction_and_chunk_and_keeps_the_logits()
         assert all(0 < instr[b][i][0] <= instr[b][i][1] <= instr[b][i][2] for i in range(len(block))), f"block {b}"
         used = sum(schedule.chunks(ins) for ins in block)
         assert all(0 < issued <= consumed for issued, consumed in chunks[b][:used]), f"block {b}: chunk stamps"
-    attn = decoder.attention_stamps(16)
-    for b, block in enumerate(schedule.blocks):  # attention phases: in order within their instruction, or unstamped
+    phases = decoder.phase_stamps(16)
+    for b, block in enumerate(schedule.blocks):  # phases in order within their instruction, or unstamped
         for i, ins in enumerate(block):
-            if ins.op == OP_ATTN and any(attn[b][i]):
-                assert instr[b][i][1] <= attn[b][i][0] and attn[b][i][-1] <= instr[b][i][2], f"block {b}"
-                assert attn[b][i] == sorted(attn[b][i]), f"block {b}: attention phases"
-            else:
-                assert not any(attn[b][i]), f"block {b}: stamped attention phases of a non-attention instruction"
-    assert sum(attention_phases(schedule, instr, attn).values()) > 0
+            stamped = phases[b][i][:MATMUL_PHASES] if ins.op not in (OP_ATTN, OP_EMBED) else phases[b][i]
+            if ins.op == OP_EMBED or (ins.op == OP_ATTN and not any(stamped)):
+                assert not any(phases[b][i]), f"block {b}: phases stamped for an embedding or empty attention"
+                continue
+            assert all(stamped) and not any(phases[b][i][len(stamped):]), f"block {b}: {ins}"
+            assert instr[b][i][1] <= stamped[0] and stamped[-1] <= instr[b][i][2], f"block {b}: {ins}"
+            assert stamped == sorted(stamped), f"block {b}: {ins}: phases out of order"
+    assert sum(attention_phases(schedule, instr, phases).values()) > 0
+    by_op = matmul_phases(schedule, instr, phases)
+    assert set(by_op) == {"qkv", "o", "gate_up", "down", "lm_head"}
+    assert by_op["down"]["merged"] > 0  # split-K on this shape: the merges take time
     report = stage_report(schedule, instr)
     assert len(report["stages"]) == len(schedule.stages) and report["span_us"] > 0
     assert set(per_op_stage_times(report)) == {"qkv", "attention", "o", "gate_up", "down", "lm_head"}

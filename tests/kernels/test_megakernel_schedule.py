@@ -382,6 +382,7 @@ def test_constants_match_the_cuda_source():
     assert value("NUM_THREADS") == build.NUM_THREADS
     assert value("MAX_ATTN_SPLITS") == schedule.MAX_ATTN_SPLITS
     assert value("ATTN_PHASES") == schedule.ATTN_PHASES
+    assert value("MATMUL_PHASES") == schedule.MATMUL_PHASES <= schedule.ATTN_PHASES
     assert f"void __launch_bounds__(NUM_THREADS, 1) {build.KERNEL_NAME}(" in text
 
 

@@ -5,11 +5,11 @@ from types import SimpleNamespace
 import pytest
 
 from tokenmill.kernels.megakernel.schedule import (
-    ATTN_PHASES, OP_ATTN, OP_NAMES, OP_O, OP_QKV, DecodeShape, Instr, build_schedule,
+    ATTN_PHASES, MATMUL_PHASES, OP_ATTN, OP_EMBED, OP_NAMES, OP_O, OP_QKV, DecodeShape, Instr, build_schedule,
 )
 from tokenmill.kernels.megakernel.trace import (
-    ATTENTION_PHASES, attention_phases, chunk_timeline, critical_path, per_op_stage_times, stage_report,
-    unwrap_timer,
+    ATTENTION_PHASES, MATMUL_PHASE_NAMES, attention_phases, chunk_timeline, critical_path, matmul_phases,
+    per_op_stage_times, stage_report, unwrap_timer,
 )
 
 # down is split-K at batch 16 here (K 4096 > 2048), so chunk lengths and counts per tile vary by op
@@ -112,6 +112,34 @@ def test_critical_path_follows_the_block_that_ends_each_stage_last():
     assert set(path) == {"attention", "o"}  # qkv is the first stage: nothing ends before it
     assert path["attention"] == pytest.approx({"dep_met": -0.6, "end": 1.0})  # after qkv's end (6000)
     assert path["o"] == pytest.approx({"dep_met": 0.1, "first_chunk": 0.6, "last_chunk": 1.0, "end": 2.0})
+
+
+def test_matmul_phases_split_each_instruction_between_its_stamps():
+    schedule = build_schedule(SHAPE, 6)
+    instr, _ = synthetic_stamps(schedule)
+    # staged 200 ns after the dependency, streamed when the last chunk landed, merged 50 ns later (the rest of the
+    # tail is the release); attention and embedding slots stay zero, as the kernel leaves them for matmuls' readers.
+    phases = [[[0] * ATTN_PHASES for _ in range(schedule.max_instrs)] for _ in schedule.blocks]
+    for b, block in enumerate(schedule.blocks):
+        for i, ins in enumerate(block):
+            if ins.op not in (OP_ATTN, OP_EMBED):
+                met, end = instr[b][i][1], instr[b][i][2]
+                phases[b][i][:MATMUL_PHASES] = [met + 200, end - TAIL_NS, end - TAIL_NS + 50]
+    result = matmul_phases(schedule, instr, phases)
+    matmuls = {OP_NAMES[ins.op] for block in schedule.blocks for ins in block if ins.op not in (OP_ATTN, OP_EMBED)}
+    assert set(result) == matmuls
+    for op, parts in result.items():
+        assert list(parts) == ["wait", *MATMUL_PHASE_NAMES, "release"]
+        assert parts["wait"] == pytest.approx(WAIT_NS / 1000)
+        assert parts["staged"] == pytest.approx(0.2)
+        assert parts["merged"] == pytest.approx(0.05)
+        assert parts["release"] == pytest.approx((TAIL_NS - 50) / 1000)
+        durations = [instr[b][i][2] - instr[b][i][0] for b, block in enumerate(schedule.blocks)
+                     for i, ins in enumerate(block) if OP_NAMES[ins.op] == op]
+        assert sum(parts.values()) == pytest.approx(sum(durations) / len(durations) / 1000)
+    with pytest.raises(ValueError, match="no matmul phase stamps"):
+        matmul_phases(schedule, instr, [[[0] * ATTN_PHASES for _ in range(schedule.max_instrs)]
+                                        for _ in schedule.blocks])
 
 
 def test_unwrap_timer_restores_stamps_across_a_32_bit_wrap():

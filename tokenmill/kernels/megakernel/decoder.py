@@ -19,7 +19,7 @@ from tokenmill.kernels.megakernel.build import (
     MegakernelUnavailable, MegakernelUnsupported, encode_kv_tensor_map, load_kernel, pack_params,
 )
 from tokenmill.kernels.megakernel.schedule import (
-    ATTN_PHASES, OP_DOWN, OP_O, DecodeShape, Schedule, build_schedule, unsupported_reason,
+    ATTN_PHASES, OP_DOWN, OP_NAMES, OP_O, DecodeShape, Schedule, build_schedule, unsupported_reason,
 )
 from tokenmill.kernels.megakernel.trace import stage_report, unwrap_timer
 from tokenmill.layers.attention_metadata import AttentionMetadata
@@ -48,6 +48,18 @@ def env_int(name: str, default: int, *, minimum: int) -> int:
     if value < minimum:
         raise MegakernelUnsupported(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def env_ops(name: str) -> int:
+    """A set of weight-streaming ops from the environment (comma-separated names: qkv, o, gate_up, down, lm_head)
+    as a bit mask over the op codes; every one of them when unset. MegakernelUnsupported for an unknown name."""
+    streamed = ("qkv", "o", "gate_up", "down", "lm_head")
+    text = os.environ.get(name)
+    names = streamed if text is None else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(streamed))
+    if unknown:
+        raise MegakernelUnsupported(f"{name}: unknown ops {unknown} (choose from {', '.join(streamed)})")
+    return sum(1 << OP_NAMES.index(n) for n in set(names))
 
 
 def model_unsupported_reason(model: torch.nn.Module, device: torch.device | str) -> str | None:
@@ -110,6 +122,9 @@ class MegakernelLlamaDecoder:
         # Weight chunks (16 rows x 1024) the producer asks L2 for beyond its ring while the ring is full, per SM;
         # 0 turns prefetch off (on the H100 it slowed the latency-bound stages more than it sped up the streaming).
         self.prefetch_chunks = env_int("TOKENMILL_MEGAKERNEL_PREFETCH", DEFAULT_PREFETCH_CHUNKS, minimum=0)
+        # ... only for the weights of these ops (bit mask over op codes; all by default): m9a found gate_up faster
+        # with prefetch while the latency-bound stages around it got slower.
+        self.prefetch_ops = env_ops("TOKENMILL_MEGAKERNEL_PREFETCH_OPS")
         # From this batch size on, attention's past K / V arrive by TMA tensor copies (a KV block's rows of one head
         # per copy) instead of one warp's 16-byte cp.async, where the cache's geometry allows (kv_tensor_map).
         self.attn_tma_min_batch = env_int("TOKENMILL_MEGAKERNEL_ATTN_TMA_MIN_BATCH", DEFAULT_ATTN_TMA_MIN_BATCH,
@@ -159,22 +174,22 @@ class MegakernelLlamaDecoder:
                 "counters": torch.zeros(len(schedule.stages) + num_arrivals, dtype=torch.int32, device=dev),
                 "trace": None,
                 "chunk_trace": None,
-                "attn_trace": None,
+                "phase_trace": None,
             }
         return self._per_batch[batch]
 
     def enable_trace(self, batch: int, on: bool = True) -> None:
         """Makes the kernel record global-timer stamps for batch: per instruction (start, dependency met, end), per
-        weight chunk (producer issued its copy, consumers found it landed) and per attention instruction the end of
-        each phase of its last non-empty item (trace.ATTENTION_PHASES)."""
+        weight chunk (producer issued its copy, consumers found it landed) and per instruction the ends of its phases
+        (trace.ATTENTION_PHASES of an attention instruction's last non-empty item; trace.MATMUL_PHASES)."""
         st = self._state(batch)
         schedule = st["schedule"]
         st["trace"] = torch.zeros(self.num_sms * schedule.max_instrs * 3, dtype=torch.int64,
                                   device=self.device) if on else None
         st["chunk_trace"] = torch.zeros(self.num_sms * st["max_chunks"] * 2, dtype=torch.int64,
                                         device=self.device) if on else None
-        st["attn_trace"] = torch.zeros(self.num_sms * schedule.max_instrs * ATTN_PHASES, dtype=torch.int64,
-                                       device=self.device) if on else None
+        st["phase_trace"] = torch.zeros(self.num_sms * schedule.max_instrs * ATTN_PHASES, dtype=torch.int64,
+                                        device=self.device) if on else None
 
     def trace_stamps(self, batch: int) -> tuple[Schedule, list, list]:
         """(schedule, per-instruction stamps [block][instr][3], per-chunk stamps [block][chunk][2]) of the last traced
@@ -184,13 +199,14 @@ class MegakernelLlamaDecoder:
         return (schedule, st["trace"].view(self.num_sms, schedule.max_instrs, 3).tolist(),
                 st["chunk_trace"].view(self.num_sms, st["max_chunks"], 2).tolist())
 
-    def attention_stamps(self, batch: int) -> list:
-        """Per block and instruction, the ATTN_PHASES phase-end stamps of the last traced launch (zeros for the
-        instructions that are not attention or whose items were all empty). The kernel keeps the timer's low 32
-        bits; the instruction's "dependency met" stamp supplies the rest."""
+    def phase_stamps(self, batch: int) -> list:
+        """Per block and instruction, the ATTN_PHASES phase-end slots of the last traced launch: an attention
+        instruction's ATTN_PHASES (zeros if its items were all empty), a matmul's first MATMUL_PHASES, zeros
+        elsewhere. The kernel keeps the timer's low 32 bits; the instruction's "dependency met" stamp supplies the
+        rest."""
         st = self._traced_state(batch)
         max_instrs = st["schedule"].max_instrs
-        lows = st["attn_trace"].view(self.num_sms, max_instrs, ATTN_PHASES).tolist()
+        lows = st["phase_trace"].view(self.num_sms, max_instrs, ATTN_PHASES).tolist()
         met = st["trace"].view(self.num_sms, max_instrs, 3)[:, :, 1].tolist()
         return [[[unwrap_timer(lo, met[b][i]) if lo else 0 for lo in row] for i, row in enumerate(block)]
                 for b, block in enumerate(lows)]
@@ -299,11 +315,12 @@ class MegakernelLlamaDecoder:
             "kseg_down": st["shape"].kseg(st["shape"].k(OP_DOWN)),
             "num_stages": st["shape"].num_stages(),
             "prefetch_chunks": self.prefetch_chunks,
+            "prefetch_ops": self.prefetch_ops,
             "attn_tma": int(kv_tmap is not None),
             "kv_tmap": kv_tmap.data_ptr() if kv_tmap is not None else 0,
             "trace": st["trace"].data_ptr() if st["trace"] is not None else 0,
             "chunk_trace": st["chunk_trace"].data_ptr() if st["chunk_trace"] is not None else 0,
-            "attn_trace": st["attn_trace"].data_ptr() if st["attn_trace"] is not None else 0,
+            "phase_trace": st["phase_trace"].data_ptr() if st["phase_trace"] is not None else 0,
             "max_chunks": st["max_chunks"],
             "eps": cfg.rms_norm_eps,
             "scale_log2": self.scale * LOG2E,

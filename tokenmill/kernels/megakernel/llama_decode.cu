@@ -37,6 +37,7 @@ typedef __nv_bfloat16 bf16;
 #define INSTR_INTS 8
 #define MAX_ATTN_SPLITS 32  // schedule.MAX_ATTN_SPLITS
 #define ATTN_PHASES 7       // schedule.ATTN_PHASES: stamps per traced attention instruction
+#define MATMUL_PHASES 3     // schedule.MATMUL_PHASES: per traced matmul instruction (in ATTN_PHASES slots)
 // Context tokens per attention chunk: 128 for 64-dim heads.
 #define ATTN_CHUNK_TOKENS (ATTN_CHUNK_BYTES / (2 * ATTN_HEAD_DIM))
 static_assert(2 * ATTN_CHUNK_BYTES <= STAGE_BYTES, "an attention chunk's K and V fill one ring stage");
@@ -191,6 +192,15 @@ __device__ __forceinline__ uint32_t globaltimer_lo() {
 }
 
 __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+// RMSNorm of two packed bf16 values x with their weights w, in HF's order: (x * rstd) rounded to bf16, times w
+// rounded to bf16 (the bf16 product is exact in fp32, so the packed multiply rounds as fp32-then-bf16 would).
+__device__ __forceinline__ uint32_t rmsnorm_pair(uint32_t x, uint32_t w, float rstd) {
+  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
+  const __nv_bfloat162 xn = __floats2bfloat162_rn(f.x * rstd, f.y * rstd);
+  const __nv_bfloat162 y = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&w), xn);
+  return *reinterpret_cast<const uint32_t*>(&y);
+}
 
 // ---- ops: weights, shapes, tile rows --------------------------------------------------------------------------
 
@@ -379,6 +389,9 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
   const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
   const int max_ahead = (int)p.prefetch_chunks;
   const uint64_t policy = evict_first_policy();
+  // The KV cache's tensor map lives in global memory: have the TMA unit fetch it now, not at the first attention
+  // chunk.
+  if (p.attn_tma && lane == 0) asm volatile("prefetch.tensormap [%0];" ::"l"(p.kv_tmap) : "memory");
   Cursor load;
   load.ii = 0;
   cursor_seek(p, instrs, count, load);
@@ -393,7 +406,7 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
       // Lane 0 polls, so every lane takes the same branches and the cursors stay warp-uniform.
       while (!__shfl_sync(0xffffffffu, lane == 0 ? mbar_try_wait(&empty[s], parity) : false, 0)) {
         if (ahead_count < max_ahead && ahead.ii < count) {
-          if (ahead.op != OP_ATTN && lane < TILE_ROWS) {
+          if (((p.prefetch_ops >> ahead.op) & 1) && lane < TILE_ROWS) {  // (never attention's bit)
             const int row = tile_row(p, ahead.op, ahead.tile, lane);
             asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(
                              ahead.info.weight + (size_t)row * ahead.info.K + ahead.kc),
@@ -446,7 +459,7 @@ struct Misc {
   int flag;
   int merged;
   uint32_t attn_chunks;  // ring chunks that were attention's so far (the chunk trace counts weight chunks)
-  uint32_t phase[ATTN_PHASES];  // attention's phase ends, always stamped (a conditional stamp made ptxas spill)
+  uint32_t phase[ATTN_PHASES];  // the instruction's phase ends, always stamped (a conditional stamp made ptxas spill)
 };
 
 // Copies norm[k0..k0+klen) into shared memory (`dst`, the reduction scratch, free between tiles) with cp.async:
@@ -517,12 +530,9 @@ __device__ void stage_x(const Params& p, const bf16* src, int ld, int k0, int kl
       for (int u = 0; u < U; ++u) {
         const int v = v0 + group_threads * u;
         if (v < vecs) {
-          bf16* e = reinterpret_cast<bf16*>(&x[u]);
-          const bf16* ge = reinterpret_cast<const bf16*>(&g[u]);
-#pragma unroll
-          for (int k = 0; k < 8; ++k)
-            e[k] = __float2bfloat16(__bfloat162float(ge[k]) * bf16_round(__bfloat162float(e[k]) * r));
-          *reinterpret_cast<uint4*>(row + v * 16) = x[u];
+          const uint4 y = {rmsnorm_pair(x[u].x, g[u].x, r), rmsnorm_pair(x[u].y, g[u].y, r),
+                           rmsnorm_pair(x[u].z, g[u].z, r), rmsnorm_pair(x[u].w, g[u].w, r)};
+          *reinterpret_cast<uint4*>(row + v * 16) = y;
         }
       }
     }
@@ -533,32 +543,39 @@ __device__ void stage_x(const Params& p, const bf16* src, int ld, int k0, int kl
 // ---- consumers: epilogues ----------------------------------------------------------------------------------------
 
 // What an epilogue reads besides the accumulators, loaded when the tile starts so the loads overlap its weights:
-// QKV: cos and sin of the RoPE pair; O and DOWN: the residual rows.
-__device__ __forceinline__ float2 epilogue_inputs(const Params& p, int op, int tile, int r, int m) {
+// QKV: cos and sin of the RoPE pair, and for k and v rows this token's KV cache slot; O and DOWN: the residual rows.
+struct EpilogueInputs {
+  float x, y;
+  long long slot;
+};
+
+__device__ __forceinline__ EpilogueInputs epilogue_inputs(const Params& p, int op, int tile, int r, int m) {
   const int lo_row = tile_row(p, op, tile, r);
   if (op == OP_QKV) {
-    const int D = (int)p.head_dim, half = D / 2;
-    if (lo_row / D >= (int)(p.n_q_heads + p.n_kv_heads)) return make_float2(0.f, 0.f);
+    const int D = (int)p.head_dim, half = D / 2, Hq = (int)p.n_q_heads;
+    const long long slot = lo_row / D >= Hq ? p.slot_mapping[m] : -1;
+    if (lo_row / D >= Hq + (int)p.n_kv_heads) return {0.f, 0.f, slot};
     const long long at = p.positions[m] * half + lo_row % D;
-    return make_float2(__ldg(p.cos_tab + at), __ldg(p.sin_tab + at));
+    return {__ldg(p.cos_tab + at), __ldg(p.sin_tab + at), slot};
   }
   if (op == OP_O || op == OP_DOWN) {
     const bf16* h = p.h + (size_t)m * p.hidden;
     const int hi_row = tile_row(p, op, tile, r + 8);
-    return make_float2(__bfloat162float(__ldcg(h + lo_row)), __bfloat162float(__ldcg(h + hi_row)));
+    return {__bfloat162float(__ldcg(h + lo_row)), __bfloat162float(__ldcg(h + hi_row)), -1};
   }
-  return make_float2(0.f, 0.f);
+  return {0.f, 0.f, -1};
 }
 
 // Output rows `lo_row` (tile row r) and `hi_row` (tile row r + 8) for batch row m, values in fp32; `in` from
 // epilogue_inputs.
-__device__ void epilogue(const Params& p, int op, int layer, int tile, int r, int m, float lo, float hi, float2 in) {
+__device__ void epilogue(const Params& p, int op, int layer, int tile, int r, int m, float lo, float hi,
+                         EpilogueInputs in) {
   const int lo_row = tile_row(p, op, tile, r), hi_row = tile_row(p, op, tile, r + 8);
   switch (op) {
     case OP_QKV: {
       const int D = (int)p.head_dim, half = D / 2, Hq = (int)p.n_q_heads, Hkv = (int)p.n_kv_heads;
       const int head = lo_row / D;
-      const long long slot = p.slot_mapping[m];
+      const long long slot = in.slot;
       if (head < Hq + Hkv) {  // a RoPE pair: dims d and d + D/2 of one q or k head
         const int d = lo_row % D;
         const float c = in.x, s = in.y;
@@ -599,6 +616,41 @@ __device__ void epilogue(const Params& p, int op, int layer, int tile, int r, in
 
 // ---- consumers: one matmul instruction ------------------------------------------------------------------------
 
+// Split-K arrivals of the instruction's tiles [t0, t1), after their partials are stored: warp 0 counts them in, one
+// tile per lane, so a single release fence covers them all (a fence per tile, which waits behind the loads in flight,
+// cost ~4.5 us each at batch 16: the next tile's weights sat in the ring meanwhile). The block that brings a tile's
+// last segment adds all of its partials in segment order; returns how many tiles it merged.
+__device__ int merge_split_k(const Params& p, int op, int layer, int t0, int t1, int nsegs, Misc* misc) {
+  const int tid = threadIdx.x, r = tid & 7, c = tid >> 3, M = (int)p.M, N = (int)p.hidden;
+  int* counters = p.arrivals + ((size_t)layer * 2 + (op == OP_DOWN)) * (p.hidden / 16);
+  int merged = 0;
+  for (int base = t0; base < t1; base += 32) {
+    if (tid < 32) {  // acq_rel: releases the block's partials (barrier before the call), acquires the others'
+      const bool last = base + tid < t1 && atom_acq_rel_add(counters + base + tid, 1) == nsegs - 1;
+      const unsigned mask = __ballot_sync(0xffffffffu, last);
+      if (tid == 0) misc->flag = (int)mask;
+    }
+    consumer_sync();
+    unsigned mask = (unsigned)misc->flag;
+    consumer_sync();  // misc->flag is rewritten by the next round
+    for (; mask; mask &= mask - 1) {
+      const int tile = base + __ffs(mask) - 1;
+      if (c < M) {
+        const int lo_row = tile_row(p, op, tile, r), hi_row = tile_row(p, op, tile, r + 8);
+        const EpilogueInputs in = epilogue_inputs(p, op, tile, r, c);
+        float lo = 0.f, hi = 0.f;
+        for (int s2 = 0; s2 < nsegs; ++s2) {
+          lo += __ldcg(p.part + ((size_t)s2 * M + c) * N + lo_row);
+          hi += __ldcg(p.part + ((size_t)s2 * M + c) * N + hi_row);
+        }
+        epilogue(p, op, layer, tile, r, c, lo, hi, in);
+      }
+      ++merged;
+    }
+  }
+  return merged;
+}
+
 template <int NT>  // n-tiles of 8 batch rows
 __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t* full, uint64_t* empty, char* xs,
                            float4* red, Misc* misc, uint32_t& chunk, long long* trace) {
@@ -623,6 +675,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
   if (norm_smem) preload_norm(norm, k0, klen, reinterpret_cast<char*>(red));
   wait_dependency(p, in[5], in[6], trace);
   stage_x(p, src, ld, k0, klen, norm, xs, xstride, misc, norm_smem);
+  if (tid == 0) misc->phase[0] = globaltimer_lo();  // activations staged
   const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
 
   int merged = 0;
@@ -631,7 +684,8 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     // Thread -> (tile row r < 8, batch column c) in the reduction and epilogue below.
     const int r = tid & 7, c = tid >> 3;
     const bool active = tid < 64 * NT && c < M;
-    const float2 epi_in = active ? epilogue_inputs(p, op, tile, r, c) : make_float2(0.f, 0.f);
+    const EpilogueInputs epi_in =
+        active && nsegs == 1 ? epilogue_inputs(p, op, tile, r, c) : EpilogueInputs{0.f, 0.f, -1};
     float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
@@ -677,34 +731,18 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     if (nsegs == 1) {
       if (active) epilogue(p, op, layer, tile, r, c, lo, hi, epi_in);
       ++merged;
-    } else {
-      // Split-K: store this segment's partial; the last segment to arrive adds all of them in segment order.
-      if (active) {
-        p.part[((size_t)seg * M + c) * N + tile_row(p, op, tile, r)] = lo;
-        p.part[((size_t)seg * M + c) * N + tile_row(p, op, tile, r + 8)] = hi;
-      }
-      consumer_sync();
-      if (tid == 0) {  // acq_rel: releases the block's partials (barrier above), acquires the others'
-        int* counter = p.arrivals + ((size_t)layer * 2 + (op == OP_DOWN)) * (p.hidden / 16) + tile;
-        misc->flag = atom_acq_rel_add(counter, 1) == nsegs - 1;
-      }
-      consumer_sync();
-      if (misc->flag) {
-        if (active) {
-          const int lo_row = tile_row(p, op, tile, r), hi_row = tile_row(p, op, tile, r + 8);
-          float slo = 0.f, shi = 0.f;
-          for (int s2 = 0; s2 < nsegs; ++s2) {
-            slo += __ldcg(p.part + ((size_t)s2 * M + c) * N + lo_row);
-            shi += __ldcg(p.part + ((size_t)s2 * M + c) * N + hi_row);
-          }
-          epilogue(p, op, layer, tile, r, c, slo, shi, epi_in);
-        }
-        ++merged;
-      }
+    } else if (active) {  // split-K: this segment's partial; the tiles' arrivals follow the loop (merge_split_k)
+      p.part[((size_t)seg * M + c) * N + tile_row(p, op, tile, r)] = lo;
+      p.part[((size_t)seg * M + c) * N + tile_row(p, op, tile, r + 8)] = hi;
     }
-    consumer_sync();  // red[] and misc->flag are reused by the next tile
+    consumer_sync();  // red[] is reused by the next tile; the partials are stored before merge_split_k's fence
   }
-  if (tid == 0) misc->merged = merged;
+  if (tid == 0) misc->phase[1] = globaltimer_lo();  // every tile's weights used, its result or partial stored
+  if (nsegs > 1) merged = merge_split_k(p, op, layer, in[3], in[4], nsegs, misc);
+  if (tid == 0) {
+    misc->merged = merged;
+    misc->phase[2] = globaltimer_lo();  // split-K tiles merged
+  }
 }
 
 // ---- consumers: attention (one sequence x KV head x context split per work item) ------------------------------
@@ -978,8 +1016,8 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
   if (!waited) wait_dependency(p, in[5], in[6], trace);
   if (tid == 0) {
     misc->merged = merged;
-    if (trace && p.attn_trace && waited) {  // traced: the phase stamps of the block's last non-empty item
-      long long* out = p.attn_trace + (trace - p.trace) / 3 * ATTN_PHASES;
+    if (trace && p.phase_trace && waited) {  // traced: the phase stamps of the block's last non-empty item
+      long long* out = p.phase_trace + (trace - p.trace) / 3 * ATTN_PHASES;
       for (int k = 0; k < ATTN_PHASES; ++k) out[k] = misc->phase[k];
     }
   }
@@ -1049,6 +1087,12 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
     if (tid == 0 && misc->merged > 0) {
       red_release_add(p.done + stage, misc->merged);
     }
-    if (tid == 0 && trace) trace[2] = globaltimer();
+    if (tid == 0 && trace) {
+      trace[2] = globaltimer();
+      if (p.phase_trace && is_matmul(op)) {  // (attention copies its own: those of its last non-empty item)
+        long long* out = p.phase_trace + ((size_t)blockIdx.x * p.max_instrs + ii) * ATTN_PHASES;
+        for (int k = 0; k < MATMUL_PHASES; ++k) out[k] = misc->phase[k];
+      }
+    }
   }
 }

@@ -40,6 +40,7 @@ G_MAX = 8
 MAX_BATCH = 16
 MAX_ATTN_SPLITS = 32
 ATTN_PHASES = 7  # stamps per traced attention instruction (trace.ATTENTION_PHASES names them)
+MATMUL_PHASES = 3  # stamps per traced matmul instruction, in the same slots (trace.MATMUL_PHASE_NAMES)
 INSTR_INTS = 8
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import statistics
 from typing import Sequence
 
-from tokenmill.kernels.megakernel.schedule import ATTN_PHASES, CHUNK_K, OP_ATTN, OP_NAMES, TILE_ROWS, Schedule
+from tokenmill.kernels.megakernel.schedule import (
+    ATTN_PHASES, CHUNK_K, MATMUL_PHASES, OP_ATTN, OP_EMBED, OP_NAMES, TILE_ROWS, Schedule,
+)
 
 Stamps = Sequence[Sequence[Sequence[int]]]  # [block][slot][field]
 
@@ -27,6 +29,11 @@ Stamps = Sequence[Sequence[Sequence[int]]]  # [block][slot][field]
 # softmax and pv: of the first chunk, pv through the item's last chunk).
 ATTENTION_PHASES = ("issued", "q_landed", "scores", "softmax", "pv", "written", "merged")
 assert len(ATTENTION_PHASES) == ATTN_PHASES
+# What ends at each of a matmul instruction's stamps: its activations staged in shared memory (RMSNorm'd where the
+# op has a norm); every tile's weights used and its output (or split-K partial) stored; the split-K tiles this
+# block completed added up and stored.
+MATMUL_PHASE_NAMES = ("staged", "streamed", "merged")
+assert len(MATMUL_PHASE_NAMES) == MATMUL_PHASES
 
 
 def unwrap_timer(low: int, reference: int) -> int:
@@ -183,3 +190,24 @@ def attention_phases(schedule: Schedule, instr_stamps: Stamps, attn_stamps: Stam
         for name, before, after in zip(names, marks, marks[1:]):
             parts[name].append((after - before) / 1000.0)
     return {name: statistics.mean(values) for name, values in parts.items()}
+
+
+def matmul_phases(schedule: Schedule, instr_stamps: Stamps, phase_stamps: Stamps) -> dict[str, dict[str, float]]:
+    """Per matmul op, the mean over its instructions (every block) of `wait` (start -> dependency met), each of
+    MATMUL_PHASE_NAMES from the one before, then `release` (merged -> instruction end). Microseconds; the parts sum
+    to the instructions' mean start-to-end time."""
+    names = ("wait",) + MATMUL_PHASE_NAMES + ("release",)
+    per_op: dict[str, dict[str, list[float]]] = {}
+    for b, block in enumerate(schedule.blocks):
+        for i, instr in enumerate(block):
+            stamps = phase_stamps[b][i][:MATMUL_PHASES]
+            if instr.op in (OP_EMBED, OP_ATTN) or not all(stamps):
+                continue
+            marks = [int(instr_stamps[b][i][0]), int(instr_stamps[b][i][1]), *map(int, stamps),
+                     int(instr_stamps[b][i][2])]
+            parts = per_op.setdefault(OP_NAMES[instr.op], {name: [] for name in names})
+            for name, before, after in zip(names, marks, marks[1:]):
+                parts[name].append((after - before) / 1000.0)
+    if not per_op:
+        raise ValueError("no matmul phase stamps: was the launch traced?")
+    return {op: {name: statistics.mean(values) for name, values in parts.items()} for op, parts in per_op.items()}
