@@ -71,6 +71,7 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("i64", "num_stages"),
     ("i64", "prefetch_chunks"),
     ("i64", "prefetch_ops"),
+    ("i64", "max_inflight"),
     ("i64", "attn_tma"),
     ("ptr:const void", "kv_tmap"),
     ("ptr:long long", "trace"),

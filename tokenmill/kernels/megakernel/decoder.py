@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 LOG2E = 1.4426950408889634
 # H100 2026-11-27: 0 beats 3 (without it the LM head streams at ~3 TB/s); docs/DECODE_NOTES.md m7
 DEFAULT_PREFETCH_CHUNKS = 0
+DEFAULT_MAX_INFLIGHT_CHUNKS = 2  # m12b: 1.5-2.5% faster than the ring's worth at batch 1-16
 DEFAULT_MIN_SPLIT_TOKENS = 128
 # H100 2026-11-27, ctx 1k: TMA tensor copies of attention's K / V beat one warp's cp.async from batch 2 on (batch 16
 # 2.00 -> 1.64 ms) and lose ~13 us at batch 1 (one short chunk per item: 8 splits of 128 tokens); DECODE_NOTES m11
@@ -125,6 +126,8 @@ class MegakernelLlamaDecoder:
         # ... only for the weights of these ops (bit mask over op codes; all by default): m9a found gate_up faster
         # with prefetch while the latency-bound stages around it got slower.
         self.prefetch_ops = env_ops("TOKENMILL_MEGAKERNEL_PREFETCH_OPS")
+        # Weight / KV chunks each SM's producer keeps asked for and not yet landed (0: as many as the ring holds).
+        self.max_inflight_chunks = env_int("TOKENMILL_MEGAKERNEL_INFLIGHT", DEFAULT_MAX_INFLIGHT_CHUNKS, minimum=0)
         # From this batch size on, attention's past K / V arrive by TMA tensor copies (a KV block's rows of one head
         # per copy) instead of one warp's 16-byte cp.async, where the cache's geometry allows (kv_tensor_map).
         self.attn_tma_min_batch = env_int("TOKENMILL_MEGAKERNEL_ATTN_TMA_MIN_BATCH", DEFAULT_ATTN_TMA_MIN_BATCH,
@@ -316,6 +319,7 @@ class MegakernelLlamaDecoder:
             "num_stages": st["shape"].num_stages(),
             "prefetch_chunks": self.prefetch_chunks,
             "prefetch_ops": self.prefetch_ops,
+            "max_inflight": self.max_inflight_chunks,
             "attn_tma": int(kv_tmap is not None),
             "kv_tmap": kv_tmap.data_ptr() if kv_tmap is not None else 0,
             "trace": st["trace"].data_ptr() if st["trace"] is not None else 0,
