@@ -47,12 +47,14 @@ def megakernel_runner(decoder: MegakernelLlamaDecoder):
 # min_split: fewest context tokens per attention split. 1 splits every context as far as the schedule allows (up
 # to 32 splits merged); 256 leaves these contexts (1..266 tokens) one split, two near the end; 16 a few.
 # attn_tma: attention's K / V by TMA tensor copies instead of cp.async (TOKENMILL_MEGAKERNEL_ATTN_TMA_MIN_BATCH).
-# inflight: chunks the producer keeps in flight (TOKENMILL_MEGAKERNEL_INFLIGHT; 0: the whole ring).
-@pytest.mark.parametrize("shape,num_seqs,min_split,attn_tma,inflight", [
-    ("small", 1, 256, 0, 2), ("small", 1, 1, 0, 1), ("small", 3, 16, 0, 2), ("small", 16, 256, 0, 0),
-    ("split-k", 16, 1, 0, 2), ("split-k", 5, 256, 0, 1), ("wide-heads", 3, 16, 0, 2), ("narrow-heads", 2, 1, 0, 0),
-    ("small", 3, 16, 1, 1), ("split-k", 16, 1, 1, 2), ("wide-heads", 3, 256, 1, 0), ("narrow-heads", 2, 1, 1, 2)])
-def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, min_split, attn_tma, inflight):
+# inflight: chunks the producer keeps in flight (TOKENMILL_MEGAKERNEL_INFLIGHT; 0: the whole ring); pause: when the
+# producer holds back the next instruction's chunks (TOKENMILL_MEGAKERNEL_PAUSE_RELEASE).
+@pytest.mark.parametrize("shape,num_seqs,min_split,attn_tma,inflight,pause", [
+    ("small", 1, 256, 0, 2, 1), ("small", 1, 1, 0, 1, 2), ("small", 3, 16, 0, 2, 0), ("small", 16, 256, 0, 0, 1),
+    ("split-k", 16, 1, 0, 2, 2), ("split-k", 5, 256, 0, 1, 1), ("wide-heads", 3, 16, 0, 2, 1),
+    ("narrow-heads", 2, 1, 0, 0, 2), ("small", 3, 16, 1, 1, 1), ("split-k", 16, 1, 1, 2, 1),
+    ("wide-heads", 3, 256, 1, 0, 0), ("narrow-heads", 2, 1, 1, 2, 1)])
+def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, min_split, attn_tma, inflight, pause):
     seed = int.from_bytes(os.urandom(4), "little")
     config = tiny_config(**SHAPES[shape])
     ref_model = make_model(config, torch.float32, seed)
@@ -62,6 +64,7 @@ def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, 
     decoder.min_split_tokens = min_split
     decoder.attn_tma_min_batch = 1 if attn_tma else decoder.max_batch_size + 1
     decoder.max_inflight_chunks = inflight
+    decoder.pause_release = pause
     prompts = random_prompts(num_seqs, config.vocab_size, seed)
     ref = prefill(ref_model, prompts, STEPS + 1, seed)
     torch_bf16, mega = prefill(bf16_model, prompts, STEPS + 1, seed), prefill(bf16_model, prompts, STEPS + 1, seed)

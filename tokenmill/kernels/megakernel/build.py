@@ -72,6 +72,7 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("i64", "prefetch_chunks"),
     ("i64", "prefetch_ops"),
     ("i64", "max_inflight"),
+    ("i64", "pause_release"),
     ("i64", "attn_tma"),
     ("ptr:const void", "kv_tmap"),
     ("ptr:long long", "trace"),

@@ -30,6 +30,7 @@ LOG2E = 1.4426950408889634
 # H100 2026-11-27: 0 beats 3 (without it the LM head streams at ~3 TB/s); docs/DECODE_NOTES.md m7
 DEFAULT_PREFETCH_CHUNKS = 0
 DEFAULT_MAX_INFLIGHT_CHUNKS = 2  # m12b: 1.5-2.5% faster than the ring's worth at batch 1-16
+DEFAULT_PAUSE_RELEASE = 1  # m12e: 3-4% faster than 0 at batch 1-16
 DEFAULT_MIN_SPLIT_TOKENS = 128
 # H100 2026-11-27, ctx 1k: TMA tensor copies of attention's K / V beat one warp's cp.async from batch 2 on (batch 16
 # 2.00 -> 1.64 ms) and lose ~13 us at batch 1 (one short chunk per item: 8 splits of 128 tokens); DECODE_NOTES m11
@@ -128,6 +129,9 @@ class MegakernelLlamaDecoder:
         self.prefetch_ops = env_ops("TOKENMILL_MEGAKERNEL_PREFETCH_OPS")
         # Weight / KV chunks each SM's producer keeps asked for and not yet landed (0: as many as the ring holds).
         self.max_inflight_chunks = env_int("TOKENMILL_MEGAKERNEL_INFLIGHT", DEFAULT_MAX_INFLIGHT_CHUNKS, minimum=0)
+        # The producer asks for no chunk of the next instruction while the consumers release one (their fence waits
+        # for this SM's loads in flight): 1 from a matmul's last tile epilogue on, 2 only around the fences, 0 never.
+        self.pause_release = env_int("TOKENMILL_MEGAKERNEL_PAUSE_RELEASE", DEFAULT_PAUSE_RELEASE, minimum=0)
         # From this batch size on, attention's past K / V arrive by TMA tensor copies (a KV block's rows of one head
         # per copy) instead of one warp's 16-byte cp.async, where the cache's geometry allows (kv_tensor_map).
         self.attn_tma_min_batch = env_int("TOKENMILL_MEGAKERNEL_ATTN_TMA_MIN_BATCH", DEFAULT_ATTN_TMA_MIN_BATCH,
@@ -320,6 +324,7 @@ class MegakernelLlamaDecoder:
             "prefetch_chunks": self.prefetch_chunks,
             "prefetch_ops": self.prefetch_ops,
             "max_inflight": self.max_inflight_chunks,
+            "pause_release": self.pause_release,
             "attn_tma": int(kv_tmap is not None),
             "kv_tmap": kv_tmap.data_ptr() if kv_tmap is not None else 0,
             "trace": st["trace"].data_ptr() if st["trace"] is not None else 0,
