@@ -58,6 +58,10 @@ def test_tuning_knobs_from_the_environment_are_checked(monkeypatch):
     monkeypatch.setenv(name, "lots")
     with pytest.raises(MegakernelUnsupported, match=f"{name} must be an integer, got 'lots'"):
         env_int(name, 128, minimum=1)
+    monkeypatch.setenv(name, "3")
+    assert env_int(name, 1, minimum=0, maximum=3) == 3
+    with pytest.raises(MegakernelUnsupported, match=f"{name} must be <= 2, got 3"):
+        env_int(name, 1, minimum=0, maximum=2)
 
 
 def test_prefetch_ops_from_the_environment(monkeypatch):

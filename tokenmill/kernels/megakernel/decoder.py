@@ -37,9 +37,9 @@ DEFAULT_MIN_SPLIT_TOKENS = 128
 DEFAULT_ATTN_TMA_MIN_BATCH = 2
 
 
-def env_int(name: str, default: int, *, minimum: int) -> int:
+def env_int(name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
     """An integer tuning knob from the environment; MegakernelUnsupported (the engine then falls back, saying why)
-    when it is not an integer >= minimum."""
+    when it is not an integer in [minimum, maximum]."""
     text = os.environ.get(name)
     if text is None:
         return default
@@ -49,6 +49,8 @@ def env_int(name: str, default: int, *, minimum: int) -> int:
         raise MegakernelUnsupported(f"{name} must be an integer, got {text!r}") from None
     if value < minimum:
         raise MegakernelUnsupported(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise MegakernelUnsupported(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -131,7 +133,8 @@ class MegakernelLlamaDecoder:
         self.max_inflight_chunks = env_int("TOKENMILL_MEGAKERNEL_INFLIGHT", DEFAULT_MAX_INFLIGHT_CHUNKS, minimum=0)
         # The producer asks for no chunk of the next instruction while the consumers release one (their fence waits
         # for this SM's loads in flight): 1 from a matmul's last tile epilogue on, 2 only around the fences, 0 never.
-        self.pause_release = env_int("TOKENMILL_MEGAKERNEL_PAUSE_RELEASE", DEFAULT_PAUSE_RELEASE, minimum=0)
+        self.pause_release = env_int("TOKENMILL_MEGAKERNEL_PAUSE_RELEASE", DEFAULT_PAUSE_RELEASE, minimum=0,
+                                     maximum=2)
         # From this batch size on, attention's past K / V arrive by TMA tensor copies (a KV block's rows of one head
         # per copy) instead of one warp's 16-byte cp.async, where the cache's geometry allows (kv_tensor_map).
         self.attn_tma_min_batch = env_int("TOKENMILL_MEGAKERNEL_ATTN_TMA_MIN_BATCH", DEFAULT_ATTN_TMA_MIN_BATCH,
