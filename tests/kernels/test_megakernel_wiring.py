@@ -64,24 +64,6 @@ def test_tuning_knobs_from_the_environment_are_checked(monkeypatch):
         env_int(name, 1, minimum=0, maximum=2)
 
 
-def test_prefetch_ops_from_the_environment(monkeypatch):
-    from tokenmill.kernels.megakernel.decoder import env_ops
-    from tokenmill.kernels.megakernel.schedule import OP_DOWN, OP_GATE_UP, OP_LM_HEAD, OP_O, OP_QKV
-
-    name = "TOKENMILL_MEGAKERNEL_PREFETCH_OPS"
-    monkeypatch.delenv(name, raising=False)
-    assert env_ops(name) == sum(1 << op for op in (OP_QKV, OP_O, OP_GATE_UP, OP_DOWN, OP_LM_HEAD))
-    monkeypatch.setenv(name, "gate_up")
-    assert env_ops(name) == 1 << OP_GATE_UP
-    monkeypatch.setenv(name, " down, gate_up,down ")
-    assert env_ops(name) == (1 << OP_GATE_UP) | (1 << OP_DOWN)
-    monkeypatch.setenv(name, "")
-    assert env_ops(name) == 0
-    monkeypatch.setenv(name, "gate_up,attention")
-    with pytest.raises(MegakernelUnsupported, match=r"unknown ops \['attention'\]"):
-        env_ops(name)
-
-
 def test_make_megakernel_decoder_falls_back_on_cpu_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="tokenmill.kernels.megakernel.decoder"):
         assert make_megakernel_decoder(tiny_model(), "cpu") is None

@@ -69,8 +69,6 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("i64", "kseg_o"),
     ("i64", "kseg_down"),
     ("i64", "num_stages"),
-    ("i64", "prefetch_chunks"),
-    ("i64", "prefetch_ops"),
     ("i64", "max_inflight"),
     ("i64", "pause_release"),
     ("i64", "attn_tma"),

@@ -19,7 +19,7 @@ from tokenmill.kernels.megakernel.build import (
     MegakernelUnavailable, MegakernelUnsupported, encode_kv_tensor_map, load_kernel, pack_params,
 )
 from tokenmill.kernels.megakernel.schedule import (
-    ATTN_PHASES, OP_DOWN, OP_NAMES, OP_O, DecodeShape, Schedule, build_schedule, unsupported_reason,
+    ATTN_PHASES, OP_DOWN, OP_O, DecodeShape, Schedule, build_schedule, unsupported_reason,
 )
 from tokenmill.kernels.megakernel.trace import stage_report, unwrap_timer
 from tokenmill.layers.attention_metadata import AttentionMetadata
@@ -27,8 +27,6 @@ from tokenmill.layers.attention_metadata import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
-# H100 2026-11-27: 0 beats 3 (without it the LM head streams at ~3 TB/s); docs/DECODE_NOTES.md m7
-DEFAULT_PREFETCH_CHUNKS = 0
 DEFAULT_MAX_INFLIGHT_CHUNKS = 2  # m12b: 1.5-2.5% faster than the ring's worth at batch 1-16
 DEFAULT_PAUSE_RELEASE = 1  # m12e: 3-4% faster than 0 at batch 1-16
 DEFAULT_MIN_SPLIT_TOKENS = 128
@@ -52,18 +50,6 @@ def env_int(name: str, default: int, *, minimum: int, maximum: int | None = None
     if maximum is not None and value > maximum:
         raise MegakernelUnsupported(f"{name} must be <= {maximum}, got {value}")
     return value
-
-
-def env_ops(name: str) -> int:
-    """A set of weight-streaming ops from the environment (comma-separated names: qkv, o, gate_up, down, lm_head)
-    as a bit mask over the op codes; every one of them when unset. MegakernelUnsupported for an unknown name."""
-    streamed = ("qkv", "o", "gate_up", "down", "lm_head")
-    text = os.environ.get(name)
-    names = streamed if text is None else [n.strip() for n in text.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(streamed))
-    if unknown:
-        raise MegakernelUnsupported(f"{name}: unknown ops {unknown} (choose from {', '.join(streamed)})")
-    return sum(1 << OP_NAMES.index(n) for n in set(names))
 
 
 def model_unsupported_reason(model: torch.nn.Module, device: torch.device | str) -> str | None:
@@ -123,12 +109,6 @@ class MegakernelLlamaDecoder:
         self.sin = model.rotary.sin_cache.contiguous()
         self.scale = model.layers[0].attn.scale
         self._per_batch: dict[int, dict] = {}
-        # Weight chunks (16 rows x 1024) the producer asks L2 for beyond its ring while the ring is full, per SM;
-        # 0 turns prefetch off (on the H100 it slowed the latency-bound stages more than it sped up the streaming).
-        self.prefetch_chunks = env_int("TOKENMILL_MEGAKERNEL_PREFETCH", DEFAULT_PREFETCH_CHUNKS, minimum=0)
-        # ... only for the weights of these ops (bit mask over op codes; all by default): m9a found gate_up faster
-        # with prefetch while the latency-bound stages around it got slower.
-        self.prefetch_ops = env_ops("TOKENMILL_MEGAKERNEL_PREFETCH_OPS")
         # Weight / KV chunks each SM's producer keeps asked for and not yet landed (0: as many as the ring holds).
         self.max_inflight_chunks = env_int("TOKENMILL_MEGAKERNEL_INFLIGHT", DEFAULT_MAX_INFLIGHT_CHUNKS, minimum=0)
         # The producer asks for no chunk of the next instruction while the consumers release one (their fence waits
@@ -324,8 +304,6 @@ class MegakernelLlamaDecoder:
             "kseg_o": st["shape"].kseg(st["shape"].k(OP_O)),
             "kseg_down": st["shape"].kseg(st["shape"].k(OP_DOWN)),
             "num_stages": st["shape"].num_stages(),
-            "prefetch_chunks": self.prefetch_chunks,
-            "prefetch_ops": self.prefetch_ops,
             "max_inflight": self.max_inflight_chunks,
             "pause_release": self.pause_release,
             "attn_tma": int(kv_tmap is not None),

@@ -390,10 +390,8 @@ __device__ __forceinline__ void wait_inflight(uint64_t* full, uint32_t num_stage
 }
 
 // The producer warp: every chunk of the block's instructions, in order, into the ring: a weight chunk (lane i copies
-// row i of the 16-row tile) or an attention chunk. While the ring is full (the consumers wait for a dependency, so
-// this SM's share of HBM bandwidth would go unused), it asks L2 for the weight chunks after the ring, up to
-// `prefetch_chunks` of them: those later come from L2. It never prefetches while the ring has room, so streaming
-// phases issue each request once.
+// row i of the 16-row tile) or an attention chunk. (Asking L2 for the chunks beyond a full ring, so that HBM keeps
+// streaming while the consumers wait, made every batch slower each time it was tried: m7, m9a, m12a, m12i.)
 // `pause_ii`: while the consumers release instruction pause_ii (p.pause_release), the producer asks for no chunk
 // of a later instruction; INT_MAX otherwise. A release fence (and the acq_rel of a split merge) waits for the loads
 // this SM has in flight: holding new ones back from the last tile's epilogue to the release made batch 1-16 faster
@@ -403,7 +401,6 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
                          uint64_t* empty, const volatile int* pause_ii) {
   const int lane = threadIdx.x & 31;
   const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
-  const int max_ahead = (int)p.prefetch_chunks;
   const uint32_t max_inflight = p.max_inflight > 0 ? min((uint32_t)p.max_inflight, NUM_STAGES) : NUM_STAGES;
   const uint64_t policy = evict_first_policy();
   // The KV cache's tensor map lives in global memory: have the TMA unit fetch it now, not at the first attention
@@ -412,29 +409,11 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
   Cursor load;
   load.ii = 0;
   cursor_seek(p, instrs, count, load);
-  Cursor ahead = load;  // next chunk to ask L2 for; chunks [load, ahead) have been asked for already
-  int ahead_count = 0;
   uint32_t attn_chunks = 0;  // chunk trace entries are weight chunks only
   for (uint32_t chunk = 0; load.ii < count; ++chunk) {
     const int len = min(CHUNK_K, load.k1 - load.kc);
     const int s = chunk % NUM_STAGES;
     const uint32_t parity = ((chunk / NUM_STAGES) & 1) ^ 1;
-    if (max_ahead > 0) {
-      // Lane 0 polls, so every lane takes the same branches and the cursors stay warp-uniform.
-      while (!__shfl_sync(0xffffffffu, lane == 0 ? mbar_try_wait(&empty[s], parity) : false, 0)) {
-        if (ahead_count < max_ahead && ahead.ii < count) {
-          if (((p.prefetch_ops >> ahead.op) & 1) && lane < TILE_ROWS) {  // (never attention's bit)
-            const int row = tile_row(p, ahead.op, ahead.tile, lane);
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(
-                             ahead.info.weight + (size_t)row * ahead.info.K + ahead.kc),
-                         "r"(min(CHUNK_K, ahead.k1 - ahead.kc) * 2)
-                         : "memory");
-          }
-          cursor_next(p, instrs, count, ahead);
-          ++ahead_count;
-        }
-      }
-    }
     mbar_wait(&empty[s], parity);
     wait_inflight(full, NUM_STAGES, chunk, max_inflight);
     if (p.pause_release)
@@ -455,10 +434,6 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
       }
     }
     cursor_next(p, instrs, count, load);
-    if (ahead_count > 0)
-      --ahead_count;
-    else
-      ahead = load;
   }
 }
 
