@@ -3,9 +3,11 @@
 // One block per SM, each with its own list of instructions (built and checked in Python: schedule.py).
 // Warp 8 of every block is the *producer*: it walks the block's instruction list ahead of the others and streams
 // each weight tile into a ring of shared-memory stages with bulk copies (cp.async.bulk, completion on an mbarrier),
-// and attention's past-token K and V rows the same way (cp.async: the rows are short). Neither depends on this
-// step, so the producer runs ahead across instruction boundaries: while the consumer warps wait for an
-// instruction's inputs (a dependency counter), that instruction's weights (or K and V) are already arriving.
+// and attention's past-token K and V rows the same way (TMA tensor copies, or cp.async at batch 1). Neither
+// depends on this step, so the producer runs ahead across instruction boundaries: while the consumer warps wait
+// for an instruction's inputs (a dependency counter), that instruction's weights (or K and V) are already
+// arriving. It keeps only 2 chunks in flight and holds back while the consumers release an instruction: a deeper
+// HBM queue adds no bandwidth, and every fence waits for the SM's loads in flight.
 // Warps 0-7 are the *consumers*: they wait for the instruction's dependency (acquire load of a global counter),
 // stage the activations in shared memory (RMSNorm folded in), run the tile's dot products on tensor cores
 // (mma.sync m16n8k16, weights as the A operand: 16 weight rows x batch columns), reduce across warps and run the
@@ -456,7 +458,7 @@ struct Misc {
   int merged;
   uint32_t attn_chunks;  // ring chunks that were attention's so far (the chunk trace counts weight chunks)
   uint32_t phase[ATTN_PHASES];  // the instruction's phase ends, always stamped (a conditional stamp made ptxas spill)
-  int pause_ii;  // the producer holds chunks of instructions after this one (producer)
+  int pause_ii;  // the producer asks for no chunk of an instruction after this one (INT_MAX: none held back)
   int ii;        // the instruction the consumers run
 };
 
