@@ -257,7 +257,8 @@ def _optional_registrations(where: str) -> list[Callable]:
     import importlib
 
     modules = {
-        "bench": ["tokenmill.bench.offline", "tokenmill.bench.serve_client", "tokenmill.bench.decode"],
+        "bench": ["tokenmill.bench.offline", "tokenmill.bench.serve_client", "tokenmill.bench.decode",
+                  "tokenmill.bench.megakernel_ab"],
         "top": ["tokenmill.train.cli"],
     }[where]
     found = []

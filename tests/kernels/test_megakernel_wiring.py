@@ -64,6 +64,20 @@ def test_tuning_knobs_from_the_environment_are_checked(monkeypatch):
         env_int(name, 1, minimum=0, maximum=2)
 
 
+def test_experiment_defines_from_the_environment(monkeypatch):
+    from tokenmill.kernels.megakernel.build import MegakernelUnavailable, experiment_flags
+
+    name = "TOKENMILL_MEGAKERNEL_NVCC_FLAGS"
+    monkeypatch.delenv(name, raising=False)
+    assert experiment_flags() == ()
+    monkeypatch.setenv(name, " -DTAGGED_LOADS=1  -DFOO ")
+    assert experiment_flags() == ("-DTAGGED_LOADS=1", "-DFOO")
+    for bad in ("-O0", "-D", "-DFOO -Xptxas=-v"):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(MegakernelUnavailable, match="defines only"):
+            experiment_flags()
+
+
 def test_make_megakernel_decoder_falls_back_on_cpu_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="tokenmill.kernels.megakernel.decoder"):
         assert make_megakernel_decoder(tiny_model(), "cpu") is None

@@ -228,12 +228,24 @@ def _check(lib: ctypes.CDLL, status: int, what: str) -> None:
         raise MegakernelUnavailable(f"{what} failed: {name.value.decode() if name.value else status}")
 
 
-_LOADED: dict[tuple[int, int, int], LoadedKernel] = {}
+_LOADED: dict[tuple, LoadedKernel] = {}
+
+
+def experiment_flags() -> tuple[str, ...]:
+    """Preprocessor defines for kernel experiments from TOKENMILL_MEGAKERNEL_NVCC_FLAGS (e.g. "-DFOO -DBAR=2"),
+    compiled into the kernel next to the usual flags; MegakernelUnavailable for anything but -D defines."""
+    flags = tuple(os.environ.get("TOKENMILL_MEGAKERNEL_NVCC_FLAGS", "").split())
+    others = [f for f in flags if not f.startswith("-D") or len(f) == 2]
+    if others:
+        raise MegakernelUnavailable(f"TOKENMILL_MEGAKERNEL_NVCC_FLAGS takes -DNAME[=VALUE] defines only, got {others}")
+    return flags
 
 
 def load_kernel(device_index: int, head_dim: int, group: int) -> LoadedKernel:
-    """Compiles (once per attention shape) and loads the kernel into the current CUDA context of `device_index`."""
-    key = (device_index, head_dim, group)
+    """Compiles (once per attention shape and experiment_flags()) and loads the kernel into the current CUDA context
+    of `device_index`."""
+    flags = experiment_flags()
+    key = (device_index, head_dim, group, flags)
     if key in _LOADED:
         return _LOADED[key]
     import torch
@@ -245,7 +257,7 @@ def load_kernel(device_index: int, head_dim: int, group: int) -> LoadedKernel:
         if (major, minor) != (9, 0):
             raise MegakernelUnavailable(
                 f"the megakernel is built for sm_90a (H100/H200), this GPU is sm_{major}{minor}")
-        cubin = compile_cubin(head_dim, group).read_bytes()
+        cubin = compile_cubin(head_dim, group, extra_flags=flags).read_bytes()
         try:
             lib = ctypes.CDLL("libcuda.so.1")
         except OSError as exc:

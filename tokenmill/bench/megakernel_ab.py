@@ -1,0 +1,168 @@
+"""`tokenmill bench megakernel-ab`: megakernel settings against each other, in one process on one GPU.
+
+The model is Llama-3.2-1B's shape with random bf16 weights (as in `bench decode`). A setting is a label and a few
+TOKENMILL_MEGAKERNEL_* environment variables (tuning knobs, read when a decoder is built;
+TOKENMILL_MEGAKERNEL_NVCC_FLAGS, preprocessor defines read when its kernel is compiled). Each round rebuilds the
+decoder for every setting in turn and times every cell (CUDA-graph replays, median of trials), so the drift of a
+noisy machine spreads over all settings alike. Prints each cell's median per setting and its ratio to the first
+setting, and writes every round's times as JSON.
+
+    tokenmill bench megakernel-ab --cells 1x1024,16x1024 --setting base \\
+        --setting no-pause:TOKENMILL_MEGAKERNEL_PAUSE_RELEASE=0 --out ab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KNOB_PREFIX = "TOKENMILL_MEGAKERNEL_"
+
+
+@dataclass(frozen=True)
+class Setting:
+    label: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def parse_setting(text: str) -> Setting:
+    """LABEL or LABEL:NAME=VALUE[,NAME=VALUE...], every NAME a TOKENMILL_MEGAKERNEL_ variable."""
+    label, _, assignments = text.partition(":")
+    label = label.strip()
+    if not label:
+        raise ValueError(f"setting {text!r}: empty label (LABEL[:NAME=VALUE,...])")
+    env: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in assignments.split(","))):
+        name, eq, value = part.partition("=")
+        if not eq or not name.startswith(KNOB_PREFIX):
+            raise ValueError(f"setting {text!r}: {part!r} is not {KNOB_PREFIX}NAME=VALUE")
+        env[name] = value
+    return Setting(label, env)
+
+
+def parse_settings(texts: list[str]) -> list[Setting]:
+    settings = [parse_setting(t) for t in texts]
+    labels = [s.label for s in settings]
+    if len(settings) < 2:
+        raise ValueError("give at least two --setting (the first is the reference)")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"duplicate setting labels in {labels}")
+    return settings
+
+
+def parse_cells(text: str) -> list[tuple[int, int]]:
+    """BATCHxCONTEXT[,BATCHxCONTEXT...]"""
+    cells = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        batch, x, context = part.partition("x")
+        if not x or not batch.isdigit() or not context.isdigit() or int(batch) < 1 or int(context) < 1:
+            raise ValueError(f"cell {part!r} is not BATCHxCONTEXT")
+        cells.append((int(batch), int(context)))
+    if not cells:
+        raise ValueError("no cells")
+    return cells
+
+
+@contextlib.contextmanager
+def knob_environment(env: dict[str, str]) -> Iterator[None]:
+    """Sets `env` and unsets every other TOKENMILL_MEGAKERNEL_ variable for the block; restores all after."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith(KNOB_PREFIX)}
+    for name in saved:
+        del os.environ[name]
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name in [k for k in os.environ if k.startswith(KNOB_PREFIX)]:
+            del os.environ[name]
+        os.environ.update(saved)
+
+
+def summarise(times: dict[str, dict[str, list[float]]], labels: list[str]) -> list[dict]:
+    """One row per (cell, setting): median and min ms over the rounds, median relative to the first setting's."""
+    rows = []
+    for cell, by_label in times.items():
+        reference = statistics.median(by_label[labels[0]])
+        for label in labels:
+            median = statistics.median(by_label[label])
+            rows.append(dict(cell=cell, setting=label, median_ms=median, min_ms=min(by_label[label]),
+                             ratio=median / reference))
+    return rows
+
+
+def print_summary(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in ("cell", "setting", "median ms", "min ms", "vs first"):
+        table.add_column(name, justify="left" if name in ("cell", "setting") else "right")
+    for row in rows:
+        table.add_row(row["cell"], row["setting"], f"{row['median_ms']:.4f}", f"{row['min_ms']:.4f}",
+                      f"{row['ratio']:.3f}")
+    Console(width=120).print(table)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from tokenmill.bench.decode import build_model, capture_graph, fused_step, make_kv_cache, step_inputs, time_graph
+    from tokenmill.kernels.megakernel.build import MegakernelUnavailable
+    from tokenmill.kernels.megakernel.decoder import MegakernelLlamaDecoder
+
+    settings = parse_settings(args.setting)
+    cells = parse_cells(args.cells)
+    if args.rounds < 1:
+        raise ValueError("--rounds must be >= 1")
+    if not torch.cuda.is_available():
+        raise ValueError("bench megakernel-ab needs a CUDA GPU (sm_90), and torch sees none")
+    device = torch.device("cuda", torch.cuda.current_device())
+    model, config, _ = build_model("llama-3.2-1b", torch.bfloat16, device, seed=args.seed)
+    kv_cache = make_kv_cache(config, max(b for b, _ in cells), max(c for _, c in cells), torch.bfloat16, device, 1)
+    inputs = {cell: step_inputs(*cell, kv_cache.shape[2], config.vocab_size, device, seed=cell[0]) for cell in cells}
+    times: dict[str, dict[str, list[float]]] = {f"{b}x{c}": {} for b, c in cells}
+    t0 = time.perf_counter()
+    for round_index in range(args.rounds):
+        for setting in settings:
+            try:
+                with knob_environment(setting.env):
+                    decoder = MegakernelLlamaDecoder(model)
+            except MegakernelUnavailable as exc:  # (MegakernelUnsupported is a ValueError already)
+                raise ValueError(f"setting {setting.label}: {exc}") from None
+            for cell in cells:
+                graph, _ = capture_graph(fused_step(decoder, kv_cache, inputs[cell]), device)
+                ms = time_graph(graph, args.trials, args.replays, device)
+                times[f"{cell[0]}x{cell[1]}"].setdefault(setting.label, []).append(ms)
+                del graph
+            del decoder
+        print(f"round {round_index + 1}/{args.rounds} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    labels = [s.label for s in settings]
+    rows = summarise(times, labels)
+    device_name = torch.cuda.get_device_name(device)
+    print_summary(rows, f"megakernel A/B · {device_name} · {args.rounds} rounds · ms per decode step")
+    if args.out:
+        report = dict(date=time.strftime("%Y-%m-%d %H:%M"), device=device_name, shape="llama-3.2-1b",
+                      settings={s.label: s.env for s in settings}, rounds=args.rounds, times=times, summary=rows)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("megakernel-ab", help="megakernel settings against each other on one GPU (CUDA)")
+    p.add_argument("--cells", default="1x1024,8x1024,16x1024", help="comma-separated BATCHxCONTEXT")
+    p.add_argument("--setting", action="append", default=[], metavar="LABEL[:NAME=VALUE,...]",
+                   help="a label and TOKENMILL_MEGAKERNEL_* variables; repeat, the first is the reference")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--trials", type=int, default=15, help="timed groups of replays per cell and round")
+    p.add_argument("--replays", type=int, default=50, help="graph replays per timed group")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the times and the summary here (JSON)")
+    p.set_defaults(func=run)
