@@ -51,6 +51,7 @@ def test_summary_medians_and_ratios_to_the_first_setting():
     rows = summarise(times, ["base", "new"])
     assert [(r["setting"], r["median_ms"], r["min_ms"]) for r in rows] == [("base", 1.1, 1.0), ("new", 0.99, 0.9)]
     assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] == pytest.approx(0.9)
+    assert rows[0]["spread"] == pytest.approx(0.2 / 1.1) and rows[1]["spread"] == pytest.approx(0.3 / 0.99)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error path")

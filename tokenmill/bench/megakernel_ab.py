@@ -86,14 +86,16 @@ def knob_environment(env: dict[str, str]) -> Iterator[None]:
 
 
 def summarise(times: dict[str, dict[str, list[float]]], labels: list[str]) -> list[dict]:
-    """One row per (cell, setting): median and min ms over the rounds, median relative to the first setting's."""
+    """One row per (cell, setting): median and min ms over the rounds, their spread ((max - min) / median: what
+    the machine's drift alone moves), and the median relative to the first setting's."""
     rows = []
     for cell, by_label in times.items():
         reference = statistics.median(by_label[labels[0]])
         for label in labels:
             median = statistics.median(by_label[label])
-            rows.append(dict(cell=cell, setting=label, median_ms=median, min_ms=min(by_label[label]),
-                             ratio=median / reference))
+            values = by_label[label]
+            rows.append(dict(cell=cell, setting=label, median_ms=median, min_ms=min(values),
+                             spread=(max(values) - min(values)) / median, ratio=median / reference))
     return rows
 
 
@@ -102,11 +104,11 @@ def print_summary(rows: list[dict], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for name in ("cell", "setting", "median ms", "min ms", "vs first"):
+    for name in ("cell", "setting", "median ms", "min ms", "spread", "vs first"):
         table.add_column(name, justify="left" if name in ("cell", "setting") else "right")
     for row in rows:
         table.add_row(row["cell"], row["setting"], f"{row['median_ms']:.4f}", f"{row['min_ms']:.4f}",
-                      f"{row['ratio']:.3f}")
+                      f"{100 * row['spread']:.1f}%", f"{row['ratio']:.3f}")
     Console(width=120).print(table)
 
 
