@@ -2,7 +2,8 @@
 
 The model is Llama-3.2-1B's shape with random bf16 weights (as in `bench decode`). A setting is a label and a few
 TOKENMILL_MEGAKERNEL_* environment variables (tuning knobs, read when a decoder is built;
-TOKENMILL_MEGAKERNEL_NVCC_FLAGS, preprocessor defines read when its kernel is compiled). Each round rebuilds the
+TOKENMILL_MEGAKERNEL_NVCC_FLAGS, preprocessor defines read when its kernel is compiled); every setting starts from
+the defaults, whatever TOKENMILL_MEGAKERNEL_* variables the calling shell has. Each round rebuilds the
 decoder for every setting in turn and times every cell (CUDA-graph replays, median of trials), so the drift of a
 noisy machine spreads over all settings alike. Prints each cell's median per setting and its ratio to the first
 setting, and writes every round's times as JSON.
