@@ -136,9 +136,9 @@ class EngineConfig:
     seed: int = 0
     decode_backend: str = "auto"  # torch | triton | fused | megakernel
     # With decode_backend megakernel: the largest decode batch it runs; larger ones go to the fused kernels. On the
-    # H100 (Llama-3.2-1B shape, docs/bench/decode_h100_megakernel_m11.log, 2026-11-27) the megakernel beats fused +
-    # PDL at batches 1-4 for every context measured (128 / 1k / 4k), at batch 8 up to 1k (a tie at 4k), and loses
-    # at 16.
+    # H100 (Llama-3.2-1B shape, docs/bench/decode_h100_megakernel_m12.log, 2026-11-27) the megakernel beats fused +
+    # PDL at batches 1-8 for every context measured (128 / 1k / 4k) and at 16 up to 1k, but loses at 16 x 4k: the
+    # runner picks per batch size, before contexts are known, so 16 stays with the fused kernels.
     megakernel_max_batch: int = 8
     # Weight-only quantization: auto | none | int8 | int4 (CPU). auto: int4/int8 for a quantized GGUF on CPU when
     # dtype is auto, else none (tokenmill/models/quantization.py).

@@ -86,20 +86,6 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
-__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n"
-      "}\n"
-      : "=r"(done)
-      : "r"(smem_addr(bar)), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-
 __device__ __forceinline__ uint64_t evict_first_policy() {
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
@@ -154,9 +140,6 @@ __device__ __forceinline__ void mma_bf16(float* c, uint32_t a0, uint32_t a1, uin
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-
-// Activations written by other blocks in this launch: read through L2 (L1 is not coherent across SMs).
-__device__ __forceinline__ uint4 ld_cg16(const void* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
 
 // N (4 or 8) consecutive bf16 from shared memory as floats, zeros when !valid. A volatile load: the compiler may
 // not merge it with an equal one or hoist it, as re-reading is cheaper than a register held across a loop (the
@@ -462,9 +445,14 @@ struct Misc {
   int ii;        // the instruction the consumers run
 };
 
-// The producer asks for no chunk past the current instruction until the release after it (p.pause_release).
+// The producer asks for no chunk past the current instruction until the release after it (p.pause_release)...
 __device__ __forceinline__ void pause_loads(Misc* misc) {
   *reinterpret_cast<volatile int*>(&misc->pause_ii) = misc->ii;
+}
+
+// ... and from then on for any.
+__device__ __forceinline__ void resume_loads(Misc* misc) {
+  *reinterpret_cast<volatile int*>(&misc->pause_ii) = INT_MAX;
 }
 
 // Copies norm[k0..k0+klen) into shared memory (`dst`, the reduction scratch, free between tiles) with cp.async:
@@ -1097,7 +1085,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
     if (tid == 0 && misc->merged > 0) {
       red_release_add(p.done + stage, misc->merged);
     }
-    if (tid == 0 && p.pause_release) *reinterpret_cast<volatile int*>(&misc->pause_ii) = INT_MAX;
+    if (tid == 0 && p.pause_release) resume_loads(misc);
     if (tid == 0 && trace) {
       trace[2] = globaltimer();
       if (p.phase_trace && is_matmul(op)) {  // (attention copies its own: those of its last non-empty item)

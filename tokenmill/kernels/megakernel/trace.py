@@ -77,6 +77,17 @@ def stage_report(schedule: Schedule, instr_stamps: Stamps) -> dict:
     return dict(span_us=max(r["last_end"] for r in rows), stages=rows)
 
 
+def _first_chunks(schedule: Schedule) -> dict[tuple[int, int], int]:
+    """(block, instruction index) -> the index of the instruction's first weight chunk in its block's chunk trace."""
+    first: dict[tuple[int, int], int] = {}
+    for b, block in enumerate(schedule.blocks):
+        chunk = 0
+        for i, instr in enumerate(block):
+            first[b, i] = chunk
+            chunk += schedule.chunks(instr)
+    return first
+
+
 def chunk_timeline(schedule: Schedule, instr_stamps: Stamps, chunk_stamps: Stamps, bin_us: float = 1.0) -> dict:
     """Weight bytes issued per `bin_us` bin over all blocks (GB/s), and per op the mean over its instructions of
     `staging_us` (dependency met -> first chunk landed) and `tail_us` (last chunk landed -> instruction end)."""
@@ -86,8 +97,8 @@ def chunk_timeline(schedule: Schedule, instr_stamps: Stamps, chunk_stamps: Stamp
     issues: list[tuple[float, int]] = []
     staging: dict[str, list[float]] = {}
     tail: dict[str, list[float]] = {}
+    first_chunk = _first_chunks(schedule)
     for b, block in enumerate(schedule.blocks):
-        chunk = 0
         for i, instr in enumerate(block):
             count = schedule.chunks(instr)
             if not count:
@@ -96,11 +107,10 @@ def chunk_timeline(schedule: Schedule, instr_stamps: Stamps, chunk_stamps: Stamp
             per_tile = -(-kseg // CHUNK_K)
             landed = []
             for c in range(count):
-                issued, consumed = chunk_stamps[b][chunk + c]
+                issued, consumed = chunk_stamps[b][first_chunk[b, i] + c]
                 length = min(CHUNK_K, kseg - (c % per_tile) * CHUNK_K)
                 issues.append(((int(issued) - t0) / 1000.0, TILE_ROWS * length * 2))
                 landed.append((int(consumed) - t0) / 1000.0)
-            chunk += count
             _, met, end = ((int(x) - t0) / 1000.0 for x in instr_stamps[b][i])
             name = OP_NAMES[instr.op]
             staging.setdefault(name, []).append(landed[0] - met)
@@ -150,12 +160,7 @@ def critical_path(schedule: Schedule, instr_stamps: Stamps, chunk_stamps: Stamps
     consumers; absent for attention) and `end`. A chunk issued before the previous stage ended shows how far ahead
     the producer ran."""
     ends, last = _stage_ends(schedule, instr_stamps)
-    first_chunk: dict[tuple[int, int], int] = {}  # (block, instr) -> index of its first chunk stamp
-    for b, block in enumerate(schedule.blocks):
-        chunk = 0
-        for i, instr in enumerate(block):
-            first_chunk[b, i] = chunk
-            chunk += schedule.chunks(instr)
+    first_chunk = _first_chunks(schedule)
     per_op: dict[str, dict[str, list[float]]] = {}
     for stage, (end, b, i) in sorted(last.items()):
         if stage - 1 not in ends:
