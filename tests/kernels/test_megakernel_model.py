@@ -48,12 +48,14 @@ def megakernel_runner(decoder: MegakernelLlamaDecoder):
 # to 32 splits merged); 256 leaves these contexts (1..266 tokens) one split, two near the end; 16 a few.
 # attn_tma: attention's K / V by TMA tensor copies instead of cp.async (TOKENMILL_MEGAKERNEL_ATTN_TMA_MIN_BATCH).
 # inflight: chunks the producer keeps in flight (TOKENMILL_MEGAKERNEL_INFLIGHT; 0: the whole ring); pause: when the
-# producer holds back the next instruction's chunks (TOKENMILL_MEGAKERNEL_PAUSE_RELEASE).
+# producer holds back the next instruction's chunks (TOKENMILL_MEGAKERNEL_PAUSE_RELEASE). At batch 1 the residual
+# stream is tagged (TOKENMILL_MEGAKERNEL_TAG_RESIDUAL) except in the one case with num_seqs 1 and pause 2.
 @pytest.mark.parametrize("shape,num_seqs,min_split,attn_tma,inflight,pause", [
     ("small", 1, 256, 0, 2, 1), ("small", 1, 1, 0, 1, 2), ("small", 3, 16, 0, 2, 0), ("small", 16, 256, 0, 0, 1),
     ("split-k", 16, 1, 0, 2, 2), ("split-k", 5, 256, 0, 1, 1), ("wide-heads", 3, 16, 0, 2, 1),
     ("narrow-heads", 2, 1, 0, 0, 2), ("small", 3, 16, 1, 1, 1), ("split-k", 16, 1, 1, 2, 1),
-    ("wide-heads", 3, 256, 1, 0, 0), ("narrow-heads", 2, 1, 1, 2, 1)])
+    ("wide-heads", 3, 256, 1, 0, 0), ("narrow-heads", 2, 1, 1, 2, 1), ("split-k", 1, 1, 0, 2, 1),
+    ("wide-heads", 1, 16, 1, 2, 1), ("narrow-heads", 1, 256, 0, 2, 0)])
 def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, min_split, attn_tma, inflight, pause):
     seed = int.from_bytes(os.urandom(4), "little")
     config = tiny_config(**SHAPES[shape])
@@ -65,6 +67,7 @@ def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, 
     decoder.attn_tma_min_batch = 1 if attn_tma else decoder.max_batch_size + 1
     decoder.max_inflight_chunks = inflight
     decoder.pause_release = pause
+    decoder.tag_residual = not (num_seqs == 1 and pause == 2)
     prompts = random_prompts(num_seqs, config.vocab_size, seed)
     ref = prefill(ref_model, prompts, STEPS + 1, seed)
     torch_bf16, mega = prefill(bf16_model, prompts, STEPS + 1, seed), prefill(bf16_model, prompts, STEPS + 1, seed)
@@ -91,8 +94,30 @@ def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, 
     assert torch.equal(torch.isnan(torch_bf16.cache), torch.isnan(mega.cache)), f"seed {seed}: cache slots differ"
 
 
-@pytest.mark.parametrize("attn_tma", [0, 1])
-def test_graph_replay_matches_eager(attn_tma):
+def test_tagged_residual_stream_changes_no_bit_at_llama_1b_width():
+    # Only the transport of h differs (tagged words vs bf16 and a counter), so the logits must be identical.
+    # Hidden 2048 and intermediate 8192 are Llama-3.2-1B's: the shape the first tagged run silently left untagged
+    # (its words did not fit the reduction scratch; now they go behind the staged row in xs, sized by down's K).
+    seed = int.from_bytes(os.urandom(4), "little")
+    config = tiny_config(vocab_size=512, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64)
+    model = make_model(config, torch.bfloat16, seed)
+    decoder = MegakernelLlamaDecoder(model)
+    decoder.poison_scratch = True
+    prompts = random_prompts(1, config.vocab_size, seed)
+    tagged, plain = prefill(model, prompts, 20, seed), prefill(model, prompts, 20, seed)
+    for i in range(16):
+        decoder.tag_residual = True
+        a = step(tagged, megakernel_runner(decoder))
+        assert decoder._per_batch[1]["tagged"], "hidden 2048 is tagged at batch 1"
+        decoder.tag_residual = False
+        b = step(plain, megakernel_runner(decoder), tagged.last)
+        assert torch.equal(a, b), f"seed {seed}: step {i}: tagged and plain logits differ"
+
+
+# num_seqs 1: the tagged residual stream, whose tags change with every launch, graph replays included.
+@pytest.mark.parametrize("attn_tma,num_seqs", [(0, 4), (1, 4), (0, 1)])
+def test_graph_replay_matches_eager(attn_tma, num_seqs):
     seed = int.from_bytes(os.urandom(4), "little")
     config = tiny_config(**SHAPES["small"])
     model = make_model(config, torch.bfloat16, seed)
@@ -106,8 +131,8 @@ def test_graph_replay_matches_eager(attn_tma):
 
     # The kernel is deterministic (fixed reduction orders; split-K and attention merges in index order), so the
     # replay must equal the eager launch bit for bit.
-    check_graph_replay_matches_eager(decoder.decode_logits, model, random_prompts(4, config.vocab_size, seed), seed,
-                                     steps=24, before_capture=build_tensor_map if attn_tma else None)
+    check_graph_replay_matches_eager(decoder.decode_logits, model, random_prompts(num_seqs, config.vocab_size, seed),
+                                     seed, steps=24, before_capture=build_tensor_map if attn_tma else None)
 
 
 def test_rejects_prefill_batches_and_oversized_batches():

@@ -335,6 +335,16 @@ def test_llama_1b_split_k_and_shared_memory():
         assert s.smem_bytes() <= SMEM_MAX
 
 
+def test_residual_tags_fit_llama_1b_at_batch_1_only():
+    # The first GPU run of the tagged stream measured nothing: the words were to go beside the norm weights in the
+    # 8 KB reduction scratch, where hidden 2048 does not fit, so the decoder never tagged Llama-3.2-1B.
+    assert llama_1b(1).residual_tags_fit()
+    assert not any(llama_1b(b).residual_tags_fit() for b in range(2, 17))
+    tiny = DecodeShape(batch=1, hidden=256, intermediate=512, vocab=512, num_q_heads=8, num_kv_heads=2, head_dim=64,
+                       num_layers=2)
+    assert tiny.residual_tags_fit()
+
+
 def test_kseg_refuses_k_that_split_k_cannot_cut():
     with pytest.raises(ValueError, match="cannot split K=4128"):
         llama_1b(16).kseg(4128)
@@ -469,8 +479,9 @@ def test_kernel_compiles_and_is_cached(tmp_path):
 # Spill budget (bytes stored, bytes loaded) per attention variant. The 8-head groups keep 32 attention accumulators
 # per thread next to the matmul state, and ptxas spills a few kernel-level values (the mbarrier and trace pointers,
 # reloaded once per instruction or tile, never inside the chunk loops): 32 / 40 bytes with nvcc 13.0 (2026-11-27, m11),
-# 44 / 132 since the producer's release pause (m12e).
-SPILL_BUDGET = {(64, 4): (0, 0), (128, 4): (0, 0), (128, 8): (64, 160), (32, 4): (0, 0)}
+# 44 / 132 since the producer's release pause (m12e), 52 / 200 with the tagged residual stream (its stage_x and
+# epilogue branches; no single one of them is the cause).
+SPILL_BUDGET = {(64, 4): (0, 0), (128, 4): (0, 0), (128, 8): (64, 224), (32, 4): (0, 0)}
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")

@@ -115,6 +115,9 @@ class MegakernelLlamaDecoder:
         # for this SM's loads in flight): 1 from a matmul's last tile epilogue on, 2 only around the fences, 0 never.
         self.pause_release = env_int("TOKENMILL_MEGAKERNEL_PAUSE_RELEASE", DEFAULT_PAUSE_RELEASE, minimum=0,
                                      maximum=2)
+        # At batch 1 the residual stream carries its writers' tags and o / down / embed release without a fence
+        # (llama_decode.cu, "tagged residual stream"); 0 turns it off.
+        self.tag_residual = bool(env_int("TOKENMILL_MEGAKERNEL_TAG_RESIDUAL", 1, minimum=0, maximum=1))
         # From this batch size on, attention's past K / V arrive by TMA tensor copies (a KV block's rows of one head
         # per copy) instead of one warp's 16-byte cp.async, where the cache's geometry allows (kv_tensor_map).
         self.attn_tma_min_batch = env_int("TOKENMILL_MEGAKERNEL_ATTN_TMA_MIN_BATCH", DEFAULT_ATTN_TMA_MIN_BATCH,
@@ -150,7 +153,12 @@ class MegakernelLlamaDecoder:
                 "max_chunks": schedule.max_chunks,  # walks every instruction (ms): once, not per launch
                 "instrs": torch.tensor(flat, dtype=torch.int32, device=dev),
                 "counts": torch.tensor(counts, dtype=torch.int32, device=dev),
-                "h": torch.empty(batch, cfg.hidden_size, dtype=torch.bfloat16, device=dev),
+                # the residual stream: bf16, or (tagged, batch 1) 32-bit words of bf16 and the writing stage's tag;
+                # all ones (tag 0xFFFF, which no stage writes) until a launch writes it
+                "h": torch.full((batch, cfg.hidden_size), -1, dtype=torch.int32, device=dev),
+                # launches so far: each launch's tags differ from the last's (counted up before the kernel; 64-bit,
+                # since a 32-bit count wraps from 2^32 - 1 to 0, both multiples of 0xFFFF: the same tags twice)
+                "epoch": torch.zeros(1, dtype=torch.int64, device=dev),
                 "q": torch.empty(batch, q_size, dtype=torch.float32, device=dev),
                 "attn": torch.empty(batch, q_size, dtype=torch.bfloat16, device=dev),
                 "act": torch.empty(batch, cfg.intermediate_size, dtype=torch.bfloat16, device=dev),
@@ -255,10 +263,16 @@ class MegakernelLlamaDecoder:
         if not (ids.is_contiguous() and pos.is_contiguous() and slots.is_contiguous() and seq_lens.is_contiguous()
                 and tables.stride(-1) == 1 and kv_cache.is_contiguous()):
             raise ValueError("decode inputs and the KV cache must be contiguous")
+        tagged = self.tag_residual and st["shape"].residual_tags_fit()
+        if st.get("tagged") != tagged:  # bf16 pairs left by the other mode could read as a tag
+            st["h"].fill_(-1)
+            st["tagged"] = tagged
         if self.poison_scratch:
-            for name in ("h", "q", "attn", "act", "part", "o_part", "ml_part", "logits"):
+            for name in ("q", "attn", "act", "part", "o_part", "ml_part", "logits"):
                 st[name].fill_(float("nan"))
+            st["h"].fill_(-1)  # NaN values, and tag 0xFFFF, which no stage writes
         st["counters"].zero_()
+        st["epoch"].add_(1)
         schedule = st["schedule"]
         kv_tmap = self.kv_tensor_map(kv_cache) if batch >= self.attn_tma_min_batch else None
         params = pack_params({
@@ -287,6 +301,8 @@ class MegakernelLlamaDecoder:
             "ml_part": st["ml_part"].data_ptr(),
             "logits": st["logits"].data_ptr(),
             "done": st["counters"].data_ptr(),
+            "epoch": st["epoch"].data_ptr(),
+            "tagged": int(tagged),
             "arrivals": st["counters"].data_ptr() + 4 * len(schedule.stages),
             "instrs": st["instrs"].data_ptr(),
             "instr_counts": st["counts"].data_ptr(),

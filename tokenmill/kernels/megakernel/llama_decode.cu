@@ -130,6 +130,48 @@ __device__ __forceinline__ int atom_acq_rel_add(int* p, int v) {
   return old;
 }
 
+// ---- tagged residual stream (p.tagged: batch 1) ----------------------------------------------------------------
+// With p.tagged, h holds 32-bit words: a bf16 value in the low half, in the high half the tag of the stage that
+// wrote it. The stages that write h (embed, o, down) then release no counter, so they pay no fence (which waits for
+// every load the SM has in flight); the stages that read it (qkv, gate_up, the LM head) copy the words until every
+// one carries the tag of the stage they depend on: the data is its own completion flag (NCCL's LL protocol). Tag =
+// (epoch x stages + stage) mod 0xFFFF, the epoch counted up once per launch; 0xFFFF never occurs (the decoder
+// poisons with all ones). The words go through shared memory (cp.async) rather than registers, whose every one the
+// kernel uses (a register version spilled, m12d): into the activation buffer behind the staged row (batch 1 only, where
+// xs has room for both: DecodeShape.residual_tags_fit).
+#define NO_TAG 0xFFFFFFFFu
+
+__device__ __forceinline__ void st_tagged(uint32_t* p, bf16 value, uint32_t tag) {
+  const uint32_t word = (tag << 16) | (uint32_t)__bfloat16_as_ushort(value);
+  asm volatile("st.relaxed.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(word) : "memory");
+}
+
+// Eight packed bf16 as eight tagged words at p (32-byte aligned).
+__device__ __forceinline__ void st_tagged8(uint32_t* p, uint4 x, uint32_t tag) {
+  const uint32_t w[8] = {__byte_perm(x.x, tag, 0x5410), __byte_perm(x.x, tag, 0x5432), __byte_perm(x.y, tag, 0x5410),
+                         __byte_perm(x.y, tag, 0x5432), __byte_perm(x.z, tag, 0x5410), __byte_perm(x.z, tag, 0x5432),
+                         __byte_perm(x.w, tag, 0x5410), __byte_perm(x.w, tag, 0x5432)};
+  asm volatile("st.relaxed.gpu.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]),
+               "r"(w[3]) : "memory");
+  asm volatile("st.relaxed.gpu.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p + 4), "r"(w[4]), "r"(w[5]), "r"(w[6]),
+               "r"(w[7]) : "memory");
+}
+
+// One tagged word as a float, once it carries `tag`.
+__device__ __forceinline__ float ld_tagged(const uint32_t* p, uint32_t tag) {
+  uint32_t word;
+  while (true) {
+    asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(word) : "l"(p) : "memory");
+    if (word >> 16 == tag) break;
+    __nanosleep(32);
+  }
+  return __uint_as_float(word << 16);
+}
+
+__device__ __forceinline__ bool carries(uint4 w, uint32_t tag) {
+  return (w.x >> 16 == tag) & (w.y >> 16 == tag) & (w.z >> 16 == tag) & (w.w >> 16 == tag);
+}
+
 // Barrier of the consumer warps only (the producer warp never joins it).
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(NUM_CONSUMERS) : "memory"); }
 
@@ -443,7 +485,22 @@ struct Misc {
   uint32_t phase[ATTN_PHASES];  // the instruction's phase ends, always stamped (a conditional stamp made ptxas spill)
   int pause_ii;  // the producer asks for no chunk of an instruction after this one (INT_MAX: none held back)
   int ii;        // the instruction the consumers run
+  uint32_t tag_base;  // p.tagged: epoch x stages mod 0xFFFF; stage s writes tag (tag_base + s) mod 0xFFFF
 };
+
+__device__ __forceinline__ uint32_t stage_tag(const Misc* misc, int stage) {
+  return (misc->tag_base + (uint32_t)stage) % 0xFFFFu;
+}
+
+// The ops that read h, tagged with p.tagged (and o and down read its residual rows).
+__device__ __forceinline__ bool reads_h(int op) { return op == OP_QKV || op == OP_GATE_UP || op == OP_LM_HEAD; }
+__device__ __forceinline__ bool writes_h(int op) { return op == OP_EMBED || op == OP_O || op == OP_DOWN; }
+
+// The tag of the residual rows an o or down instruction of `stage` reads: down's of the previous layer (or embed's)
+// for o, o's for down.
+__device__ __forceinline__ uint32_t resid_tag(const Misc* misc, int op, int stage) {
+  return stage_tag(misc, stage - (op == OP_O ? 3 : 2));
+}
 
 // The producer asks for no chunk past the current instruction until the release after it (p.pause_release)...
 __device__ __forceinline__ void pause_loads(Misc* misc) {
@@ -470,17 +527,43 @@ __device__ __forceinline__ void preload_norm(const bf16* norm, int k0, int klen,
 // copied itself, and after the one block barrier adds its warps' sums and normalises its own pieces. (Row by row
 // across the block, loads into registers then stores, paid an L2 round trip and a reduction per row: ~0.6 us per
 // row at batch 16; one warp per row made batch 1 slower.)
-__device__ void stage_x(const Params& p, const bf16* src, int ld, int k0, int klen, const bf16* norm, char* xs,
-                        int xstride, Misc* misc, const char* norm_smem) {
+// With tag != NO_TAG (p.tagged, batch 1), src is h's tagged words and this is the dependency wait: each thread
+// copies its pieces' words into `words` (shared memory) until they carry `tag`, then keeps their bf16 halves.
+__device__ void stage_x(const Params& p, const void* src, int ld, int k0, int klen, const bf16* norm, char* xs,
+                        int xstride, Misc* misc, const char* norm_smem, uint32_t tag, uint32_t* words) {
   constexpr int U = 2;  // pieces per thread loaded before any is used
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int M = (int)p.M, vecs = klen / 8;
   const int G = M >= 8 ? 8 : M >= 4 ? 4 : M >= 2 ? 2 : 1;  // groups of rows: at most 2 rows each (M <= 16)
   const int group_threads = NUM_CONSUMERS / G, group = tid / group_threads, i0 = tid % group_threads;
   const int group_warps = group_threads / 32, first_warp = group * group_warps;
-  for (int m = group; m < M; m += G)
-    for (int v = i0; v < vecs; v += group_threads)
-      cp_async16(smem_addr(xs + m * xstride + v * 16), src + (size_t)m * ld + k0 + v * 8);
+  if (tag == NO_TAG) {
+    for (int m = group; m < M; m += G)
+      for (int v = i0; v < vecs; v += group_threads)
+        cp_async16(smem_addr(xs + m * xstride + v * 16), static_cast<const bf16*>(src) + (size_t)m * ld + k0 + v * 8);
+  } else {  // M == 1 (the decoder tags h at batch 1 only): one group, piece v of the row is thread v's
+    if (M != 1) __trap();
+    const uint32_t* row = static_cast<const uint32_t*>(src) + k0;
+    for (int v = tid; v < vecs; v += NUM_CONSUMERS) {
+      cp_async16(smem_addr(words + v * 8), row + v * 8);
+      cp_async16(smem_addr(words + v * 8 + 4), row + v * 8 + 4);
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    for (int v = tid; v < vecs; v += NUM_CONSUMERS) {
+      while (true) {
+        const uint4 a = *reinterpret_cast<const uint4*>(words + v * 8), b = *reinterpret_cast<const uint4*>(words + v * 8 + 4);
+        if (carries(a, tag) & carries(b, tag)) {
+          *reinterpret_cast<uint4*>(xs + v * 16) = make_uint4(__byte_perm(a.x, a.y, 0x5410), __byte_perm(a.z, a.w, 0x5410),
+                                                             __byte_perm(b.x, b.y, 0x5410), __byte_perm(b.z, b.w, 0x5410));
+          break;
+        }
+        __nanosleep(32);
+        cp_async16(smem_addr(words + v * 8), row + v * 8);
+        cp_async16(smem_addr(words + v * 8 + 4), row + v * 8 + 4);
+        asm volatile("cp.async.wait_all;" ::: "memory");
+      }
+    }
+  }
   asm volatile("cp.async.wait_all;" ::: "memory");  // also this thread's norm copies (preload_norm)
   if (norm) {
     for (int m = group, j = 0; m < M; m += G, ++j) {
@@ -542,7 +625,10 @@ struct EpilogueInputs {
   long long slot;
 };
 
-__device__ __forceinline__ EpilogueInputs epilogue_inputs(const Params& p, int op, int tile, int r, int m) {
+// `resid_tag` (p.tagged): the tag of the residual rows o and down read (down's of the previous layer, or embed's,
+// for o; o's for down): those stages ended before this one could start, so the loads find it at once.
+__device__ __forceinline__ EpilogueInputs epilogue_inputs(const Params& p, int op, int tile, int r, int m,
+                                                          uint32_t resid_tag) {
   const int lo_row = tile_row(p, op, tile, r);
   if (op == OP_QKV) {
     const int D = (int)p.head_dim, half = D / 2, Hq = (int)p.n_q_heads;
@@ -552,8 +638,12 @@ __device__ __forceinline__ EpilogueInputs epilogue_inputs(const Params& p, int o
     return {__ldg(p.cos_tab + at), __ldg(p.sin_tab + at), slot};
   }
   if (op == OP_O || op == OP_DOWN) {
-    const bf16* h = p.h + (size_t)m * p.hidden;
     const int hi_row = tile_row(p, op, tile, r + 8);
+    if (p.tagged) {
+      const uint32_t* h = p.h + (size_t)m * p.hidden;
+      return {ld_tagged(h + lo_row, resid_tag), ld_tagged(h + hi_row, resid_tag), -1};
+    }
+    const bf16* h = reinterpret_cast<const bf16*>(p.h) + (size_t)m * p.hidden;
     return {__bfloat162float(__ldcg(h + lo_row)), __bfloat162float(__ldcg(h + hi_row)), -1};
   }
   return {0.f, 0.f, -1};
@@ -561,8 +651,9 @@ __device__ __forceinline__ EpilogueInputs epilogue_inputs(const Params& p, int o
 
 // Output rows `lo_row` (tile row r) and `hi_row` (tile row r + 8) for batch row m, values in fp32; `in` from
 // epilogue_inputs.
+// `tag` (p.tagged): this stage's, on what it writes to h.
 __device__ void epilogue(const Params& p, int op, int layer, int tile, int r, int m, float lo, float hi,
-                         EpilogueInputs in) {
+                         EpilogueInputs in, uint32_t tag) {
   const int lo_row = tile_row(p, op, tile, r), hi_row = tile_row(p, op, tile, r + 8);
   switch (op) {
     case OP_QKV: {
@@ -591,9 +682,15 @@ __device__ void epilogue(const Params& p, int op, int layer, int tile, int r, in
     }
     case OP_O:
     case OP_DOWN: {
-      bf16* h = p.h + (size_t)m * p.hidden;
-      h[lo_row] = __float2bfloat16(in.x + bf16_round(lo));
-      h[hi_row] = __float2bfloat16(in.y + bf16_round(hi));
+      const bf16 y_lo = __float2bfloat16(in.x + bf16_round(lo)), y_hi = __float2bfloat16(in.y + bf16_round(hi));
+      if (p.tagged) {
+        st_tagged(p.h + (size_t)m * p.hidden + lo_row, y_lo, tag);
+        st_tagged(p.h + (size_t)m * p.hidden + hi_row, y_hi, tag);
+      } else {
+        bf16* h = reinterpret_cast<bf16*>(p.h) + (size_t)m * p.hidden;
+        h[lo_row] = y_lo;
+        h[hi_row] = y_hi;
+      }
       break;
     }
     case OP_GATE_UP: {
@@ -613,7 +710,7 @@ __device__ void epilogue(const Params& p, int op, int layer, int tile, int r, in
 // tile per lane, so a single release fence covers them all (a fence per tile, which waits behind the loads in flight,
 // cost ~4.5 us each at batch 16: the next tile's weights sat in the ring meanwhile). The block that brings a tile's
 // last segment adds all of its partials in segment order; returns how many tiles it merged.
-__device__ int merge_split_k(const Params& p, int op, int layer, int t0, int t1, int nsegs, Misc* misc) {
+__device__ int merge_split_k(const Params& p, int op, int layer, int stage, int t0, int t1, int nsegs, Misc* misc) {
   const int tid = threadIdx.x, r = tid & 7, c = tid >> 3, M = (int)p.M, N = (int)p.hidden;
   int* counters = p.arrivals + ((size_t)layer * 2 + (op == OP_DOWN)) * (p.hidden / 16);
   int merged = 0;
@@ -630,13 +727,13 @@ __device__ int merge_split_k(const Params& p, int op, int layer, int t0, int t1,
       const int tile = base + __ffs(mask) - 1;
       if (c < M) {
         const int lo_row = tile_row(p, op, tile, r), hi_row = tile_row(p, op, tile, r + 8);
-        const EpilogueInputs in = epilogue_inputs(p, op, tile, r, c);
+        const EpilogueInputs in = epilogue_inputs(p, op, tile, r, c, resid_tag(misc, op, stage));
         float lo = 0.f, hi = 0.f;
         for (int s2 = 0; s2 < nsegs; ++s2) {
           lo += __ldcg(p.part + ((size_t)s2 * M + c) * N + lo_row);
           hi += __ldcg(p.part + ((size_t)s2 * M + c) * N + hi_row);
         }
-        epilogue(p, op, layer, tile, r, c, lo, hi, in);
+        epilogue(p, op, layer, tile, r, c, lo, hi, in, stage_tag(misc, stage));
       }
       ++merged;
     }
@@ -654,7 +751,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
   const int nsegs = (info.K + info.kseg - 1) / info.kseg;
   const int xstride = klen * 2 + ROW_PAD_BYTES;
 
-  const bf16* src;
+  const void* src;
   const bf16* norm = nullptr;
   int ld;
   switch (op) {
@@ -666,8 +763,12 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
   }
   const char* norm_smem = norm && klen * 2 <= RED_BYTES ? reinterpret_cast<const char*>(red) : nullptr;
   if (norm_smem) preload_norm(norm, k0, klen, reinterpret_cast<char*>(red));
-  wait_dependency(p, in[5], in[6], trace);
-  stage_x(p, src, ld, k0, klen, norm, xs, xstride, misc, norm_smem);
+  const bool tagged_in = p.tagged && reads_h(op);  // the words' tags are the dependency
+  if (!tagged_in) wait_dependency(p, in[5], in[6], trace);
+  // (p.tagged: the decoder checked that a row of words fits in xs behind the staged row)
+  stage_x(p, src, ld, k0, klen, norm, xs, xstride, misc, norm_smem, tagged_in ? stage_tag(misc, in[5]) : NO_TAG,
+          reinterpret_cast<uint32_t*>(xs + xstride));
+  if (tagged_in && tid == 0 && trace) trace[1] = globaltimer();  // (stamped after the staging: the words arrived)
   if (tid == 0) misc->phase[0] = globaltimer_lo();  // activations staged
   const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
 
@@ -678,7 +779,8 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     const int r = tid & 7, c = tid >> 3;
     const bool active = tid < 64 * NT && c < M;
     const EpilogueInputs epi_in =
-        active && nsegs == 1 ? epilogue_inputs(p, op, tile, r, c) : EpilogueInputs{0.f, 0.f, -1};
+        active && nsegs == 1 ? epilogue_inputs(p, op, tile, r, c, resid_tag(misc, op, in[7]))
+                             : EpilogueInputs{0.f, 0.f, -1};
     float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
@@ -707,7 +809,9 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[s]);
     }
-    if (tid == 0 && p.pause_release == 1 && tile == in[4] - 1) pause_loads(misc);  // (2: only at the release)
+    // (2: only at the release; none where the output is tagged h: no fence to wait, and the next instruction's
+    // chunks would be held back for nothing)
+    if (tid == 0 && p.pause_release == 1 && tile == in[4] - 1 && !(p.tagged && writes_h(op))) pause_loads(misc);
 #pragma unroll
     for (int n = 0; n < NT; ++n)
       red[(warp * NT + n) * 32 + lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
@@ -723,7 +827,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       }
     }
     if (nsegs == 1) {
-      if (active) epilogue(p, op, layer, tile, r, c, lo, hi, epi_in);
+      if (active) epilogue(p, op, layer, tile, r, c, lo, hi, epi_in, stage_tag(misc, in[7]));
       ++merged;
     } else if (active) {  // split-K: this segment's partial; the tiles' arrivals follow the loop (merge_split_k)
       p.part[((size_t)seg * M + c) * N + tile_row(p, op, tile, r)] = lo;
@@ -732,7 +836,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     consumer_sync();  // red[] is reused by the next tile; the partials are stored before merge_split_k's fence
   }
   if (tid == 0) misc->phase[1] = globaltimer_lo();  // every tile's weights used, its result or partial stored
-  if (nsegs > 1) merged = merge_split_k(p, op, layer, in[3], in[4], nsegs, misc);
+  if (nsegs > 1) merged = merge_split_k(p, op, layer, in[7], in[3], in[4], nsegs, misc);
   if (tid == 0) {
     misc->merged = merged;
     misc->phase[2] = globaltimer_lo();  // split-K tiles merged
@@ -1040,6 +1144,8 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
   const int tid = threadIdx.x;
   if (tid == 0) {
     misc->attn_chunks = 0;
+    const unsigned long long stages = 5ull * p.num_layers + 2;  // embed, 5 per layer, LM head
+    misc->tag_base = (uint32_t)((unsigned long long)*p.epoch % 0xFFFFu * stages % 0xFFFFu);
     misc->pause_ii = INT_MAX;
     for (int s = 0; s < p.num_stages; ++s) {
       mbar_init(&full[s], 1);
@@ -1068,8 +1174,13 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
       const int H = (int)p.hidden;
       for (int m = in[3]; m < in[4]; ++m) {
         const bf16* row = p.embed + (size_t)p.input_ids[m] * H;
-        for (int v = tid; v < H / 8; v += NUM_CONSUMERS)
-          *reinterpret_cast<uint4*>(p.h + (size_t)m * H + v * 8) = *reinterpret_cast<const uint4*>(row + v * 8);
+        for (int v = tid; v < H / 8; v += NUM_CONSUMERS) {
+          const uint4 x = *reinterpret_cast<const uint4*>(row + v * 8);
+          if (p.tagged)
+            st_tagged8(p.h + (size_t)m * H + v * 8, x, stage_tag(misc, stage));
+          else
+            *reinterpret_cast<uint4*>(reinterpret_cast<bf16*>(p.h) + (size_t)m * H + v * 8) = x;
+        }
       }
       if (tid == 0) misc->merged = in[4] - in[3];
     } else if (op == OP_ATTN) {
@@ -1079,10 +1190,10 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
     } else {
       run_matmul<2>(p, in, ring, full, empty, xs, red, misc, chunk, trace);
     }
-    if (tid == 0 && p.pause_release) pause_loads(misc);
+    if (tid == 0 && p.pause_release && !(p.tagged && writes_h(op))) pause_loads(misc);
     consumer_sync();
     // The release is cumulative: every consumer's writes precede it through the barrier above.
-    if (tid == 0 && misc->merged > 0) {
+    if (tid == 0 && misc->merged > 0 && !(p.tagged && writes_h(op))) {  // tagged h needs no counter
       red_release_add(p.done + stage, misc->merged);
     }
     if (tid == 0 && p.pause_release) resume_loads(misc);

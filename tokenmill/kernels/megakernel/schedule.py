@@ -90,6 +90,11 @@ class DecodeShape:
         need = self.batch * (widest * 2 + ROW_PAD_BYTES)
         return -(-max(need, self.attention_smem_bytes()) // 128) * 128
 
+    def residual_tags_fit(self) -> bool:
+        """Whether the residual stream can be tagged (llama_decode.cu, "tagged residual stream"): batch 1, and a row
+        of h's 32-bit words fits in the activation buffer behind the staged bf16 row."""
+        return self.batch == 1 and self.hidden * 2 + ROW_PAD_BYTES + self.hidden * 4 <= self.xs_bytes()
+
     def num_stages(self) -> int:
         """Weight ring stages: as many as fit beside the activation buffer."""
         return min(MAX_STAGES, (SMEM_MAX - self.xs_bytes() - RED_BYTES - MISC_BYTES) // STAGE_BYTES)
