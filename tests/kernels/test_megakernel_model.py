@@ -123,6 +123,7 @@ def test_graph_replay_matches_eager(attn_tma, num_seqs):
     model = make_model(config, torch.bfloat16, seed)
     decoder = MegakernelLlamaDecoder(model)
     decoder.attn_tma_min_batch = 1 if attn_tma else decoder.max_batch_size + 1
+    decoder.tag_residual = True  # (on by default on some cards only)
 
     def build_tensor_map(cache: torch.Tensor) -> None:
         # The graph reads the map at the address it had when captured, so it is built outside the capture; the

@@ -12,7 +12,8 @@ import torch
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.kernels.megakernel.decoder import (
-    MegakernelLlamaDecoder, MegakernelUnsupported, env_int, make_megakernel_decoder, model_unsupported_reason,
+    MegakernelLlamaDecoder, MegakernelUnsupported, default_tag_residual, env_int, make_megakernel_decoder,
+    model_unsupported_reason,
 )
 from tokenmill.llm import make_engine_config
 from tokenmill.models.llama import LlamaForCausalLM
@@ -62,6 +63,13 @@ def test_tuning_knobs_from_the_environment_are_checked(monkeypatch):
     assert env_int(name, 1, minimum=0, maximum=3) == 3
     with pytest.raises(MegakernelUnsupported, match=f"{name} must be <= 2, got 3"):
         env_int(name, 1, minimum=0, maximum=2)
+
+
+def test_tagged_residual_stream_is_on_by_default_only_where_it_was_measured_faster():
+    assert default_tag_residual("NVIDIA H200")
+    assert not default_tag_residual("NVIDIA H100 80GB HBM3")
+    assert default_tag_residual("NVIDIA H200 NVL")
+    assert not default_tag_residual("NVIDIA GH200 480GB")  # not measured
 
 
 def test_experiment_defines_from_the_environment(monkeypatch):

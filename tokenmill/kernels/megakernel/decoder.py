@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import torch
 
@@ -29,6 +30,13 @@ logger = logging.getLogger(__name__)
 LOG2E = 1.4426950408889634
 DEFAULT_MAX_INFLIGHT_CHUNKS = 2  # m12b: 1.5-2.5% faster than the ring's worth at batch 1-16
 DEFAULT_PAUSE_RELEASE = 1  # m12e: 3-4% faster than 0 at batch 1-16
+# m13: the tagged residual stream at batch 1 won on H200 (-2.1 %) and lost on H100 (+1.7 %), both in one-process
+# A/Bs at 1 x 128 / 1k / 4k; on by default only on the cards where it won.
+TAG_RESIDUAL_CARDS = re.compile(r"\bH200\b")  # "NVIDIA H200", "NVIDIA H200 NVL"; not GH200 (not measured)
+
+
+def default_tag_residual(device_name: str) -> bool:
+    return TAG_RESIDUAL_CARDS.search(device_name) is not None
 DEFAULT_MIN_SPLIT_TOKENS = 128
 # H100 2026-11-27, ctx 1k: TMA tensor copies of attention's K / V beat one warp's cp.async from batch 2 on (batch 16
 # 2.00 -> 1.64 ms) and lose ~13 us at batch 1 (one short chunk per item: 8 splits of 128 tokens); DECODE_NOTES m11
@@ -116,8 +124,10 @@ class MegakernelLlamaDecoder:
         self.pause_release = env_int("TOKENMILL_MEGAKERNEL_PAUSE_RELEASE", DEFAULT_PAUSE_RELEASE, minimum=0,
                                      maximum=2)
         # At batch 1 the residual stream carries its writers' tags and o / down / embed release without a fence
-        # (llama_decode.cu, "tagged residual stream"); 0 turns it off.
-        self.tag_residual = bool(env_int("TOKENMILL_MEGAKERNEL_TAG_RESIDUAL", 1, minimum=0, maximum=1))
+        # (llama_decode.cu, "tagged residual stream"): 1 on, 0 off; the default depends on the card.
+        self.tag_residual = bool(env_int("TOKENMILL_MEGAKERNEL_TAG_RESIDUAL",
+                                         int(default_tag_residual(torch.cuda.get_device_name(device))),
+                                         minimum=0, maximum=1))
         # From this batch size on, attention's past K / V arrive by TMA tensor copies (a KV block's rows of one head
         # per copy) instead of one warp's 16-byte cp.async, where the cache's geometry allows (kv_tensor_map).
         self.attn_tma_min_batch = env_int("TOKENMILL_MEGAKERNEL_ATTN_TMA_MIN_BATCH", DEFAULT_ATTN_TMA_MIN_BATCH,

@@ -140,9 +140,6 @@ __device__ __forceinline__ int atom_acq_rel_add(int* p, int v) {
 // kernel uses (a register version spilled, m12d): into the activation buffer behind the staged row (batch 1 only, where
 // xs has room for both: DecodeShape.residual_tags_fit).
 #define NO_TAG 0xFFFFFFFFu
-#ifndef TAG_POLL_NS
-#define TAG_POLL_NS 32  // pause before a tagged word that was not yet written is read again
-#endif
 
 __device__ __forceinline__ void st_tagged(uint32_t* p, bf16 value, uint32_t tag) {
   const uint32_t word = (tag << 16) | (uint32_t)__bfloat16_as_ushort(value);
@@ -166,7 +163,7 @@ __device__ __forceinline__ float ld_tagged(const uint32_t* p, uint32_t tag) {
   while (true) {
     asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(word) : "l"(p) : "memory");
     if (word >> 16 == tag) break;
-    __nanosleep(TAG_POLL_NS);
+    __nanosleep(32);
   }
   return __uint_as_float(word << 16);
 }
@@ -560,7 +557,7 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
                                                              __byte_perm(b.x, b.y, 0x5410), __byte_perm(b.z, b.w, 0x5410));
           break;
         }
-        __nanosleep(TAG_POLL_NS);
+        __nanosleep(32);
         cp_async16(smem_addr(words + v * 8), row + v * 8);
         cp_async16(smem_addr(words + v * 8 + 4), row + v * 8 + 4);
         asm volatile("cp.async.wait_all;" ::: "memory");
