@@ -11,7 +11,8 @@
 // Warps 0-7 are the *consumers*: they wait for the instruction's dependency (acquire load of a global counter),
 // stage the activations in shared memory (RMSNorm folded in), run the tile's dot products on tensor cores
 // (mma.sync m16n8k16, weights as the A operand: 16 weight rows x batch columns), reduce across warps and run the
-// op's epilogue (RoPE + KV-cache write, residual add, SiLU*up, logits), then release the stage's counter.
+// op's epilogue (RoPE + KV-cache write, residual add, SiLU*up, logits), then release the stage's counter. (At batch
+// 1 the residual stream can carry its writers' tags instead of a counter: "tagged residual stream" below.)
 //
 // Stages (in order): embed | per layer: qkv, attention, o, gate_up, down | lm_head. A stage's instructions wait
 // only for the previous stage; every block runs its instructions in stage order, so the earliest unfinished stage
