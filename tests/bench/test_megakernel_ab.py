@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tokenmill.bench.megakernel_ab import (
-    Setting, knob_environment, parse_cells, parse_setting, parse_settings, summarise,
+    Setting, knob_environment, parse_cells, parse_setting, parse_settings, summarise, time_in_workers,
+    worker_command, worker_environment,
 )
 from tokenmill.cli import main
 
@@ -62,3 +63,54 @@ def test_cli_says_what_is_wrong(capsys):
     assert "is not TOKENMILL_MEGAKERNEL_NAME=VALUE" in capsys.readouterr().err
     assert main(["bench", "megakernel-ab", "--cells", "16", "--setting", "a", "--setting", "b"]) == 2
     assert "BATCHxCONTEXT" in capsys.readouterr().err
+
+
+def source_tree(path):
+    (path / "tokenmill").mkdir(parents=True)
+    (path / "tokenmill" / "__init__.py").write_text("")
+    return path
+
+
+def test_a_setting_may_name_a_source_tree(tmp_path):
+    tree = source_tree(tmp_path / "branch")
+    assert parse_setting(f"new@{tree}") == Setting("new", {}, str(tree))
+    setting = parse_setting(f"new @ {tree} : TOKENMILL_MEGAKERNEL_INFLIGHT=1")
+    assert setting == Setting("new", {"TOKENMILL_MEGAKERNEL_INFLIGHT": "1"}, str(tree))
+    assert setting.spec() == "new:TOKENMILL_MEGAKERNEL_INFLIGHT=1" and parse_setting(setting.spec()).tree is None
+    with pytest.raises(ValueError, match="not a source tree"):
+        parse_setting(f"new@{tmp_path / 'nowhere'}")
+    with pytest.raises(ValueError, match="not a source tree"):
+        parse_setting("new@")
+
+
+def test_workers_run_each_setting_in_its_tree_with_rounds_interleaved(tmp_path):
+    import argparse
+    import json
+    import subprocess
+    from pathlib import Path
+
+    trees = [source_tree(tmp_path / "a"), source_tree(tmp_path / "b")]
+    settings = [Setting("a", {}, str(trees[0])), Setting("b", {"TOKENMILL_MEGAKERNEL_INFLIGHT": "1"}, str(trees[1]))]
+    args = argparse.Namespace(cells="1x128,2x128", trials=3, replays=5, seed=0, rounds=2)
+    calls = []
+
+    def fake_worker(cmd, cwd, env, **kwargs):
+        calls.append((Path(cwd), cmd[cmd.index("--setting") + 1]))
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(cwd).resolve())
+        assert cmd[cmd.index("--cells") + 1] == "1x128,2x128"
+        ms = 1.0 + len(calls) / 10
+        Path(cmd[cmd.index("--worker-out") + 1]).write_text(json.dumps({"1x128": ms, "2x128": 2 * ms}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    times = time_in_workers(args, settings, run_process=fake_worker)
+    assert calls == [(trees[0], "a"), (trees[1], "b:TOKENMILL_MEGAKERNEL_INFLIGHT=1")] * 2
+    assert times == {"1x128": {"a": [1.1, 1.3], "b": [1.2, 1.4]}, "2x128": {"a": [2.2, 2.6], "b": [2.4, 2.8]}}
+
+    def failing_worker(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 2, "", "error: unrecognized arguments: --worker-out")
+
+    with pytest.raises(ValueError, match="its worker in .* failed:\n.*--worker-out"):
+        time_in_workers(args, settings, run_process=failing_worker)
+    assert worker_command(args, settings[1], "t.json")[-2:] == ["--worker-out", "t.json"]
+    assert worker_environment(trees[0])["PYTHONPATH"].startswith(str(trees[0].resolve()))
+

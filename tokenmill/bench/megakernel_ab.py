@@ -8,8 +8,14 @@ decoder for every setting in turn and times every cell (CUDA-graph replays, medi
 noisy machine spreads over all settings alike. Prints each cell's median per setting and its ratio to the first
 setting, and writes every round's times as JSON.
 
+A setting may name a source tree (LABEL@TREE: a directory holding another version of the `tokenmill` package, e.g.
+a `git archive` of a branch). Then every setting runs in worker processes of its own tree (this package's where it
+names none), one per setting and round, the rounds still interleaved: that compares code no knob switches. (A
+tree's own megakernel-ab runs its worker: any tree from the commit that added trees on.)
+
     tokenmill bench megakernel-ab --cells 1x1024,16x1024 --setting base \\
         --setting no-pause:TOKENMILL_MEGAKERNEL_PAUSE_RELEASE=0 --out ab.json
+    tokenmill bench megakernel-ab --cells 1x1024 --setting main@snap/main --setting branch@snap/branch
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,21 +40,29 @@ KNOB_PREFIX = "TOKENMILL_MEGAKERNEL_"
 class Setting:
     label: str
     env: dict[str, str] = field(default_factory=dict)
+    tree: str | None = None  # another source tree to run this setting from (None: the running package)
+
+    def spec(self) -> str:
+        """The setting as --setting takes it, without its tree (what a worker in that tree is given)."""
+        return self.label + (":" + ",".join(f"{k}={v}" for k, v in self.env.items()) if self.env else "")
 
 
 def parse_setting(text: str) -> Setting:
-    """LABEL or LABEL:NAME=VALUE[,NAME=VALUE...], every NAME a TOKENMILL_MEGAKERNEL_ variable."""
-    label, _, assignments = text.partition(":")
-    label = label.strip()
+    """LABEL[@TREE] or LABEL[@TREE]:NAME=VALUE[,NAME=VALUE...], every NAME a TOKENMILL_MEGAKERNEL_ variable and
+    TREE a directory that holds a `tokenmill` package."""
+    head, _, assignments = text.partition(":")
+    label, at, tree = (part.strip() for part in head.partition("@"))
     if not label:
-        raise ValueError(f"setting {text!r}: empty label (LABEL[:NAME=VALUE,...])")
+        raise ValueError(f"setting {text!r}: empty label (LABEL[@TREE][:NAME=VALUE,...])")
+    if at and not (tree and (Path(tree) / "tokenmill" / "__init__.py").is_file()):
+        raise ValueError(f"setting {text!r}: {tree!r} is not a source tree with a tokenmill package")
     env: dict[str, str] = {}
     for part in filter(None, (p.strip() for p in assignments.split(","))):
         name, eq, value = part.partition("=")
         if not eq or not name.startswith(KNOB_PREFIX):
             raise ValueError(f"setting {text!r}: {part!r} is not {KNOB_PREFIX}NAME=VALUE")
         env[name] = value
-    return Setting(label, env)
+    return Setting(label, env, tree if at else None)
 
 
 def parse_settings(texts: list[str]) -> list[Setting]:
@@ -113,26 +130,60 @@ def print_summary(rows: list[dict], title: str) -> None:
     Console(width=120).print(table)
 
 
-def run(args: argparse.Namespace) -> int:
+def worker_command(args: argparse.Namespace, setting: Setting, out_path: str) -> list[str]:
+    """One round of one setting in a process of its own tree, its times written to out_path."""
+    return [sys.executable, "-m", "tokenmill", "bench", "megakernel-ab", "--cells", args.cells,
+            "--setting", setting.spec(), "--trials", str(args.trials), "--replays", str(args.replays),
+            "--seed", str(args.seed), "--worker-out", out_path]
+
+
+def worker_environment(tree: Path) -> dict[str, str]:
+    """The environment of a worker: its tree first on PYTHONPATH, so `python -m tokenmill` imports that version."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree.resolve()), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def time_in_workers(args: argparse.Namespace, settings: list[Setting],
+                    run_process: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+                    ) -> dict[str, dict[str, list[float]]]:
+    """Every setting's rounds in worker processes (one per setting and round, in its tree; this package's tree
+    where a setting names none), rounds interleaved. Returns cell -> label -> ms per round."""
+    here = Path(__file__).resolve().parents[2]
+    times: dict[str, dict[str, list[float]]] = {}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.rounds):
+            for setting in settings:
+                tree = Path(setting.tree) if setting.tree else here
+                out_path = Path(tmp) / "times.json"
+                proc = run_process(worker_command(args, setting, str(out_path)), cwd=tree,
+                                   env=worker_environment(tree), capture_output=True, text=True, check=False)
+                if proc.returncode != 0 or not out_path.is_file():
+                    tail = ((proc.stdout or "") + (proc.stderr or ""))[-2000:]
+                    raise ValueError(f"setting {setting.label}: its worker in {tree} failed:\n{tail}")
+                for cell, ms in json.loads(out_path.read_text()).items():
+                    times.setdefault(cell, {}).setdefault(setting.label, []).append(ms)
+                out_path.unlink()
+            print(f"round {round_index + 1}/{args.rounds} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return times
+
+
+def time_here(args: argparse.Namespace, settings: list[Setting], cells: list[tuple[int, int]], device,
+              rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Every setting's rounds in this process (the decoder rebuilt per setting), rounds interleaved."""
     import torch
 
     from tokenmill.bench.decode import build_model, capture_graph, fused_step, make_kv_cache, step_inputs, time_graph
     from tokenmill.kernels.megakernel.build import MegakernelUnavailable
     from tokenmill.kernels.megakernel.decoder import MegakernelLlamaDecoder
 
-    settings = parse_settings(args.setting)
-    cells = parse_cells(args.cells)
-    if args.rounds < 1:
-        raise ValueError("--rounds must be >= 1")
-    if not torch.cuda.is_available():
-        raise ValueError("bench megakernel-ab needs a CUDA GPU (sm_90), and torch sees none")
-    device = torch.device("cuda", torch.cuda.current_device())
     model, config, _ = build_model("llama-3.2-1b", torch.bfloat16, device, seed=args.seed)
     kv_cache = make_kv_cache(config, max(b for b, _ in cells), max(c for _, c in cells), torch.bfloat16, device, 1)
     inputs = {cell: step_inputs(*cell, kv_cache.shape[2], config.vocab_size, device, seed=cell[0]) for cell in cells}
     times: dict[str, dict[str, list[float]]] = {f"{b}x{c}": {} for b, c in cells}
     t0 = time.perf_counter()
-    for round_index in range(args.rounds):
+    for round_index in range(rounds):
         for setting in settings:
             try:
                 with knob_environment(setting.env):
@@ -145,14 +196,41 @@ def run(args: argparse.Namespace) -> int:
                 times[f"{cell[0]}x{cell[1]}"].setdefault(setting.label, []).append(ms)
                 del graph
             del decoder
-        print(f"round {round_index + 1}/{args.rounds} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if not args.worker_out:
+            print(f"round {round_index + 1}/{rounds} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return times
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    cells = parse_cells(args.cells)
+    if args.worker_out:  # one round of one setting, for time_in_workers
+        settings = [parse_setting(t) for t in args.setting]
+        if len(settings) != 1:
+            raise ValueError("a worker runs exactly one setting")
+    else:
+        settings = parse_settings(args.setting)
+    if args.rounds < 1:
+        raise ValueError("--rounds must be >= 1")
+    if not torch.cuda.is_available():
+        raise ValueError("bench megakernel-ab needs a CUDA GPU (sm_90), and torch sees none")
+    device = torch.device("cuda", torch.cuda.current_device())
+    if any(s.tree for s in settings) and not args.worker_out:
+        times = time_in_workers(args, settings)
+    else:
+        times = time_here(args, settings, cells, device, 1 if args.worker_out else args.rounds)
+    if args.worker_out:
+        Path(args.worker_out).write_text(json.dumps({cell: by[settings[0].label][0] for cell, by in times.items()}))
+        return 0
     labels = [s.label for s in settings]
     rows = summarise(times, labels)
     device_name = torch.cuda.get_device_name(device)
     print_summary(rows, f"megakernel A/B · {device_name} · {args.rounds} rounds · ms per decode step")
     if args.out:
         report = dict(date=time.strftime("%Y-%m-%d %H:%M"), device=device_name, shape="llama-3.2-1b",
-                      settings={s.label: s.env for s in settings}, rounds=args.rounds, times=times, summary=rows)
+                      settings={s.label: s.env for s in settings}, trees={s.label: s.tree for s in settings if s.tree},
+                      rounds=args.rounds, times=times, summary=rows)
         Path(args.out).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.out}")
     return 0
@@ -161,11 +239,13 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("megakernel-ab", help="megakernel settings against each other on one GPU (CUDA)")
     p.add_argument("--cells", default="1x1024,8x1024,16x1024", help="comma-separated BATCHxCONTEXT")
-    p.add_argument("--setting", action="append", default=[], metavar="LABEL[:NAME=VALUE,...]",
-                   help="a label and TOKENMILL_MEGAKERNEL_* variables; repeat, the first is the reference")
+    p.add_argument("--setting", action="append", default=[], metavar="LABEL[@TREE][:NAME=VALUE,...]",
+                   help="a label, optionally a source tree to run it from, and TOKENMILL_MEGAKERNEL_* variables; "
+                        "repeat, the first is the reference")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--trials", type=int, default=15, help="timed groups of replays per cell and round")
     p.add_argument("--replays", type=int, default=50, help="graph replays per timed group")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the times and the summary here (JSON)")
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)  # a worker's one round (time_in_workers)
     p.set_defaults(func=run)
