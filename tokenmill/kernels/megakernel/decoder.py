@@ -33,10 +33,6 @@ DEFAULT_PAUSE_RELEASE = 1  # m12e: 3-4% faster than 0 at batch 1-16
 # m13: the tagged residual stream at batch 1 won on H200 (-2.1 %) and lost on H100 (+1.7 %), both in one-process
 # A/Bs at 1 x 128 / 1k / 4k; on by default only on the cards where it won.
 TAG_RESIDUAL_CARDS = re.compile(r"\bH200\b")  # "NVIDIA H200", "NVIDIA H200 NVL"; not GH200 (not measured)
-
-
-def default_tag_residual(device_name: str) -> bool:
-    return TAG_RESIDUAL_CARDS.search(device_name) is not None
 DEFAULT_MIN_SPLIT_TOKENS = 128
 # H100 2026-11-27, ctx 1k: TMA tensor copies of attention's K / V beat one warp's cp.async from batch 2 on (batch 16
 # 2.00 -> 1.64 ms) and lose ~13 us at batch 1 (one short chunk per item: 8 splits of 128 tokens); DECODE_NOTES m11
@@ -58,6 +54,11 @@ def env_int(name: str, default: int, *, minimum: int, maximum: int | None = None
     if maximum is not None and value > maximum:
         raise MegakernelUnsupported(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+def default_tag_residual(device_name: str) -> bool:
+    """Whether the tagged residual stream is on by default on this card (TAG_RESIDUAL_CARDS)."""
+    return TAG_RESIDUAL_CARDS.search(device_name) is not None
 
 
 def model_unsupported_reason(model: torch.nn.Module, device: torch.device | str) -> str | None:
@@ -282,7 +283,8 @@ class MegakernelLlamaDecoder:
                 st[name].fill_(float("nan"))
             st["h"].fill_(-1)  # NaN values, and tag 0xFFFF, which no stage writes
         st["counters"].zero_()
-        st["epoch"].add_(1)
+        if tagged:  # (one more small kernel per step, only where the tags need it)
+            st["epoch"].add_(1)
         schedule = st["schedule"]
         kv_tmap = self.kv_tensor_map(kv_cache) if batch >= self.attn_tma_min_batch else None
         params = pack_params({
