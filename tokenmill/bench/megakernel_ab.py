@@ -1,4 +1,4 @@
-"""`tokenmill bench megakernel-ab`: megakernel settings against each other, in one process on one GPU.
+"""`tokenmill bench megakernel-ab`: megakernel settings against each other on one GPU, rounds interleaved.
 
 The model is Llama-3.2-1B's shape with random bf16 weights (as in `bench decode`). A setting is a label and a few
 TOKENMILL_MEGAKERNEL_* environment variables (tuning knobs, read when a decoder is built;
