@@ -205,9 +205,11 @@ class Sampler:
             sampled = self._sample_rows(logits.index_select(0, index), [requests[i] for i in sampled_rows])
             token_ids.index_copy_(0, index, sampled)
 
-        corrupted_list = corrupted.tolist()
+        # One device-to-host copy (and wait) for both: on a GPU each .tolist() is a synchronisation.
+        token_list, corrupted_ints = torch.stack([token_ids, corrupted.to(token_ids.dtype)]).tolist()
+        corrupted_list = [bool(c) for c in corrupted_ints]
         logprobs = self._logprobs(logits, token_ids, requests, corrupted_list)
-        return SamplerOutput(token_ids.tolist(), logprobs, corrupted_list)
+        return SamplerOutput(token_list, logprobs, corrupted_list)
 
     # -- stage 2: penalties and min_tokens -------------------------------------------------------------------------
 
