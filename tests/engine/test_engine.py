@@ -140,6 +140,22 @@ def test_seeded_sampling_is_batch_invariant(tiny_model_dir):
     assert together[2] == alone
 
 
+def test_final_only_steps_report_just_the_finished_requests(tiny_model_dir):
+    streaming, quiet = make_engine(tiny_model_dir), make_engine(tiny_model_dir)
+    params = [SamplingParams(temperature=0.0, max_tokens=3 + 4 * i, ignore_eos=True) for i in range(3)]
+    ids = [[engine.add_request(p, sp) for p, sp in zip(prompts(3), params)] for engine in (streaming, quiet)]
+    every, finals = [], []
+    while streaming.has_unfinished_requests() or quiet.has_unfinished_requests():
+        every += streaming.step()
+        finals += quiet.step(final_only=True)
+    assert all(out.finished for out in finals) and len(finals) == 3
+    assert len(every) > len(finals)  # streaming steps report unfinished requests too
+    streamed = {out.request_id: out.outputs[0].token_ids for out in every if out.finished}
+    final = {out.request_id: out.outputs[0].token_ids for out in finals}
+    assert [final[i] for i in ids[1]] == [streamed[i] for i in ids[0]]
+    assert_no_leaks(quiet)
+
+
 def test_n_returns_n_completions(tiny_model_dir):
     engine = make_engine(tiny_model_dir)
     (out,) = engine.generate_blocking(prompts(1), SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8))

@@ -230,7 +230,10 @@ class LLMEngine:
 
     # ---- the step loop -----------------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """One scheduler step. Returns a RequestOutput for every request with news (final_only: for every request
+        that finished), each with its whole output so far: building them costs O(output) per request and step, which
+        a caller that wants only the end need not pay."""
         sched = self.scheduler.schedule()
         touched: set[str] = set()
         for req in sched.failed:  # requests the scheduler had to give up on (they can never fit)
@@ -273,7 +276,7 @@ class LLMEngine:
         for req in finished:
             touched.add(self.outputs.parent_of(req.request_id) or req.request_id)
         self.observer.on_step(self.scheduler.get_stats())
-        return self.outputs.collect(touched)
+        return self.outputs.collect(touched, final_only)
 
     def generate_blocking(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], progress=None
@@ -283,7 +286,7 @@ class LLMEngine:
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
-            for out in self.step():
+            for out in self.step(final_only=True):
                 if out.finished:
                     final[out.request_id] = out
                     if progress is not None:

@@ -127,13 +127,13 @@ class OutputProcessor:
         update = state.detokenizer.update(new_ids, final=request.is_finished)
         return update.stop_str_hit
 
-    def collect(self, touched: set[str]) -> list[RequestOutput]:
-        """RequestOutputs for every parent with news; forgets finished parents."""
+    def collect(self, touched: set[str], final_only: bool = False) -> list[RequestOutput]:
+        """RequestOutputs for every parent with news (final_only: for the finished ones); forgets finished parents."""
         outs: list[RequestOutput] = []
         now = time.monotonic()
         for parent_id in touched:
             parent = self.parents.get(parent_id)
-            if parent is None or parent.reported_finished:
+            if parent is None or parent.reported_finished or (final_only and not parent.finished):
                 continue
             out = parent.to_output()
             outs.append(out)
