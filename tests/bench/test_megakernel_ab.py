@@ -63,6 +63,8 @@ def test_cli_says_what_is_wrong(capsys):
     assert "is not TOKENMILL_MEGAKERNEL_NAME=VALUE" in capsys.readouterr().err
     assert main(["bench", "megakernel-ab", "--cells", "16", "--setting", "a", "--setting", "b"]) == 2
     assert "BATCHxCONTEXT" in capsys.readouterr().err
+    assert main(["bench", "megakernel-ab", "--worker-out", "t.json", "--setting", "a", "--setting", "b"]) == 2
+    assert "a worker runs exactly one setting" in capsys.readouterr().err
 
 
 def source_tree(path):
