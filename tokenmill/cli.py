@@ -55,8 +55,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "steps; megakernel: one persistent CUDA kernel per decode step (sm_90 GPUs, bf16 Llama). "
                         "fused and megakernel fall back (megakernel -> fused -> model) where they do not apply")
     g.add_argument("--megakernel-max-batch", type=int, default=EngineConfig.megakernel_max_batch, metavar="N",
-                   help="with --decode-backend megakernel: its largest decode batch; larger ones run the fused "
-                        "kernels (default 8: up to where it beat them on the H100)")
+                   help="with --decode-backend megakernel: its largest decode batch at any context; larger ones run "
+                        "the fused kernels (default 8: up to where it beat them on the H100)")
+    g.add_argument("--megakernel-short-context-batch", type=int,
+                   default=EngineConfig.megakernel_short_context_batch, metavar="N",
+                   help="with --decode-backend megakernel: also run it up to this batch while no sequence is longer "
+                        "than --megakernel-short-context (default 16)")
+    g.add_argument("--megakernel-short-context", type=int, default=EngineConfig.megakernel_short_context,
+                   metavar="TOKENS", help="see --megakernel-short-context-batch; 0: off (default 1536: at batch 16 "
+                                          "the megakernel won at 1k and lost at 4k on the H100)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--parcae-recurrence", type=int, default=None, metavar="T",
                    help="Parcae looped models: loops to serve at (default: the model's mean recurrence)")
@@ -90,6 +97,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         decode_backend=args.decode_backend,
         megakernel_max_batch=getattr(args, "megakernel_max_batch", EngineConfig.megakernel_max_batch),
+        megakernel_short_context_batch=getattr(args, "megakernel_short_context_batch",
+                                               EngineConfig.megakernel_short_context_batch),
+        megakernel_short_context=getattr(args, "megakernel_short_context", EngineConfig.megakernel_short_context),
         enforce_eager=args.enforce_eager,
         parcae_recurrence=getattr(args, "parcae_recurrence", None),
         cache=cache,

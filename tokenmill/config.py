@@ -135,11 +135,14 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     decode_backend: str = "auto"  # torch | triton | fused | megakernel
-    # With decode_backend megakernel: the largest decode batch it runs; larger ones go to the fused kernels. On the
-    # H100 (Llama-3.2-1B shape, docs/bench/decode_h100_megakernel_m12.log, 2026-11-27) the megakernel beats fused +
-    # PDL at batches 1-8 for every context measured (128 / 1k / 4k) and at 16 up to 1k, but loses at 16 x 4k: the
-    # runner picks per batch size, before contexts are known, so 16 stays with the fused kernels.
+    # With decode_backend megakernel: the largest decode batch it runs at any context; larger ones go to the fused
+    # kernels, except steps of up to megakernel_short_context_batch sequences whose longest holds at most
+    # megakernel_short_context tokens (0: none). On the H100 (Llama-3.2-1B shape, docs/bench/
+    # decode_h100_megakernel_m13.log, 2026-11-27) the megakernel beats fused + PDL at batches 1-8 for every context
+    # measured (128 / 1k / 4k), and at 16 by 3.7 / 2.2 % at 128 / 1k but loses by 6 % at 4k (even at ~1.6k).
     megakernel_max_batch: int = 8
+    megakernel_short_context_batch: int = 16
+    megakernel_short_context: int = 1536
     # Weight-only quantization: auto | none | int8 | int4 (CPU). auto: int4/int8 for a quantized GGUF on CPU when
     # dtype is auto, else none (tokenmill/models/quantization.py).
     quantization: str = "auto"
@@ -156,6 +159,10 @@ class EngineConfig:
             raise ValueError(f"parcae_recurrence must be >= 1, got {self.parcae_recurrence}")
         if self.megakernel_max_batch < 1:
             raise ValueError(f"megakernel_max_batch must be >= 1, got {self.megakernel_max_batch}")
+        if self.megakernel_short_context_batch < 1:
+            raise ValueError(f"megakernel_short_context_batch must be >= 1, got {self.megakernel_short_context_batch}")
+        if self.megakernel_short_context < 0:
+            raise ValueError(f"megakernel_short_context must be >= 0, got {self.megakernel_short_context}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -4,6 +4,7 @@ megakernel runs the decode steps (inside the runner's CUDA graphs) and follows t
 
 from __future__ import annotations
 
+import collections
 import logging
 
 import pytest
@@ -106,7 +107,7 @@ PROMPTS = [[5, 17, 300, 42], [7] * 11, [100, 200], [1, 2, 3, 4, 5, 6, 7, 8, 9, 1
 def test_engine_with_megakernel_backend_on_cpu_generates_the_torch_tokens(tiny_model_dir):
     _, reference = generate(tiny_model_dir, "torch", PROMPTS, "float32", "cpu")
     engine, tokens = generate(tiny_model_dir, "megakernel", PROMPTS, "float32", "cpu")
-    assert not any(isinstance(m, MegakernelLlamaDecoder) for m in engine.runner.decode_models)
+    assert not any(isinstance(getattr(m, "decoder", m), MegakernelLlamaDecoder) for m in engine.runner.decode_models)
     assert tokens == reference
 
 
@@ -120,7 +121,7 @@ def test_engine_with_megakernel_follows_the_bf16_model(tmp_path):
     _, reference = generate(model_dir, "triton", PROMPTS, "bfloat16", "cuda")
     # Every decode batch on the megakernel.
     engine, tokens = generate(model_dir, "megakernel", PROMPTS, "bfloat16", "cuda", megakernel_max_batch=16)
-    assert [type(m) for m in engine.runner.decode_models] == [MegakernelLlamaDecoder, FusedLlamaDecoder]
+    assert tiers(engine) == [(MegakernelLlamaDecoder, 16, None), (FusedLlamaDecoder, 16, None)]
     assert engine.runner.graphs, "decode steps should run in CUDA graphs"
     # bf16 rounding differs between the two paths; greedy choices may flip on near-ties late in a sequence, and a
     # sequence goes its own way from there (H100, 2026-11-27: 59 of 64 tokens agree).
@@ -132,9 +133,51 @@ def test_engine_with_megakernel_follows_the_bf16_model(tmp_path):
     # tokens, though teacher-forced it is as close to fp32 as the bf16 model is), and each path's numerics have
     # their own tests.
     engine, tokens = generate(model_dir, "megakernel", PROMPTS, "bfloat16", "cuda")
-    assert [type(m) for m in engine.runner.decode_models] == [MegakernelLlamaDecoder, FusedLlamaDecoder]
-    assert engine.runner.decode_models[0].max_batch_size == EngineConfig.megakernel_max_batch
+    assert tiers(engine) == [(MegakernelLlamaDecoder, EngineConfig.megakernel_max_batch, None),
+                             (MegakernelLlamaDecoder, 16, EngineConfig.megakernel_short_context),
+                             (FusedLlamaDecoder, 16, None)]
     assert [len(t) for t in tokens] == [len(r) for r in reference]
+
+
+def tiers(engine: LLMEngine) -> list[tuple]:
+    return [(type(getattr(m, "decoder", m)), m.max_batch_size, getattr(m, "max_context", None))
+            for m in engine.runner.decode_models]
+
+
+@pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU (H100/H200)")
+def test_engine_runs_the_megakernel_up_to_batch_16_while_contexts_are_short(tmp_path):
+    from tokenmill.kernels.fused_llama import FusedLlamaDecoder
+    from tokenmill.models.random_weights import make_random_model_dir
+
+    shape = dict(MEGA_SHAPE, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    model_dir = make_random_model_dir(tmp_path / "m", shape, dtype=torch.bfloat16, std=0.2)
+    prompts = [[3 + i, 40, 7 * i + 1] * 4 for i in range(12)]  # 12 tokens each: decode batches of 12 -> graph 16
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    config = dict(dtype="bfloat16", device="cuda", max_model_len=256, max_num_seqs=16, num_blocks=256)
+    # The reference: the megakernel at every step (the same decoder and graph size as the short-context tier).
+    reference = LLMEngine(make_engine_config(str(model_dir), decode_backend="megakernel", megakernel_max_batch=16,
+                                             **config))
+    expected = [o.outputs[0].token_ids for o in reference.generate_blocking(prompts, params)]
+    # Contexts cross 32 tokens half way: the padded batch of 16 moves from the megakernel to the fused kernels.
+    engine = LLMEngine(make_engine_config(str(model_dir), decode_backend="megakernel", megakernel_short_context=32,
+                                          **config))
+    assert tiers(engine) == [(MegakernelLlamaDecoder, 8, None), (MegakernelLlamaDecoder, 16, 32),
+                             (FusedLlamaDecoder, 16, None)]
+    runner = engine.runner
+    short_tier, long_tier = runner.decode_models[1:]
+    assert runner._models_for_size(16) == [short_tier, long_tier]
+    assert set(runner.graphs[16]) == {id(short_tier), id(long_tier)}, "one graph per tier at size 16"
+    assert runner._model_for(12, 32) is short_tier and runner._model_for(12, 33) is long_tier
+    replays = collections.Counter()
+    for key, graph in runner.graphs[16].items():
+        graph.run = lambda r, step, run=graph.run, key=key: (replays.update([key]), run(r, step))[1]
+    tokens = [o.outputs[0].token_ids for o in engine.generate_blocking(prompts, params)]
+    assert [len(t) for t in tokens] == [40] * 12
+    # The prefill samples token 1; decode step k holds 12 + k tokens, so steps 1-20 run on the short-context tier
+    # and steps 21-39 on the fused kernels.
+    assert replays == {id(short_tier): 20, id(long_tier): 19}
+    # Up to the switch the tier engine runs the reference's decoder and graph: the same 21 tokens, bit for bit.
+    assert [t[:21] for t in tokens] == [e[:21] for e in expected]
 
 
 def test_megakernel_max_batch_is_checked_before_anything_else():

@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
         max_num_seqs=max(args.concurrency, 1),
         max_num_batched_tokens=max(2048, args.concurrency), max_model_len=args.max_model_len,
         enable_prefix_caching=False,  # every repeat pays its full prefill, as llama-server does with cache_prompt off
-        decode_backend=args.decode_backend,
+        decode_backend=args.decode_backend, megakernel_short_context=args.megakernel_short_context,
     )
     engine = LLMEngine(config)
     tok = engine.tokenizer
@@ -412,6 +412,8 @@ def _machine(device: torch.device) -> str:
 
 
 def register(subparsers) -> None:
+    from tokenmill.config import EngineConfig
+
     p = subparsers.add_parser("offline", help="engine vs transformers (and llama.cpp) on the same model")
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--random-shape", choices=["llama-3.2-1b", "tiny"], default=None,
@@ -427,6 +429,9 @@ def register(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "triton", "fused", "megakernel"])
+    p.add_argument("--megakernel-short-context", type=int, default=EngineConfig.megakernel_short_context,
+                   metavar="TOKENS", help="with --decode-backend megakernel: it also takes batches up to 16 while "
+                                          "no sequence is longer (0: off)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-compile", action="store_true", help="skip transformers static cache + torch.compile")
     p.add_argument("--llama-server", default=None, help="path to llama.cpp's llama-server binary")

@@ -17,7 +17,7 @@ from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import EngineObserver, NullObserver, RequestOutput
 from tokenmill.engine.request import Request, RequestStatus
-from tokenmill.engine.runner import ModelRunner
+from tokenmill.engine.runner import DecodeTier, ModelRunner
 from tokenmill.engine.sampler import Sampler
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.kv.block_hash import cache_salt as kv_cache_salt
@@ -71,12 +71,20 @@ class LLMEngine:
         if config.decode_backend == "megakernel":
             from tokenmill.kernels.megakernel.decoder import make_megakernel_decoder
 
+            short_batch = config.megakernel_short_context_batch if config.megakernel_short_context > 0 else 0
             # None, with a warning, where it can't run
-            megakernel = make_megakernel_decoder(self.model, self.device, config.megakernel_max_batch)
+            megakernel = make_megakernel_decoder(self.model, self.device,
+                                                 max(config.megakernel_max_batch, short_batch))
             if megakernel is not None:
-                decode_models.append(megakernel)
+                any_context = min(config.megakernel_max_batch, megakernel.max_batch_size)
+                decode_models.append(DecodeTier(megakernel, any_context))
                 logger.info("decode backend: one persistent megakernel launch per decode step (batch <= %d)",
-                            megakernel.max_batch_size)
+                            any_context)
+                short_batch = min(short_batch, megakernel.max_batch_size)
+                if short_batch > any_context:
+                    decode_models.append(DecodeTier(megakernel, short_batch, config.megakernel_short_context))
+                    logger.info("decode backend: the megakernel also up to batch %d while no sequence is longer "
+                                "than %d tokens", short_batch, config.megakernel_short_context)
         if fused:
             from tokenmill.kernels.fused_llama import make_fused_decoder
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -70,6 +71,23 @@ def build_step_input(scheduled: list[tuple[Request, int]]) -> StepInput:
     )
 
 
+@dataclass(frozen=True)
+class DecodeTier:
+    """`decoder` offered for decode steps of up to max_batch_size sequences whose longest (tokens in the cache,
+    this step's included) is at most max_context (None: any length). One decoder can back several tiers, e.g. the
+    megakernel at every context up to batch 8 and at short contexts up to 16, where it beat the next tier."""
+
+    decoder: Any
+    max_batch_size: int
+    max_context: int | None = None
+
+    def __call__(self, input_ids, positions, kv_cache, meta):
+        return self.decoder(input_ids, positions, kv_cache, meta)
+
+    def compute_logits(self, hidden):
+        return self.decoder.compute_logits(hidden)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -87,9 +105,10 @@ class ModelRunner:
         decode_models: Sequence = (),
     ) -> None:
         self.model = model
-        # Decode-only steps run on the first of these whose max_batch_size covers the batch (e.g. the megakernel for
-        # the smallest batches, then kernels.fused_llama.FusedLlamaDecoder), else on `model`, which also keeps
-        # prefill and mixed steps. Same forward() and compute_logits() contract as `model`.
+        # Decode-only steps run on the first of these whose max_batch_size covers the batch and whose max_context
+        # (if it has one: DecodeTier) covers the step's longest sequence (e.g. the megakernel for the smallest
+        # batches, then kernels.fused_llama.FusedLlamaDecoder), else on `model`, which also keeps prefill and mixed
+        # steps. Same forward() and compute_logits() contract as `model`.
         self.decode_models = list(decode_models)
         self.block_size = block_size
         self.device = device
@@ -100,7 +119,8 @@ class ModelRunner:
         self.kv_cache = torch.zeros(
             (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
-        self.graphs: dict[int, _DecodeGraph] = {}
+        # padded batch size -> {id(model): its graph}: one per model that a step of that size may run on
+        self.graphs: dict[int, dict[int, _DecodeGraph]] = {}
         if use_cuda_graphs and device.type == "cuda":
             self._capture_decode_graphs(max_graph_batch_size)
 
@@ -111,9 +131,10 @@ class ModelRunner:
         if not step.sample_rows and not step.token_ids:
             return [], None
         is_decode = all(q == 1 for q in step.query_lens)
-        model = self._model_for(len(step.query_lens)) if is_decode else self.model
+        longest = max(step.seq_lens, default=0)
+        model = self._model_for(len(step.query_lens), longest) if is_decode else self.model
         # Captured graphs have no per-token state seeds; models that need them run eagerly.
-        graph = self._graph_for(len(step.query_lens)) if is_decode and step.state_seeds is None else None
+        graph = self._graph_for(len(step.query_lens), longest) if is_decode and step.state_seeds is None else None
         if graph is not None:
             logits = graph.run(self, step)
             n = len(step.query_lens)
@@ -133,30 +154,45 @@ class ModelRunner:
         logits = model.compute_logits(sample_hidden)
         return step.sample_rows, logits
 
-    def _model_for(self, decode_batch_size: int):
-        """The first decode model that serves this batch size, the general model otherwise."""
+    def _model_for(self, decode_batch_size: int, longest: int | None = None):
+        """The first decode model that serves this batch size and, where it limits the context, the step's longest
+        sequence; the general model otherwise. longest None: unknown, so only models that take any context."""
         for decode_model in self.decode_models:
-            if decode_batch_size <= decode_model.max_batch_size:
+            limit = getattr(decode_model, "max_context", None)
+            if decode_batch_size <= decode_model.max_batch_size and (
+                    limit is None or (longest is not None and longest <= limit)):
                 return decode_model
         return self.model
 
+    def _models_for_size(self, size: int) -> list:
+        """Every model a decode step padded to `size` may run on, in tier order: the context-limited decode models
+        that serve the size, up to the first that takes any context (or the general model)."""
+        models = []
+        for decode_model in self.decode_models:
+            if size <= decode_model.max_batch_size:
+                models.append(decode_model)
+                if getattr(decode_model, "max_context", None) is None:
+                    return models
+        return models + [self.model]
+
     # ---- CUDA graphs for decode -------------------------------------------------------------------------------
 
-    def _graph_for(self, batch_size: int) -> "_DecodeGraph | None":
-        if not self.graphs:
-            return None
+    def _graph_for(self, batch_size: int, longest: int) -> "_DecodeGraph | None":
+        """The graph of the smallest captured size that holds the batch, for the model the padded batch runs on."""
         for size in sorted(self.graphs):
             if size >= batch_size:
-                return self.graphs[size]
+                return self.graphs[size].get(id(self._model_for(size, longest)))
         return None
 
     def _capture_decode_graphs(self, max_batch: int) -> None:
         sizes = [s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if s <= max_batch]
         pool = None
         for size in reversed(sizes):  # largest first, so smaller graphs reuse its memory pool
-            graph = _DecodeGraph(self, size, pool)
-            pool = graph.graph.pool()
-            self.graphs[size] = graph
+            self.graphs[size] = {}
+            for model in self._models_for_size(size):
+                graph = _DecodeGraph(self, size, model, pool)
+                pool = graph.graph.pool()
+                self.graphs[size][id(model)] = graph
 
 
 class _DecodeGraph:
@@ -166,7 +202,7 @@ class _DecodeGraph:
     ids, positions and slots to int64.
     """
 
-    def __init__(self, runner: ModelRunner, batch_size: int, pool) -> None:
+    def __init__(self, runner: ModelRunner, batch_size: int, model, pool) -> None:
         dev = runner.device
         b, width = batch_size, runner.max_blocks_per_seq
         self.batch_size = batch_size
@@ -189,7 +225,6 @@ class _DecodeGraph:
             query_start_loc_cpu=list(range(b + 1)),
             seq_lens_cpu=[1] * b,
         )
-        model = runner._model_for(batch_size)
         # Warm up outside the graph (Triton autotuning and lazy initialisation must not be captured).
         for _ in range(2):
             self._forward(model, runner)
