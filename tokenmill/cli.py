@@ -51,9 +51,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "triton", "fused", "megakernel"],
-                   help="torch|triton|auto: the model with that attention; fused: fused Triton kernels for decode "
+                   help="torch|triton: the model with that attention; fused: fused Triton kernels for decode "
                         "steps; megakernel: one persistent CUDA kernel per decode step (sm_90 GPUs, bf16 Llama). "
-                        "fused and megakernel fall back (megakernel -> fused -> model) where they do not apply")
+                        "fused and megakernel fall back (megakernel -> fused -> model) where they do not apply; "
+                        "auto (default): on a GPU the megakernel and fused kernels where they apply, quietly, else "
+                        "the model with the best attention")
     g.add_argument("--megakernel-max-batch", type=int, default=EngineConfig.megakernel_max_batch, metavar="N",
                    help="with --decode-backend megakernel: its largest decode batch at any context; larger ones run "
                         "the fused kernels (default 8: up to where it beat them on the H100)")

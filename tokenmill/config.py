@@ -134,7 +134,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     device: str = "auto"
     seed: int = 0
-    decode_backend: str = "auto"  # torch | triton | fused | megakernel
+    # auto | torch | triton | fused | megakernel. auto: on a GPU as megakernel (where each applies: megakernel ->
+    # fused -> model, without warnings), on the CPU the model with the best attention.
+    decode_backend: str = "auto"
     # With decode_backend megakernel: the largest decode batch it runs at any context; larger ones go to the fused
     # kernels, except steps of up to megakernel_short_context_batch sequences whose longest holds at most
     # megakernel_short_context tokens (0: none). On the H100 (Llama-3.2-1B shape, docs/bench/

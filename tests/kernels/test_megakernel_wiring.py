@@ -93,6 +93,23 @@ def test_make_megakernel_decoder_falls_back_on_cpu_with_a_warning(caplog):
     assert "does not apply" in caplog.text
 
 
+def test_quiet_fallbacks_log_info_not_warnings(caplog):
+    from tokenmill.kernels.fused_llama import make_fused_decoder
+
+    with caplog.at_level(logging.INFO):
+        assert make_megakernel_decoder(tiny_model(), "cpu", quiet=True) is None
+        assert make_fused_decoder(tiny_model(), "cpu", quiet=True) is None
+    assert [r.levelno for r in caplog.records if "does not apply" in r.getMessage()] == [logging.INFO] * 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto on the CPU")
+def test_auto_backend_on_cpu_decodes_with_the_model_and_warns_nothing(tiny_model_dir, caplog):
+    with caplog.at_level(logging.WARNING):
+        engine, _ = generate(tiny_model_dir, "auto", PROMPTS[:1], "float32", "cpu")
+    assert engine.runner.decode_models == []
+    assert "does not apply" not in caplog.text
+
+
 def generate(model_dir, backend: str, prompts: list[list[int]], dtype: str, device: str, **config):
     engine = LLMEngine(make_engine_config(str(model_dir), dtype=dtype, device=device, max_model_len=256,
                                           decode_backend=backend, max_num_seqs=8, num_blocks=128, **config))
@@ -142,6 +159,21 @@ def test_engine_with_megakernel_follows_the_bf16_model(tmp_path):
 def tiers(engine: LLMEngine) -> list[tuple]:
     return [(type(getattr(m, "decoder", m)), m.max_batch_size, getattr(m, "max_context", None))
             for m in engine.runner.decode_models]
+
+
+@pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU (H100/H200)")
+def test_auto_backend_on_an_h100_picks_the_megakernel_then_the_fused_kernels(tmp_path):
+    from tokenmill.kernels.fused_llama import FusedLlamaDecoder
+    from tokenmill.models.random_weights import make_random_model_dir
+
+    shape = dict(MEGA_SHAPE, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    model_dir = make_random_model_dir(tmp_path / "m", shape, dtype=torch.bfloat16, std=0.2)
+    engine, tokens = generate(model_dir, "auto", PROMPTS, "bfloat16", "cuda")
+    assert tiers(engine) == [(MegakernelLlamaDecoder, EngineConfig.megakernel_max_batch, None),
+                             (MegakernelLlamaDecoder, 16, EngineConfig.megakernel_short_context),
+                             (FusedLlamaDecoder, 16, None)]
+    _, explicit = generate(model_dir, "megakernel", PROMPTS, "bfloat16", "cuda")
+    assert tokens == explicit  # the same decoders, the same graphs: the same tokens
 
 
 @pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU (H100/H200)")

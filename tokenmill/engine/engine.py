@@ -49,8 +49,11 @@ class LLMEngine:
             # The quantized layers compute in bf16 anyway; bf16 activations and KV also halve attention's traffic.
             self.dtype = torch.bfloat16
         # 'fused' and 'megakernel' replace the whole decode step; prefill and mixed steps keep the model with the best
-        # attention.
-        fused = config.decode_backend in ("fused", "megakernel")
+        # attention. 'auto' on a GPU tries both, quietly: each applies only to bf16 Llama-family models (and the
+        # megakernel to sm_90), and where neither does the model decodes as it prefills.
+        auto_gpu = config.decode_backend == "auto" and self.device.type == "cuda"
+        use_megakernel = config.decode_backend == "megakernel" or auto_gpu
+        fused = config.decode_backend in ("fused", "megakernel") or auto_gpu
         backend = get_attention_backend("auto" if fused else config.decode_backend, self.device)
         loaded = load_model(
             source, dtype=self.dtype, device=self.device, attn_backend=backend,
@@ -68,13 +71,13 @@ class LLMEngine:
         self.default_state_seed = config.seed
         # Decode-only steps: the megakernel for the smallest batches, the fused kernels up to theirs, the model above.
         decode_models = []
-        if config.decode_backend == "megakernel":
+        if use_megakernel:
             from tokenmill.kernels.megakernel.decoder import make_megakernel_decoder
 
             short_batch = config.megakernel_short_context_batch if config.megakernel_short_context > 0 else 0
-            # None, with a warning, where it can't run
+            # None, with a warning (asked for) or an info line (auto), where it can't run
             megakernel = make_megakernel_decoder(self.model, self.device,
-                                                 max(config.megakernel_max_batch, short_batch))
+                                                 max(config.megakernel_max_batch, short_batch), quiet=auto_gpu)
             if megakernel is not None:
                 any_context = min(config.megakernel_max_batch, megakernel.max_batch_size)
                 decode_models.append(DecodeTier(megakernel, any_context))
@@ -88,7 +91,7 @@ class LLMEngine:
         if fused:
             from tokenmill.kernels.fused_llama import make_fused_decoder
 
-            fused_decoder = make_fused_decoder(self.model, self.device)  # None, with a warning, where it can't run
+            fused_decoder = make_fused_decoder(self.model, self.device, quiet=auto_gpu)  # None where it can't run
             if fused_decoder is not None:
                 decode_models.append(fused_decoder)
                 logger.info("decode backend: fused Triton kernels for decode-only steps (batch <= %d)",

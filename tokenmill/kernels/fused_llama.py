@@ -282,10 +282,13 @@ class FusedLlamaDecoder:
         )
 
 
-def make_fused_decoder(model: torch.nn.Module, device: torch.device | str, **kwargs) -> FusedLlamaDecoder | None:
-    """The fused decoder for `model`, or None (with a log line saying why) where it does not apply."""
+def make_fused_decoder(model: torch.nn.Module, device: torch.device | str, quiet: bool = False,
+                       **kwargs) -> FusedLlamaDecoder | None:
+    """The fused decoder for `model`, or None (with a log line saying why: a warning, or with `quiet` an info line)
+    where it does not apply."""
     reason = unsupported_reason(model, device)
     if reason is not None:
-        logger.warning("decode backend 'fused' does not apply (%s); decoding with the torch model instead", reason)
+        logger.log(logging.INFO if quiet else logging.WARNING,
+                   "decode backend 'fused' does not apply (%s); decoding with the torch model instead", reason)
         return None
     return FusedLlamaDecoder(model, **kwargs)

@@ -365,15 +365,15 @@ class MegakernelLlamaDecoder:
         return hidden
 
 
-def make_megakernel_decoder(model: torch.nn.Module, device: torch.device | str,
-                            max_batch: int | None = None) -> MegakernelLlamaDecoder | None:
-    """The megakernel decoder (batches up to max_batch), or None (with a log line saying why) where it does not apply
-    or cannot be built."""
+def make_megakernel_decoder(model: torch.nn.Module, device: torch.device | str, max_batch: int | None = None,
+                            quiet: bool = False) -> MegakernelLlamaDecoder | None:
+    """The megakernel decoder (batches up to max_batch), or None (with a log line saying why: a warning, or with
+    `quiet` an info line) where it does not apply or cannot be built."""
     reason = model_unsupported_reason(model, device)
     if reason is None:
         try:
             return MegakernelLlamaDecoder(model, max_batch)
         except (MegakernelUnavailable, MegakernelUnsupported) as exc:
             reason = str(exc)
-    logger.warning("decode backend 'megakernel' does not apply (%s)", reason)
+    logger.log(logging.INFO if quiet else logging.WARNING, "decode backend 'megakernel' does not apply (%s)", reason)
     return None
