@@ -1,4 +1,5 @@
-"""Where does a batch-1 decode step's time go? Host work vs the captured forward, on a random Llama-3.2-1B.
+"""Where does a decode step's time go? Host work vs the captured forward, on a random Llama-3.2-1B: whole engine
+steps with and without async scheduling, the graph replayed alone, and the host's pieces timed with syncs.
 
     python scripts/profile_decode_step.py [--batch 1] [--steps 200]
 """
@@ -28,24 +29,29 @@ def main() -> None:
     folder = make_random_model_dir(tempfile.mkdtemp(), args.shape, torch.bfloat16, device="cuda")
     engine = LLMEngine(make_engine_config(str(folder), dtype="bfloat16", max_model_len=2048, max_num_seqs=64,
                                           enable_prefix_caching=False, decode_backend=args.decode_backend))
-    params = SamplingParams(temperature=0, max_tokens=args.steps + 100, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=3 * args.steps + 200, ignore_eos=True)
     for _ in range(args.batch):
         engine.add_request(list(range(10, 74)), params)
     engine.step()  # prefill
-    for _ in range(5):
-        engine.step()
-    torch.cuda.synchronize()
 
-    # 1) whole engine steps, back to back (what a user sees)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        engine.step()
-    torch.cuda.synchronize()
-    step_ms = 1000 * (time.perf_counter() - t0) / args.steps
+    # 1) whole engine steps, back to back (what a user sees), with and without async scheduling
+    def engine_step_ms(async_scheduling: bool) -> float:
+        engine.async_scheduling = async_scheduling  # the step after a switch drains a step launched ahead
+        for _ in range(5):
+            engine.step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        return 1000 * (time.perf_counter() - t0) / args.steps
+
+    async_ms = engine_step_ms(True)
+    step_ms = engine_step_ms(False)
 
     # 2) the captured forward alone, replayed back to back
     runner = engine.runner
-    graph = runner._graph_for(args.batch)
+    graph = runner._graph_for(args.batch, max(r.num_tokens for r in engine.scheduler.running))
     replay_ms = float("nan")
     if graph is not None:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -77,7 +83,8 @@ def main() -> None:
         t4 = time.perf_counter()
         for k, v in zip(parts, (t1 - t, t2 - t1, t3 - t2, t4 - t3)):
             parts[k].append(1000 * v)
-    print(f"batch {args.batch}: engine step {step_ms:.3f} ms, graph replay {replay_ms:.3f} ms")
+    print(f"batch {args.batch}: engine step {step_ms:.3f} ms, with async scheduling {async_ms:.3f} ms, "
+          f"graph replay {replay_ms:.3f} ms")
     for k, v in parts.items():
         print(f"  {k:14s} {statistics.median(v):.3f} ms (median, synced)")
 

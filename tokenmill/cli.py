@@ -67,6 +67,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    metavar="TOKENS", help="see --megakernel-short-context-batch; 0: off (default 1536: at batch 16 "
                                           "the megakernel won at 1k and lost at 4k on the H100)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
+                   help="launch each decode step before the previous step's tokens reach the host, overlapping "
+                        "the host's work with the GPU's (auto, the default: on for CUDA devices)")
     g.add_argument("--parcae-recurrence", type=int, default=None, metavar="T",
                    help="Parcae looped models: loops to serve at (default: the model's mean recurrence)")
 
@@ -103,6 +106,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                                                EngineConfig.megakernel_short_context_batch),
         megakernel_short_context=getattr(args, "megakernel_short_context", EngineConfig.megakernel_short_context),
         enforce_eager=args.enforce_eager,
+        async_scheduling=getattr(args, "async_scheduling", "auto"),
         parcae_recurrence=getattr(args, "parcae_recurrence", None),
         cache=cache,
         scheduler=sched,
@@ -112,10 +116,11 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 # ---- serve -------------------------------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    config = engine_config_from_args(args)  # settings are checked before the server's imports (uvicorn, FastAPI)
     from tokenmill.engine.async_engine import AsyncEngine
     from tokenmill.serve.launch import run_server
 
-    engine = AsyncEngine.from_config(engine_config_from_args(args))
+    engine = AsyncEngine.from_config(config)
     try:
         run_server(engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
     finally:

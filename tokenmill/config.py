@@ -149,6 +149,9 @@ class EngineConfig:
     # dtype is auto, else none (tokenmill/models/quantization.py).
     quantization: str = "auto"
     enforce_eager: bool = False  # disable CUDA graphs
+    # auto | on | off. Plan and launch each decode step before the previous step's tokens reach the host, so host
+    # work overlaps the GPU (LLMEngine.step). auto: on for CUDA devices.
+    async_scheduling: str = "auto"
     max_logprobs: int = 20
     # Looped models (Parcae): loops T to serve at; None: the model's own (its config's mean recurrence). The KV cache
     # holds n_prelude + T * n_core + n_coda layers. Other models reject it.
@@ -159,6 +162,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.parcae_recurrence is not None and self.parcae_recurrence < 1:
             raise ValueError(f"parcae_recurrence must be >= 1, got {self.parcae_recurrence}")
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
         if self.megakernel_max_batch < 1:
             raise ValueError(f"megakernel_max_batch must be >= 1, got {self.megakernel_max_batch}")
         if self.megakernel_short_context_batch < 1:

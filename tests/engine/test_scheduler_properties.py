@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from tokenmill.config import SchedulerConfig
-from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.request import PLACEHOLDER_TOKEN, Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.kv.manager import KVCacheManager
 from tokenmill.sampling_params import SamplingParams
@@ -31,13 +31,16 @@ class PagedFakeModel:
         self.kv = kv
         self.slots: dict[int, tuple[int, int]] = {}  # flat slot -> (token, position)
 
-    def forward(self, out: SchedulerOutput) -> dict[str, int]:
+    def forward(self, out: SchedulerOutput, earlier: dict[str, int] | None = None) -> dict[str, int]:
+        """earlier: a step planned ahead feeds, where a request holds a placeholder, the id the step before sampled
+        (as the engine's runner takes it from the device)."""
         sampled: dict[str, int] = {}
         for s in out.scheduled:
             r, table = s.request, s.request.block_ids
             assert len(table) * BS >= s.seq_len, "block table too short for the step"
             assert len(s.token_ids) == s.num_new_tokens
-            for pos, tok in zip(range(s.num_computed_tokens, s.seq_len), s.token_ids, strict=True):
+            fed = [earlier[r.request_id] if tok == PLACEHOLDER_TOKEN else tok for tok in s.token_ids]
+            for pos, tok in zip(range(s.num_computed_tokens, s.seq_len), fed, strict=True):
                 block = table[pos // BS]
                 assert self.kv.pool.refcount(block) == 1, "writing into a block someone else holds"
                 self.slots[block * BS + pos % BS] = (tok, pos)
@@ -45,7 +48,8 @@ class PagedFakeModel:
                 context = [self.slots[table[p // BS] * BS + p % BS] for p in range(s.seq_len)]
                 assert [p for _, p in context] == list(range(s.seq_len)), "stale KV in the context"
                 tokens = [t for t, _ in context]
-                assert tokens == r.all_token_ids, "context read from the KV cache is not the request's tokens"
+                known = r.all_token_ids if earlier is None else r.all_token_ids[:-1] + fed[-1:]
+                assert tokens == known, "context read from the KV cache is not the request's tokens"
                 sampled[r.request_id] = next_token(tokens)
         return sampled
 
@@ -116,14 +120,13 @@ def make_requests(workload) -> list[tuple[int, Request]]:
     return out
 
 
+# a workload and the engine limits it runs under
+RUNS = dict(workload=workloads, num_blocks=st.integers(8, 24), budget=st.sampled_from([4, 7, 16, 64]),
+            max_num_seqs=st.integers(1, 6))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    workload=workloads,
-    num_blocks=st.integers(8, 24),
-    budget=st.sampled_from([4, 7, 16, 64]),
-    max_num_seqs=st.integers(1, 6),
-    threshold=st.sampled_from([None, 3, 8]),
-)
+@given(**RUNS, threshold=st.sampled_from([None, 3, 8]))
 def test_prefix_cache_on_and_off_generate_the_same_tokens(workload, num_blocks, budget, max_num_seqs, threshold):
     results = {}
     for prefix in (False, True):
@@ -150,15 +153,60 @@ def test_prefix_cache_on_and_off_generate_the_same_tokens(workload, num_blocks, 
             event(f"prefix hits: {kv.prefix_cache_hits > 0}")
         event(f"preemptions: {sum(r.num_preemptions for r in everyone) > 0}")
     assert results[True] == results[False]
+    assert_reference_outputs(everyone, workload, num_blocks)
+
+
+def assert_reference_outputs(requests: list[Request], workload, num_blocks: int) -> None:
+    """Every request generated the fake model's own tokens and status; one that outgrew the whole cache failed on
+    the way."""
     capacity = (num_blocks - 1) * BS
-    for (_, r), (*_, max_tokens, ignore_eos, _) in zip(make_requests(workload), workload, strict=True):
-        tokens, status = results[True][r.request_id]
+    for r, (*_, max_tokens, ignore_eos, _) in zip(requests, workload, strict=True):
+        tokens, status = r.output_token_ids, r.status
         ref_tokens, ref_status = reference_output(r.prompt_token_ids, max_tokens, ignore_eos)
-        if status is RequestStatus.FINISHED_ERROR:  # outgrew the whole cache
+        if status is RequestStatus.FINISHED_ERROR:
             event("outgrew the cache")
             assert tokens == ref_tokens[: len(tokens)] and r.num_prompt_tokens + len(tokens) > capacity
         else:
             assert (tokens, status) == (ref_tokens, ref_status)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**RUNS, prefix=st.booleans())
+def test_planning_steps_ahead_generates_the_reference_tokens(workload, num_blocks, budget, max_num_seqs, prefix):
+    """The engine's async scheduling: after each step whose live requests all sample, plan the next one before the
+    sampled ids are known (advance_ahead / schedule_ahead), feed it the ids as the device would, then resolve."""
+    kv = KVCacheManager(num_blocks, BS, prefix)
+    sched = Scheduler(SchedulerConfig(max_num_seqs, budget, max_model_len=64), kv)
+    model = PagedFakeModel(kv)
+    pending = make_requests(workload)
+    everyone = [r for _, r in pending]
+    launched: tuple[SchedulerOutput, dict[str, int]] | None = None
+    step = ahead_steps = 0
+    while pending or sched.has_unfinished():
+        for _, r in [x for x in pending if x[0] <= step]:
+            sched.add_request(r)
+        pending = [x for x in pending if x[0] > step]
+        if launched is None:
+            out = sched.schedule()
+            launched = (out, model.forward(out))
+        out, sampled = launched
+        launched = None
+        live = [s for s in out.scheduled if s.request.status is RequestStatus.RUNNING]
+        if live and all(s.samples for s in live):
+            ahead = sched.schedule_ahead(sched.advance_ahead(out))
+            if ahead is not None:
+                assert len(ahead.scheduled) <= max_num_seqs and ahead.num_batched_tokens <= budget
+                launched = (ahead, model.forward(ahead, earlier=sampled))
+                ahead_steps += 1
+            sched.resolve_ahead(out, sampled)
+        else:
+            sched.update_from_output(out, sampled)
+        check_accounting(sched)
+        step += 1
+        assert step < 3000, "scheduler stalled"
+    assert kv.usage == 0.0 and kv.num_free_blocks + kv.num_evictable_blocks == kv.num_usable_blocks
+    event(f"steps planned ahead: {ahead_steps > 0}")
+    assert_reference_outputs(everyone, workload, num_blocks)
 
 
 def test_shared_prefixes_actually_hit_and_preempt_in_a_tight_cache():

@@ -202,7 +202,7 @@ def test_engine_runs_the_megakernel_up_to_batch_16_while_contexts_are_short(tmp_
     assert runner._model_for(12, 32) is short_tier and runner._model_for(12, 33) is long_tier
     replays = collections.Counter()
     for key, graph in runner.graphs[16].items():
-        graph.run = lambda r, step, run=graph.run, key=key: (replays.update([key]), run(r, step))[1]
+        graph.run = lambda *args, run=graph.run, key=key: (replays.update([key]), run(*args))[1]
     tokens = [o.outputs[0].token_ids for o in engine.generate_blocking(prompts, params)]
     assert [len(t) for t in tokens] == [40] * 12
     # The prefill samples token 1; decode step k holds 12 + k tokens, so steps 1-20 run on the short-context tier

@@ -61,8 +61,7 @@ def bench_engine(engine, prompt_ids: list[int], output_len: int, concurrency: in
         while engine.has_unfinished_requests():
             outs = engine.step()
             if outs:
-                if first is None:
-                    _sync(engine.device)
+                if first is None:  # the token is on the host (with async scheduling the next step already runs)
                     first = time.perf_counter()
                 n = len(outs[-1].outputs[0].token_ids)
         _sync(engine.device)
@@ -336,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
         max_num_batched_tokens=max(2048, args.concurrency), max_model_len=args.max_model_len,
         enable_prefix_caching=False,  # every repeat pays its full prefill, as llama-server does with cache_prompt off
         decode_backend=args.decode_backend, megakernel_short_context=args.megakernel_short_context,
+        async_scheduling=args.async_scheduling,
     )
     engine = LLMEngine(config)
     tok = engine.tokenizer
@@ -346,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
         prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}]),
                                 add_special_tokens=False)
     results = [bench_engine(engine, prompt_ids, args.output_len, args.concurrency, args.repeats)]
-    results[0].name = f"tokenmill ({args.decode_backend})"
+    results[0].name = f"tokenmill ({args.decode_backend}{', async' if engine.async_scheduling else ''})"
     report: dict = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": _machine(device),
@@ -432,6 +432,8 @@ def register(subparsers) -> None:
     p.add_argument("--megakernel-short-context", type=int, default=EngineConfig.megakernel_short_context,
                    metavar="TOKENS", help="with --decode-backend megakernel: it also takes batches up to 16 while "
                                           "no sequence is longer (0: off)")
+    p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                   help="the engine's async scheduling (auto: on for CUDA)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-compile", action="store_true", help="skip transformers static cache + torch.compile")
     p.add_argument("--llama-server", default=None, help="path to llama.cpp's llama-server binary")

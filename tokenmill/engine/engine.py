@@ -1,4 +1,7 @@
-"""LLMEngine: the synchronous step loop (schedule → run → sample → update → detokenize).
+"""LLMEngine: the step loop (schedule → run → sample → update → detokenize).
+
+With async scheduling (on for CUDA) a step's successor is planned and launched before the step's tokens reach the
+host, so the host's share of a step hides behind the GPU's (see LLMEngine.step).
 
 AsyncEngine (async_engine.py) runs this loop on a background thread for the server; LLM (offline API) drives it
 directly.
@@ -9,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,8 +21,8 @@ from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import EngineObserver, NullObserver, RequestOutput
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.runner import DecodeTier, ModelRunner
-from tokenmill.engine.sampler import Sampler
-from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.sampler import EarlierTokens, PendingSample, Sampler
+from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.kv.block_hash import cache_salt as kv_cache_salt
 from tokenmill.kv.manager import KVCacheManager
 from tokenmill.sampling_params import SamplingParams
@@ -27,6 +30,16 @@ from tokenmill.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 _CPU_DEFAULT_KV_BYTES = 2 << 30
+
+
+@dataclass
+class _LaunchedStep:
+    """A step on the device: its plan, the requests of its sampling rows (in row order), their pending tokens."""
+
+    sched: SchedulerOutput
+    requests: list[Request]
+    pending: PendingSample | None
+    advanced: bool = False  # the scheduler counted its tokens as placeholders (Scheduler.advance_ahead)
 
 
 class LLMEngine:
@@ -129,6 +142,10 @@ class LLMEngine:
             decode_models=decode_models,
         )
         self.sampler = Sampler(max_logprobs=config.max_logprobs, seed=config.seed)
+        # On by default where the device runs asynchronously to the host; on the CPU there is nothing to overlap.
+        self.async_scheduling = config.async_scheduling == "on" or (
+            config.async_scheduling == "auto" and self.device.type == "cuda")
+        self._ahead: _LaunchedStep | None = None  # a step launched before its predecessor's tokens were known
         self.outputs = OutputProcessor(self.tokenizer, self.observer)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mc.eos_token_ids)
         logger.info(
@@ -234,6 +251,7 @@ class LLMEngine:
         if not child_ids:
             return []
         self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+        self._forget_finished_ahead()
         return self.outputs.collect({request_id})
 
     def has_unfinished_requests(self) -> bool:
@@ -244,35 +262,86 @@ class LLMEngine:
     def step(self, final_only: bool = False) -> list[RequestOutput]:
         """One scheduler step. Returns a RequestOutput for every request with news (final_only: for every request
         that finished), each with its whole output so far: building them costs O(output) per request and step, which
-        a caller that wants only the end need not pay."""
-        sched = self.scheduler.schedule()
+        a caller that wants only the end need not pay.
+
+        With async scheduling, a step whose tokens are still on the device plans and launches the next decode step
+        before waiting for them (the next step reads its input ids on the device), so the host's work for one step
+        (scheduling, sampling set-up, detokenizing, stop checks) runs while the GPU computes the next."""
         touched: set[str] = set()
-        for req in sched.failed:  # requests the scheduler had to give up on (they can never fit)
-            touched.add(self.outputs.parent_of(req.request_id) or req.request_id)
+        launched, self._ahead = self._ahead, None
+        if launched is None:
+            sched = self.scheduler.schedule()
+            for req in sched.failed:  # requests the scheduler had to give up on (they can never fit)
+                touched.add(self.outputs.parent_of(req.request_id) or req.request_id)
+            launched = self._launch(sched)
+        if self.async_scheduling:
+            self._ahead = self._launch_ahead(launched)
+        outputs = self._complete(launched, touched, final_only)
+        self._forget_finished_ahead()
+        return outputs
+
+    def _forget_finished_ahead(self) -> None:
+        """A step launched ahead whose requests all finished meanwhile has nothing left to deliver."""
+        if self._ahead is not None and not any(r.status is RequestStatus.RUNNING for r in self._ahead.requests):
+            self._ahead = None
+
+    def _launch(self, sched: SchedulerOutput, earlier_tokens: EarlierTokens | None = None) -> _LaunchedStep:
         scheduled = [(s.request, s.num_new_tokens) for s in sched.scheduled]
+        if not scheduled:
+            return _LaunchedStep(sched, [], None)
+        rows, logits = self.runner.execute(scheduled, earlier_tokens)
+        if not rows:
+            return _LaunchedStep(sched, [], None)
+        requests = [scheduled[r][0] for r in rows]
+        return _LaunchedStep(sched, requests, self.sampler.launch(logits, requests, earlier_tokens))
+
+    def _launch_ahead(self, launched: _LaunchedStep) -> _LaunchedStep | None:
+        """Plans and launches the decode step after `launched` while its tokens are still on the device, where that
+        gives exactly the step schedule() would plan afterwards (see Scheduler.schedule_ahead); None otherwise."""
+        sched = launched.sched
+        if launched.pending is None or self.scheduler.waiting:
+            return None
+        live = [s for s in sched.scheduled if s.request.status is RequestStatus.RUNNING]
+        if not live or not all(s.samples for s in live):
+            return None
+        again = self.scheduler.advance_ahead(sched)
+        launched.advanced = True
+        ahead = self.scheduler.schedule_ahead(again)
+        if ahead is None:
+            return None
+        row_of = {req.request_id: row for row, req in enumerate(launched.requests)}
+        source_rows = [row_of[s.request.request_id] for s in ahead.scheduled]
+        return self._launch(ahead, EarlierTokens(launched.pending.token_ids, source_rows))
+
+    def _complete(self, launched: _LaunchedStep, touched: set[str], final_only: bool) -> list[RequestOutput]:
+        """Waits for a launched step's tokens and applies them: scheduler state, outputs, stop strings."""
+        sched = launched.sched
         sampled: dict[str, int] = {}
         corrupted_reqs: list[Request] = []
         logprobs_of: dict[str, object] = {}
-        if scheduled:
-            rows, logits = self.runner.execute(scheduled)
-            if rows:
-                reqs = [scheduled[r][0] for r in rows]
-                out = self.sampler.sample(logits, reqs)
-                for req, tok, lp, bad in zip(reqs, out.token_ids, out.logprobs, out.corrupted):
-                    if bad:
-                        corrupted_reqs.append(req)
-                    else:
-                        sampled[req.request_id] = tok
-                        logprobs_of[req.request_id] = lp
+        if launched.pending is not None:
+            out = launched.pending.result()
+            for req, tok, lp, bad in zip(launched.requests, out.token_ids, out.logprobs, out.corrupted):
+                if req.status is not RequestStatus.RUNNING:
+                    continue  # finished (a stop, an abort) after this step was launched ahead
+                if bad:
+                    corrupted_reqs.append(req)
+                else:
+                    sampled[req.request_id] = tok
+                    logprobs_of[req.request_id] = lp
         now = time.monotonic()
+        if launched.advanced:  # placeholders out first: a corrupted row's request gives its back
+            finished = self.scheduler.resolve_ahead(sched, sampled)
         for req in corrupted_reqs:  # fail these before the update, so they never receive a token
             req.error = "the model produced NaN or infinite logits for this request; it was stopped"
             self.outputs.record_tokens(req, None, True, now)
             self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_ERROR)
             touched.add(self.outputs.parent_of(req.request_id) or req.request_id)
-        finished = self.scheduler.update_from_output(sched, sampled)
+        if not launched.advanced:
+            finished = self.scheduler.update_from_output(sched, sampled)
         stop_hits: list[Request] = []
-        for req, _ in scheduled:
+        for s in sched.scheduled:
+            req = s.request
             parent_id = self.outputs.parent_of(req.request_id)
             if parent_id is None:
                 continue

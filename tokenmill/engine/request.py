@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from tokenmill.sampling_params import SamplingParams
 
 
+# An output token whose id is still on the device (the engine's async scheduling; Scheduler.advance_ahead).
+PLACEHOLDER_TOKEN = -1
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

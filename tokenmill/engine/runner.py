@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from tokenmill.engine.request import Request
+from tokenmill.engine.sampler import EarlierTokens
 from tokenmill.layers.attention_metadata import AttentionMetadata
 
 
@@ -125,9 +126,14 @@ class ModelRunner:
             self._capture_decode_graphs(max_graph_batch_size)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Request, int]]) -> tuple[list[int], torch.Tensor | None]:
-        """Runs one step. Returns (rows of `scheduled` that sample, their float32 logits [len(rows), vocab])."""
+    def execute(self, scheduled: list[tuple[Request, int]], earlier_tokens: EarlierTokens | None = None
+                ) -> tuple[list[int], torch.Tensor | None]:
+        """Runs one step. Returns (rows of `scheduled` that sample, their float32 logits [len(rows), vocab]).
+        earlier_tokens: a decode step planned before the previous step's tokens reached the host; its input ids
+        come from that step's sampled ids on the device (the host's are placeholders)."""
         step = build_step_input(scheduled)
+        if earlier_tokens is not None and any(q != 1 for q in step.query_lens):
+            raise ValueError("only decode steps take their input ids from an earlier step's tokens")
         if not step.sample_rows and not step.token_ids:
             return [], None
         is_decode = all(q == 1 for q in step.query_lens)
@@ -136,7 +142,7 @@ class ModelRunner:
         # Captured graphs have no per-token state seeds; models that need them run eagerly.
         graph = self._graph_for(len(step.query_lens), longest) if is_decode and step.state_seeds is None else None
         if graph is not None:
-            logits = graph.run(self, step)
+            logits = graph.run(self, step, earlier_tokens)
             n = len(step.query_lens)
             rows = step.sample_rows
             return rows, logits[:n] if len(rows) == n else logits[rows]
@@ -145,6 +151,8 @@ class ModelRunner:
                 step.query_lens, step.seq_lens, step.block_tables, self.block_size, self.device, step.state_seeds
             )
             input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
+            if earlier_tokens is not None:
+                input_ids = earlier_tokens.gather(self.device).long()
             positions = torch.tensor(step.positions, dtype=torch.long).to(self.device, non_blocking=True)
             hidden = model(input_ids, positions, self.kv_cache, meta)
             if not step.sample_rows:
@@ -206,13 +214,20 @@ class _DecodeGraph:
         dev = runner.device
         b, width = batch_size, runner.max_blocks_per_seq
         self.batch_size = batch_size
-        # staged layout: ids [b] | positions [b] | slots [b] | seq_lens [b] | block tables [b, width]
-        self.host = torch.zeros(4 * b + b * width, dtype=torch.int32, pin_memory=True)
+        # staged layout: ids [b] | positions [b] | slots [b] | seq_lens [b] | block tables [b, width] | source rows
+        # [b] (EarlierTokens: which earlier sampled id each row takes; read outside the graph)
+        tables_end = 4 * b + b * width
+        self.host = torch.zeros(tables_end + b, dtype=torch.int32, pin_memory=True)
         self.host_np = self.host.numpy()
-        self.tables_np = self.host_np[4 * b:].reshape(b, width)
+        self.tables_np = self.host_np[4 * b: tables_end].reshape(b, width)
+        self.source_rows_np = self.host_np[tables_end:]
         self.staged = torch.zeros_like(self.host, device=dev)
         self.seq_lens = self.staged[3 * b: 4 * b]
-        self.block_tables = self.staged[4 * b:].view(b, width)
+        self.block_tables = self.staged[4 * b: tables_end].view(b, width)
+        self.source_rows = self.staged[tables_end:]
+        # Recorded after each copy of `host`: the host buffer may be rewritten only once that copy ran (with async
+        # scheduling the next step is staged while this one is still queued).
+        self.copied = torch.cuda.Event()
         self._reset_padding(runner, 0)
         self.staged.copy_(self.host)
         self.meta = AttentionMetadata(
@@ -249,10 +264,11 @@ class _DecodeGraph:
             self.host_np[k * b + first_row: (k + 1) * b] = value
         self.tables_np[first_row:, 0] = runner.pad_block
 
-    def run(self, runner: ModelRunner, step: StepInput) -> torch.Tensor:
+    def run(self, runner: ModelRunner, step: StepInput, earlier_tokens: EarlierTokens | None = None) -> torch.Tensor:
         """Replays the graph for `step` (at most batch_size decode rows); returns logits of all padded rows."""
         n = len(step.query_lens)
         b, bs = self.batch_size, runner.block_size
+        self.copied.synchronize()
         h = self.host_np
         h[:n] = step.token_ids
         h[b: b + n] = step.positions
@@ -262,6 +278,11 @@ class _DecodeGraph:
         for row, table in enumerate(step.block_tables):
             self.tables_np[row, : len(table)] = table
         self._reset_padding(runner, n)
+        if earlier_tokens is not None:
+            self.source_rows_np[:n] = earlier_tokens.source_rows
         self.staged.copy_(self.host, non_blocking=True)
+        self.copied.record()
+        if earlier_tokens is not None:
+            self.staged[:n].copy_(earlier_tokens.gather(runner.device, self.source_rows[:n].long()))
         self.graph.replay()
         return self.logits

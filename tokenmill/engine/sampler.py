@@ -22,13 +22,14 @@ recomputed draws the same tokens again. Unseeded requests share one generator pe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from tokenmill.engine.outputs import Logprob, TokenLogprobs
-from tokenmill.engine.request import Request
+from tokenmill.engine.request import PLACEHOLDER_TOKEN, Request
 from tokenmill.sampling_params import SamplingParams
 
 # Temperatures below this are treated as greedy: dividing by them would overflow the logits.
@@ -41,6 +42,67 @@ class SamplerOutput(NamedTuple):
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]  # None where the request did not ask for logprobs, or the row is corrupted
     corrupted: list[bool]  # the row's logits held NaN/inf: fail the request, ignore its token
+
+
+@dataclass(frozen=True)
+class EarlierTokens:
+    """The previous step's sampled ids, still on the device, for a decode step planned before they reached the host
+    (async scheduling): row r of that step takes token_ids[source_rows[r]] as its input id, where its request
+    holds PLACEHOLDER_TOKEN. Decode steps sample every row, so the sampler's rows are the step's rows."""
+
+    token_ids: torch.Tensor  # [rows of the earlier step], on the device
+    source_rows: list[int]
+
+    def gather(self, device: torch.device, source_rows: torch.Tensor | None = None) -> torch.Tensor:
+        if source_rows is None:
+            source_rows = torch.tensor(self.source_rows, dtype=torch.long).to(device, non_blocking=True)
+        return self.token_ids.index_select(0, source_rows)
+
+
+def _to_host_async(tensor: Tensor) -> Tensor:
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+class PendingSample:
+    """A step's tokens on their way to the host (Sampler.launch). `token_ids` stays on the device, where the next
+    step may read its input ids from it before the host has them."""
+
+    def __init__(self, requests: list[Request], token_ids: Tensor | None, corrupted: Tensor | None,
+                 logprobs: "_DeviceLogprobs | None") -> None:
+        self.requests, self.token_ids, self._logprobs = requests, token_ids, logprobs
+        self._output: SamplerOutput | None = None
+        self._copied: torch.cuda.Event | None = None
+        self._host: Tensor | None = None
+        if token_ids is None:
+            self._output = SamplerOutput([], [], [])
+            return
+        # One device-to-host copy for both (on a GPU each .tolist() is a synchronisation); started now, waited for
+        # in result(), so the host can plan the next step meanwhile.
+        stacked = torch.stack([token_ids, corrupted.to(token_ids.dtype)])
+        if stacked.device.type == "cuda":
+            self._host = _to_host_async(stacked)
+            if logprobs is not None:
+                self._logprobs = logprobs._replace(
+                    sampled=_to_host_async(logprobs.sampled),
+                    sampled_logprob=_to_host_async(logprobs.sampled_logprob),
+                    sampled_rank=_to_host_async(logprobs.sampled_rank),
+                    top=logprobs.top and tuple(_to_host_async(t) for t in logprobs.top),
+                )
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host = stacked
+
+    def result(self) -> SamplerOutput:
+        if self._output is None:
+            if self._copied is not None:
+                self._copied.synchronize()
+            token_list, corrupted_ints = self._host.tolist()
+            corrupted_list = [bool(c) for c in corrupted_ints]
+            logprobs = Sampler._logprobs(self._logprobs, len(self.requests), corrupted_list)
+            self._output = SamplerOutput(token_list, logprobs, corrupted_list)
+        return self._output
 
 
 def is_greedy(params: SamplingParams) -> bool:
@@ -98,11 +160,12 @@ def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
-def apply_top_k(logits: Tensor, top_k: Tensor) -> Tensor:
-    """Keep the k largest logits per row (0 = disabled), in vocabulary order. Tokens tied with the k-th are kept."""
+def apply_top_k(logits: Tensor, top_k: Tensor, k_max: int | None = None) -> Tensor:
+    """Keep the k largest logits per row (0 = disabled), in vocabulary order. Tokens tied with the k-th are kept.
+    k_max: the largest k if the caller knows it (reading it from `top_k` on a GPU waits for the device)."""
     vocab_size = logits.shape[-1]
     k = top_k.clamp(1, vocab_size)
-    k_max = int(k.max())
+    k_max = min(max(k_max, 1), vocab_size) if k_max is not None else int(k.max())
     kth_value = logits.topk(k_max, dim=-1).values.gather(1, (k - 1).unsqueeze(1))
     kth_value = kth_value.masked_fill((top_k <= 0).unsqueeze(1), float("-inf"))
     return logits.masked_fill(logits < kth_value, float("-inf"))
@@ -177,21 +240,28 @@ class Sampler:
             raise ValueError(f"logprobs={params.logprobs} exceeds the server's max_logprobs={self.max_logprobs}")
 
     def sample(self, logits: Tensor, requests: list[Request]) -> SamplerOutput:
+        return self.launch(logits, requests).result()
+
+    def launch(self, logits: Tensor, requests: list[Request], earlier_tokens: EarlierTokens | None = None
+               ) -> "PendingSample":
+        """Queues the sampling of one token per row on the logits' device and starts their copy to the host;
+        result() waits for it. Every read of `logits` is queued here, so the caller may reuse the logits' memory (a
+        CUDA graph's output) for later work on the same stream."""
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits must be [num_requests={len(requests)}, vocab], got {tuple(logits.shape)}")
         if not logits.is_floating_point():
             raise ValueError(f"logits must be floating point, got {logits.dtype}")
-        if not requests:
-            return SamplerOutput([], [], [])
         for request in requests:
             self.validate(request.sampling_params)
+        if not requests:
+            return PendingSample(requests, None, None, None)
         logits = logits.float()
         device = logits.device
         # A finite row has a finite sum (real logits are far below float32's range); NaN/inf poison it.
         # Every later step is row-wise, so a bad row cannot leak into its neighbours.
         corrupted = ~logits.sum(dim=-1).isfinite()
 
-        logits = self._penalise(logits, requests)
+        logits = self._penalise(logits, requests, earlier_tokens)
 
         greedy_rows = [i for i, r in enumerate(requests) if is_greedy(r.sampling_params)]
         sampled_rows = [i for i, r in enumerate(requests) if not is_greedy(r.sampling_params)]
@@ -204,16 +274,12 @@ class Sampler:
             index = torch.tensor(sampled_rows, device=device)
             sampled = self._sample_rows(logits.index_select(0, index), [requests[i] for i in sampled_rows])
             token_ids.index_copy_(0, index, sampled)
-
-        # One device-to-host copy (and wait) for both: on a GPU each .tolist() is a synchronisation.
-        token_list, corrupted_ints = torch.stack([token_ids, corrupted.to(token_ids.dtype)]).tolist()
-        corrupted_list = [bool(c) for c in corrupted_ints]
-        logprobs = self._logprobs(logits, token_ids, requests, corrupted_list)
-        return SamplerOutput(token_list, logprobs, corrupted_list)
+        logprobs = self._logprobs_on_device(logits, token_ids, requests)
+        return PendingSample(requests, token_ids, corrupted, logprobs)
 
     # -- stage 2: penalties and min_tokens -------------------------------------------------------------------------
 
-    def _penalise(self, logits: Tensor, requests: list[Request]) -> Tensor:
+    def _penalise(self, logits: Tensor, requests: list[Request], earlier_tokens: EarlierTokens | None) -> Tensor:
         device, vocab_size = logits.device, logits.shape[-1]
         penalty_rows = [i for i, r in enumerate(requests) if has_penalties(r.sampling_params)]
         blocked: list[tuple[int, int]] = []  # (row, token) pairs min_tokens forbids this step
@@ -231,7 +297,17 @@ class Sampler:
             params = [r.sampling_params for r in rows]
             needs_prompt = any(p.repetition_penalty != 1.0 for p in params)
             prompt_ids = pad_token_ids([r.prompt_token_ids if needs_prompt else [] for r in rows], vocab_size, device)
-            output_ids = pad_token_ids([r.output_token_ids for r in rows], vocab_size, device)
+            outputs = [r.output_token_ids for r in rows]
+            # A placeholder's id is still on the device: pad on the host, then copy it in from there.
+            holes = [(j, len(ids) - 1, earlier_tokens.source_rows[i])
+                     for j, (i, ids) in enumerate(zip(penalty_rows, outputs))
+                     if earlier_tokens is not None and ids and ids[-1] == PLACEHOLDER_TOKEN]
+            if holes:
+                outputs = [ids[:-1] + [vocab_size] if ids and ids[-1] == PLACEHOLDER_TOKEN else ids for ids in outputs]
+            output_ids = pad_token_ids(outputs, vocab_size, device)
+            if holes:
+                row, column, source = torch.tensor(holes, dtype=torch.int64).to(device).unbind(1)
+                output_ids[row, column] = earlier_tokens.token_ids.index_select(0, source).to(torch.int64)
             index = torch.tensor(penalty_rows, device=device)
             penalised = apply_penalties(
                 logits.index_select(0, index),
@@ -260,7 +336,9 @@ class Sampler:
         top_p = torch.tensor([p.top_p for p in params], device=device) if uses_top_p else None
 
         candidates, candidate_ids = logits, None  # None: candidates are the whole vocabulary, in order
-        if uses_top_k and all(k > 0 for k in top_ks) and max(top_ks) < vocab_size:
+        # The top-k candidates' tie check reads a value back: on a GPU that would wait for the device (and stall
+        # async scheduling), so there the mask or full-sort paths below draw from the same distribution instead.
+        if uses_top_k and all(k > 0 for k in top_ks) and max(top_ks) < vocab_size and device.type == "cpu":
             candidates, candidate_ids = logits.topk(max(top_ks), dim=-1)
             kth_value = candidates.gather(1, (top_k - 1).unsqueeze(1))
             # Top-k keeps ties with the k-th value; if a tie runs past the candidates, sort everything instead so
@@ -270,7 +348,7 @@ class Sampler:
         elif uses_top_p:
             candidates, candidate_ids = logits.sort(dim=-1, descending=True, stable=True)
         elif uses_top_k:
-            candidates = apply_top_k(logits, top_k)
+            candidates = apply_top_k(logits, top_k, max(top_ks))
 
         candidates = candidates / torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
         if any(p.min_p > 0.0 for p in params):
@@ -317,37 +395,57 @@ class Sampler:
 
     # -- stage 3: logprobs -----------------------------------------------------------------------------------------
 
-    def _logprobs(
-        self, logits: Tensor, token_ids: Tensor, requests: list[Request], corrupted: list[bool]
-    ) -> list[TokenLogprobs | None]:
-        result: list[TokenLogprobs | None] = [None] * len(requests)
-        rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None and not corrupted[i]]
+    def _logprobs_on_device(self, logits: Tensor, token_ids: Tensor, requests: list[Request]
+                            ) -> "_DeviceLogprobs | None":
+        """Queues the logprob tensors of the rows that ask for them (no host synchronisation)."""
+        rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
         if not rows:
-            return result
+            return None
         vocab_size = logits.shape[-1]
         index = torch.tensor(rows, device=logits.device)
         logprobs = logits.index_select(0, index).log_softmax(dim=-1)
         sampled = token_ids.index_select(0, index)
-        sampled_logprob = logprobs.gather(1, sampled.unsqueeze(1))
-        sampled_rank = (logprobs > sampled_logprob).sum(dim=-1) + 1
+        sampled_logprob = logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)
+        sampled_rank = (logprobs > sampled_logprob.unsqueeze(1)).sum(dim=-1) + 1
         num_top = [min(requests[i].sampling_params.logprobs or 0, vocab_size) for i in rows]
-        k_max = max(num_top)
-        top_values: list[list[float]] = [[] for _ in rows]
-        top_ids: list[list[int]] = [[] for _ in rows]
-        top_ranks: list[list[int]] = [[] for _ in rows]
-        if k_max > 0:
-            top = logprobs.topk(k_max, dim=-1)
+        top = None
+        if max(num_top) > 0:
+            values, ids = logprobs.topk(max(num_top), dim=-1)
             # Rank = 1 + number of strictly larger logprobs; all of those are inside the top-k, so searchsorted
             # over the (ascending) negated top-k values finds it without touching the vocabulary again.
-            negated = -top.values
-            ranks = torch.searchsorted(negated, negated, side="left") + 1
-            top_values, top_ids, top_ranks = top.values.tolist(), top.indices.tolist(), ranks.tolist()
+            negated = -values
+            top = (values, ids, torch.searchsorted(negated, negated, side="left") + 1)
+        return _DeviceLogprobs(rows, num_top, sampled, sampled_logprob, sampled_rank, top)
+
+    @staticmethod
+    def _logprobs(device_logprobs: "_DeviceLogprobs | None", num_rows: int, corrupted: list[bool]
+                  ) -> list[TokenLogprobs | None]:
+        result: list[TokenLogprobs | None] = [None] * num_rows
+        if device_logprobs is None:
+            return result
+        d = device_logprobs
+        top_values: list[list[float]] = [[] for _ in d.rows]
+        top_ids: list[list[int]] = [[] for _ in d.rows]
+        top_ranks: list[list[int]] = [[] for _ in d.rows]
+        if d.top is not None:
+            top_values, top_ids, top_ranks = (t.tolist() for t in d.top)
         for j, (row, token, value, rank) in enumerate(
-            zip(rows, sampled.tolist(), sampled_logprob.squeeze(1).tolist(), sampled_rank.tolist())
+            zip(d.rows, d.sampled.tolist(), d.sampled_logprob.tolist(), d.sampled_rank.tolist())
         ):
+            if corrupted[row]:
+                continue
             entry: TokenLogprobs = {token: Logprob(logprob=value, rank=rank)}
-            for top_id, top_value, top_rank in zip(top_ids[j][: num_top[j]], top_values[j], top_ranks[j]):
+            for top_id, top_value, top_rank in zip(top_ids[j][: d.num_top[j]], top_values[j], top_ranks[j]):
                 if top_id not in entry:
                     entry[top_id] = Logprob(logprob=top_value, rank=top_rank)
             result[row] = entry
         return result
+
+
+class _DeviceLogprobs(NamedTuple):
+    rows: list[int]  # the rows that asked for logprobs
+    num_top: list[int]  # top logprobs each of them asked for
+    sampled: Tensor
+    sampled_logprob: Tensor
+    sampled_rank: Tensor
+    top: tuple[Tensor, Tensor, Tensor] | None  # values, ids, ranks of the widest ask

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 from tokenmill.engine.outputs import SchedulerStats
-from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.request import PLACEHOLDER_TOKEN, Request, RequestStatus
 from tokenmill.kv.manager import KVCacheManager
 
 if TYPE_CHECKING:  # config.py imports torch; the scheduler must stay importable without it
@@ -234,17 +234,93 @@ class Scheduler:
         for s in live:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
-            self._stat_prompt_tokens += max(0, min(s.seq_len, req.num_prompt_tokens) - s.num_computed_tokens)
-            status = None
+            token = None
             if s.samples:
                 token = sampled_token_ids[req.request_id]
                 req.append_output_token(token)
-                self._stat_generation_tokens += 1
-                status = self._check_stop(req, token)
-            self.kv.cache_full_blocks(req, now)
-            if status is not None:
-                self.running.remove(req)
-                self._finish(req, status, now)
+            if self._settle(s, token, now):
+                finished.append(req)
+        return finished
+
+    def _settle(self, s: ScheduledRequest, token: int | None, now: float | None) -> bool:
+        """The rest of a step's update once its progress and token are on the request: statistics, newly full
+        blocks into the prefix cache, stop checks. Returns whether the request finished."""
+        req = s.request
+        self._stat_prompt_tokens += max(0, min(s.seq_len, req.num_prompt_tokens) - s.num_computed_tokens)
+        status = None
+        if token is not None:
+            self._stat_generation_tokens += 1
+            status = self._check_stop(req, token)
+        self.kv.cache_full_blocks(req, now)
+        if status is None:
+            return False
+        self.running.remove(req)
+        self._finish(req, status, now)
+        return True
+
+    # ---- planning a decode step before the previous step's tokens are known (async scheduling) ----------------
+
+    def advance_ahead(self, scheduler_output: SchedulerOutput) -> list[Request]:
+        """Step N (`scheduler_output`) is on the device and every live request in it samples: count its tokens as
+        computed and give each a placeholder output token, so step N+1 can be planned before the sampled ids reach
+        the host. Returns, in batch order, the requests that may decode again (those not at a length limit, which
+        finish whatever they sample). resolve_ahead must follow with step N's tokens before anything else reads
+        the requests' tokens or changes the scheduler's state."""
+        live = [s for s in scheduler_output.scheduled if s.request.status is RequestStatus.RUNNING]
+        for s in live:
+            if s.request.num_computed_tokens != s.num_computed_tokens or not s.samples:
+                raise RuntimeError(f"request {s.request.request_id}: step {scheduler_output.step} cannot run ahead")
+        again: list[Request] = []
+        for s in live:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            req.append_output_token(PLACEHOLDER_TOKEN)
+            if req.num_output_tokens < req.max_tokens and req.num_tokens < self.config.max_model_len:
+                again.append(req)
+        return again
+
+    def schedule_ahead(self, requests: list[Request], now: float | None = None) -> SchedulerOutput | None:
+        """A decode step of one token for each of `requests` (from advance_ahead), if it is the step schedule()
+        would plan once their tokens are known: nobody waiting to be admitted, the batch within the token budget,
+        and room in the KV cache without preempting anyone. None otherwise, changing nothing."""
+        if self.waiting or not requests or len(requests) > self.config.max_num_batched_tokens:
+            return None
+        needed = sum(max(0, self.kv.num_blocks_needed(r.num_computed_tokens + 1) - len(r.block_ids))
+                     for r in requests)
+        if needed > self.kv.num_available_blocks:
+            return None
+        for req in requests:
+            if not self.kv.allocate_slots(req, 1, now=now):
+                raise RuntimeError(f"request {req.request_id}: no KV slot although {needed} blocks were available")
+        self._step += 1
+        finished_ids, self._finished_ids = self._finished_ids, set()
+        return SchedulerOutput(
+            scheduled=[self._scheduled(req, 1) for req in requests],
+            num_batched_tokens=len(requests),
+            finished_request_ids=finished_ids,
+            step=self._step,
+        )
+
+    def resolve_ahead(
+        self, scheduler_output: SchedulerOutput, sampled_token_ids: Mapping[str, int], now: float | None = None
+    ) -> list[Request]:
+        """Step N's sampled ids replace advance_ahead's placeholders; what update_from_output does after appending
+        them follows (cached full blocks, stop checks). A live request without an id (its row was corrupted) loses
+        its placeholder and the step's progress; the caller finishes it. Returns the requests finished here."""
+        finished: list[Request] = []
+        for s in scheduler_output.scheduled:
+            req = s.request
+            if req.status is not RequestStatus.RUNNING:
+                continue
+            if req.num_computed_tokens != s.seq_len or req.output_token_ids[-1] != PLACEHOLDER_TOKEN:
+                raise RuntimeError(f"request {req.request_id}: step {scheduler_output.step} was not run ahead")
+            token = sampled_token_ids.get(req.request_id)
+            if token is None:
+                req.output_token_ids.pop()
+                req.num_computed_tokens = s.num_computed_tokens
+                continue
+            req.output_token_ids[-1] = token
+            if self._settle(s, token, now):
                 finished.append(req)
         return finished
 

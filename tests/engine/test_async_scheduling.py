@@ -1,0 +1,190 @@
+"""Async scheduling: the engine launches decode step N+1 before step N's tokens reach the host (its input ids come
+from N's sampled ids on the device). On the CPU nothing overlaps, but the path is the same, so these tests force it
+on and hold it to the synchronous engine's outputs exactly: tokens, finish reasons, stop strings, logprobs, aborts,
+NaN rows, preemption, and blocks returned."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.llm import make_engine_config
+from tokenmill.sampling_params import SamplingParams
+
+from tests.engine.test_engine import assert_no_leaks, prompts
+
+
+def make_engine(model, async_scheduling: str, **kw) -> LLMEngine:
+    kw.setdefault("max_model_len", 256)
+    kw.setdefault("dtype", "float32")
+    kw.setdefault("device", "cpu")
+    return LLMEngine(make_engine_config(str(model), async_scheduling=async_scheduling, **kw))
+
+
+def count_steps_ahead(engine: LLMEngine) -> list[int]:
+    """Wraps the scheduler so the test sees how many steps were planned ahead: [planned, refused]."""
+    counts = [0, 0]
+    schedule_ahead = engine.scheduler.schedule_ahead
+
+    def counted(requests, now=None):
+        out = schedule_ahead(requests, now)
+        counts[out is None] += 1
+        return out
+
+    engine.scheduler.schedule_ahead = counted
+    return counts
+
+
+def run(engine: LLMEngine, waves: list[list[tuple[list[int], SamplingParams]]], steps_between: int = 3) -> dict:
+    """Adds each wave of requests `steps_between` steps after the previous; returns id -> final output."""
+    final = {}
+    for k, wave in enumerate(waves):
+        for i, (prompt, params) in enumerate(wave):
+            engine.add_request(prompt, params, request_id=f"wave{k}-{i}")
+        for _ in range(steps_between if k + 1 < len(waves) else 10**6):
+            if not engine.has_unfinished_requests():
+                break
+            for out in engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+    assert_no_leaks(engine)
+    return final
+
+
+def summary(outs: dict) -> dict:
+    """What must match; logprobs to 4 decimals (a request admitted a step later shares its batches with other
+    requests, which moves float32 sums in the last bits)."""
+    def rounded(logprobs):
+        return logprobs and [{t: (round(lp.logprob, 4), lp.rank) for t, lp in entry.items()} for entry in logprobs]
+
+    return {rid: [(c.token_ids, c.finish_reason, c.stop_reason, c.text, rounded(c.logprobs)) for c in out.outputs]
+            for rid, out in outs.items()}
+
+
+def mixed_workload(sync_tokens: list[list[int]]) -> list[tuple[list[int], SamplingParams]]:
+    """Requests that stop on a token, on a string, by length, with penalties, logprobs, n = 2, min_tokens and
+    seeded sampling; the stops are picked from a first synchronous greedy run so that they fire mid-generation."""
+    ps = prompts(8, seed=3)
+    greedy = dict(temperature=0.0, max_tokens=24, ignore_eos=True)
+    params = [
+        SamplingParams(**greedy),
+        SamplingParams(**dict(greedy, max_tokens=24), stop_token_ids=[sync_tokens[1][6]]),
+        SamplingParams(**greedy, stop=[f"<{sync_tokens[2][9]}>"]),
+        SamplingParams(temperature=0.9, top_k=20, seed=11, max_tokens=17, n=2),
+        SamplingParams(**greedy, repetition_penalty=1.3, presence_penalty=0.5),
+        SamplingParams(**greedy, logprobs=3),
+        SamplingParams(**dict(greedy, max_tokens=5), min_tokens=3, stop_token_ids=[sync_tokens[6][0]]),
+        SamplingParams(temperature=1.0, top_p=0.8, seed=5, max_tokens=30),
+    ]
+    return list(zip(ps, params))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(),
+        dict(max_num_batched_tokens=24),  # chunked prefills mixed with decodes
+        dict(num_blocks=24, block_size=4),  # preemption by recompute
+        dict(max_num_seqs=3),
+    ],
+    ids=["batched", "chunked", "preempt", "few-seqs"],
+)
+def test_async_scheduling_gives_the_synchronous_outputs(tiny_model_dir, config):
+    plain = make_engine(tiny_model_dir, "off", **config)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    first = plain.generate_blocking(prompts(8, seed=3), greedy)
+    workload = mixed_workload([o.outputs[0].token_ids for o in first])
+    waves = [workload[:5], workload[5:]]
+    expected = summary(run(make_engine(tiny_model_dir, "off", **config), waves))
+    engine = make_engine(tiny_model_dir, "on", **config)
+    planned = count_steps_ahead(engine)
+    got = summary(run(engine, waves))
+    assert got == expected
+    assert {o[1] for outs in got.values() for o in outs} >= {"stop", "length"}
+    assert planned[0] > 10, planned  # most decode steps went out before their predecessor's tokens were read
+
+
+def test_abort_while_a_step_is_in_flight(tiny_model_dir):
+    results = {}
+    for mode in ("off", "on"):
+        engine = make_engine(tiny_model_dir, mode)
+        params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+        ids = [engine.add_request(p, params) for p in prompts(4)]
+        for _ in range(5):
+            engine.step()
+        (aborted,) = engine.abort_request(ids[1])
+        assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
+        finals = {ids[1]: aborted}
+        while engine.has_unfinished_requests():
+            finals.update({o.request_id: o for o in engine.step() if o.finished})
+        assert_no_leaks(engine)
+        results[mode] = [(finals[i].outputs[0].token_ids, finals[i].outputs[0].finish_reason) for i in ids]
+    assert results["on"] == results["off"]
+    assert len(results["on"][1][0]) == 5  # the token of the step in flight at the abort is dropped
+
+
+def test_aborting_everyone_leaves_no_step_in_flight(tiny_model_dir):
+    engine = make_engine(tiny_model_dir, "on")
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)) for p in prompts(2)]
+    for _ in range(3):
+        engine.step()
+    assert engine._ahead is not None
+    for i in ids:
+        engine.abort_request(i)
+    assert engine._ahead is None and not engine.has_unfinished_requests()
+    assert_no_leaks(engine)
+    (out,) = engine.generate_blocking(prompts(1), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out.outputs[0].token_ids) == 4
+
+
+def test_nan_logits_fail_only_that_request(tiny_model_dir):
+    engine = make_engine(tiny_model_dir, "on")
+    compute_logits = engine.model.compute_logits
+    calls = [0]
+
+    def poisoned(hidden):
+        logits = compute_logits(hidden)
+        calls[0] += 1
+        if calls[0] == 4:
+            logits[1] = float("nan")
+        return logits
+
+    engine.model.compute_logits = poisoned
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = engine.generate_blocking(prompts(3), params)
+    reasons = [o.outputs[0].finish_reason for o in outs]
+    assert sorted(reasons) == ["error", "length", "length"]
+    failed = outs[reasons.index("error")].outputs[0]
+    assert len(failed.token_ids) == 3 and -1 not in failed.token_ids  # no placeholder leaks into an output
+    assert_no_leaks(engine)
+
+
+def test_async_scheduling_setting_is_checked_and_defaults_off_on_the_cpu(tiny_model_dir):
+    with pytest.raises(ValueError, match="async_scheduling"):
+        make_engine_config(str(tiny_model_dir), async_scheduling="sometimes")
+    assert not make_engine(tiny_model_dir, "auto").async_scheduling
+    assert make_engine(tiny_model_dir, "on").async_scheduling
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CUDA graphs, a device that runs ahead)")
+def test_async_scheduling_on_the_gpu_gives_the_synchronous_tokens(tmp_path):
+    from tokenmill.models.random_weights import make_random_model_dir
+
+    shape = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, head_dim=64, max_position_embeddings=512, rms_norm_eps=1e-5,
+                 tie_word_embeddings=True)
+    model_dir = make_random_model_dir(tmp_path / "m", shape, dtype=torch.bfloat16, std=0.2)
+    config = dict(dtype="bfloat16", device="cuda", max_num_seqs=16, num_blocks=256)
+    # One wave, so both engines run the same batches step by step (the decode batch shrinks 12 -> 1 as requests
+    # reach their lengths: graphs of 16, 8, 4, 2, 1). A request arriving mid-run would join a step later with async
+    # scheduling, and on the GPU a different batch (or a mixed prefill step on the eager model) rounds bf16
+    # differently, so free-running greedy tokens may part ways: the CPU tests cover arrivals.
+    wave = [(p, SamplingParams(temperature=0.0, max_tokens=20 + 5 * i, ignore_eos=True))
+            for i, p in enumerate(prompts(12, seed=1))]
+    expected = summary(run(make_engine(model_dir, "off", **config), [wave]))
+    engine = make_engine(model_dir, "auto", **config)
+    assert engine.async_scheduling and engine.runner.graphs
+    planned = count_steps_ahead(engine)
+    assert summary(run(engine, [wave])) == expected
+    assert planned[0] > 60, planned
