@@ -69,7 +69,7 @@ def main() -> None:
         sched = engine.scheduler.schedule()
         scheduled = [(s.request, s.num_new_tokens) for s in sched.scheduled]
         t1 = time.perf_counter()
-        rows, logits = runner.execute(scheduled)
+        rows, logits, _ = runner.execute(scheduled)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         reqs = [scheduled[r][0] for r in rows]

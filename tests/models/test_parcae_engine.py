@@ -186,7 +186,7 @@ def test_model_runner_mixed_steps_with_per_request_seeds(model):
     seeds = {"a": 21, "b": 22}
     checked = 0
     for step in ([(a, 6)], [(a, 1), (b, 7)], [(a, 1), (b, 4)], [(a, 1), (b, 1)], [(a, 1), (b, 1)]):
-        rows, logits = runner.execute(step)
+        rows, logits, _ = runner.execute(step)
         for row, lg in zip(rows, logits):
             req = step[row][0]
             pos = req.num_tokens - 1

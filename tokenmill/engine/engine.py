@@ -289,11 +289,11 @@ class LLMEngine:
         scheduled = [(s.request, s.num_new_tokens) for s in sched.scheduled]
         if not scheduled:
             return _LaunchedStep(sched, [], None)
-        rows, logits = self.runner.execute(scheduled, earlier_tokens)
-        if not rows:
+        step = self.runner.execute(scheduled, earlier_tokens)
+        if not step.rows:
             return _LaunchedStep(sched, [], None)
-        requests = [scheduled[r][0] for r in rows]
-        return _LaunchedStep(sched, requests, self.sampler.launch(logits, requests, earlier_tokens))
+        requests = [scheduled[r][0] for r in step.rows]
+        return _LaunchedStep(sched, requests, self.sampler.launch(step.logits, requests, earlier_tokens, step.greedy))
 
     def _launch_ahead(self, launched: _LaunchedStep) -> _LaunchedStep | None:
         """Plans and launches the decode step after `launched` while its tokens are still on the device, where that

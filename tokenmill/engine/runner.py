@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from tokenmill.engine.request import Request
-from tokenmill.engine.sampler import EarlierTokens
+from tokenmill.engine.sampler import EarlierTokens, greedy_pick
 from tokenmill.layers.attention_metadata import AttentionMetadata
 
 
@@ -31,6 +31,15 @@ class StepInput:
     sample_rows: list[int]  # index (into scheduled) of each sequence that samples this step
     sample_token_index: list[int]  # flat token index whose hidden state gives that sequence's logits
     state_seeds: list[int] | None = None  # per sequence, for looped models with a seeded state (Parcae)
+
+
+class StepLogits(NamedTuple):
+    rows: list[int]  # rows of the step's scheduled requests that sample
+    logits: torch.Tensor | None  # their float32 logits [len(rows), vocab]
+    # From a CUDA graph: each row's greedy token and whether its logits hold NaN/inf, [len(rows), 2] int64, computed
+    # inside the graph (Sampler.launch uses it where every row is plain greedy). A view of the graph's output:
+    # valid until the graph replays again.
+    greedy: torch.Tensor | None = None
 
 
 def build_step_input(scheduled: list[tuple[Request, int]]) -> StepInput:
@@ -127,15 +136,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]], earlier_tokens: EarlierTokens | None = None
-                ) -> tuple[list[int], torch.Tensor | None]:
-        """Runs one step. Returns (rows of `scheduled` that sample, their float32 logits [len(rows), vocab]).
+                ) -> StepLogits:
+        """Runs one step: the rows of `scheduled` that sample and their logits (StepLogits).
         earlier_tokens: a decode step planned before the previous step's tokens reached the host; its input ids
         come from that step's sampled ids on the device (the host's are placeholders)."""
         step = build_step_input(scheduled)
         if earlier_tokens is not None and any(q != 1 for q in step.query_lens):
             raise ValueError("only decode steps take their input ids from an earlier step's tokens")
         if not step.sample_rows and not step.token_ids:
-            return [], None
+            return StepLogits([], None)
         is_decode = all(q == 1 for q in step.query_lens)
         longest = max(step.seq_lens, default=0)
         model = self._model_for(len(step.query_lens), longest) if is_decode else self.model
@@ -145,7 +154,9 @@ class ModelRunner:
             logits = graph.run(self, step, earlier_tokens)
             n = len(step.query_lens)
             rows = step.sample_rows
-            return rows, logits[:n] if len(rows) == n else logits[rows]
+            if len(rows) == n:
+                return StepLogits(rows, logits[:n], graph.greedy[:n])
+            return StepLogits(rows, logits[rows])
         else:
             meta = AttentionMetadata.build(
                 step.query_lens, step.seq_lens, step.block_tables, self.block_size, self.device, step.state_seeds
@@ -156,11 +167,11 @@ class ModelRunner:
             positions = torch.tensor(step.positions, dtype=torch.long).to(self.device, non_blocking=True)
             hidden = model(input_ids, positions, self.kv_cache, meta)
             if not step.sample_rows:
-                return [], None
+                return StepLogits([], None)
             index = torch.tensor(step.sample_token_index, dtype=torch.long).to(self.device, non_blocking=True)
             sample_hidden = hidden.index_select(0, index)
         logits = model.compute_logits(sample_hidden)
-        return step.sample_rows, logits
+        return StepLogits(step.sample_rows, logits)
 
     def _model_for(self, decode_batch_size: int, longest: int | None = None):
         """The first decode model that serves this batch size and, where it limits the context, the step's longest
@@ -247,6 +258,7 @@ class _DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.logits = self._forward(model, runner)
+            self.greedy = greedy_pick(self.logits)
 
     def _forward(self, model, runner: ModelRunner) -> torch.Tensor:
         b = self.batch_size

@@ -50,7 +50,10 @@ class EarlierTokens:
     (async scheduling): row r of that step takes token_ids[source_rows[r]] as its input id, where its request
     holds PLACEHOLDER_TOKEN. Decode steps sample every row, so the sampler's rows are the step's rows."""
 
-    token_ids: torch.Tensor  # [rows of the earlier step], on the device
+    # [rows of the earlier step], on the device; may view a CUDA graph's output (StepLogits.greedy), so it is read
+    # only by work queued before that graph's next replay: the runner's gather, and the penalties of rows whose
+    # earlier step was not plain greedy (the same requests, so their ids came from the sampler)
+    token_ids: torch.Tensor
     source_rows: list[int]
 
     def gather(self, device: torch.device, source_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,20 +71,20 @@ class PendingSample:
     """A step's tokens on their way to the host (Sampler.launch). `token_ids` stays on the device, where the next
     step may read its input ids from it before the host has them."""
 
-    def __init__(self, requests: list[Request], token_ids: Tensor | None, corrupted: Tensor | None,
-                 logprobs: "_DeviceLogprobs | None") -> None:
-        self.requests, self.token_ids, self._logprobs = requests, token_ids, logprobs
+    def __init__(self, requests: list[Request], picked: Tensor | None, logprobs: "_DeviceLogprobs | None") -> None:
+        """picked: [rows, 2] int64, each row's token and 1 where its logits were corrupted."""
+        self.requests, self._logprobs = requests, logprobs
+        self.token_ids = picked[:, 0] if picked is not None else None
         self._output: SamplerOutput | None = None
         self._copied: torch.cuda.Event | None = None
         self._host: Tensor | None = None
-        if token_ids is None:
+        if picked is None:
             self._output = SamplerOutput([], [], [])
             return
-        # One device-to-host copy for both (on a GPU each .tolist() is a synchronisation); started now, waited for
-        # in result(), so the host can plan the next step meanwhile.
-        stacked = torch.stack([token_ids, corrupted.to(token_ids.dtype)])
-        if stacked.device.type == "cuda":
-            self._host = _to_host_async(stacked)
+        # One device-to-host copy for tokens and flags (on a GPU each .tolist() is a synchronisation); started now,
+        # waited for in result(), so the host can plan the next step meanwhile.
+        if picked.device.type == "cuda":
+            self._host = _to_host_async(picked)
             if logprobs is not None:
                 self._logprobs = logprobs._replace(
                     sampled=_to_host_async(logprobs.sampled),
@@ -92,14 +95,15 @@ class PendingSample:
             self._copied = torch.cuda.Event()
             self._copied.record()
         else:
-            self._host = stacked
+            self._host = picked
 
     def result(self) -> SamplerOutput:
         if self._output is None:
             if self._copied is not None:
                 self._copied.synchronize()
-            token_list, corrupted_ints = self._host.tolist()
-            corrupted_list = [bool(c) for c in corrupted_ints]
+            rows = self._host.tolist()
+            token_list = [token for token, _ in rows]
+            corrupted_list = [bool(bad) for _, bad in rows]
             logprobs = Sampler._logprobs(self._logprobs, len(self.requests), corrupted_list)
             self._output = SamplerOutput(token_list, logprobs, corrupted_list)
         return self._output
@@ -107,6 +111,13 @@ class PendingSample:
 
 def is_greedy(params: SamplingParams) -> bool:
     return params.temperature < GREEDY_TEMPERATURE
+
+
+def is_plain_greedy(request: Request) -> bool:
+    """Its token is the argmax of the raw logits: greedy, no penalties, no min_tokens masking, no logprobs."""
+    params = request.sampling_params
+    return (is_greedy(params) and not has_penalties(params) and params.logprobs is None
+            and request.num_output_tokens >= params.min_tokens)
 
 
 def has_penalties(params: SamplingParams) -> bool:
@@ -217,6 +228,14 @@ def greedy_argmax(logits: Tensor) -> Tensor:
     return best_block * width + candidates.argmax(dim=-1)
 
 
+def greedy_pick(logits: Tensor) -> Tensor:
+    """[rows, 2] int64: each row's greedy token and 1 where its logits hold NaN/inf (what Sampler.launch computes for
+    plain greedy rows; a CUDA graph captures this after its LM head, saving the sampler's small kernels)."""
+    logits = logits.float()
+    corrupted = ~logits.sum(dim=-1).isfinite()
+    return torch.stack([greedy_argmax(logits), corrupted.long()], dim=1)
+
+
 def _step_seed(seed: int, position: int) -> int:
     """splitmix64 of (seed, output position): a well-mixed, non-negative 63-bit generator seed."""
     x = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
@@ -242,11 +261,12 @@ class Sampler:
     def sample(self, logits: Tensor, requests: list[Request]) -> SamplerOutput:
         return self.launch(logits, requests).result()
 
-    def launch(self, logits: Tensor, requests: list[Request], earlier_tokens: EarlierTokens | None = None
-               ) -> "PendingSample":
+    def launch(self, logits: Tensor, requests: list[Request], earlier_tokens: EarlierTokens | None = None,
+               greedy: Tensor | None = None) -> "PendingSample":
         """Queues the sampling of one token per row on the logits' device and starts their copy to the host;
         result() waits for it. Every read of `logits` is queued here, so the caller may reuse the logits' memory (a
-        CUDA graph's output) for later work on the same stream."""
+        CUDA graph's output) for later work on the same stream. greedy: `greedy_pick(logits)`, already computed (by
+        a CUDA graph), taken as the result where every row is plain greedy."""
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits must be [num_requests={len(requests)}, vocab], got {tuple(logits.shape)}")
         if not logits.is_floating_point():
@@ -254,7 +274,9 @@ class Sampler:
         for request in requests:
             self.validate(request.sampling_params)
         if not requests:
-            return PendingSample(requests, None, None, None)
+            return PendingSample(requests, None, None)
+        if greedy is not None and all(is_plain_greedy(r) for r in requests):
+            return PendingSample(requests, greedy, None)
         logits = logits.float()
         device = logits.device
         # A finite row has a finite sum (real logits are far below float32's range); NaN/inf poison it.
@@ -275,7 +297,7 @@ class Sampler:
             sampled = self._sample_rows(logits.index_select(0, index), [requests[i] for i in sampled_rows])
             token_ids.index_copy_(0, index, sampled)
         logprobs = self._logprobs_on_device(logits, token_ids, requests)
-        return PendingSample(requests, token_ids, corrupted, logprobs)
+        return PendingSample(requests, torch.stack([token_ids, corrupted.to(token_ids.dtype)], dim=1), logprobs)
 
     # -- stage 2: penalties and min_tokens -------------------------------------------------------------------------
 
