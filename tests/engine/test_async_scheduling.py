@@ -27,8 +27,8 @@ def count_steps_ahead(engine: LLMEngine) -> list[int]:
     counts = [0, 0]
     schedule_ahead = engine.scheduler.schedule_ahead
 
-    def counted(requests, now=None):
-        out = schedule_ahead(requests, now)
+    def counted(now=None):
+        out = schedule_ahead(now)
         counts[out is None] += 1
         return out
 

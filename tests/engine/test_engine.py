@@ -112,8 +112,10 @@ def test_abort_mid_generation_frees_blocks(tiny_model_dir):
     assert_no_leaks(engine)
 
 
-def test_random_mix_never_leaks(tiny_model_dir):
-    engine = make_engine(tiny_model_dir, num_blocks=24, block_size=4, max_num_batched_tokens=32)
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_random_mix_never_leaks(tiny_model_dir, async_scheduling):
+    engine = make_engine(tiny_model_dir, num_blocks=24, block_size=4, max_num_batched_tokens=32,
+                         async_scheduling=async_scheduling)
     rng = random.Random(7)
     live: list[str] = []
     for step in range(120):

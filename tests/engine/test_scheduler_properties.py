@@ -173,8 +173,9 @@ def assert_reference_outputs(requests: list[Request], workload, num_blocks: int)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**RUNS, prefix=st.booleans())
 def test_planning_steps_ahead_generates_the_reference_tokens(workload, num_blocks, budget, max_num_seqs, prefix):
-    """The engine's async scheduling: after each step whose live requests all sample, plan the next one before the
-    sampled ids are known (advance_ahead / schedule_ahead), feed it the ids as the device would, then resolve."""
+    """The engine's async scheduling: after every step, plan the next one before the sampled ids are known
+    (advance_ahead / schedule_ahead: admissions and prefill chunks included, preemption never), feed it the ids as
+    the device would, then resolve."""
     kv = KVCacheManager(num_blocks, BS, prefix)
     sched = Scheduler(SchedulerConfig(max_num_seqs, budget, max_model_len=64), kv)
     model = PagedFakeModel(kv)
@@ -191,11 +192,12 @@ def test_planning_steps_ahead_generates_the_reference_tokens(workload, num_block
             launched = (out, model.forward(out))
         out, sampled = launched
         launched = None
-        live = [s for s in out.scheduled if s.request.status is RequestStatus.RUNNING]
-        if live and all(s.samples for s in live):
-            ahead = sched.schedule_ahead(sched.advance_ahead(out))
+        if any(s.request.status is RequestStatus.RUNNING for s in out.scheduled):
+            sched.advance_ahead(out)
+            ahead = sched.schedule_ahead()
             if ahead is not None:
                 assert len(ahead.scheduled) <= max_num_seqs and ahead.num_batched_tokens <= budget
+                assert not ahead.preempted
                 launched = (ahead, model.forward(ahead, earlier=sampled))
                 ahead_steps += 1
             sched.resolve_ahead(out, sampled)

@@ -264,9 +264,9 @@ class LLMEngine:
         that finished), each with its whole output so far: building them costs O(output) per request and step, which
         a caller that wants only the end need not pay.
 
-        With async scheduling, a step whose tokens are still on the device plans and launches the next decode step
-        before waiting for them (the next step reads its input ids on the device), so the host's work for one step
-        (scheduling, sampling set-up, detokenizing, stop checks) runs while the GPU computes the next."""
+        With async scheduling, while a step's tokens are still on the device the next step is planned and launched
+        (its placeholder input ids are filled on the device), so the host's work for one step (scheduling, sampling
+        set-up, detokenizing, stop checks) runs while the GPU computes the next."""
         touched: set[str] = set()
         launched, self._ahead = self._ahead, None
         if launched is None:
@@ -276,6 +276,8 @@ class LLMEngine:
             launched = self._launch(sched)
         if self.async_scheduling:
             self._ahead = self._launch_ahead(launched)
+            for req in self._ahead.sched.failed if self._ahead else ():
+                touched.add(self.outputs.parent_of(req.request_id) or req.request_id)
         outputs = self._complete(launched, touched, final_only)
         self._forget_finished_ahead()
         return outputs
@@ -296,22 +298,20 @@ class LLMEngine:
         return _LaunchedStep(sched, requests, self.sampler.launch(step.logits, requests, earlier_tokens, step.greedy))
 
     def _launch_ahead(self, launched: _LaunchedStep) -> _LaunchedStep | None:
-        """Plans and launches the decode step after `launched` while its tokens are still on the device, where that
-        gives exactly the step schedule() would plan afterwards (see Scheduler.schedule_ahead); None otherwise."""
-        sched = launched.sched
-        if launched.pending is None or self.scheduler.waiting:
+        """Plans and launches the step after `launched` while its tokens are still on the device
+        (Scheduler.schedule_ahead); None where nothing can run yet."""
+        if not any(s.request.status is RequestStatus.RUNNING for s in launched.sched.scheduled):
             return None
-        live = [s for s in sched.scheduled if s.request.status is RequestStatus.RUNNING]
-        if not live or not all(s.samples for s in live):
-            return None
-        again = self.scheduler.advance_ahead(sched)
+        self.scheduler.advance_ahead(launched.sched)
         launched.advanced = True
-        ahead = self.scheduler.schedule_ahead(again)
+        ahead = self.scheduler.schedule_ahead()
         if ahead is None:
             return None
-        row_of = {req.request_id: row for row, req in enumerate(launched.requests)}
-        source_rows = [row_of[s.request.request_id] for s in ahead.scheduled]
-        return self._launch(ahead, EarlierTokens(launched.pending.token_ids, source_rows))
+        earlier = None
+        if launched.pending is not None:
+            earlier = EarlierTokens(launched.pending.token_ids,
+                                    {req.request_id: row for row, req in enumerate(launched.requests)})
+        return self._launch(ahead, earlier)
 
     def _complete(self, launched: _LaunchedStep, touched: set[str], final_only: bool) -> list[RequestOutput]:
         """Waits for a launched step's tokens and applies them: scheduler state, outputs, stop strings."""

@@ -9,12 +9,12 @@ captured per padded batch size.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
-from tokenmill.engine.request import Request
+from tokenmill.engine.request import PLACEHOLDER_TOKEN, Request
 from tokenmill.engine.sampler import EarlierTokens, greedy_pick
 from tokenmill.layers.attention_metadata import AttentionMetadata
 
@@ -31,6 +31,8 @@ class StepInput:
     sample_rows: list[int]  # index (into scheduled) of each sequence that samples this step
     sample_token_index: list[int]  # flat token index whose hidden state gives that sequence's logits
     state_seeds: list[int] | None = None  # per sequence, for looped models with a seeded state (Parcae)
+    # (flat token index, row) of each PLACEHOLDER_TOKEN: an id the previous step sampled, still on the device
+    placeholders: list[tuple[int, int]] = field(default_factory=list)
 
 
 class StepLogits(NamedTuple):
@@ -51,6 +53,7 @@ def build_step_input(scheduled: list[tuple[Request, int]]) -> StepInput:
     sample_rows: list[int] = []
     sample_token_index: list[int] = []
     state_seeds: list[int | None] = []
+    placeholders: list[tuple[int, int]] = []
     for row, (req, num_new) in enumerate(scheduled):
         start = req.num_computed_tokens
         end = start + num_new
@@ -71,13 +74,15 @@ def build_step_input(scheduled: list[tuple[Request, int]]) -> StepInput:
         if end == req.num_tokens:
             sample_rows.append(row)
             sample_token_index.append(len(token_ids) - 1)
+            if token_ids[-1] == PLACEHOLDER_TOKEN:  # only ever a request's last token
+                placeholders.append((len(token_ids) - 1, row))
     seeds: list[int] | None = None
     if any(s is not None for s in state_seeds):
         if any(s is None for s in state_seeds):
             raise ValueError("either every request of a step carries a state_seed or none does")
         seeds = state_seeds  # type: ignore[assignment]
     return StepInput(
-        token_ids, positions, query_lens, seq_lens, block_tables, sample_rows, sample_token_index, seeds
+        token_ids, positions, query_lens, seq_lens, block_tables, sample_rows, sample_token_index, seeds, placeholders
     )
 
 
@@ -138,11 +143,15 @@ class ModelRunner:
     def execute(self, scheduled: list[tuple[Request, int]], earlier_tokens: EarlierTokens | None = None
                 ) -> StepLogits:
         """Runs one step: the rows of `scheduled` that sample and their logits (StepLogits).
-        earlier_tokens: a decode step planned before the previous step's tokens reached the host; its input ids
-        come from that step's sampled ids on the device (the host's are placeholders)."""
+        earlier_tokens: the step was planned before the previous step's tokens reached the host; its placeholder
+        input ids are filled on the device from that step's sampled ids."""
         step = build_step_input(scheduled)
-        if earlier_tokens is not None and any(q != 1 for q in step.query_lens):
-            raise ValueError("only decode steps take their input ids from an earlier step's tokens")
+        fill = None  # (flat token indices, earlier rows) of the placeholders
+        if step.placeholders:
+            if earlier_tokens is None:
+                raise ValueError("the step holds placeholder tokens but no earlier step's ids to fill them")
+            fill = ([index for index, _ in step.placeholders],
+                    [earlier_tokens.source_row[scheduled[row][0].request_id] for _, row in step.placeholders])
         if not step.sample_rows and not step.token_ids:
             return StepLogits([], None)
         is_decode = all(q == 1 for q in step.query_lens)
@@ -151,7 +160,7 @@ class ModelRunner:
         # Captured graphs have no per-token state seeds; models that need them run eagerly.
         graph = self._graph_for(len(step.query_lens), longest) if is_decode and step.state_seeds is None else None
         if graph is not None:
-            logits = graph.run(self, step, earlier_tokens)
+            logits = graph.run(self, step, fill and (*fill, earlier_tokens.token_ids))
             n = len(step.query_lens)
             rows = step.sample_rows
             if len(rows) == n:
@@ -162,8 +171,9 @@ class ModelRunner:
                 step.query_lens, step.seq_lens, step.block_tables, self.block_size, self.device, step.state_seeds
             )
             input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
-            if earlier_tokens is not None:
-                input_ids = earlier_tokens.gather(self.device).long()
+            if fill is not None:
+                targets, sources = (torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True) for x in fill)
+                input_ids.index_copy_(0, targets, earlier_tokens.token_ids.index_select(0, sources).long())
             positions = torch.tensor(step.positions, dtype=torch.long).to(self.device, non_blocking=True)
             hidden = model(input_ids, positions, self.kv_cache, meta)
             if not step.sample_rows:
@@ -225,17 +235,18 @@ class _DecodeGraph:
         dev = runner.device
         b, width = batch_size, runner.max_blocks_per_seq
         self.batch_size = batch_size
-        # staged layout: ids [b] | positions [b] | slots [b] | seq_lens [b] | block tables [b, width] | source rows
-        # [b] (EarlierTokens: which earlier sampled id each row takes; read outside the graph)
+        # staged layout: ids [b] | positions [b] | slots [b] | seq_lens [b] | block tables [b, width] | placeholder
+        # rows [b] | their sources [b] (async scheduling: which rows take which earlier sampled id; read outside
+        # the graph)
         tables_end = 4 * b + b * width
-        self.host = torch.zeros(tables_end + b, dtype=torch.int32, pin_memory=True)
+        self.host = torch.zeros(tables_end + 2 * b, dtype=torch.int32, pin_memory=True)
         self.host_np = self.host.numpy()
         self.tables_np = self.host_np[4 * b: tables_end].reshape(b, width)
-        self.source_rows_np = self.host_np[tables_end:]
+        self.fill_np = self.host_np[tables_end:].reshape(2, b)
         self.staged = torch.zeros_like(self.host, device=dev)
         self.seq_lens = self.staged[3 * b: 4 * b]
         self.block_tables = self.staged[4 * b: tables_end].view(b, width)
-        self.source_rows = self.staged[tables_end:]
+        self.fill = self.staged[tables_end:].view(2, b)
         # Recorded after each copy of `host`: the host buffer may be rewritten only once that copy ran (with async
         # scheduling the next step is staged while this one is still queued).
         self.copied = torch.cuda.Event()
@@ -276,8 +287,10 @@ class _DecodeGraph:
             self.host_np[k * b + first_row: (k + 1) * b] = value
         self.tables_np[first_row:, 0] = runner.pad_block
 
-    def run(self, runner: ModelRunner, step: StepInput, earlier_tokens: EarlierTokens | None = None) -> torch.Tensor:
-        """Replays the graph for `step` (at most batch_size decode rows); returns logits of all padded rows."""
+    def run(self, runner: ModelRunner, step: StepInput,
+            fill: tuple[list[int], list[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """Replays the graph for `step` (at most batch_size decode rows); returns logits of all padded rows.
+        fill: (rows, earlier rows, earlier sampled ids): those rows' input ids come from the device."""
         n = len(step.query_lens)
         b, bs = self.batch_size, runner.block_size
         self.copied.synchronize()
@@ -290,11 +303,15 @@ class _DecodeGraph:
         for row, table in enumerate(step.block_tables):
             self.tables_np[row, : len(table)] = table
         self._reset_padding(runner, n)
-        if earlier_tokens is not None:
-            self.source_rows_np[:n] = earlier_tokens.source_rows
+        if fill is not None:
+            rows, sources, earlier_ids = fill
+            self.fill_np[0, : len(rows)] = rows
+            self.fill_np[1, : len(rows)] = sources
         self.staged.copy_(self.host, non_blocking=True)
         self.copied.record()
-        if earlier_tokens is not None:
-            self.staged[:n].copy_(earlier_tokens.gather(runner.device, self.source_rows[:n].long()))
+        if fill is not None:
+            k = len(rows)
+            targets, sources = self.fill[:, :k].long()
+            self.staged[:b].index_copy_(0, targets, earlier_ids.index_select(0, sources).to(self.staged.dtype))
         self.graph.replay()
         return self.logits

@@ -46,20 +46,14 @@ class SamplerOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class EarlierTokens:
-    """The previous step's sampled ids, still on the device, for a decode step planned before they reached the host
-    (async scheduling): row r of that step takes token_ids[source_rows[r]] as its input id, where its request
-    holds PLACEHOLDER_TOKEN. Decode steps sample every row, so the sampler's rows are the step's rows."""
+    """The previous step's sampled ids, still on the device, for a step planned before they reached the host (async
+    scheduling): a request whose last token is PLACEHOLDER_TOKEN takes token_ids[source_row[its id]] instead."""
 
-    # [rows of the earlier step], on the device; may view a CUDA graph's output (StepLogits.greedy), so it is read
-    # only by work queued before that graph's next replay: the runner's gather, and the penalties of rows whose
-    # earlier step was not plain greedy (the same requests, so their ids came from the sampler)
+    # [sampling rows of the earlier step], on the device; may view a CUDA graph's output (StepLogits.greedy), so
+    # it is read only by work queued before that graph's next replay: the runner's fill of the input ids, and the
+    # penalties of rows whose earlier step was not plain greedy (the same requests, so their ids came from here)
     token_ids: torch.Tensor
-    source_rows: list[int]
-
-    def gather(self, device: torch.device, source_rows: torch.Tensor | None = None) -> torch.Tensor:
-        if source_rows is None:
-            source_rows = torch.tensor(self.source_rows, dtype=torch.long).to(device, non_blocking=True)
-        return self.token_ids.index_select(0, source_rows)
+    source_row: dict[str, int]
 
 
 def _to_host_async(tensor: Tensor) -> Tensor:
@@ -321,8 +315,8 @@ class Sampler:
             prompt_ids = pad_token_ids([r.prompt_token_ids if needs_prompt else [] for r in rows], vocab_size, device)
             outputs = [r.output_token_ids for r in rows]
             # A placeholder's id is still on the device: pad on the host, then copy it in from there.
-            holes = [(j, len(ids) - 1, earlier_tokens.source_rows[i])
-                     for j, (i, ids) in enumerate(zip(penalty_rows, outputs))
+            holes = [(j, len(ids) - 1, earlier_tokens.source_row[r.request_id])
+                     for j, (r, ids) in enumerate(zip(rows, outputs))
                      if earlier_tokens is not None and ids and ids[-1] == PLACEHOLDER_TOKEN]
             if holes:
                 outputs = [ids[:-1] + [vocab_size] if ids and ids[-1] == PLACEHOLDER_TOKEN else ids for ids in outputs]

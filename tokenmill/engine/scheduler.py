@@ -146,22 +146,31 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------------------------------
 
     def schedule(self, now: float | None = None) -> SchedulerOutput:
+        return self._schedule(now, ahead=False)
+
+    def _schedule(self, now: float | None, ahead: bool) -> SchedulerOutput:
         self._step += 1
         cfg = self.config
         budget = cfg.max_num_batched_tokens
         scheduled: dict[str, ScheduledRequest] = {}
         preempted: list[Request] = []
         failed: list[Request] = []
+        stalled = False  # ahead: a running request could not get its blocks
 
         for req in list(self.running):
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted or failed earlier in this step
             if budget <= 0:
                 break
+            if ahead and self._finishes_regardless(req):
+                continue
             num_new = self._num_new_tokens(req, budget)
             if num_new == 0:
                 continue
-            while not self.kv.allocate_slots(req, num_new, now=now):
+            if ahead and not self.kv.allocate_slots(req, num_new, now=now):
+                stalled = True
+                break
+            while not ahead and not self.kv.allocate_slots(req, num_new, now=now):
                 victim = self.running[-1]  # the most recently arrived; never one already scheduled this step
                 if victim is req and len(self.running) == 1:
                     self.running.remove(req)
@@ -176,7 +185,7 @@ class Scheduler:
                 scheduled[req.request_id] = self._scheduled(req, num_new)
                 budget -= num_new
 
-        while not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+        while not preempted and not stalled and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = self.waiting[0]
             if req.num_tokens > self.kv.capacity_tokens:
                 self.waiting.popleft()
@@ -260,66 +269,56 @@ class Scheduler:
 
     # ---- planning a decode step before the previous step's tokens are known (async scheduling) ----------------
 
-    def advance_ahead(self, scheduler_output: SchedulerOutput) -> list[Request]:
-        """Step N (`scheduler_output`) is on the device and every live request in it samples: count its tokens as
-        computed and give each a placeholder output token, so step N+1 can be planned before the sampled ids reach
-        the host. Returns, in batch order, the requests that may decode again (those not at a length limit, which
-        finish whatever they sample). resolve_ahead must follow with step N's tokens before anything else reads
-        the requests' tokens or changes the scheduler's state."""
+    def advance_ahead(self, scheduler_output: SchedulerOutput) -> None:
+        """Step N (`scheduler_output`) is on the device: count its tokens as computed and give each request that
+        samples in it a placeholder output token, so that schedule_ahead can plan step N+1 before N's sampled ids
+        reach the host. resolve_ahead(N) must follow before anything else reads the requests' tokens."""
         live = [s for s in scheduler_output.scheduled if s.request.status is RequestStatus.RUNNING]
         for s in live:
-            if s.request.num_computed_tokens != s.num_computed_tokens or not s.samples:
-                raise RuntimeError(f"request {s.request.request_id}: step {scheduler_output.step} cannot run ahead")
-        again: list[Request] = []
+            if s.request.num_computed_tokens != s.num_computed_tokens:
+                raise RuntimeError(f"request {s.request.request_id}: step {scheduler_output.step} already applied")
         for s in live:
-            req = s.request
-            req.num_computed_tokens += s.num_new_tokens
-            req.append_output_token(PLACEHOLDER_TOKEN)
-            if req.num_output_tokens < req.max_tokens and req.num_tokens < self.config.max_model_len:
-                again.append(req)
-        return again
+            s.request.num_computed_tokens += s.num_new_tokens
+            if s.samples:
+                s.request.append_output_token(PLACEHOLDER_TOKEN)
 
-    def schedule_ahead(self, requests: list[Request], now: float | None = None) -> SchedulerOutput | None:
-        """A decode step of one token for each of `requests` (from advance_ahead), if it is the step schedule()
-        would plan once their tokens are known: nobody waiting to be admitted, the batch within the token budget,
-        and room in the KV cache without preempting anyone. None otherwise, changing nothing."""
-        if self.waiting or not requests or len(requests) > self.config.max_num_batched_tokens:
-            return None
-        needed = sum(max(0, self.kv.num_blocks_needed(r.num_computed_tokens + 1) - len(r.block_ids))
-                     for r in requests)
-        if needed > self.kv.num_available_blocks:
-            return None
-        for req in requests:
-            if not self.kv.allocate_slots(req, 1, now=now):
-                raise RuntimeError(f"request {req.request_id}: no KV slot although {needed} blocks were available")
-        self._step += 1
-        finished_ids, self._finished_ids = self._finished_ids, set()
-        return SchedulerOutput(
-            scheduled=[self._scheduled(req, 1) for req in requests],
-            num_batched_tokens=len(requests),
-            finished_request_ids=finished_ids,
-            step=self._step,
-        )
+    def schedule_ahead(self, now: float | None = None) -> SchedulerOutput | None:
+        """schedule() for step N+1 while step N's sampled ids are placeholders (after advance_ahead), with two
+        differences: a request that finishes whatever its placeholder turns out to be (a length limit) sits out,
+        and nobody is preempted (a recompute would start from a placeholder): where a running request cannot get
+        its blocks, it and the requests after it wait and nobody is admitted. None where nothing would run."""
+        out = self._schedule(now, ahead=True)
+        if out.scheduled or out.failed:
+            return out
+        self._step -= 1
+        self._finished_ids |= out.finished_request_ids
+        return None
+
+    def _finishes_regardless(self, req: Request) -> bool:
+        """Its last output token is a placeholder and it has reached a length limit: it finishes at resolve."""
+        return bool(req.output_token_ids) and req.output_token_ids[-1] == PLACEHOLDER_TOKEN and (
+            req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len)
 
     def resolve_ahead(
         self, scheduler_output: SchedulerOutput, sampled_token_ids: Mapping[str, int], now: float | None = None
     ) -> list[Request]:
         """Step N's sampled ids replace advance_ahead's placeholders; what update_from_output does after appending
-        them follows (cached full blocks, stop checks). A live request without an id (its row was corrupted) loses
-        its placeholder and the step's progress; the caller finishes it. Returns the requests finished here."""
+        them follows (cached full blocks, stop checks). A request that sampled but has no id (its row was corrupted)
+        loses its placeholder and the step's progress; the caller finishes it. Returns the requests finished here."""
         finished: list[Request] = []
         for s in scheduler_output.scheduled:
             req = s.request
             if req.status is not RequestStatus.RUNNING:
                 continue
-            if req.num_computed_tokens != s.seq_len or req.output_token_ids[-1] != PLACEHOLDER_TOKEN:
+            if req.num_computed_tokens != s.seq_len or (s.samples and req.output_token_ids[-1] != PLACEHOLDER_TOKEN):
                 raise RuntimeError(f"request {req.request_id}: step {scheduler_output.step} was not run ahead")
-            token = sampled_token_ids.get(req.request_id)
-            if token is None:
+            token = sampled_token_ids.get(req.request_id) if s.samples else None
+            if s.samples and token is None:
                 req.output_token_ids.pop()
                 req.num_computed_tokens = s.num_computed_tokens
                 continue
-            req.output_token_ids[-1] = token
+            if token is not None:
+                req.output_token_ids[-1] = token
             if self._settle(s, token, now):
                 finished.append(req)
         return finished
