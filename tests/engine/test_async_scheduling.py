@@ -160,6 +160,21 @@ def test_nan_logits_fail_only_that_request(tiny_model_dir):
     assert_no_leaks(engine)
 
 
+def test_placeholders_are_filled_from_the_earlier_rows_as_the_graph_path_stages_them():
+    """The CUDA-graph path stages (targets, sources) as int32 rows behind the block tables and fills its int32 ids
+    in place; the eager path passes int64. Both through fill_placeholders, checked here on the CPU."""
+    from tokenmill.engine.runner import fill_placeholders
+
+    staged = torch.arange(100, 108, dtype=torch.int32)  # a graph's ids [b = 8], padded rows included
+    pairs = torch.tensor([[5, 0, 3, 9, 9], [2, 1, 0, 9, 9]], dtype=torch.int32)[:, :3]  # only the first 3 are live
+    earlier = torch.tensor([70, 71, 72], dtype=torch.int64)
+    fill_placeholders(staged[:8], pairs, earlier)
+    assert staged.tolist() == [71, 101, 102, 70, 104, 72, 106, 107]
+    ids = torch.tensor([1, -1, 2, -1], dtype=torch.long)
+    fill_placeholders(ids, torch.tensor([[1, 3], [2, 0]]), earlier)
+    assert ids.tolist() == [1, 72, 2, 70]
+
+
 def test_async_scheduling_setting_is_checked_and_defaults_off_on_the_cpu(tiny_model_dir):
     with pytest.raises(ValueError, match="async_scheduling"):
         make_engine_config(str(tiny_model_dir), async_scheduling="sometimes")

@@ -172,8 +172,8 @@ class ModelRunner:
             )
             input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
             if fill is not None:
-                targets, sources = (torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True) for x in fill)
-                input_ids.index_copy_(0, targets, earlier_tokens.token_ids.index_select(0, sources).long())
+                pairs = torch.tensor(fill, dtype=torch.long).to(self.device, non_blocking=True)
+                fill_placeholders(input_ids, pairs, earlier_tokens.token_ids)
             positions = torch.tensor(step.positions, dtype=torch.long).to(self.device, non_blocking=True)
             hidden = model(input_ids, positions, self.kv_cache, meta)
             if not step.sample_rows:
@@ -222,6 +222,13 @@ class ModelRunner:
                 graph = _DecodeGraph(self, size, model, pool)
                 pool = graph.graph.pool()
                 self.graphs[size][id(model)] = graph
+
+
+def fill_placeholders(input_ids: torch.Tensor, pairs: torch.Tensor, earlier_ids: torch.Tensor) -> None:
+    """input_ids[pairs[0]] = earlier_ids[pairs[1]], on the device (no host synchronisation): placeholder input ids
+    (by index) take the earlier step's sampled ids (by its row)."""
+    targets, sources = pairs.long()
+    input_ids.index_copy_(0, targets, earlier_ids.index_select(0, sources).to(input_ids.dtype))
 
 
 class _DecodeGraph:
@@ -310,8 +317,6 @@ class _DecodeGraph:
         self.staged.copy_(self.host, non_blocking=True)
         self.copied.record()
         if fill is not None:
-            k = len(rows)
-            targets, sources = self.fill[:, :k].long()
-            self.staged[:b].index_copy_(0, targets, earlier_ids.index_select(0, sources).to(self.staged.dtype))
+            fill_placeholders(self.staged[:b], self.fill[:, : len(rows)], earlier_ids)
         self.graph.replay()
         return self.logits
