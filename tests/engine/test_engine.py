@@ -158,6 +158,20 @@ def test_final_only_steps_report_just_the_finished_requests(tiny_model_dir):
     assert_no_leaks(quiet)
 
 
+def test_requests_without_progress_are_reported_once_finished(tiny_model_dir):
+    engine = make_engine(tiny_model_dir)
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + 3 * i, ignore_eos=True) for i in range(2)]
+    quiet = engine.add_request(prompts(1)[0], params[0], report_progress=False)
+    loud = engine.add_request(prompts(2)[1], params[1])
+    seen: dict[str, list] = {quiet: [], loud: []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert [o.finished for o in seen[quiet]] == [True] and len(seen[quiet][0].outputs[0].token_ids) == 4
+    assert len(seen[loud]) == 7 and seen[loud][-1].finished  # one per sampled token
+    assert_no_leaks(engine)
+
+
 def test_n_returns_n_completions(tiny_model_dir):
     engine = make_engine(tiny_model_dir)
     (out,) = engine.generate_blocking(prompts(1), SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8))

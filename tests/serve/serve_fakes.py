@@ -65,6 +65,7 @@ class Call:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    progress: bool = True
 
 
 @dataclass
@@ -118,12 +119,12 @@ class FakeEngine:
         return ord(PATTERN[(step + 3 * index) % len(PATTERN)]) + BYTE_OFFSET
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, progress: bool = True) -> AsyncIterator[RequestOutput]:
         if self.reject_message is not None:
             raise ValueError(self.reject_message)
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(prompt_token_ids)} tokens is too long")
-        self.calls.append(Call(request_id, list(prompt_token_ids), params))
+        self.calls.append(Call(request_id, list(prompt_token_ids), params, progress))
         self.events.append(("start", request_id))
         start = time.monotonic()
         cached = self._cached_tokens(prompt_token_ids)

@@ -43,6 +43,15 @@ async def test_completion(client, engine):
     assert call.params.max_tokens == 5 and call.params.temperature == 0.0
 
 
+async def test_only_streaming_responses_ask_the_engine_for_progress(client, engine):
+    for path, body in (("/v1/completions", {"prompt": "hi"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        for stream in (False, True):
+            r = await client.post(path, json={**body, "max_tokens": 3, "stream": stream})
+            assert r.status_code == 200, r.text
+            assert engine.calls[-1].progress is stream
+
+
 async def test_completion_default_max_tokens_is_16(client, engine):
     r = await client.post("/v1/completions", json={"prompt": "hi"})
     assert r.json()["usage"]["completion_tokens"] == 16

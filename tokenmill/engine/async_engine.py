@@ -30,6 +30,7 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     stream: "_Stream"
+    progress: bool
 
 
 @dataclass
@@ -109,8 +110,9 @@ class AsyncEngine:
             apply_threads(self._threads_before)
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, progress: bool = True
     ) -> AsyncIterator[RequestOutput]:
+        """The request's outputs, each cumulative, the last one finished; progress False: only the last."""
         if not self.is_healthy():
             raise RuntimeError(f"the engine has stopped: {self._dead!r}")
         # Validate on the caller's side so a bad request fails before anything streams.
@@ -119,7 +121,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, prompt_token_ids, params, stream))
+        self._commands.put(_Add(request_id, prompt_token_ids, params, stream, progress))
         self._wake.set()
         finished = False
         try:
@@ -151,7 +153,7 @@ class AsyncEngine:
                 return
             if isinstance(cmd, _Add):
                 try:
-                    self.engine.add_request(cmd.prompt_token_ids, cmd.params, cmd.request_id)
+                    self.engine.add_request(cmd.prompt_token_ids, cmd.params, cmd.request_id, cmd.progress)
                     live[cmd.request_id] = cmd.stream
                 except ValueError as exc:
                     cmd.stream.put(exc)

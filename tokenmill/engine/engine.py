@@ -208,9 +208,12 @@ class LLMEngine:
             )
 
     def add_request(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+        report_progress: bool = True,
     ) -> str:
-        """Queues a request; returns its id. Raises ValueError for a request that can never run."""
+        """Queues a request; returns its id. Raises ValueError for a request that can never run. report_progress
+        False: step() reports it only once it has finished (a caller that does not stream), which saves building
+        and handing over a whole output per step."""
         self.validate_request(prompt_token_ids, params)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.outputs.parents:
@@ -241,7 +244,7 @@ class LLMEngine:
                     state_seed=state_seed,
                 )
             )
-        self.outputs.add(request_id, list(prompt_token_ids), children)
+        self.outputs.add(request_id, list(prompt_token_ids), children, report_progress)
         for child in children:
             self.scheduler.add_request(child)
         return request_id

@@ -39,6 +39,7 @@ class ParentRequest:
     arrival_time: float
     sequences: list[SequenceState] = field(default_factory=list)
     reported_finished: bool = False
+    report_progress: bool = True  # False: its caller wants only the final output (collect skips the rest)
 
     @property
     def finished(self) -> bool:
@@ -77,8 +78,9 @@ class OutputProcessor:
         self.parents: dict[str, ParentRequest] = {}
         self.seq_by_request: dict[str, tuple[ParentRequest, SequenceState]] = {}
 
-    def add(self, parent_id: str, prompt_token_ids: list[int], requests: list[Request]) -> None:
-        parent = ParentRequest(parent_id, prompt_token_ids, requests[0].arrival_time)
+    def add(self, parent_id: str, prompt_token_ids: list[int], requests: list[Request],
+            report_progress: bool = True) -> None:
+        parent = ParentRequest(parent_id, prompt_token_ids, requests[0].arrival_time, report_progress=report_progress)
         for i, req in enumerate(requests):
             params = req.sampling_params
             detok = IncrementalDetokenizer(
@@ -128,12 +130,14 @@ class OutputProcessor:
         return update.stop_str_hit
 
     def collect(self, touched: set[str], final_only: bool = False) -> list[RequestOutput]:
-        """RequestOutputs for every parent with news (final_only: for the finished ones); forgets finished parents."""
+        """RequestOutputs for every parent with news (final_only, or a parent that wants no progress: for the finished
+        ones); forgets finished parents."""
         outs: list[RequestOutput] = []
         now = time.monotonic()
         for parent_id in touched:
             parent = self.parents.get(parent_id)
-            if parent is None or parent.reported_finished or (final_only and not parent.finished):
+            if parent is None or parent.reported_finished or (
+                    (final_only or not parent.report_progress) and not parent.finished):
                 continue
             out = parent.to_output()
             outs.append(out)

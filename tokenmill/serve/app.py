@@ -309,7 +309,7 @@ def build_app(engine: Any, api_key: str | None = None, metrics: PrometheusMetric
             echo_texts = [p if isinstance(p, str) else ctx.tokenizer.decode(p, skip_special_tokens=False)
                           for p in prompts]
         response_id = random_id("cmpl")
-        gen = Generation(engine, token_prompts, params, response_id)
+        gen = Generation(engine, token_prompts, params, response_id, progress=req.stream)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             stream = CompletionStream(ctx.model_name, ctx.tokenizer, response_id, req.n, echo_texts,
@@ -325,7 +325,7 @@ def build_app(engine: Any, api_key: str | None = None, metrics: PrometheusMetric
         ids = ctx.chat_prompt_ids(req.template_messages(), req.add_generation_prompt, req.tools)
         params = req.to_sampling_params(ctx.max_model_len, len(ids), ctx.max_logprobs)
         response_id = random_id("chatcmpl")
-        gen = Generation(engine, [ids], [params], response_id)
+        gen = Generation(engine, [ids], [params], response_id, progress=req.stream)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

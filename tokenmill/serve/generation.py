@@ -34,11 +34,14 @@ class EngineFailure(Exception):
 class Generation:
     """One engine `generate()` per prompt, run concurrently and merged; `close()` aborts whatever did not finish.
 
-    Prompt i runs as engine request `{request_id}-{i}` (just `request_id` when there is one prompt).
+    Prompt i runs as engine request `{request_id}-{i}` (just `request_id` when there is one prompt). progress False:
+    each prompt yields only its finished output (a response that does not stream).
     """
 
-    def __init__(self, engine: Any, prompts: list[list[int]], params: list[SamplingParams], request_id: str) -> None:
+    def __init__(self, engine: Any, prompts: list[list[int]], params: list[SamplingParams], request_id: str,
+                 progress: bool = True) -> None:
         self.engine = engine
+        self.progress = progress
         self.request_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         self._iterators: list[Any] = [None] * len(prompts)
         self._prompts = prompts
@@ -52,7 +55,7 @@ class Generation:
     async def _start(self) -> None:
         self._started = True
         for i, (ids, params) in enumerate(zip(self._prompts, self._params)):
-            it = self.engine.generate(ids, params, self.request_ids[i])
+            it = self.engine.generate(ids, params, self.request_ids[i], progress=self.progress)
             if inspect.isawaitable(it):  # tolerate `async def generate` returning an iterator
                 it = await it
             self._iterators[i] = it
