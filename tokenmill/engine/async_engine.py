@@ -49,6 +49,18 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _deliver_all(deliveries: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]]) -> None:
+    """Hands a step's outputs to their event loops: one wake-up per loop, not one per request (each
+    call_soon_threadsafe writes to the loop's wake-up pipe)."""
+    for loop, items in deliveries.items():
+        loop.call_soon_threadsafe(_put_each, items)
+
+
+def _put_each(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)
+
+
 class _ObserverFanout:
     def __init__(self) -> None:
         self.observers: list[EngineObserver] = []
@@ -173,13 +185,15 @@ class AsyncEngine:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
+                deliveries: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
                 for out in self.engine.step():
                     stream = live.get(out.request_id)
                     if stream is None:
                         continue
-                    stream.put(out)
+                    deliveries.setdefault(stream.loop, []).append((stream, out))
                     if out.finished:
                         live.pop(out.request_id, None)
+                _deliver_all(deliveries)
         except BaseException as exc:  # a crashed step must fail every waiting request, not hang them
             logger.exception("engine loop crashed")
             self._dead = exc
