@@ -68,7 +68,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                                           "the megakernel won at 1k and lost at 4k on the H100)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
-                   help="launch each decode step before the previous step's tokens reach the host, overlapping "
+                   help="plan and launch each step before the previous step's tokens reach the host, overlapping "
                         "the host's work with the GPU's (auto, the default: on for CUDA devices)")
     g.add_argument("--parcae-recurrence", type=int, default=None, metavar="T",
                    help="Parcae looped models: loops to serve at (default: the model's mean recurrence)")

@@ -149,8 +149,8 @@ class EngineConfig:
     # dtype is auto, else none (tokenmill/models/quantization.py).
     quantization: str = "auto"
     enforce_eager: bool = False  # disable CUDA graphs
-    # auto | on | off. Plan and launch each decode step before the previous step's tokens reach the host, so host
-    # work overlaps the GPU (LLMEngine.step). auto: on for CUDA devices.
+    # auto | on | off. Plan and launch each step before the previous step's tokens reach the host, so host work
+    # overlaps the GPU (LLMEngine.step). auto: on for CUDA devices.
     async_scheduling: str = "auto"
     max_logprobs: int = 20
     # Looped models (Parcae): loops T to serve at; None: the model's own (its config's mean recurrence). The KV cache
