@@ -1,12 +1,13 @@
 """Where does a decode step's time go? Host work vs the captured forward, on a random Llama-3.2-1B: whole engine
 steps with and without async scheduling, the graph replayed alone, and the host's pieces timed with syncs.
 
-    python scripts/profile_decode_step.py [--batch 1] [--steps 200]
+    python scripts/profile_decode_step.py [--batch 1] [--steps 200] [--out step.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -25,6 +26,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--shape", default="llama-3.2-1b")
     ap.add_argument("--decode-backend", default="auto")
+    ap.add_argument("--out", default=None, help="also write the numbers here (JSON)")
     args = ap.parse_args()
     folder = make_random_model_dir(tempfile.mkdtemp(), args.shape, torch.bfloat16, device="cuda")
     engine = LLMEngine(make_engine_config(str(folder), dtype="bfloat16", max_model_len=2048, max_num_seqs=64,
@@ -87,6 +89,12 @@ def main() -> None:
           f"graph replay {replay_ms:.3f} ms")
     for k, v in parts.items():
         print(f"  {k:14s} {statistics.median(v):.3f} ms (median, synced)")
+    if args.out:
+        report = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(), "batch": args.batch,
+                  "decode_backend": args.decode_backend, "engine_step_ms": step_ms, "engine_step_async_ms": async_ms,
+                  "graph_replay_ms": replay_ms, "host_parts_ms": {k: statistics.median(v) for k, v in parts.items()}}
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":
