@@ -98,7 +98,7 @@ class PendingSample:
             rows = self._host.tolist()
             token_list = [token for token, _ in rows]
             corrupted_list = [bool(bad) for _, bad in rows]
-            logprobs = Sampler._logprobs(self._logprobs, len(self.requests), corrupted_list)
+            logprobs = logprob_entries(self._logprobs, len(self.requests), corrupted_list)
             self._output = SamplerOutput(token_list, logprobs, corrupted_list)
         return self._output
 
@@ -433,35 +433,38 @@ class Sampler:
             top = (values, ids, torch.searchsorted(negated, negated, side="left") + 1)
         return _DeviceLogprobs(rows, num_top, sampled, sampled_logprob, sampled_rank, top)
 
-    @staticmethod
-    def _logprobs(device_logprobs: "_DeviceLogprobs | None", num_rows: int, corrupted: list[bool]
-                  ) -> list[TokenLogprobs | None]:
-        result: list[TokenLogprobs | None] = [None] * num_rows
-        if device_logprobs is None:
-            return result
-        d = device_logprobs
-        top_values: list[list[float]] = [[] for _ in d.rows]
-        top_ids: list[list[int]] = [[] for _ in d.rows]
-        top_ranks: list[list[int]] = [[] for _ in d.rows]
-        if d.top is not None:
-            top_values, top_ids, top_ranks = (t.tolist() for t in d.top)
-        for j, (row, token, value, rank) in enumerate(
-            zip(d.rows, d.sampled.tolist(), d.sampled_logprob.tolist(), d.sampled_rank.tolist())
-        ):
-            if corrupted[row]:
-                continue
-            entry: TokenLogprobs = {token: Logprob(logprob=value, rank=rank)}
-            for top_id, top_value, top_rank in zip(top_ids[j][: d.num_top[j]], top_values[j], top_ranks[j]):
-                if top_id not in entry:
-                    entry[top_id] = Logprob(logprob=top_value, rank=top_rank)
-            result[row] = entry
-        return result
-
 
 class _DeviceLogprobs(NamedTuple):
+    """A step's logprob tensors (on the device, or their pinned host copies), queued by Sampler.launch."""
+
     rows: list[int]  # the rows that asked for logprobs
     num_top: list[int]  # top logprobs each of them asked for
     sampled: Tensor
     sampled_logprob: Tensor
     sampled_rank: Tensor
     top: tuple[Tensor, Tensor, Tensor] | None  # values, ids, ranks of the widest ask
+
+
+def logprob_entries(device_logprobs: "_DeviceLogprobs | None", num_rows: int, corrupted: list[bool]
+                    ) -> list[TokenLogprobs | None]:
+    """The host side of the logprobs: one entry per row (None where not asked for or corrupted)."""
+    result: list[TokenLogprobs | None] = [None] * num_rows
+    if device_logprobs is None:
+        return result
+    d = device_logprobs
+    top_values: list[list[float]] = [[] for _ in d.rows]
+    top_ids: list[list[int]] = [[] for _ in d.rows]
+    top_ranks: list[list[int]] = [[] for _ in d.rows]
+    if d.top is not None:
+        top_values, top_ids, top_ranks = (t.tolist() for t in d.top)
+    for j, (row, token, value, rank) in enumerate(
+        zip(d.rows, d.sampled.tolist(), d.sampled_logprob.tolist(), d.sampled_rank.tolist())
+    ):
+        if corrupted[row]:
+            continue
+        entry: TokenLogprobs = {token: Logprob(logprob=value, rank=rank)}
+        for top_id, top_value, top_rank in zip(top_ids[j][: d.num_top[j]], top_values[j], top_ranks[j]):
+            if top_id not in entry:
+                entry[top_id] = Logprob(logprob=top_value, rank=top_rank)
+        result[row] = entry
+    return result
