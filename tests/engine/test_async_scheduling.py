@@ -203,3 +203,23 @@ def test_async_scheduling_on_the_gpu_gives_the_synchronous_tokens(tmp_path):
     planned = count_steps_ahead(engine)
     assert summary(run(engine, [wave])) == expected
     assert planned[0] > 60, planned
+
+
+def test_a_prefill_chunk_launched_ahead_is_not_run_twice(tiny_model_dir):
+    """A step that samples nothing (a prompt's middle chunk) launched ahead is still the step that runs: the engine
+    executes as many steps as without async scheduling."""
+    counts = {}
+    for mode in ("off", "on"):
+        engine = make_engine(tiny_model_dir, mode, max_num_batched_tokens=8)
+        execute, calls = engine.runner.execute, [0]
+
+        def counted(*args, execute=execute, calls=calls):
+            calls[0] += 1
+            return execute(*args)
+
+        engine.runner.execute = counted
+        (out,) = engine.generate_blocking([list(range(5, 45))], SamplingParams(temperature=0.0, max_tokens=4,
+                                                                                ignore_eos=True))
+        assert len(out.outputs[0].token_ids) == 4
+        counts[mode] = calls[0]
+    assert counts["on"] == counts["off"] == 5 + 3  # 40 prompt tokens in chunks of 8, then 3 decode steps

@@ -41,6 +41,11 @@ class _LaunchedStep:
     pending: PendingSample | None
     advanced: bool = False  # the scheduler counted its tokens as placeholders (Scheduler.advance_ahead)
 
+    @property
+    def has_live_requests(self) -> bool:
+        """Some request scheduled in it has not finished (a stop or an abort may end one while it is in flight)."""
+        return any(s.request.status is RequestStatus.RUNNING for s in self.sched.scheduled)
+
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, observer: EngineObserver | None = None) -> None:
@@ -287,7 +292,7 @@ class LLMEngine:
 
     def _forget_finished_ahead(self) -> None:
         """A step launched ahead whose requests all finished meanwhile has nothing left to deliver."""
-        if self._ahead is not None and not any(r.status is RequestStatus.RUNNING for r in self._ahead.requests):
+        if self._ahead is not None and not self._ahead.has_live_requests:
             self._ahead = None
 
     def _launch(self, sched: SchedulerOutput, earlier_tokens: EarlierTokens | None = None) -> _LaunchedStep:
@@ -303,7 +308,7 @@ class LLMEngine:
     def _launch_ahead(self, launched: _LaunchedStep) -> _LaunchedStep | None:
         """Plans and launches the step after `launched` while its tokens are still on the device
         (Scheduler.schedule_ahead); None where nothing can run yet."""
-        if not any(s.request.status is RequestStatus.RUNNING for s in launched.sched.scheduled):
+        if not launched.has_live_requests:
             return None
         self.scheduler.advance_ahead(launched.sched)
         launched.advanced = True
