@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Callable
 
-from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenmill.config import ASYNC_SCHEDULING_CHOICES, CacheConfig, EngineConfig, SchedulerConfig
 from tokenmill.plotting import PlottingUnavailable
 
 
@@ -67,7 +67,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    metavar="TOKENS", help="see --megakernel-short-context-batch; 0: off (default 1536: at batch 16 "
                                           "the megakernel won at 1k and lost at 4k on the H100)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    g.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
+    g.add_argument("--async-scheduling", choices=ASYNC_SCHEDULING_CHOICES, default="auto",
                    help="plan and launch each step before the previous step's tokens reach the host, overlapping "
                         "the host's work with the GPU's (auto, the default: on for CUDA devices)")
     g.add_argument("--parcae-recurrence", type=int, default=None, metavar="T",

@@ -126,6 +126,9 @@ class SchedulerConfig:
             raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
 
 
+ASYNC_SCHEDULING_CHOICES = ("auto", "on", "off")
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None  # path, GGUF file, hub id, or None for the default model
@@ -162,7 +165,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.parcae_recurrence is not None and self.parcae_recurrence < 1:
             raise ValueError(f"parcae_recurrence must be >= 1, got {self.parcae_recurrence}")
-        if self.async_scheduling not in ("auto", "on", "off"):
+        if self.async_scheduling not in ASYNC_SCHEDULING_CHOICES:
             raise ValueError(f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
         if self.megakernel_max_batch < 1:
             raise ValueError(f"megakernel_max_batch must be >= 1, got {self.megakernel_max_batch}")

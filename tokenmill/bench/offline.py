@@ -412,7 +412,7 @@ def _machine(device: torch.device) -> str:
 
 
 def register(subparsers) -> None:
-    from tokenmill.config import EngineConfig
+    from tokenmill.config import ASYNC_SCHEDULING_CHOICES, EngineConfig
 
     p = subparsers.add_parser("offline", help="engine vs transformers (and llama.cpp) on the same model")
     p.add_argument("model", nargs="?", default=None)
@@ -432,7 +432,7 @@ def register(subparsers) -> None:
     p.add_argument("--megakernel-short-context", type=int, default=EngineConfig.megakernel_short_context,
                    metavar="TOKENS", help="with --decode-backend megakernel: it also takes batches up to 16 while "
                                           "no sequence is longer (0: off)")
-    p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--async-scheduling", default="auto", choices=ASYNC_SCHEDULING_CHOICES,
                    help="the engine's async scheduling (auto: on for CUDA)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-compile", action="store_true", help="skip transformers static cache + torch.compile")

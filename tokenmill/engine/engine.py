@@ -279,16 +279,19 @@ class LLMEngine:
         launched, self._ahead = self._ahead, None
         if launched is None:
             sched = self.scheduler.schedule()
-            for req in sched.failed:  # requests the scheduler had to give up on (they can never fit)
-                touched.add(self.outputs.parent_of(req.request_id) or req.request_id)
+            touched.update(self._parent_id(req) for req in sched.failed)  # they can never fit
             launched = self._launch(sched)
         if self.async_scheduling:
             self._ahead = self._launch_ahead(launched)
-            for req in self._ahead.sched.failed if self._ahead else ():
-                touched.add(self.outputs.parent_of(req.request_id) or req.request_id)
+            if self._ahead is not None:
+                touched.update(self._parent_id(req) for req in self._ahead.sched.failed)
         outputs = self._complete(launched, touched, final_only)
         self._forget_finished_ahead()
         return outputs
+
+    def _parent_id(self, req: Request) -> str:
+        """The API request a sequence belongs to (itself where the output processor no longer knows it)."""
+        return self.outputs.parent_of(req.request_id) or req.request_id
 
     def _forget_finished_ahead(self) -> None:
         """A step launched ahead whose requests all finished meanwhile has nothing left to deliver."""
@@ -344,7 +347,7 @@ class LLMEngine:
             req.error = "the model produced NaN or infinite logits for this request; it was stopped"
             self.outputs.record_tokens(req, None, True, now)
             self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_ERROR)
-            touched.add(self.outputs.parent_of(req.request_id) or req.request_id)
+            touched.add(self._parent_id(req))
         if not launched.advanced:
             finished = self.scheduler.update_from_output(sched, sampled)
         stop_hits: list[Request] = []
@@ -361,8 +364,7 @@ class LLMEngine:
                     stop_hits.append(req)
         for req in stop_hits:
             self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-        for req in finished:
-            touched.add(self.outputs.parent_of(req.request_id) or req.request_id)
+        touched.update(self._parent_id(req) for req in finished)
         self.observer.on_step(self.scheduler.get_stats())
         return self.outputs.collect(touched, final_only)
 

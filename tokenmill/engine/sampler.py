@@ -222,12 +222,17 @@ def greedy_argmax(logits: Tensor) -> Tensor:
     return best_block * width + candidates.argmax(dim=-1)
 
 
+def corrupted_rows(logits: Tensor) -> Tensor:
+    """[rows] bool: the row holds NaN/inf. A finite row has a finite sum (real logits are far below float32's
+    range); every later sampling stage is row-wise, so a bad row cannot leak into its neighbours."""
+    return ~logits.float().sum(dim=-1).isfinite()
+
+
 def greedy_pick(logits: Tensor) -> Tensor:
     """[rows, 2] int64: each row's greedy token and 1 where its logits hold NaN/inf (what Sampler.launch computes for
     plain greedy rows; a CUDA graph captures this after its LM head, saving the sampler's small kernels)."""
     logits = logits.float()
-    corrupted = ~logits.sum(dim=-1).isfinite()
-    return torch.stack([greedy_argmax(logits), corrupted.long()], dim=1)
+    return torch.stack([greedy_argmax(logits), corrupted_rows(logits).long()], dim=1)
 
 
 def _step_seed(seed: int, position: int) -> int:
@@ -273,9 +278,7 @@ class Sampler:
             return PendingSample(requests, greedy, None)
         logits = logits.float()
         device = logits.device
-        # A finite row has a finite sum (real logits are far below float32's range); NaN/inf poison it.
-        # Every later step is row-wise, so a bad row cannot leak into its neighbours.
-        corrupted = ~logits.sum(dim=-1).isfinite()
+        corrupted = corrupted_rows(logits)
 
         logits = self._penalise(logits, requests, earlier_tokens)
 
@@ -318,8 +321,8 @@ class Sampler:
             holes = [(j, len(ids) - 1, earlier_tokens.source_row[r.request_id])
                      for j, (r, ids) in enumerate(zip(rows, outputs))
                      if earlier_tokens is not None and ids and ids[-1] == PLACEHOLDER_TOKEN]
-            if holes:
-                outputs = [ids[:-1] + [vocab_size] if ids and ids[-1] == PLACEHOLDER_TOKEN else ids for ids in outputs]
+            for j, column, _ in holes:
+                outputs[j] = outputs[j][:column] + [vocab_size]
             output_ids = pad_token_ids(outputs, vocab_size, device)
             if holes:
                 row, column, source = torch.tensor(holes, dtype=torch.int64).to(device).unbind(1)

@@ -167,10 +167,10 @@ class Scheduler:
             num_new = self._num_new_tokens(req, budget)
             if num_new == 0:
                 continue
-            if ahead and not self.kv.allocate_slots(req, num_new, now=now):
-                stalled = True
-                break
-            while not ahead and not self.kv.allocate_slots(req, num_new, now=now):
+            while not self.kv.allocate_slots(req, num_new, now=now):
+                if ahead:  # never preempt ahead: this request and the ones after it wait
+                    stalled = True
+                    break
                 victim = self.running[-1]  # the most recently arrived; never one already scheduled this step
                 if victim is req and len(self.running) == 1:
                     self.running.remove(req)
@@ -184,6 +184,8 @@ class Scheduler:
             else:
                 scheduled[req.request_id] = self._scheduled(req, num_new)
                 budget -= num_new
+            if stalled:
+                break
 
         while not preempted and not stalled and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = self.waiting[0]
