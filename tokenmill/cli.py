@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Callable
 
-from tokenmill.config import ASYNC_SCHEDULING_CHOICES, CacheConfig, EngineConfig, SchedulerConfig
+from tokenmill.config import ASYNC_SCHEDULING_CHOICES, CUDAGRAPH_MODES, CacheConfig, EngineConfig, SchedulerConfig
 from tokenmill.plotting import PlottingUnavailable
 
 
@@ -66,7 +66,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--megakernel-short-context", type=int, default=EngineConfig.megakernel_short_context,
                    metavar="TOKENS", help="see --megakernel-short-context-batch; 0: off (default 1536: at batch 16 "
                                           "the megakernel won at 1k and lost at 4k on the H100)")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (--cudagraph-mode none)")
+    g.add_argument("--cudagraph-mode", choices=CUDAGRAPH_MODES, default="full_and_piecewise",
+                   help="CUDA graphs for decode steps (full) and, piece by piece around attention, for steps with "
+                        "prompt chunks (piecewise)")
     g.add_argument("--async-scheduling", choices=ASYNC_SCHEDULING_CHOICES, default="auto",
                    help="plan and launch each step before the previous step's tokens reach the host, overlapping "
                         "the host's work with the GPU's (auto, the default: on for CUDA devices)")
@@ -106,6 +109,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                                                EngineConfig.megakernel_short_context_batch),
         megakernel_short_context=getattr(args, "megakernel_short_context", EngineConfig.megakernel_short_context),
         enforce_eager=args.enforce_eager,
+        cudagraph_mode=getattr(args, "cudagraph_mode", "full_and_piecewise"),
         async_scheduling=getattr(args, "async_scheduling", "auto"),
         parcae_recurrence=getattr(args, "parcae_recurrence", None),
         cache=cache,

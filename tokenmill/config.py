@@ -127,6 +127,7 @@ class SchedulerConfig:
 
 
 ASYNC_SCHEDULING_CHOICES = ("auto", "on", "off")
+CUDAGRAPH_MODES = ("full_and_piecewise", "full_decode_only", "none")
 
 
 @dataclass
@@ -151,7 +152,11 @@ class EngineConfig:
     # Weight-only quantization: auto | none | int8 | int4 (CPU). auto: int4/int8 for a quantized GGUF on CPU when
     # dtype is auto, else none (tokenmill/models/quantization.py).
     quantization: str = "auto"
-    enforce_eager: bool = False  # disable CUDA graphs
+    enforce_eager: bool = False  # disable CUDA graphs (the same as cudagraph_mode "none")
+    # full_and_piecewise | full_decode_only | none (vLLM's names). Decode steps replay whole-step CUDA graphs; with
+    # full_and_piecewise, steps with prompt chunks replay each layer's dense parts from graphs around eager attention
+    # (engine/piecewise.py).
+    cudagraph_mode: str = "full_and_piecewise"
     # auto | on | off. Plan and launch each step before the previous step's tokens reach the host, so host work
     # overlaps the GPU (LLMEngine.step). auto: on for CUDA devices.
     async_scheduling: str = "auto"
@@ -167,6 +172,8 @@ class EngineConfig:
             raise ValueError(f"parcae_recurrence must be >= 1, got {self.parcae_recurrence}")
         if self.async_scheduling not in ASYNC_SCHEDULING_CHOICES:
             raise ValueError(f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
+        if self.cudagraph_mode not in CUDAGRAPH_MODES:
+            raise ValueError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, got {self.cudagraph_mode!r}")
         if self.megakernel_max_batch < 1:
             raise ValueError(f"megakernel_max_batch must be >= 1, got {self.megakernel_max_batch}")
         if self.megakernel_short_context_batch < 1:

@@ -40,3 +40,35 @@ def test_auto_on_cuda_is_triton_and_graph_capturable():
     backend = get_attention_backend("auto", "cuda")
     assert backend.name == "triton"
     assert backend.supports_cuda_graphs
+
+
+def _backends_here() -> list[tuple[str, str]]:
+    found = [("torch", "cpu")]
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        found.append(("triton", "cuda"))
+    return found
+
+
+@pytest.mark.parametrize("name,device", _backends_here())
+def test_out_receives_the_result(name, device):
+    """backend(..., out=buffer) writes the attention output into the buffer (kernels directly, the reference by a
+    copy) and gives what the call without `out` gives."""
+    from tokenmill.layers.attention_metadata import AttentionMetadata
+
+    backend = get_attention_backend(name, device)
+    dtype = torch.float32
+    query_lens, seq_lens, tables = [3, 1], [5, 7], [[1, 2], [3, 4]]
+    tokens = sum(query_lens)
+
+    def run(out):
+        cache = torch.zeros(2, 5, 4, 2, 16, dtype=dtype).to(device)
+        q, k, v = (torch.randn(tokens, h, 16, generator=torch.Generator().manual_seed(i)).to(device)
+                   for i, h in enumerate((4, 2, 2)))
+        meta = AttentionMetadata.build(query_lens, seq_lens, tables, 4, device)
+        return backend(q, k, v, cache, meta, 0.35, out=out)
+
+    expected = run(None)
+    buffer = torch.full((tokens, 4, 16), float("nan"), device=device)
+    result = run(buffer)
+    torch.testing.assert_close(buffer, expected)
+    assert result.data_ptr() == buffer.data_ptr()

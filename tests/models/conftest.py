@@ -66,6 +66,7 @@ def run_schedule(
     extra_blocks: int = 7,
     cache_fill: float = 0.0,
     seed: int = 0,
+    device: str = "cpu",
 ) -> list[torch.Tensor]:
     """Runs `steps` (each a list of (sequence index, new tokens)) through the paged model; returns every
     sequence's logits at every position [len, vocab]. Block ids are a shuffled permutation, so a sequence's blocks
@@ -82,6 +83,7 @@ def run_schedule(
         (cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim),
         cache_fill,
         dtype=model.dtype,
+        device=device,
     )
     done = [0] * len(sequences)
     logits: list[list[torch.Tensor]] = [[] for _ in sequences]
@@ -96,9 +98,9 @@ def run_schedule(
             seq_lens.append(end)
             block_tables.append(tables[seq][: math.ceil(end / block_size)])
             done[seq] = end
-        meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, block_size)
+        meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, block_size, device)
         with torch.inference_mode():
-            hidden = model(torch.tensor(ids), torch.tensor(positions), kv_cache, meta)
+            hidden = model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), kv_cache, meta)
             step_logits = model.compute_logits(hidden)
         for (seq, _), chunk in zip(step, step_logits.split(query_lens)):
             logits[seq].append(chunk)

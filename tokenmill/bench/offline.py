@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
         max_num_batched_tokens=max(2048, args.concurrency), max_model_len=args.max_model_len,
         enable_prefix_caching=False,  # every repeat pays its full prefill, as llama-server does with cache_prompt off
         decode_backend=args.decode_backend, megakernel_short_context=args.megakernel_short_context,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=args.async_scheduling, cudagraph_mode=args.cudagraph_mode,
     )
     engine = LLMEngine(config)
     tok = engine.tokenizer
@@ -359,6 +359,8 @@ def run(args: argparse.Namespace) -> int:
         "prompt_tokens": len(prompt_ids),
         "output_tokens": args.output_len,
         "concurrency": args.concurrency,
+        "async_scheduling": engine.async_scheduling,
+        "cudagraph_mode": args.cudagraph_mode if device.type == "cuda" else "none",
     }
     if device.type == "cuda":
         bw = measure_copy_bandwidth(device)
@@ -412,7 +414,7 @@ def _machine(device: torch.device) -> str:
 
 
 def register(subparsers) -> None:
-    from tokenmill.config import ASYNC_SCHEDULING_CHOICES, EngineConfig
+    from tokenmill.config import ASYNC_SCHEDULING_CHOICES, CUDAGRAPH_MODES, EngineConfig
 
     p = subparsers.add_parser("offline", help="engine vs transformers (and llama.cpp) on the same model")
     p.add_argument("model", nargs="?", default=None)
@@ -434,6 +436,8 @@ def register(subparsers) -> None:
                                           "no sequence is longer (0: off)")
     p.add_argument("--async-scheduling", default="auto", choices=ASYNC_SCHEDULING_CHOICES,
                    help="the engine's async scheduling (auto: on for CUDA)")
+    p.add_argument("--cudagraph-mode", default=EngineConfig.cudagraph_mode, choices=CUDAGRAPH_MODES,
+                   help="the engine's CUDA graphs: whole decode steps, and prompt chunks piece by piece")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-compile", action="store_true", help="skip transformers static cache + torch.compile")
     p.add_argument("--llama-server", default=None, help="path to llama.cpp's llama-server binary")

@@ -19,6 +19,7 @@ import torch
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import EngineObserver, NullObserver, RequestOutput
+from tokenmill.engine.piecewise import PIECEWISE_MAX_TOKENS
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.runner import DecodeTier, ModelRunner
 from tokenmill.engine.sampler import EarlierTokens, PendingSample, Sampler
@@ -140,11 +141,13 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             dtype=self.dtype,
             device=self.device,
-            use_cuda_graphs=not config.enforce_eager
+            use_cuda_graphs=not config.enforce_eager and config.cudagraph_mode != "none"
             and getattr(backend, "supports_cuda_graphs", False)
             and getattr(self.model, "supports_cuda_graphs", True),
             max_graph_batch_size=sched_cfg.max_num_seqs,
             decode_models=decode_models,
+            piecewise_max_tokens=min(sched_cfg.max_num_batched_tokens, PIECEWISE_MAX_TOKENS)
+            if config.cudagraph_mode == "full_and_piecewise" else 0,
         )
         self.sampler = Sampler(max_logprobs=config.max_logprobs, seed=config.seed)
         # On by default where the device runs asynchronously to the host; on the CPU there is nothing to overlap.

@@ -8,15 +8,20 @@ captured per padded batch size.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
+from tokenmill.engine.piecewise import PiecewiseForward, supports_piecewise
 from tokenmill.engine.request import PLACEHOLDER_TOKEN, Request
 from tokenmill.engine.sampler import EarlierTokens, greedy_pick
 from tokenmill.layers.attention_metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,6 +123,7 @@ class ModelRunner:
         use_cuda_graphs: bool = False,
         max_graph_batch_size: int = 64,
         decode_models: Sequence = (),
+        piecewise_max_tokens: int = 0,
     ) -> None:
         self.model = model
         # Decode-only steps run on the first of these whose max_batch_size covers the batch and whose max_context
@@ -136,8 +142,30 @@ class ModelRunner:
         )
         # padded batch size -> {id(model): its graph}: one per model that a step of that size may run on
         self.graphs: dict[int, dict[int, _DecodeGraph]] = {}
+        # Steps that no decode graph runs (prompt chunks, larger batches), with piecewise_max_tokens > 0 and up to
+        # that many tokens: the general model's dense parts replayed from CUDA graphs (engine/piecewise.py).
+        self.piecewise: PiecewiseForward | None = None
         if use_cuda_graphs and device.type == "cuda":
             self._capture_decode_graphs(max_graph_batch_size)
+            if piecewise_max_tokens > 0 and supports_piecewise(model):
+                start = time.perf_counter()
+                self.piecewise = PiecewiseForward(model, piecewise_max_tokens, device)
+                logger.info("piecewise CUDA graphs for steps of up to %d tokens (%d sizes) captured in %.1f s",
+                            self.piecewise.max_tokens, len(self.piecewise.sizes), time.perf_counter() - start)
+            self._warm_up_prompt_steps(max_model_len)
+
+    def _warm_up_prompt_steps(self, max_model_len: int) -> None:
+        """Runs a short and a long prompt step into the padding block, so that the attention kernels' prompt
+        variants compile now rather than in some request's first token (Triton compiles a variant on first use)."""
+        for n in sorted({min(16, max_model_len), min(512, max_model_len)}):
+            table = [self.pad_block] * -(-n // self.block_size)
+            meta = AttentionMetadata.build([n], [n], [table], self.block_size, self.device)
+            ids = torch.zeros(n, dtype=torch.long, device=self.device)
+            positions = torch.arange(n, device=self.device)
+            model = self.piecewise if self.piecewise is not None and self.piecewise.fits(n) else self.model
+            with torch.inference_mode():
+                model(ids, positions, self.kv_cache, meta)
+        torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]], earlier_tokens: EarlierTokens | None = None
@@ -175,6 +203,9 @@ class ModelRunner:
                 pairs = torch.tensor(fill, dtype=torch.long).to(self.device, non_blocking=True)
                 fill_placeholders(input_ids, pairs, earlier_tokens.token_ids)
             positions = torch.tensor(step.positions, dtype=torch.long).to(self.device, non_blocking=True)
+            if (self.piecewise is not None and model is self.model and step.state_seeds is None
+                    and self.piecewise.fits(len(step.token_ids))):
+                model = self.piecewise
             hidden = model(input_ids, positions, self.kv_cache, meta)
             if not step.sample_rows:
                 return StepLogits([], None)

@@ -28,6 +28,7 @@ class AttentionBackend:
     # given batch size and block-table width, no host syncs, no branches on device values.
     supports_cuda_graphs: bool
     attention: AttentionFn
+    writes_out: bool = False  # `attention` takes an `out=` tensor to write into
 
     def __call__(
         self,
@@ -37,8 +38,14 @@ class AttentionBackend:
         kv_cache_layer: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.attention(q, k, v, kv_cache_layer, meta, scale)
+        """out: where to write the result (e.g. a CUDA graph's input buffer); the kernels write there directly."""
+        if out is None:
+            return self.attention(q, k, v, kv_cache_layer, meta, scale)
+        if self.writes_out:
+            return self.attention(q, k, v, kv_cache_layer, meta, scale, out=out)
+        return out.copy_(self.attention(q, k, v, kv_cache_layer, meta, scale))
 
 
 def triton_available() -> bool:
@@ -71,4 +78,5 @@ def get_attention_backend(name: str, device: torch.device | str) -> AttentionBac
         )
     from tokenmill.kernels.triton.attention import paged_attention as triton_attention
 
-    return AttentionBackend(name="triton", supports_cuda_graphs=device.type == "cuda", attention=triton_attention)
+    return AttentionBackend(name="triton", supports_cuda_graphs=device.type == "cuda", attention=triton_attention,
+                            writes_out=True)

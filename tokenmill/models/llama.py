@@ -41,22 +41,16 @@ class LlamaAttention(nn.Module):
         self.o_proj = empty_linear(self.q_size, config.hidden_size, bias=False, dtype=dtype, device=device)
         self.attn_backend = attn_backend
 
-    def forward(
-        self,
-        x: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,  # [T, 1, head_dim]: RotaryEmbedding.rotation_tables
-        signed_sin: torch.Tensor,
-        kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, Hkv, head_dim]
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor):
+        """x [T, hidden] -> q [T, Hq, D] and k [T, Hkv, D] rotated (cos, signed_sin: RotaryEmbedding.rotation_tables
+        [T, 1, D]), v [T, Hkv, D]. Attention over the paged cache follows (attn_backend), then o_proj."""
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         # q and k heads rotate together in one call: [T, Hq + Hkv, D].
         qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         q, k = rotate(qk, cos, signed_sin).split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.attn_backend(q, k, v, kv_cache_layer, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return q, k, v
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -68,7 +62,15 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype=dtype, device=device)
 
     def forward(self, x, cos, sin, kv_cache_layer, meta) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), cos, sin, kv_cache_layer, meta)
+        q, k, v = self.before_attention(x, cos, sin)
+        return self.after_attention(x, self.attn.attn_backend(q, k, v, kv_cache_layer, meta, self.attn.scale))
+
+    # The pieces on either side of attention, apart so that engine/piecewise.py can capture each in a CUDA graph.
+    def before_attention(self, x, cos, sin):
+        return self.attn.project(self.attn_norm(x), cos, sin)
+
+    def after_attention(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn.o_proj(attn_out.flatten(1))
         return h + self.mlp(self.mlp_norm(h))
 
 

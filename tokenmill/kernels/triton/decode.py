@@ -25,7 +25,8 @@ MAX_SPLITS = 64
 PROGRAMS_PER_SM = 4
 
 
-@triton.jit
+# Block-table width and split count change from step to step outside CUDA graphs: no variants compiled for them.
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _paged_decode_kernel(
     out_ptr,
     lse_ptr,

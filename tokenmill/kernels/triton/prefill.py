@@ -20,7 +20,9 @@ from tokenmill.kernels.triton.kv_write import check_kv_cache_layer
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# The block-table width changes from step to step; specialising on it (== 1, multiple of 16) would compile a new
+# variant in the middle of serving (~0.4 s each on an H100 host).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_prefill_kernel(
     out_ptr,
     q_ptr,

@@ -1,0 +1,135 @@
+"""engine/piecewise.py: a step's forward as captured pieces around eager attention equals model.forward.
+
+On the CPU the pieces run eagerly on the same padded buffers (the decomposition and the padding); on a GPU they are
+CUDA graphs, replayed for steps of every kind (the capture itself, and replays with new inputs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.config import ModelConfig
+from tokenmill.engine.piecewise import PiecewiseForward, supports_piecewise, token_buckets
+from tokenmill.models.llama import LlamaForCausalLM
+
+LENGTHS = [11, 18, 5, 9, 40]
+PROMPT_LENS = [3, 12, 1, 6, 33]
+
+
+def _model(device: str = "cpu", dtype: torch.dtype = torch.float32, attn_backend=None) -> LlamaForCausalLM:
+    config = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(config, dtype=dtype, device=device, attn_backend=attn_backend)
+    model.init_random_weights(seed=0, std=0.2)
+    return model
+
+
+class _AsModel:
+    """A PiecewiseForward where the mini runner expects a model."""
+
+    def __init__(self, model: LlamaForCausalLM, piecewise: PiecewiseForward) -> None:
+        self.config, self.dtype, self.piecewise = model.config, model.dtype, piecewise
+
+    def __call__(self, *args):
+        return self.piecewise(*args)
+
+    def compute_logits(self, hidden):
+        return self.piecewise.compute_logits(hidden)
+
+
+def test_token_buckets():
+    assert token_buckets(2048)[0] == 16 and token_buckets(2048)[-1] == 2048
+    assert token_buckets(100) == [16, 32, 48, 64, 96, 100]
+    assert token_buckets(8) == [8]
+    sizes = token_buckets(4096)
+    assert sizes == sorted(set(sizes)) and all(b <= 1.5 * a for a, b in zip(sizes[1:], sizes[2:]))
+
+
+def test_supports_piecewise():
+    assert supports_piecewise(_model())
+    assert not supports_piecewise(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="does not split"):
+        PiecewiseForward(torch.nn.Linear(2, 2), 64, torch.device("cpu"), capture=False)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["function", "backend"])
+@pytest.mark.parametrize("schedule", ["one_step", "chunked", "prefill_then_decode"])
+def test_pieces_equal_forward_on_cpu(paged, schedule, wrapped):
+    """Steps of 1..83 tokens (buckets 16 to 96, most of them padded), mixed prefill chunks and decodes; attention as
+    the bare reference function and as an AttentionBackend (which writes into the pieces' buffer)."""
+    from tokenmill.kernels.backends import get_attention_backend
+
+    model = _model(attn_backend=get_attention_backend("torch", "cpu") if wrapped else None)
+    piecewise = PiecewiseForward(model, 96, torch.device("cpu"), capture=False)
+    steps = {"one_step": lambda: paged.one_step(LENGTHS), "chunked": lambda: paged.chunked(LENGTHS, seed=2),
+             "prefill_then_decode": lambda: paged.prefill_then_decode(LENGTHS, PROMPT_LENS)}[schedule]()
+    sequences = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in LENGTHS]
+    reference = paged.run(model, sequences, steps)
+    pieces = paged.run(_AsModel(model, piecewise), sequences, steps)
+    for a, b in zip(pieces, reference):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphs_equal_forward_on_gpu(paged, dtype):
+    from tokenmill.kernels.backends import get_attention_backend
+
+    model = _model("cuda", dtype, attn_backend=get_attention_backend("auto", "cuda"))
+    piecewise = PiecewiseForward(model, 96, torch.device("cuda"))
+    sequences = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in LENGTHS]
+    for steps in (paged.chunked(LENGTHS, seed=5), paged.prefill_then_decode(LENGTHS, PROMPT_LENS)):
+        reference = paged.run(model, sequences, steps, device="cuda")
+        graphs = paged.run(_AsModel(model, piecewise), sequences, steps, device="cuda")
+        for a, b in zip(graphs, reference):
+            assert torch.isfinite(a).all()
+            tol = 1e-4 if dtype == torch.float32 else 5e-2 * b.abs().max().item()
+            torch.testing.assert_close(a, b, atol=tol, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_engine_with_piecewise_graphs_gives_the_eager_tokens(tmp_path):
+    """An engine whose prompt chunks run piecewise gives the tokens of one that runs them eagerly (fp32: no ties from
+    rounding), over staggered arrivals that mix prefill chunks with decodes; and it did run the graphs."""
+    from tokenmill.engine.engine import LLMEngine
+    from tokenmill.llm import make_engine_config
+    from tokenmill.models.random_weights import make_random_model_dir
+    from tokenmill.sampling_params import SamplingParams
+
+    folder = make_random_model_dir(tmp_path / "m", "tiny", torch.float32, std=0.2)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(n)] for i, n in enumerate((5, 70, 33, 130, 9, 61))]
+
+    class Counting:
+        def __init__(self, inner: PiecewiseForward) -> None:
+            self.inner, self.calls = inner, 0
+            self.fits, self.compute_logits = inner.fits, inner.compute_logits
+
+        def __call__(self, *args):
+            self.calls += 1
+            return self.inner(*args)
+
+    def run(mode: str) -> tuple[list[list[int]], int]:
+        engine = LLMEngine(make_engine_config(str(folder), dtype="float32", device="cuda", cudagraph_mode=mode,
+                                              max_num_batched_tokens=64, max_model_len=256, num_blocks=256))
+        counting = engine.runner.piecewise = Counting(engine.runner.piecewise) if engine.runner.piecewise else None
+        outputs: dict[str, list[int]] = {}
+
+        def step() -> None:
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out.outputs[0].token_ids
+
+        ids = []
+        for prompt in prompts:  # a new prompt every other step: chunks of 64 tokens beside running decodes
+            ids.append(engine.add_request(prompt, params))
+            step()
+            step()
+        while engine.has_unfinished_requests():
+            step()
+        return [outputs[i] for i in ids], counting.calls if counting else 0
+
+    piecewise_tokens, calls = run("full_and_piecewise")
+    eager_tokens, _ = run("full_decode_only")
+    assert calls > 0
+    assert piecewise_tokens == eager_tokens
