@@ -117,7 +117,10 @@ def test_decode_allocates_a_block_only_when_the_last_one_is_full():
     r.append_output_token(5)
     assert kv.allocate_slots(r, 1) and len(r.block_ids) == 2
     with pytest.raises(ValueError):
-        kv.allocate_slots(r, 2)  # more tokens than the request has
+        kv.allocate_slots(r, 2)  # more tokens than the request has, though its blocks would hold them
+    with pytest.raises(ValueError):
+        kv.allocate_slots(r, -1)
+    assert len(r.block_ids) == 2 and kv.num_free_blocks == 7
 
 
 def test_disabled_cache_never_hits_and_frees_everything():

@@ -47,6 +47,9 @@ class IncrementalDetokenizer:
         include_stop_str_in_output: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
+        # tokenmill's Tokenizer wraps a `tokenizers.Tokenizer`: call it directly (two decodes per token and step).
+        backend = getattr(tokenizer, "backend", None)
+        self._decode_ids = backend.decode if callable(getattr(backend, "decode", None)) else tokenizer.decode
         self.skip_special_tokens = skip_special_tokens
         self.stop = [s for s in (stop or [])]
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -98,6 +101,11 @@ class IncrementalDetokenizer:
             return DetokenizerUpdate("", None)
         self._ids.extend(new_token_ids)
         new_text = self._decode_new(flush=final)
+        if not self.stop:  # nothing to search or hold back (the common case; the general path gives the same)
+            self.finished = final
+            if new_text:
+                self._pieces.append(new_text)
+            return DetokenizerUpdate(new_text, None)
         pending = self._held + new_text  # settled, not yet shown
         if not pending:
             self.finished = final
@@ -123,8 +131,8 @@ class IncrementalDetokenizer:
         return self.update([], final=True)
 
     # --- internals --------------------------------------------------------------------------------------------------
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+    def _decode(self, ids: list[int]) -> str:
+        return self._decode_ids(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _decode_new(self, flush: bool) -> str:
         """Text of tokens past read_offset, or "" while it ends in an incomplete character (unless flushing)."""

@@ -229,17 +229,22 @@ class Scheduler:
         hold exactly the live requests with `samples` set (requests finished since schedule() may be left out or
         included). Returns the requests finished here."""
         live = [s for s in scheduler_output.scheduled if s.request.status is RequestStatus.RUNNING]
+        num_expected, all_there = 0, True
         for s in live:
             if s.request.num_computed_tokens != s.num_computed_tokens:
                 raise RuntimeError(f"request {s.request.request_id}: step {scheduler_output.step} already applied")
-        expected = {s.request.request_id for s in live if s.samples}
-        scheduled_ids = {s.request.request_id for s in scheduler_output.scheduled}
-        missing = expected - sampled_token_ids.keys()
-        unexpected = sampled_token_ids.keys() - expected - (scheduled_ids - {s.request.request_id for s in live})
-        if missing or unexpected:
-            raise ValueError(
-                f"sampled tokens do not match the step: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
-            )
+            if s.samples:
+                num_expected += 1
+                all_there = all_there and s.request.request_id in sampled_token_ids
+        if not all_there or num_expected != len(sampled_token_ids):  # else exactly the expected ids were sampled
+            expected = {s.request.request_id for s in live if s.samples}
+            scheduled_ids = {s.request.request_id for s in scheduler_output.scheduled}
+            missing = expected - sampled_token_ids.keys()
+            unexpected = sampled_token_ids.keys() - expected - (scheduled_ids - {s.request.request_id for s in live})
+            if missing or unexpected:
+                raise ValueError(
+                    f"sampled tokens do not match the step: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+                )
 
         finished: list[Request] = []
         for s in live:

@@ -119,6 +119,10 @@ class KVCacheManager:
         unreferenced cached blocks if the free list is short. Returns False, changing nothing, if that is
         impossible. Passing new_computed_blocks (even empty) marks an admission: it is counted in the prefix stats
         and its cached blocks join request.block_ids; the caller then sets request.num_computed_tokens."""
+        if new_computed_blocks is None and 0 <= num_new_tokens:
+            total = request.num_computed_tokens + num_new_tokens
+            if total <= request.num_tokens and total <= len(request.block_ids) * self.block_size:
+                return True  # its blocks already hold them (most decode steps): nothing to allocate or check
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         hit = new_computed_blocks or _NO_BLOCKS
