@@ -74,7 +74,8 @@ def run_schedule(
     cfg = model.config
     blocks_needed = [math.ceil(len(s) / block_size) for s in sequences]
     num_blocks = sum(blocks_needed) + extra_blocks
-    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    # Block 0 is never handed out (as in the engine's pool): padded rows of captured graphs write there.
+    perm = (torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(seed)) + 1).tolist()
     tables, at = [], 0
     for n in blocks_needed:
         tables.append(perm[at : at + n])

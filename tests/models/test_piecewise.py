@@ -25,16 +25,22 @@ def _model(device: str = "cpu", dtype: torch.dtype = torch.float32, attn_backend
 
 
 class _AsModel:
-    """A PiecewiseForward where the mini runner expects a model."""
+    """PiecewiseForward where the mini runner expects a model: built (captured) for the run's KV cache on first use.
+    Padded rows write block 0, which the mini runner, like the engine's pool, never hands out."""
 
-    def __init__(self, model: LlamaForCausalLM, piecewise: PiecewiseForward) -> None:
-        self.config, self.dtype, self.piecewise = model.config, model.dtype, piecewise
+    def __init__(self, model: LlamaForCausalLM, max_tokens: int, capture: bool) -> None:
+        self.model, self.max_tokens, self.capture = model, max_tokens, capture
+        self.config, self.dtype = model.config, model.dtype
+        self.piecewise: PiecewiseForward | None = None
 
-    def __call__(self, *args):
-        return self.piecewise(*args)
+    def __call__(self, input_ids, positions, kv_cache, meta):
+        if self.piecewise is None or self.piecewise.kv_cache is not kv_cache:
+            self.piecewise = PiecewiseForward(self.model, self.max_tokens, kv_cache.device, kv_cache,
+                                              pad_slot=0, capture=self.capture)
+        return self.piecewise(input_ids, positions, kv_cache, meta)
 
     def compute_logits(self, hidden):
-        return self.piecewise.compute_logits(hidden)
+        return self.model.compute_logits(hidden)
 
 
 def test_token_buckets():
@@ -49,7 +55,7 @@ def test_supports_piecewise():
     assert supports_piecewise(_model())
     assert not supports_piecewise(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="does not split"):
-        PiecewiseForward(torch.nn.Linear(2, 2), 64, torch.device("cpu"), capture=False)
+        PiecewiseForward(torch.nn.Linear(2, 2), 64, torch.device("cpu"), torch.zeros(1), capture=False)
 
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["function", "backend"])
@@ -60,12 +66,12 @@ def test_pieces_equal_forward_on_cpu(paged, schedule, wrapped):
     from tokenmill.kernels.backends import get_attention_backend
 
     model = _model(attn_backend=get_attention_backend("torch", "cpu") if wrapped else None)
-    piecewise = PiecewiseForward(model, 96, torch.device("cpu"), capture=False)
     steps = {"one_step": lambda: paged.one_step(LENGTHS), "chunked": lambda: paged.chunked(LENGTHS, seed=2),
              "prefill_then_decode": lambda: paged.prefill_then_decode(LENGTHS, PROMPT_LENS)}[schedule]()
     sequences = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in LENGTHS]
-    reference = paged.run(model, sequences, steps)
-    pieces = paged.run(_AsModel(model, piecewise), sequences, steps)
+    # A NaN cache: a K/V write of a padded row into a sequence's block, or a read of a slot never written, shows.
+    reference = paged.run(model, sequences, steps, cache_fill=float("nan"))
+    pieces = paged.run(_AsModel(model, 96, capture=False), sequences, steps, cache_fill=float("nan"))
     for a, b in zip(pieces, reference):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -76,11 +82,11 @@ def test_graphs_equal_forward_on_gpu(paged, dtype):
     from tokenmill.kernels.backends import get_attention_backend
 
     model = _model("cuda", dtype, attn_backend=get_attention_backend("auto", "cuda"))
-    piecewise = PiecewiseForward(model, 96, torch.device("cuda"))
     sequences = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in LENGTHS]
     for steps in (paged.chunked(LENGTHS, seed=5), paged.prefill_then_decode(LENGTHS, PROMPT_LENS)):
-        reference = paged.run(model, sequences, steps, device="cuda")
-        graphs = paged.run(_AsModel(model, piecewise), sequences, steps, device="cuda")
+        reference = paged.run(model, sequences, steps, device="cuda", cache_fill=float("nan"))
+        graphs = paged.run(_AsModel(model, 96, capture=True), sequences, steps, device="cuda",
+                           cache_fill=float("nan"))
         for a, b in zip(graphs, reference):
             assert torch.isfinite(a).all()
             tol = 1e-4 if dtype == torch.float32 else 5e-2 * b.abs().max().item()

@@ -5,13 +5,13 @@ with prompt chunks does not: the attention kernel's grid follows the step's sequ
 eagerly, such a step costs the host ~230 launches (plus cuBLAS's per-call set-up) for a 16-layer 1B model, ~8 ms on
 an H100 host whatever the prompt length, ten times its GPU time at short chunks. Here the layers' dense parts, whose
 shapes depend only on the token count, are captured per padded token count (vLLM's "piecewise" CUDA graphs): per
-layer one graph for norm + QKV + RoPE and one for O projection + residual + norm + MLP + residual; attention (the
-K/V write and the paged attention kernel) runs eagerly between them on the step's real tokens. A prologue graph
+layer one graph for norm + QKV + RoPE + the K/V write into the cache, and one for O projection + residual + norm +
+MLP + residual; the paged attention kernel runs eagerly between them on the step's real tokens. A prologue graph
 embeds the tokens and builds the rotary tables.
 
 Padded rows carry an earlier step's token and position (zeros at first) and a zero attention output: finite
-values; every captured op works row by row, so they never touch the real rows, and attention never sees them (it
-takes the first n rows).
+values; every captured op works row by row, so they never touch the real rows; their K/V go to a padding slot that
+no sequence reads, and attention never sees them (it takes the first n rows).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from tokenmill.kernels.backends import AttentionBackend
+from tokenmill.layers.attention import write_kv_cache
 from tokenmill.layers.attention_metadata import AttentionMetadata
 
 # Padded token counts (the step's tokens round up to the next): spaced by at most 1.5x, so padding wastes at most a
@@ -52,14 +53,17 @@ class PiecewiseForward:
     padding; the graphs themselves are checked on a GPU).
     """
 
-    def __init__(self, model, max_tokens: int, device: torch.device, capture: bool = True) -> None:
+    def __init__(self, model, max_tokens: int, device: torch.device, kv_cache: torch.Tensor, pad_slot: int = 0,
+                 capture: bool = True) -> None:
         if not supports_piecewise(model):
             raise ValueError(f"{type(model).__name__} does not split its layers around attention")
         self.model = model
+        self.kv_cache = kv_cache  # [num_layers, 2, num_blocks, block_size, Hkv, D]: the graphs write K/V into it
+        self.pad_slot = pad_slot  # where padded rows write their K/V (a slot of a block no sequence holds)
         self.sizes = token_buckets(max_tokens)
         self.max_tokens = self.sizes[-1]
         cfg = model.config
-        heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        heads, dim = cfg.num_attention_heads, cfg.head_dim
         t, dtype = self.max_tokens, model.dtype
 
         def buffer(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
@@ -68,20 +72,19 @@ class PiecewiseForward:
         # Static buffers shared by every size (a size's graphs use the first `size` rows).
         self.input_ids = buffer(t, dtype=torch.long)
         self.positions = buffer(t, dtype=torch.long)
+        self.slots = torch.full((t,), pad_slot, dtype=torch.long, device=device)
         self.hidden = buffer(t, cfg.hidden_size)  # the residual stream, layer to layer
         self.cos = buffer(t, 1, dim)
         self.sin = buffer(t, 1, dim)
         self.q = buffer(t, heads, dim)
-        self.k = buffer(t, kv_heads, dim)
-        self.v = buffer(t, kv_heads, dim)
         self.attn_out = buffer(t, heads, dim)
         # size -> [prologue, then (before, after) for each layer]
         self.pieces: dict[int, list[Callable[[], None]]] = {}
         pool = torch.cuda.graph_pool_handle() if capture else None
         for size in reversed(self.sizes):  # largest first: smaller graphs reuse its temporaries' memory
             pieces = [self._prologue(size)]
-            for layer in model.layers:
-                pieces += [self._before(layer, size), self._after(layer, size)]
+            for layer, kv_cache_layer in zip(model.layers, kv_cache):
+                pieces += [self._before(layer, kv_cache_layer, size), self._after(layer, size)]
             self.pieces[size] = [self._graph(p, pool) for p in pieces] if capture else pieces
 
     # ---- the pieces (every tensor they read or write outside their own temporaries is a static buffer) ----------
@@ -95,12 +98,11 @@ class PiecewiseForward:
             self.attn_out[:n].zero_()
         return run
 
-    def _before(self, layer, n: int) -> Callable[[], None]:
+    def _before(self, layer, kv_cache_layer: torch.Tensor, n: int) -> Callable[[], None]:
         def run() -> None:
             q, k, v = layer.before_attention(self.hidden[:n], self.cos[:n], self.sin[:n])
+            write_kv_cache(k, v, kv_cache_layer, self.slots[:n])
             self.q[:n].copy_(q)
-            self.k[:n].copy_(k)
-            self.v[:n].copy_(v)
         return run
 
     def _after(self, layer, n: int) -> Callable[[], None]:
@@ -129,19 +131,28 @@ class PiecewiseForward:
         """model(input_ids, positions, kv_cache, meta): the final hidden states [n, hidden] of the step's tokens."""
         n = input_ids.shape[0]
         size = next(s for s in self.sizes if s >= n)
-        # Rows n..size keep an earlier step's ids and positions: valid inputs, and no row reads another.
+        if kv_cache is not self.kv_cache:
+            raise ValueError("the graphs write the KV cache they were captured with; got another tensor")
+        # Rows n..size keep an earlier step's ids and positions: valid inputs, and no row reads another. Their K/V
+        # go to the padding slot.
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
+        self.slots[:n].copy_(meta.slot_mapping)
+        if size > n:
+            self.slots[n:size].fill_(self.pad_slot)
         prologue, *layer_pieces = self.pieces[size]
         prologue()
         for i, (layer, kv_cache_layer) in enumerate(zip(self.model.layers, kv_cache)):
             before, after = layer_pieces[2 * i], layer_pieces[2 * i + 1]
             before()
             attn, out = layer.attn, self.attn_out[:n]
+            # The graph wrote this step's K/V into the cache (write_kv False): attention reads only q and the cache,
+            # so q stands in for the k and v it does not read.
+            q = self.q[:n]
             if isinstance(attn.attn_backend, AttentionBackend):
-                attn.attn_backend(self.q[:n], self.k[:n], self.v[:n], kv_cache_layer, meta, attn.scale, out=out)
+                attn.attn_backend(q, q, q, kv_cache_layer, meta, attn.scale, False, out=out)
             else:  # a bare attention function (the reference, paged_attention)
-                out.copy_(attn.attn_backend(self.q[:n], self.k[:n], self.v[:n], kv_cache_layer, meta, attn.scale))
+                out.copy_(attn.attn_backend(q, q, q, kv_cache_layer, meta, attn.scale, False))
             after()
         return self.model.norm(self.hidden[:n])
 

@@ -149,7 +149,8 @@ class ModelRunner:
             self._capture_decode_graphs(max_graph_batch_size)
             if piecewise_max_tokens > 0 and supports_piecewise(model):
                 start = time.perf_counter()
-                self.piecewise = PiecewiseForward(model, piecewise_max_tokens, device)
+                self.piecewise = PiecewiseForward(model, piecewise_max_tokens, device, self.kv_cache,
+                                                  pad_slot=self.pad_block * block_size)
                 logger.info("piecewise CUDA graphs for steps of up to %d tokens (%d sizes) captured in %.1f s",
                             self.piecewise.max_tokens, len(self.piecewise.sizes), time.perf_counter() - start)
             self._warm_up_prompt_steps(max_model_len)

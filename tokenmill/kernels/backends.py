@@ -18,7 +18,8 @@ from tokenmill.layers.attention_metadata import AttentionMetadata
 
 BACKEND_NAMES = ("torch", "triton", "auto")
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+# (q, k, v, kv_cache_layer, meta, scale, write_kv=True[, out=]) -> [T, Hq, D]
+AttentionFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,16 @@ class AttentionBackend:
         kv_cache_layer: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        write_kv: bool = True,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """out: where to write the result (e.g. a CUDA graph's input buffer); the kernels write there directly."""
+        """write_kv False: k/v are already in the cache. out: where to write the result (e.g. a CUDA graph's input
+        buffer); the kernels write there directly."""
         if out is None:
-            return self.attention(q, k, v, kv_cache_layer, meta, scale)
+            return self.attention(q, k, v, kv_cache_layer, meta, scale, write_kv)
         if self.writes_out:
-            return self.attention(q, k, v, kv_cache_layer, meta, scale, out=out)
-        return out.copy_(self.attention(q, k, v, kv_cache_layer, meta, scale))
+            return self.attention(q, k, v, kv_cache_layer, meta, scale, write_kv, out=out)
+        return out.copy_(self.attention(q, k, v, kv_cache_layer, meta, scale, write_kv))
 
 
 def triton_available() -> bool:

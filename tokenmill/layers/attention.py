@@ -17,7 +17,8 @@ from tokenmill.layers.attention_metadata import AttentionMetadata
 
 
 class AttentionBackend(Protocol):
-    """q [T, Hq, D], k/v [T, Hkv, D], kv_cache_layer [2, num_blocks, block_size, Hkv, D] -> out [T, Hq, D]."""
+    """q [T, Hq, D], k/v [T, Hkv, D], kv_cache_layer [2, num_blocks, block_size, Hkv, D] -> out [T, Hq, D]; writes k/v
+    at meta.slot_mapping first unless write_kv is False (the caller wrote them)."""
 
     def __call__(
         self,
@@ -27,6 +28,7 @@ class AttentionBackend(Protocol):
         kv_cache_layer: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        write_kv: bool = True,
     ) -> torch.Tensor: ...
 
 
@@ -132,15 +134,18 @@ def paged_attention(
     kv_cache_layer: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    write_kv: bool = True,
 ) -> torch.Tensor:
-    """Reference paged attention: write K/V, then causal attention over each sequence's cached context.
+    """Reference paged attention: write K/V (unless the caller already did: write_kv False), then causal attention
+    over each sequence's cached context.
 
     Decode sequences (query_len == 1) are attended in one padded SDPA call; prefill chunks in one SDPA call per group
     of equal query and context lengths. Contexts are gathered from the cache with one index_select over slots for K
     and one for V; the slot lists are computed once per step (see _StepPlan).
     """
     kv_flat = _flat_kv(kv_cache_layer)
-    _write_kv(k, v, kv_flat, meta.slot_mapping)
+    if write_kv:
+        _write_kv(k, v, kv_flat, meta.slot_mapping)
     key_cache, value_cache = kv_flat.unbind(0)  # [num_slots, Hkv * D] each
     num_kv_heads, head_dim = kv_cache_layer.shape[-2:]
     plan = _step_plan(meta, kv_cache_layer.shape[2], q.device)

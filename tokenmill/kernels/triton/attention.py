@@ -17,17 +17,19 @@ def paged_attention(
     kv_cache_layer: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    write_kv: bool = True,
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], kv_cache_layer [2, num_blocks, block_size, Hkv, D] -> [T, Hq, D].
 
-    Writes k/v at meta.slot_mapping, then runs the decode kernel when every sequence has one query token (the
+    Writes k/v at meta.slot_mapping (unless write_kv is False: the caller did), then runs the decode kernel when every sequence has one query token (the
     CUDA-graph-capturable path) and the varlen prefill kernel otherwise.
     """
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q has {q.shape[0]} tokens but k/v have {k.shape[0]}")
-    reshape_and_cache(k, v, kv_cache_layer, meta.slot_mapping)
+    if write_kv:
+        reshape_and_cache(k, v, kv_cache_layer, meta.slot_mapping)
     if meta.is_decode_only:
         if q.shape[0] != meta.block_tables.shape[0]:
             raise ValueError(f"a decode batch needs one token per sequence: {q.shape[0]} tokens, "
