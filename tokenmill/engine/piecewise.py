@@ -2,12 +2,12 @@
 
 A decode step has one launch shape per batch size, so the runner captures it whole (runner._DecodeGraph). A step
 with prompt chunks does not: the attention kernel's grid follows the step's sequences and query lengths. Run
-eagerly, such a step costs the host ~230 launches (plus cuBLAS's per-call set-up) for a 16-layer 1B model, ~8 ms on
-an H100 host whatever the prompt length, ten times its GPU time at short chunks. Here the layers' dense parts, whose
-shapes depend only on the token count, are captured per padded token count (vLLM's "piecewise" CUDA graphs): per
-layer one graph for norm + QKV + RoPE + the K/V write into the cache, and one for O projection + residual + norm +
-MLP + residual; the paged attention kernel runs eagerly between them on the step's real tokens. A prologue graph
-embeds the tokens and builds the rotary tables.
+eagerly, such a step costs the host ~230 launches (plus cuBLAS's per-call set-up) for a 16-layer 1B model, 8–13 ms
+on an H100 machine's host whatever the prompt length, several times its GPU time at short chunks. Here the layers'
+dense parts, whose shapes depend only on the token count, are captured per padded token count (vLLM's "piecewise"
+CUDA graphs): per layer one graph for norm + QKV + RoPE + the K/V write into the cache, and one for O projection +
+residual + norm + MLP + residual; the paged attention kernel runs eagerly between them on the step's real tokens.
+A prologue graph embeds the tokens and builds the rotary tables.
 
 Padded rows carry an earlier step's token and position (zeros at first) and a zero attention output: finite
 values; every captured op works row by row, so they never touch the real rows; their K/V go to a padding slot that
@@ -27,8 +27,6 @@ from tokenmill.layers.attention_metadata import AttentionMetadata
 # Padded token counts (the step's tokens round up to the next): spaced by at most 1.5x, so padding wastes at most a
 # third of a piece's work, and the matmuls of long chunks (compute-bound) stay close to their real size.
 _TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
-
-
 # Larger steps run eagerly: their GPU time dwarfs the launches, and a graph's temporaries grow with its tokens.
 PIECEWISE_MAX_TOKENS = 4096
 
@@ -116,9 +114,6 @@ class PiecewiseForward:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             piece()
-        # The first replay of a graph is slow (measured: a new token size's first step took ~0.5 s more on an
-        # H100); pay it here rather than in a request's first token.
-        graph.replay()
         return graph.replay
 
     # ---- a step ----------------------------------------------------------------------------------------------------
