@@ -138,7 +138,8 @@ def test_engine_with_megakernel_follows_the_bf16_model(tmp_path):
     _, reference = generate(model_dir, "triton", PROMPTS, "bfloat16", "cuda")
     # Every decode batch on the megakernel.
     engine, tokens = generate(model_dir, "megakernel", PROMPTS, "bfloat16", "cuda", megakernel_max_batch=16)
-    assert tiers(engine) == [(MegakernelLlamaDecoder, 16, None), (FusedLlamaDecoder, 16, None)]
+    assert tiers(engine) == [(MegakernelLlamaDecoder, 16, None),
+                             (FusedLlamaDecoder, FusedLlamaDecoder.max_batch_size, None)]
     assert engine.runner.graphs, "decode steps should run in CUDA graphs"
     # bf16 rounding differs between the two paths; greedy choices may flip on near-ties late in a sequence, and a
     # sequence goes its own way from there (H100, 2026-11-27: 59 of 64 tokens agree).
@@ -152,7 +153,7 @@ def test_engine_with_megakernel_follows_the_bf16_model(tmp_path):
     engine, tokens = generate(model_dir, "megakernel", PROMPTS, "bfloat16", "cuda")
     assert tiers(engine) == [(MegakernelLlamaDecoder, EngineConfig.megakernel_max_batch, None),
                              (MegakernelLlamaDecoder, 16, EngineConfig.megakernel_short_context),
-                             (FusedLlamaDecoder, 16, None)]
+                             (FusedLlamaDecoder, FusedLlamaDecoder.max_batch_size, None)]
     assert [len(t) for t in tokens] == [len(r) for r in reference]
 
 
@@ -171,7 +172,7 @@ def test_auto_backend_on_an_h100_picks_the_megakernel_then_the_fused_kernels(tmp
     engine, tokens = generate(model_dir, "auto", PROMPTS, "bfloat16", "cuda")
     assert tiers(engine) == [(MegakernelLlamaDecoder, EngineConfig.megakernel_max_batch, None),
                              (MegakernelLlamaDecoder, 16, EngineConfig.megakernel_short_context),
-                             (FusedLlamaDecoder, 16, None)]
+                             (FusedLlamaDecoder, FusedLlamaDecoder.max_batch_size, None)]
     _, explicit = generate(model_dir, "megakernel", PROMPTS, "bfloat16", "cuda")
     assert tokens == explicit  # the same decoders, the same graphs: the same tokens
 
@@ -194,7 +195,7 @@ def test_engine_runs_the_megakernel_up_to_batch_16_while_contexts_are_short(tmp_
     engine = LLMEngine(make_engine_config(str(model_dir), decode_backend="megakernel", megakernel_short_context=32,
                                           **config))
     assert tiers(engine) == [(MegakernelLlamaDecoder, 8, None), (MegakernelLlamaDecoder, 16, 32),
-                             (FusedLlamaDecoder, 16, None)]
+                             (FusedLlamaDecoder, FusedLlamaDecoder.max_batch_size, None)]
     runner = engine.runner
     short_tier, long_tier = runner.decode_models[1:]
     assert runner._models_for_size(16) == [short_tier, long_tier]

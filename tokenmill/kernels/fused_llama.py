@@ -99,9 +99,9 @@ def gemm_shape(config, op: str) -> tuple[int, int, int]:
 
 class FusedLlamaDecoder:
     # Decode batches above this size run the torch path instead. Measured on H100 (docs/bench/decode_h100_v2.log,
-    # 2026-11-26, re-tuned tiles): fused beats torch+graphs at every context up to batch 16 (1.12 vs 1.60 ms at
-    # batch 1, 1.54 vs 2.02 at 16 × 1k); larger batches were not measured.
-    max_batch_size: int = 16
+    # 2026-11-26, and docs/bench/decode_h100_b16_64.json, 2026-11-27): fused beats torch + graphs at every context up
+    # to batch 32 (1.54 vs 2.02 ms at 16 × 1k, 1.90 vs 2.24 at 32 × 1k) and ties at 64 (2.73 vs 2.72 at 64 × 1k).
+    max_batch_size: int = 32
 
     def __init__(
         self,
