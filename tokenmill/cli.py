@@ -8,7 +8,15 @@ import re
 import sys
 from collections.abc import Callable
 
-from tokenmill.config import ASYNC_SCHEDULING_CHOICES, CUDAGRAPH_MODES, CacheConfig, EngineConfig, SchedulerConfig
+from tokenmill.config import (
+    ASYNC_SCHEDULING_CHOICES,
+    CUDAGRAPH_MODES,
+    GPU_MAX_NUM_BATCHED_TOKENS,
+    GPU_MAX_NUM_SEQS,
+    CacheConfig,
+    EngineConfig,
+    SchedulerConfig,
+)
 from tokenmill.plotting import PlottingUnavailable
 
 
@@ -82,8 +90,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
     on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     sched = SchedulerConfig(
-        max_num_seqs=args.max_num_seqs or (256 if on_gpu else 64),
-        max_num_batched_tokens=args.max_num_batched_tokens or (8192 if on_gpu else 512),
+        max_num_seqs=args.max_num_seqs or (GPU_MAX_NUM_SEQS if on_gpu else 64),
+        max_num_batched_tokens=args.max_num_batched_tokens or (GPU_MAX_NUM_BATCHED_TOKENS if on_gpu else 512),
         max_model_len=args.max_model_len or 1 << 30,  # clamped to the model's length by the engine
     )
     if args.max_num_batched_tokens is None:

@@ -126,6 +126,11 @@ class SchedulerConfig:
             raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
 
 
+# Batch limits where the caller sets none and the engine runs on a GPU (the CLI's and the Python API's; vLLM's
+# defaults): enough sequences per step to reach the GPU's throughput at high concurrency.
+GPU_MAX_NUM_SEQS = 256
+GPU_MAX_NUM_BATCHED_TOKENS = 8192
+
 ASYNC_SCHEDULING_CHOICES = ("auto", "on", "off")
 CUDAGRAPH_MODES = ("full_and_piecewise", "full_decode_only", "none")
 

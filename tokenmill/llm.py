@@ -11,7 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenmill.config import (
+    GPU_MAX_NUM_BATCHED_TOKENS,
+    GPU_MAX_NUM_SEQS,
+    CacheConfig,
+    EngineConfig,
+    SchedulerConfig,
+)
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -22,10 +28,18 @@ _SCHED_KEYS = {"max_num_seqs", "max_num_batched_tokens", "max_model_len", "enabl
 
 
 def make_engine_config(model: str | None = None, **kwargs: Any) -> EngineConfig:
-    """Builds an EngineConfig from flat keyword arguments (vLLM's LLM(...) style)."""
+    """Builds an EngineConfig from flat keyword arguments (vLLM's LLM(...) style). On a GPU, batch limits left
+    unset are the CLI's GPU defaults (config.GPU_MAX_NUM_SEQS, GPU_MAX_NUM_BATCHED_TOKENS)."""
     cache = CacheConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in _CACHE_KEYS})
-    sched = SchedulerConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in _SCHED_KEYS})
-    return EngineConfig(model=model, cache=cache, scheduler=sched, **kwargs)
+    sched_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCHED_KEYS}
+    config = EngineConfig(model=model, cache=cache, scheduler=SchedulerConfig(**sched_kwargs), **kwargs)
+    if config.resolved_device().type == "cuda":
+        sched = config.scheduler
+        if "max_num_seqs" not in sched_kwargs:
+            sched.max_num_seqs = GPU_MAX_NUM_SEQS
+        if "max_num_batched_tokens" not in sched_kwargs:
+            sched.max_num_batched_tokens = max(GPU_MAX_NUM_BATCHED_TOKENS, sched.max_num_seqs)
+    return config
 
 
 class LLM:

@@ -229,3 +229,17 @@ def test_stop_strings_and_tokens(smollm2_path):
     (by_id,) = engine.generate_blocking([prompt], eos_free)
     assert by_id.outputs[0].token_ids == free.outputs[0].token_ids[:3]
     assert by_id.outputs[0].finish_reason == "stop"
+
+
+def test_python_api_batch_limits_follow_the_device():
+    """LLM(...) / make_engine_config: on a GPU, unset batch limits are the CLI's GPU defaults; what the caller sets,
+    and everything on the CPU, stays as given (nothing here needs a GPU: the device is only named)."""
+    from tokenmill.config import GPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_SEQS, SchedulerConfig
+
+    cpu = make_engine_config(None, device="cpu").scheduler
+    assert (cpu.max_num_seqs, cpu.max_num_batched_tokens) == (SchedulerConfig.max_num_seqs,
+                                                              SchedulerConfig.max_num_batched_tokens)
+    gpu = make_engine_config(None, device="cuda").scheduler
+    assert (gpu.max_num_seqs, gpu.max_num_batched_tokens) == (GPU_MAX_NUM_SEQS, GPU_MAX_NUM_BATCHED_TOKENS)
+    mine = make_engine_config(None, device="cuda", max_num_seqs=32, max_num_batched_tokens=1024).scheduler
+    assert (mine.max_num_seqs, mine.max_num_batched_tokens) == (32, 1024)
