@@ -11,11 +11,10 @@ from collections.abc import Callable
 from tokenmill.config import (
     ASYNC_SCHEDULING_CHOICES,
     CUDAGRAPH_MODES,
-    GPU_MAX_NUM_BATCHED_TOKENS,
-    GPU_MAX_NUM_SEQS,
     CacheConfig,
     EngineConfig,
     SchedulerConfig,
+    batch_limits,
 )
 from tokenmill.plotting import PlottingUnavailable
 
@@ -89,13 +88,13 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     import torch
 
     on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    max_num_seqs, max_num_batched_tokens = batch_limits(on_gpu, args.max_num_seqs, args.max_num_batched_tokens,
+                                                        cpu_defaults=(64, 512))
     sched = SchedulerConfig(
-        max_num_seqs=args.max_num_seqs or (GPU_MAX_NUM_SEQS if on_gpu else 64),
-        max_num_batched_tokens=args.max_num_batched_tokens or (GPU_MAX_NUM_BATCHED_TOKENS if on_gpu else 512),
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=args.max_model_len or 1 << 30,  # clamped to the model's length by the engine
     )
-    if args.max_num_batched_tokens is None:
-        sched.max_num_batched_tokens = max(sched.max_num_batched_tokens, sched.max_num_seqs)
     cache = CacheConfig(
         block_size=args.block_size,
         num_blocks=args.num_blocks,

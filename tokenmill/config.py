@@ -131,6 +131,15 @@ class SchedulerConfig:
 GPU_MAX_NUM_SEQS = 256
 GPU_MAX_NUM_BATCHED_TOKENS = 8192
 
+
+def batch_limits(on_gpu: bool, max_num_seqs: int | None, max_num_batched_tokens: int | None,
+                 cpu_defaults: tuple[int, int]) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens): the given ones, else the GPU defaults or `cpu_defaults`; a defaulted
+    token budget is raised to hold one token of every sequence."""
+    seqs_default, tokens_default = (GPU_MAX_NUM_SEQS, GPU_MAX_NUM_BATCHED_TOKENS) if on_gpu else cpu_defaults
+    seqs = max_num_seqs or seqs_default
+    return seqs, max_num_batched_tokens or max(tokens_default, seqs)
+
 ASYNC_SCHEDULING_CHOICES = ("auto", "on", "off")
 CUDAGRAPH_MODES = ("full_and_piecewise", "full_decode_only", "none")
 

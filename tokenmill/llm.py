@@ -11,13 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tokenmill.config import (
-    GPU_MAX_NUM_BATCHED_TOKENS,
-    GPU_MAX_NUM_SEQS,
-    CacheConfig,
-    EngineConfig,
-    SchedulerConfig,
-)
+from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig, batch_limits
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -29,16 +23,15 @@ _SCHED_KEYS = {"max_num_seqs", "max_num_batched_tokens", "max_model_len", "enabl
 
 def make_engine_config(model: str | None = None, **kwargs: Any) -> EngineConfig:
     """Builds an EngineConfig from flat keyword arguments (vLLM's LLM(...) style). On a GPU, batch limits left
-    unset are the CLI's GPU defaults (config.GPU_MAX_NUM_SEQS, GPU_MAX_NUM_BATCHED_TOKENS)."""
+    unset are the CLI's GPU defaults (config.batch_limits)."""
     cache = CacheConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in _CACHE_KEYS})
     sched_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCHED_KEYS}
     config = EngineConfig(model=model, cache=cache, scheduler=SchedulerConfig(**sched_kwargs), **kwargs)
     if config.resolved_device().type == "cuda":
         sched = config.scheduler
-        if "max_num_seqs" not in sched_kwargs:
-            sched.max_num_seqs = GPU_MAX_NUM_SEQS
-        if "max_num_batched_tokens" not in sched_kwargs:
-            sched.max_num_batched_tokens = max(GPU_MAX_NUM_BATCHED_TOKENS, sched.max_num_seqs)
+        sched.max_num_seqs, sched.max_num_batched_tokens = batch_limits(
+            True, sched_kwargs.get("max_num_seqs"), sched_kwargs.get("max_num_batched_tokens"),
+            cpu_defaults=(sched.max_num_seqs, sched.max_num_batched_tokens))
     return config
 
 

@@ -142,14 +142,15 @@ def test_seeded_sampling_is_batch_invariant(tiny_model_dir):
     assert together[2] == alone
 
 
-def test_final_only_steps_report_just_the_finished_requests(tiny_model_dir):
+def test_requests_without_progress_report_just_their_final_outputs(tiny_model_dir):
     streaming, quiet = make_engine(tiny_model_dir), make_engine(tiny_model_dir)
     params = [SamplingParams(temperature=0.0, max_tokens=3 + 4 * i, ignore_eos=True) for i in range(3)]
-    ids = [[engine.add_request(p, sp) for p, sp in zip(prompts(3), params)] for engine in (streaming, quiet)]
+    ids = [[engine.add_request(p, sp, report_progress=engine is streaming) for p, sp in zip(prompts(3), params)]
+           for engine in (streaming, quiet)]
     every, finals = [], []
     while streaming.has_unfinished_requests() or quiet.has_unfinished_requests():
         every += streaming.step()
-        finals += quiet.step(final_only=True)
+        finals += quiet.step()
     assert all(out.finished for out in finals) and len(finals) == 3
     assert len(every) > len(finals)  # streaming steps report unfinished requests too
     streamed = {out.request_id: out.outputs[0].token_ids for out in every if out.finished}
@@ -243,3 +244,12 @@ def test_python_api_batch_limits_follow_the_device():
     assert (gpu.max_num_seqs, gpu.max_num_batched_tokens) == (GPU_MAX_NUM_SEQS, GPU_MAX_NUM_BATCHED_TOKENS)
     mine = make_engine_config(None, device="cuda", max_num_seqs=32, max_num_batched_tokens=1024).scheduler
     assert (mine.max_num_seqs, mine.max_num_batched_tokens) == (32, 1024)
+
+
+def test_batch_limits_shared_by_the_cli_and_the_python_api():
+    from tokenmill.config import GPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_SEQS, batch_limits
+
+    assert batch_limits(True, None, None, cpu_defaults=(64, 512)) == (GPU_MAX_NUM_SEQS, GPU_MAX_NUM_BATCHED_TOKENS)
+    assert batch_limits(False, None, None, cpu_defaults=(64, 512)) == (64, 512)
+    assert batch_limits(False, 1000, None, cpu_defaults=(64, 512)) == (1000, 1000)  # a defaulted budget holds them
+    assert batch_limits(False, 1000, 300, cpu_defaults=(64, 512)) == (1000, 300)  # a given one is kept

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from tokenmill.config import ModelConfig
-from tokenmill.engine.piecewise import PiecewiseForward, supports_piecewise, token_buckets
+from tokenmill.engine.piecewise import (
+    PIECEWISE_MAX_TOKENS,
+    PiecewiseForward,
+    supports_piecewise,
+    token_buckets,
+)
 from tokenmill.models.llama import LlamaForCausalLM
 
 LENGTHS = [11, 18, 5, 9, 40]
@@ -49,6 +54,15 @@ def test_token_buckets():
     assert token_buckets(8) == [8]
     sizes = token_buckets(4096)
     assert sizes == sorted(set(sizes)) and all(b <= 1.5 * a for a, b in zip(sizes[1:], sizes[2:]))
+
+
+def test_steps_past_the_cap_are_left_to_the_eager_model():
+    model = _model()
+    cfg = model.config
+    cache = torch.zeros(cfg.num_hidden_layers, 2, 4, 4, cfg.num_key_value_heads, cfg.head_dim)
+    piecewise = PiecewiseForward(model, 10 * PIECEWISE_MAX_TOKENS, torch.device("cpu"), cache, capture=False)
+    assert piecewise.max_tokens == PIECEWISE_MAX_TOKENS
+    assert piecewise.fits(PIECEWISE_MAX_TOKENS) and not piecewise.fits(PIECEWISE_MAX_TOKENS + 1)
 
 
 def test_supports_piecewise():

@@ -19,7 +19,6 @@ import torch
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import EngineObserver, NullObserver, RequestOutput
-from tokenmill.engine.piecewise import PIECEWISE_MAX_TOKENS
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.runner import DecodeTier, ModelRunner
 from tokenmill.engine.sampler import EarlierTokens, PendingSample, Sampler
@@ -146,8 +145,8 @@ class LLMEngine:
             and getattr(self.model, "supports_cuda_graphs", True),
             max_graph_batch_size=sched_cfg.max_num_seqs,
             decode_models=decode_models,
-            piecewise_max_tokens=min(sched_cfg.max_num_batched_tokens, PIECEWISE_MAX_TOKENS)
-            if config.cudagraph_mode == "full_and_piecewise" else 0,
+            piecewise_max_tokens=sched_cfg.max_num_batched_tokens if config.cudagraph_mode == "full_and_piecewise"
+            else 0,
         )
         self.sampler = Sampler(max_logprobs=config.max_logprobs, seed=config.seed)
         # On by default where the device runs asynchronously to the host; on the CPU there is nothing to overlap.
@@ -270,10 +269,9 @@ class LLMEngine:
 
     # ---- the step loop -----------------------------------------------------------------------------------------
 
-    def step(self, final_only: bool = False) -> list[RequestOutput]:
-        """One scheduler step. Returns a RequestOutput for every request with news (final_only: for every request
-        that finished), each with its whole output so far: building them costs O(output) per request and step, which
-        a caller that wants only the end need not pay.
+    def step(self) -> list[RequestOutput]:
+        """One scheduler step. Returns a RequestOutput for every request with news (for a request added with
+        report_progress False, only once it has finished), each with its whole output so far.
 
         With async scheduling, while a step's tokens are still on the device the next step is planned and launched
         (its placeholder input ids are filled on the device), so the host's work for one step (scheduling, sampling
@@ -288,7 +286,7 @@ class LLMEngine:
             self._ahead = self._launch_ahead(launched)
             if self._ahead is not None:
                 touched.update(self._parent_id(req) for req in self._ahead.sched.failed)
-        outputs = self._complete(launched, touched, final_only)
+        outputs = self._complete(launched, touched)
         self._forget_finished_ahead()
         return outputs
 
@@ -327,7 +325,7 @@ class LLMEngine:
                                     {req.request_id: row for row, req in enumerate(launched.requests)})
         return self._launch(ahead, earlier)
 
-    def _complete(self, launched: _LaunchedStep, touched: set[str], final_only: bool) -> list[RequestOutput]:
+    def _complete(self, launched: _LaunchedStep, touched: set[str]) -> list[RequestOutput]:
         """Waits for a launched step's tokens and applies them: scheduler state, outputs, stop strings."""
         sched = launched.sched
         sampled: dict[str, int] = {}
@@ -369,17 +367,17 @@ class LLMEngine:
             self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
         touched.update(self._parent_id(req) for req in finished)
         self.observer.on_step(self.scheduler.get_stats())
-        return self.outputs.collect(touched, final_only)
+        return self.outputs.collect(touched)
 
     def generate_blocking(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], progress=None
     ) -> list[RequestOutput]:
         """Runs prompts to completion and returns their final outputs in order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        ids = [self.add_request(p, sp, report_progress=False) for p, sp in zip(prompts, params_list)]
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
-            for out in self.step(final_only=True):
+            for out in self.step():
                 if out.finished:
                     final[out.request_id] = out
                     if progress is not None:

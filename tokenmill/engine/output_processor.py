@@ -129,15 +129,14 @@ class OutputProcessor:
         update = state.detokenizer.update(new_ids, final=request.is_finished)
         return update.stop_str_hit
 
-    def collect(self, touched: set[str], final_only: bool = False) -> list[RequestOutput]:
-        """RequestOutputs for every parent with news (final_only, or a parent that wants no progress: for the finished
-        ones); forgets finished parents."""
+    def collect(self, touched: set[str]) -> list[RequestOutput]:
+        """RequestOutputs for every parent with news (a parent that wants no progress: once finished); forgets
+        finished parents."""
         outs: list[RequestOutput] = []
         now = time.monotonic()
         for parent_id in touched:
             parent = self.parents.get(parent_id)
-            if parent is None or parent.reported_finished or (
-                    (final_only or not parent.report_progress) and not parent.finished):
+            if parent is None or parent.reported_finished or (not parent.report_progress and not parent.finished):
                 continue
             out = parent.to_output()
             outs.append(out)

@@ -45,7 +45,8 @@ def supports_piecewise(model) -> bool:
 
 
 class PiecewiseForward:
-    """model.forward for steps of up to max_tokens tokens, its dense pieces replayed from CUDA graphs.
+    """model.forward for steps of up to max_tokens tokens (at most PIECEWISE_MAX_TOKENS), its dense pieces replayed
+    from CUDA graphs.
 
     capture=False runs the same pieces eagerly on the same padded buffers (CPU tests of the decomposition and the
     padding; the graphs themselves are checked on a GPU).
@@ -58,7 +59,7 @@ class PiecewiseForward:
         self.model = model
         self.kv_cache = kv_cache  # [num_layers, 2, num_blocks, block_size, Hkv, D]: the graphs write K/V into it
         self.pad_slot = pad_slot  # where padded rows write their K/V (a slot of a block no sequence holds)
-        self.sizes = token_buckets(max_tokens)
+        self.sizes = token_buckets(min(max_tokens, PIECEWISE_MAX_TOKENS))
         self.max_tokens = self.sizes[-1]
         cfg = model.config
         heads, dim = cfg.num_attention_heads, cfg.head_dim

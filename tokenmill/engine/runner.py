@@ -143,7 +143,8 @@ class ModelRunner:
         # padded batch size -> {id(model): its graph}: one per model that a step of that size may run on
         self.graphs: dict[int, dict[int, _DecodeGraph]] = {}
         # Steps that no decode graph runs (prompt chunks, larger batches), with piecewise_max_tokens > 0 and up to
-        # that many tokens: the general model's dense parts replayed from CUDA graphs (engine/piecewise.py).
+        # that many tokens (capped: piecewise.PIECEWISE_MAX_TOKENS): the general model's dense parts replayed from
+        # CUDA graphs (engine/piecewise.py).
         self.piecewise: PiecewiseForward | None = None
         if use_cuda_graphs and device.type == "cuda":
             self._capture_decode_graphs(max_graph_batch_size)

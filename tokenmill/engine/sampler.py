@@ -271,8 +271,7 @@ class Sampler:
         if not logits.is_floating_point():
             raise ValueError(f"logits must be floating point, got {logits.dtype}")
         for request in requests:
-            if request.sampling_params.logprobs is not None:  # all validate() checks
-                self.validate(request.sampling_params)
+            self.validate(request.sampling_params)
         if not requests:
             return PendingSample(requests, None, None)
         if greedy is not None and all(is_plain_greedy(r) for r in requests):

@@ -228,16 +228,11 @@ class Scheduler:
         blocks, and finishes requests that hit EOS / a stop token / their length limit. `sampled_token_ids` must
         hold exactly the live requests with `samples` set (requests finished since schedule() may be left out or
         included). Returns the requests finished here."""
-        live = [s for s in scheduler_output.scheduled if s.request.status is RequestStatus.RUNNING]
-        num_expected, all_there = 0, True
-        for s in live:
-            if s.request.num_computed_tokens != s.num_computed_tokens:
-                raise RuntimeError(f"request {s.request.request_id}: step {scheduler_output.step} already applied")
-            if s.samples:
-                num_expected += 1
-                all_there = all_there and s.request.request_id in sampled_token_ids
-        if not all_there or num_expected != len(sampled_token_ids):  # else exactly the expected ids were sampled
-            expected = {s.request.request_id for s in live if s.samples}
+        live = self._live_unapplied(scheduler_output)
+        sampling = [s.request.request_id for s in live if s.samples]
+        # Cheap test first (every step): as many ids as expected, each of them there, means exactly these.
+        if len(sampling) != len(sampled_token_ids) or not all(rid in sampled_token_ids for rid in sampling):
+            expected = set(sampling)
             scheduled_ids = {s.request.request_id for s in scheduler_output.scheduled}
             missing = expected - sampled_token_ids.keys()
             unexpected = sampled_token_ids.keys() - expected - (scheduled_ids - {s.request.request_id for s in live})
@@ -257,6 +252,15 @@ class Scheduler:
             if self._settle(s, token, now):
                 finished.append(req)
         return finished
+
+    @staticmethod
+    def _live_unapplied(scheduler_output: SchedulerOutput) -> list[ScheduledRequest]:
+        """The step's requests still running; raises if the step was already applied to them."""
+        live = [s for s in scheduler_output.scheduled if s.request.status is RequestStatus.RUNNING]
+        for s in live:
+            if s.request.num_computed_tokens != s.num_computed_tokens:
+                raise RuntimeError(f"request {s.request.request_id}: step {scheduler_output.step} already applied")
+        return live
 
     def _settle(self, s: ScheduledRequest, token: int | None, now: float | None) -> bool:
         """The rest of a step's update once its progress and token are on the request: statistics, newly full
@@ -280,11 +284,7 @@ class Scheduler:
         """Step N (`scheduler_output`) is on the device: count its tokens as computed and give each request that
         samples in it a placeholder output token, so that schedule_ahead can plan step N+1 before N's sampled ids
         reach the host. resolve_ahead(N) must follow before anything else reads the requests' tokens."""
-        live = [s for s in scheduler_output.scheduled if s.request.status is RequestStatus.RUNNING]
-        for s in live:
-            if s.request.num_computed_tokens != s.num_computed_tokens:
-                raise RuntimeError(f"request {s.request.request_id}: step {scheduler_output.step} already applied")
-        for s in live:
+        for s in self._live_unapplied(scheduler_output):
             s.request.num_computed_tokens += s.num_new_tokens
             if s.samples:
                 s.request.append_output_token(PLACEHOLDER_TOKEN)
