@@ -253,3 +253,8 @@ def test_batch_limits_shared_by_the_cli_and_the_python_api():
     assert batch_limits(False, None, None, cpu_defaults=(64, 512)) == (64, 512)
     assert batch_limits(False, 1000, None, cpu_defaults=(64, 512)) == (1000, 1000)  # a defaulted budget holds them
     assert batch_limits(False, 1000, 300, cpu_defaults=(64, 512)) == (1000, 300)  # a given one is kept
+
+
+def test_unknown_cudagraph_mode_is_refused():
+    with pytest.raises(ValueError, match="cudagraph_mode must be one of"):
+        make_engine_config(None, cudagraph_mode="sometimes")

@@ -65,6 +65,20 @@ def test_steps_past_the_cap_are_left_to_the_eager_model():
     assert piecewise.fits(PIECEWISE_MAX_TOKENS) and not piecewise.fits(PIECEWISE_MAX_TOKENS + 1)
 
 
+def test_a_step_on_another_cache_is_refused():
+    """The graphs write the KV cache they were built with; a step on any other tensor is an error, not silent
+    writes into the wrong cache."""
+    from tokenmill.layers.attention_metadata import AttentionMetadata
+
+    model = _model()
+    cfg = model.config
+    shape = (cfg.num_hidden_layers, 2, 4, 4, cfg.num_key_value_heads, cfg.head_dim)
+    piecewise = PiecewiseForward(model, 32, torch.device("cpu"), torch.zeros(shape), capture=False)
+    meta = AttentionMetadata.build([3], [3], [[1]], 4)
+    with pytest.raises(ValueError, match="KV cache they were captured with"):
+        piecewise(torch.tensor([1, 2, 3]), torch.arange(3), torch.zeros(shape), meta)
+
+
 def test_supports_piecewise():
     assert supports_piecewise(_model())
     assert not supports_piecewise(torch.nn.Linear(2, 2))
