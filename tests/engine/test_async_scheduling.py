@@ -223,3 +223,45 @@ def test_a_prefill_chunk_launched_ahead_is_not_run_twice(tiny_model_dir):
         assert len(out.outputs[0].token_ids) == 4
         counts[mode] = calls[0]
     assert counts["on"] == counts["off"] == 5 + 3  # 40 prompt tokens in chunks of 8, then 3 decode steps
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (a device that runs ahead of the host)")
+def test_launching_a_step_never_waits_for_the_device(tmp_path):
+    """With async scheduling the host plans and launches step N+1 while step N runs; a synchronising call in the
+    launch (a host list copied to the GPU with torch.tensor(..., device=...), a .item()) would serialise them again.
+    Prompt chunks, decodes and every sampling feature, after a warm-up wave: torch's sync debug mode raises on any
+    synchronising call inside the runner's forward or the sampler's launch."""
+    from tokenmill.models.random_weights import make_random_model_dir
+
+    shape = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, head_dim=64, max_position_embeddings=512, rms_norm_eps=1e-5,
+                 tie_word_embeddings=True)
+    model_dir = make_random_model_dir(tmp_path / "m", shape, dtype=torch.bfloat16, std=0.2)
+    engine = make_engine(model_dir, "on", dtype="bfloat16", device="cuda", max_num_seqs=16, num_blocks=256,
+                         max_num_batched_tokens=64)
+    kinds = [dict(temperature=0.0), dict(temperature=0.8, top_p=0.9), dict(temperature=0.7, top_k=5),
+             dict(temperature=1.0, min_p=0.1, seed=3), dict(temperature=1.0, presence_penalty=0.5),
+             dict(temperature=1.0, min_tokens=4), dict(temperature=1.0, logprobs=2)]
+
+    def wave() -> list[tuple[list[int], SamplingParams]]:
+        return [(p, SamplingParams(max_tokens=12, ignore_eos=True, **kinds[i % len(kinds)]))
+                for i, p in enumerate(prompts(10, seed=4))]
+
+    run(engine, [wave()])  # warm-up: lazy initialisation and first compiles may synchronise
+    checked = [0]
+
+    def strict(fn):
+        def call(*args, **kwargs):
+            checked[0] += 1
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return call
+
+    engine.runner.execute = strict(engine.runner.execute)
+    engine.sampler.launch = strict(engine.sampler.launch)
+    outs = run(engine, [wave(), wave()], steps_between=2)
+    assert len(outs) == 20 and all(len(o.outputs[0].token_ids) == 12 for o in outs.values())
+    assert checked[0] > 40

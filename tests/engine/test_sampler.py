@@ -444,3 +444,38 @@ def test_cuda_matches_cpu_where_deterministic():
     assert all(0 <= t < 1000 for t in cuda.token_ids)
     assert cuda.corrupted == [False] * 6
     assert cuda.logprobs[0].keys() == cpu.logprobs[0].keys()
+
+
+def test_to_device_gives_the_values():
+    from tokenmill.device_copy import to_device
+
+    t = to_device([[1, 2], [3, 4]], torch.int32, "cpu")
+    assert t.dtype == torch.int32 and t.tolist() == [[1, 2], [3, 4]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
+def test_launch_never_waits_for_the_device():
+    """Every sampling feature queues its work without synchronising the host with the GPU (the step after it is
+    planned while this one runs: async scheduling). torch's sync debug mode raises on any synchronising call."""
+    requests = [
+        make_request(temperature=0.0, request_id="greedy"),
+        make_request(temperature=0.8, top_p=0.9, request_id="top_p"),
+        make_request(temperature=0.7, top_k=5, request_id="top_k"),
+        make_request(temperature=1.0, min_p=0.1, seed=7, request_id="min_p_seeded"),
+        make_request(temperature=1.0, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3,
+                     output=[4, 5, 4], request_id="penalties"),
+        make_request(temperature=1.0, min_tokens=3, eos=frozenset({2}), request_id="min_tokens"),
+        make_request(temperature=1.0, logprobs=3, request_id="logprobs"),
+    ]
+    logits = random_logits(len(requests), 500).cuda()
+    sampler = Sampler(max_logprobs=5, seed=0)
+    sampler.launch(logits, requests).result()  # first use: lazy initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = sampler.launch(logits, requests)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    out = pending.result()
+    assert out.token_ids[0] == int(logits[0].argmax()) and out.corrupted == [False] * len(requests)
+    assert out.token_ids[5] != 2 and out.logprobs[6] is not None

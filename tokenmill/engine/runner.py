@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from tokenmill.device_copy import to_device
 from tokenmill.engine.piecewise import PiecewiseForward, supports_piecewise
 from tokenmill.engine.request import PLACEHOLDER_TOKEN, Request
 from tokenmill.engine.sampler import EarlierTokens, greedy_pick
@@ -200,18 +201,18 @@ class ModelRunner:
             meta = AttentionMetadata.build(
                 step.query_lens, step.seq_lens, step.block_tables, self.block_size, self.device, step.state_seeds
             )
-            input_ids = torch.tensor(step.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
+            input_ids = to_device(step.token_ids, torch.long, self.device)
             if fill is not None:
-                pairs = torch.tensor(fill, dtype=torch.long).to(self.device, non_blocking=True)
+                pairs = to_device(fill, torch.long, self.device)
                 fill_placeholders(input_ids, pairs, earlier_tokens.token_ids)
-            positions = torch.tensor(step.positions, dtype=torch.long).to(self.device, non_blocking=True)
+            positions = to_device(step.positions, torch.long, self.device)
             if (self.piecewise is not None and model is self.model and step.state_seeds is None
                     and self.piecewise.fits(len(step.token_ids))):
                 model = self.piecewise
             hidden = model(input_ids, positions, self.kv_cache, meta)
             if not step.sample_rows:
                 return StepLogits([], None)
-            index = torch.tensor(step.sample_token_index, dtype=torch.long).to(self.device, non_blocking=True)
+            index = to_device(step.sample_token_index, torch.long, self.device)
             sample_hidden = hidden.index_select(0, index)
         logits = model.compute_logits(sample_hidden)
         return StepLogits(step.sample_rows, logits)

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from tokenmill.device_copy import to_device
 from tokenmill.engine.outputs import Logprob, TokenLogprobs
 from tokenmill.engine.request import PLACEHOLDER_TOKEN, Request
 from tokenmill.sampling_params import SamplingParams
@@ -122,7 +123,7 @@ def pad_token_ids(rows: Sequence[Sequence[int]], pad_id: int, device: torch.devi
     """Ragged token id lists -> one int64 tensor [len(rows), max_len], right-padded with `pad_id`."""
     width = max((len(r) for r in rows), default=0)
     padded = [list(r) + [pad_id] * (width - len(r)) for r in rows]
-    return torch.tensor(padded, dtype=torch.int64, device=device).reshape(len(rows), width)
+    return to_device(padded, torch.int64, device).reshape(len(rows), width)
 
 
 def token_counts(padded_ids: Tensor, vocab_size: int) -> Tensor:
@@ -290,7 +291,7 @@ class Sampler:
             token_ids = self._sample_rows(logits, requests)
         else:
             token_ids = greedy_argmax(logits)
-            index = torch.tensor(sampled_rows, device=device)
+            index = to_device(sampled_rows, torch.int64, device)
             sampled = self._sample_rows(logits.index_select(0, index), [requests[i] for i in sampled_rows])
             token_ids.index_copy_(0, index, sampled)
         logprobs = self._logprobs_on_device(logits, token_ids, requests)
@@ -325,21 +326,21 @@ class Sampler:
                 outputs[j] = outputs[j][:column] + [vocab_size]
             output_ids = pad_token_ids(outputs, vocab_size, device)
             if holes:
-                row, column, source = torch.tensor(holes, dtype=torch.int64).to(device).unbind(1)
+                row, column, source = to_device(holes, torch.int64, device).unbind(1)
                 output_ids[row, column] = earlier_tokens.token_ids.index_select(0, source).to(torch.int64)
-            index = torch.tensor(penalty_rows, device=device)
+            index = to_device(penalty_rows, torch.int64, device)
             penalised = apply_penalties(
                 logits.index_select(0, index),
                 prompt_ids,
                 output_ids,
-                torch.tensor([p.repetition_penalty for p in params], device=device),
-                torch.tensor([p.presence_penalty for p in params], device=device),
-                torch.tensor([p.frequency_penalty for p in params], device=device),
+                to_device([p.repetition_penalty for p in params], torch.float32, device),
+                to_device([p.presence_penalty for p in params], torch.float32, device),
+                to_device([p.frequency_penalty for p in params], torch.float32, device),
             )
             logits.index_copy_(0, index, penalised)
         if blocked:
-            row_index, token_index = torch.tensor(blocked, dtype=torch.int64, device=device).unbind(1)
-            logits.index_put_((row_index, token_index), torch.tensor(float("-inf"), device=device))
+            row_index, token_index = to_device(blocked, torch.int64, device).unbind(1)
+            logits.index_put_((row_index, token_index), torch.full((), float("-inf"), device=device))
         return logits
 
     # -- stage 5: random sampling ----------------------------------------------------------------------------------
@@ -351,8 +352,8 @@ class Sampler:
         params = [r.sampling_params for r in requests]
         top_ks = [min(p.top_k, vocab_size) for p in params]
         uses_top_k, uses_top_p = any(k > 0 for k in top_ks), any(p.top_p < 1.0 for p in params)
-        top_k = torch.tensor(top_ks, device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device) if uses_top_p else None
+        top_k = to_device(top_ks, torch.int64, device)
+        top_p = to_device([p.top_p for p in params], torch.float32, device) if uses_top_p else None
 
         candidates, candidate_ids = logits, None  # None: candidates are the whole vocabulary, in order
         # The top-k candidates' tie check reads a value back: on a GPU that would wait for the device (and stall
@@ -369,9 +370,9 @@ class Sampler:
         elif uses_top_k:
             candidates = apply_top_k(logits, top_k, max(top_ks))
 
-        candidates = candidates / torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+        candidates = candidates / to_device([p.temperature for p in params], torch.float32, device).unsqueeze(1)
         if any(p.min_p > 0.0 for p in params):
-            candidates = apply_min_p(candidates, torch.tensor([p.min_p for p in params], device=device))
+            candidates = apply_min_p(candidates, to_device([p.min_p for p in params], torch.float32, device))
         if candidate_ids is not None:
             candidates = apply_top_k_top_p_sorted(candidates, top_k, top_p)
         position = gumbel_race(candidates, self._noise(requests, candidates.shape, candidate_ids, vocab_size, device))
@@ -421,7 +422,7 @@ class Sampler:
         if not rows:
             return None
         vocab_size = logits.shape[-1]
-        index = torch.tensor(rows, device=logits.device)
+        index = to_device(rows, torch.int64, logits.device)
         logprobs = logits.index_select(0, index).log_softmax(dim=-1)
         sampled = token_ids.index_select(0, index)
         sampled_logprob = logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)

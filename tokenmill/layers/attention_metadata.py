@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from tokenmill.device_copy import to_device
+
 
 @dataclass
 class AttentionMetadata:
@@ -79,17 +81,15 @@ class AttentionMetadata:
         width = max((len(t) for t in block_tables), default=0) or 1
         padded = [t + [0] * (width - len(t)) for t in block_tables]
         return cls(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device, non_blocking=True),
-            block_tables=torch.tensor(padded, dtype=torch.int32).to(device, non_blocking=True),
+            slot_mapping=to_device(slots, torch.int64, device),
+            query_start_loc=to_device(starts, torch.int32, device),
+            seq_lens=to_device(seq_lens, torch.int32, device),
+            block_tables=to_device(padded, torch.int32, device),
             max_query_len=max(query_lens, default=0),
             max_seq_len=max(seq_lens, default=0),
             query_start_loc_cpu=starts,
             seq_lens_cpu=list(seq_lens),
             state_seeds=None
             if state_seeds is None
-            else torch.tensor(
-                [seed for seed, q in zip(state_seeds, query_lens) for _ in range(q)], dtype=torch.int64
-            ).to(device, non_blocking=True),
+            else to_device([seed for seed, q in zip(state_seeds, query_lens) for _ in range(q)], torch.int64, device),
         )
