@@ -25,6 +25,12 @@ from tokenmill.kernels.triton import (  # noqa: E402
     paged_prefill,
     reshape_and_cache,
 )
+from tokenmill.kernels.triton.prefill import (  # noqa: E402
+    paged_prefill_planned,
+    plan_capacity,
+    plan_prefill,
+    prefill_block_m,
+)
 from tokenmill.layers.attention_metadata import AttentionMetadata  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -206,6 +212,45 @@ def test_prefill_with_small_tiles_covers_many_query_and_key_tiles():
     out = paged_prefill(batch.q, batch.kv_cache_layer, meta.block_tables, meta.seq_lens,
                         meta.query_start_loc, meta.max_query_len, batch.scale, block_m=16, block_n=16)
     assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("query_lens,seq_lens", [([5, 1, 7, 33, 1], [5, 20, 40, 33, 1]), ([40, 9], [70, 9]),
+                                                  ([1, 1, 1], [3, 17, 64])])
+def test_planned_prefill_equals_the_unplanned_launch(query_lens, seq_lens):
+    """The planned launch (the form a CUDA graph captures) reads its lengths, tables and plan from buffers sized
+    for more sequences and tokens than the step has: it gives the unplanned launch's output bit for bit, and its
+    padding items write nothing (the rows past the step's tokens keep their NaN)."""
+    batch = make_batch(query_lens, seq_lens, num_q_heads=4, num_kv_heads=1, head_dim=64, dtype=torch.float32,
+                       block_size=8, seed=5)
+    meta = batch.meta
+    block_m = prefill_block_m(meta.max_query_len, 4, 64)
+    expected = paged_prefill(batch.q, batch.kv_cache_layer, meta.block_tables, meta.seq_lens,
+                             meta.query_start_loc, meta.max_query_len, batch.scale, block_m=block_m)
+
+    tokens, max_seqs, spare = batch.q.shape[0], 8, 5  # buffers for 8 sequences and `spare` more tokens
+    n = len(query_lens)
+    qsl = torch.full((max_seqs + 1,), tokens, dtype=torch.int32, device=DEVICE)
+    qsl[: n + 1] = meta.query_start_loc
+    lens = torch.zeros(max_seqs, dtype=torch.int32, device=DEVICE)
+    lens[:n] = meta.seq_lens
+    tables = torch.full((max_seqs, meta.block_tables.shape[1] + 3), 10**6, dtype=torch.int32, device=DEVICE)
+    tables[:n, : meta.block_tables.shape[1]] = meta.block_tables
+    capacity = plan_capacity(tokens + spare, max_seqs, block_m // 4)
+    plan = torch.tensor(plan_prefill(query_lens, seq_lens, block_m // 4, capacity), dtype=torch.int32,
+                        device=DEVICE)
+    q = torch.cat([batch.q, torch.randn(spare, 4, 64, device=DEVICE)])
+    out = torch.full_like(q, float("nan"))
+    paged_prefill_planned(q, batch.kv_cache_layer, tables, lens, qsl, plan, batch.scale, block_m, out=out)
+    assert torch.equal(out[:tokens], expected)
+    assert out[tokens:].isnan().all()
+
+
+def test_prefill_plan_orders_longest_items_first_and_pads():
+    # sequence 0: 3 query tokens ending at position 10 (tiles of 2: keys 0..9 and 0..10); sequence 1: 1 token at 4
+    plan = plan_prefill([3, 1], [11, 5], block_q=2, capacity=plan_capacity(4, 2, 2))
+    assert plan == [0, 1, 0, 0, 1, 0, -1, 0]
+    with pytest.raises(ValueError, match="capacity"):
+        plan_prefill([3, 1], [11, 5], block_q=2, capacity=2)
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])

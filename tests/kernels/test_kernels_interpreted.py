@@ -20,6 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 GROUPS = {
     "attention": [HERE / "test_attention_kernels.py"],
     "fused_decode": [HERE / "test_fused_decode_kernels.py", HERE / "test_fused_decode_model.py"],
+    "piecewise": [HERE.parent / "models" / "test_piecewise.py", "-k", "whole_steps"],
 }
 
 

@@ -33,15 +33,19 @@ class _AsModel:
     """PiecewiseForward where the mini runner expects a model: built (captured) for the run's KV cache on first use.
     Padded rows write block 0, which the mini runner, like the engine's pool, never hands out."""
 
-    def __init__(self, model: LlamaForCausalLM, max_tokens: int, capture: bool) -> None:
-        self.model, self.max_tokens, self.capture = model, max_tokens, capture
+    def __init__(self, model: LlamaForCausalLM, max_tokens: int, capture: bool, max_seqs: int = 0,
+                 whole_max_tokens: int = 0) -> None:
+        self.model, self.max_tokens, self.capture, self.max_seqs = model, max_tokens, capture, max_seqs
+        self.whole_max_tokens = whole_max_tokens
         self.config, self.dtype = model.config, model.dtype
         self.piecewise: PiecewiseForward | None = None
 
     def __call__(self, input_ids, positions, kv_cache, meta):
         if self.piecewise is None or self.piecewise.kv_cache is not kv_cache:
             self.piecewise = PiecewiseForward(self.model, self.max_tokens, kv_cache.device, kv_cache,
-                                              pad_slot=0, capture=self.capture)
+                                              pad_slot=0, capture=self.capture, max_seqs=self.max_seqs,
+                                              max_blocks_per_seq=kv_cache.shape[2],
+                                              whole_max_tokens=self.whole_max_tokens)
         return self.piecewise(input_ids, positions, kv_cache, meta)
 
     def compute_logits(self, hidden):
@@ -102,6 +106,47 @@ def test_pieces_equal_forward_on_cpu(paged, schedule, wrapped):
     pieces = paged.run(_AsModel(model, 96, capture=False), sequences, steps, cache_fill=float("nan"))
     for a, b in zip(pieces, reference):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _triton_ready() -> bool:
+    import importlib.util
+    import os
+
+    return importlib.util.find_spec("triton") is not None and (
+        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+@pytest.mark.skipif(not _triton_ready(), reason="needs the Triton kernels (CUDA, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("schedule", ["chunked", "prefill_then_decode"])
+def test_whole_steps_equal_forward(paged, schedule):
+    """With the Triton backend and a sequence limit, sizes up to 48 tokens run as whole steps (attention by the
+    planned launch from the staged metadata), larger ones as pieces around eager attention: both equal model.forward.
+    On the CPU run eagerly under the interpreter, on a GPU as graphs."""
+    from tokenmill.kernels.backends import get_attention_backend
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _model(device, attn_backend=get_attention_backend("triton", device))
+    steps = {"chunked": lambda: paged.chunked(LENGTHS, seed=2),
+             "prefill_then_decode": lambda: paged.prefill_then_decode(LENGTHS, PROMPT_LENS)}[schedule]()
+    sequences = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in LENGTHS]
+    reference = paged.run(model, sequences, steps, device=device, cache_fill=float("nan"))
+    runner = _AsModel(model, 96, capture=device == "cuda", max_seqs=len(LENGTHS) + 2, whole_max_tokens=48)
+    whole = paged.run(runner, sequences, steps, device=device, cache_fill=float("nan"))
+    assert runner.piecewise.whole_sizes == {16, 32, 48}
+    for a, b in zip(whole, reference):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_whole_steps_only_with_a_planned_prefill():
+    """The torch reference has no capturable prefill: its steps keep eager attention between the pieces."""
+    from tokenmill.kernels.backends import get_attention_backend
+
+    model = _model(attn_backend=get_attention_backend("torch", "cpu"))
+    cfg = model.config
+    cache = torch.zeros(cfg.num_hidden_layers, 2, 4, 4, cfg.num_key_value_heads, cfg.head_dim)
+    piecewise = PiecewiseForward(model, 32, torch.device("cpu"), cache, capture=False, max_seqs=4,
+                                 max_blocks_per_seq=4)
+    assert not piecewise.whole_steps
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -9,9 +9,16 @@ CUDA graphs): per layer one graph for norm + QKV + RoPE + the K/V write into the
 residual + norm + MLP + residual; the paged attention kernel runs eagerly between them on the step's real tokens.
 A prologue graph embeds the tokens and builds the rotary tables.
 
+Where the attention backend has a planned prefill (the Triton kernels: a launch whose grid depends only on the
+token count and the sequence limit, kernels/triton/prefill.py) and the runner gives the sequence limit, attention
+goes into the graph too: each token count's whole forward is one graph, and a step stages its metadata (query
+starts, lengths, block tables, the attention plan) into static buffers first. Otherwise attention runs eagerly
+between the pieces.
+
 Padded rows carry an earlier step's token and position (zeros at first) and a zero attention output: finite
 values; every captured op works row by row, so they never touch the real rows; their K/V go to a padding slot that
-no sequence reads, and attention never sees them (it takes the first n rows).
+no sequence reads, and attention never sees them (it takes the first n rows; the planned launch has no item for
+them).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from tokenmill.device_copy import to_device
 from tokenmill.kernels.backends import AttentionBackend
 from tokenmill.layers.attention import write_kv_cache
 from tokenmill.layers.attention_metadata import AttentionMetadata
@@ -29,6 +37,11 @@ from tokenmill.layers.attention_metadata import AttentionMetadata
 _TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 # Larger steps run eagerly: their GPU time dwarfs the launches, and a graph's temporaries grow with its tokens.
 PIECEWISE_MAX_TOKENS = 4096
+# Sizes up to this many tokens capture the whole step, attention included (where the backend allows). Above it the
+# planned attention launch's padding items (one per sequence the step might hold) cost more than the launches they
+# save: H100, Llama-3.2-1B shape, 256 sequences: 16 tokens 2.15 vs 2.73 ms, 64 tokens 2.26 vs 2.66, 256 tokens 2.98
+# vs 2.83 (whole vs piecewise, docs/BENCHMARKS.md).
+WHOLE_STEP_MAX_TOKENS = 128
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -44,16 +57,29 @@ def supports_piecewise(model) -> bool:
                                 for layer in layers) and hasattr(model, "rotary") and hasattr(model, "embed_tokens")
 
 
+def _planned_prefill(model) -> Callable | None:
+    """The attention backend's capturable prefill launch, where every layer has the same backend and it has one."""
+    backends = {id(b): b for b in (getattr(getattr(layer, "attn", None), "attn_backend", None)
+                                   for layer in model.layers)}
+    if len(backends) != 1:
+        return None
+    (backend,) = backends.values()
+    return backend.planned_prefill if isinstance(backend, AttentionBackend) else None
+
+
 class PiecewiseForward:
     """model.forward for steps of up to max_tokens tokens (at most PIECEWISE_MAX_TOKENS), its dense pieces replayed
     from CUDA graphs.
 
+    max_seqs > 0 (the most sequences a step holds) and max_blocks_per_seq: steps of up to whole_max_tokens tokens
+    in one graph each where the attention backend allows (see the module doc); self.whole_sizes says which.
     capture=False runs the same pieces eagerly on the same padded buffers (CPU tests of the decomposition and the
     padding; the graphs themselves are checked on a GPU).
     """
 
     def __init__(self, model, max_tokens: int, device: torch.device, kv_cache: torch.Tensor, pad_slot: int = 0,
-                 capture: bool = True) -> None:
+                 capture: bool = True, max_seqs: int = 0, max_blocks_per_seq: int = 0,
+                 whole_max_tokens: int = WHOLE_STEP_MAX_TOKENS) -> None:
         if not supports_piecewise(model):
             raise ValueError(f"{type(model).__name__} does not split its layers around attention")
         self.model = model
@@ -77,14 +103,43 @@ class PiecewiseForward:
         self.sin = buffer(t, 1, dim)
         self.q = buffer(t, heads, dim)
         self.attn_out = buffer(t, heads, dim)
-        # size -> [prologue, then (before, after) for each layer]
+        self.planned_prefill = _planned_prefill(model) if max_seqs > 0 and max_blocks_per_seq > 0 else None
+        self.whole_sizes = ({s for s in self.sizes if s <= whole_max_tokens}
+                            if self.planned_prefill is not None else set())
+        self.max_seqs = max_seqs
+        if self.whole_sizes:
+            self._make_step_metadata(max_seqs, max_blocks_per_seq, device)
+        # size -> [prologue, then (before, after) for each layer], or [the whole step]
         self.pieces: dict[int, list[Callable[[], None]]] = {}
         pool = torch.cuda.graph_pool_handle() if capture else None
         for size in reversed(self.sizes):  # largest first: smaller graphs reuse its temporaries' memory
             pieces = [self._prologue(size)]
             for layer, kv_cache_layer in zip(model.layers, kv_cache):
                 pieces += [self._before(layer, kv_cache_layer, size), self._after(layer, size)]
+            if size in self.whole_sizes:
+                pieces = [self._whole_step(pieces, size)]
             self.pieces[size] = [self._graph(p, pool) for p in pieces] if capture else pieces
+
+    def _make_step_metadata(self, max_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        """Static attention metadata for whole-step graphs: one int32 buffer [query_start_loc (max_seqs + 1) |
+        seq_lens (max_seqs) | plan (2 * the largest size's capacity)] staged by one copy per step, and the block
+        tables [max_seqs, max_blocks_per_seq]."""
+        from tokenmill.kernels.triton.prefill import plan_capacity, prefill_block_m
+
+        cfg = self.model.config
+        group = cfg.num_attention_heads // cfg.num_key_value_heads
+        # size -> (rows per attention program, plan capacity in items)
+        self.plan_shape = {}
+        for size in sorted(self.whole_sizes):
+            block_m = prefill_block_m(size, group, cfg.head_dim)
+            self.plan_shape[size] = (block_m, plan_capacity(size, max_seqs, block_m // group))
+        capacity = max(c for _, c in self.plan_shape.values())
+        self.step_metadata = torch.zeros(2 * max_seqs + 1 + 2 * capacity, dtype=torch.int32, device=device)
+        self.query_start_loc = self.step_metadata[: max_seqs + 1]
+        self.seq_lens = self.step_metadata[max_seqs + 1: 2 * max_seqs + 1]
+        self.plan = self.step_metadata[2 * max_seqs + 1:]
+        self.plan.view(-1, 2)[:, 0] = -1  # every item padding until a step stages its plan
+        self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
 
     # ---- the pieces (every tensor they read or write outside their own temporaries is a static buffer) ----------
 
@@ -109,6 +164,24 @@ class PiecewiseForward:
             self.hidden[:n].copy_(layer.after_attention(self.hidden[:n], self.attn_out[:n]))
         return run
 
+    def _whole_step(self, pieces: list[Callable[[], None]], n: int) -> Callable[[], None]:
+        """The prologue, then each layer's pieces around the planned attention launch, then the final norm into
+        self.hidden (in place: the step's output)."""
+        prologue, *layer_pieces = pieces
+        block_m, capacity = self.plan_shape[n]
+        plan = self.plan[: 2 * capacity]
+        tables, lens, starts = self.block_tables, self.seq_lens, self.query_start_loc
+
+        def run() -> None:
+            prologue()
+            for i, (layer, kv_cache_layer) in enumerate(zip(self.model.layers, self.kv_cache)):
+                layer_pieces[2 * i]()
+                self.planned_prefill(self.q[:n], kv_cache_layer, tables, lens, starts, plan, layer.attn.scale,
+                                     block_m, out=self.attn_out[:n])
+                layer_pieces[2 * i + 1]()
+            self.hidden[:n].copy_(self.model.norm(self.hidden[:n]))
+        return run
+
     @staticmethod
     def _graph(piece: Callable[[], None], pool) -> Callable[[], None]:
         piece()  # warm up outside the capture (cuBLAS handles, lazy initialisation)
@@ -119,8 +192,15 @@ class PiecewiseForward:
 
     # ---- a step ----------------------------------------------------------------------------------------------------
 
-    def fits(self, num_tokens: int) -> bool:
-        return num_tokens <= self.max_tokens
+    @property
+    def whole_steps(self) -> bool:
+        return bool(self.whole_sizes)
+
+    def fits(self, num_tokens: int, num_seqs: int = 1) -> bool:
+        if num_tokens > self.max_tokens:
+            return False
+        size = next(s for s in self.sizes if s >= num_tokens)
+        return size not in self.whole_sizes or num_seqs <= self.max_seqs
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
@@ -136,6 +216,10 @@ class PiecewiseForward:
         self.slots[:n].copy_(meta.slot_mapping)
         if size > n:
             self.slots[n:size].fill_(self.pad_slot)
+        if size in self.whole_sizes:
+            self._stage_metadata(meta, size)
+            self.pieces[size][0]()
+            return self.hidden[:n]
         prologue, *layer_pieces = self.pieces[size]
         prologue()
         for i, (layer, kv_cache_layer) in enumerate(zip(self.model.layers, kv_cache)):
@@ -151,6 +235,26 @@ class PiecewiseForward:
                 out.copy_(attn.attn_backend(q, q, q, kv_cache_layer, meta, attn.scale, False))
             after()
         return self.model.norm(self.hidden[:n])
+
+    def _stage_metadata(self, meta: AttentionMetadata, size: int) -> None:
+        from tokenmill.kernels.triton.prefill import plan_prefill
+
+        num_seqs = meta.num_seqs
+        if num_seqs > self.max_seqs:
+            raise ValueError(f"the step holds {num_seqs} sequences; the graphs were captured for {self.max_seqs}")
+        starts = meta.query_start_loc_cpu
+        query_lens = [b - a for a, b in zip(starts, starts[1:])]
+        block_m, capacity = self.plan_shape[size]
+        group = self.model.config.num_attention_heads // self.model.config.num_key_value_heads
+        padding = self.max_seqs - num_seqs
+        staged = (starts + [starts[-1]] * padding + meta.seq_lens_cpu + [0] * padding
+                  + plan_prefill(query_lens, meta.seq_lens_cpu, block_m // group, capacity))
+        self.step_metadata[: len(staged)].copy_(to_device(staged, torch.int32, self.step_metadata.device))
+        width = meta.block_tables.shape[1]
+        if width > self.block_tables.shape[1]:
+            raise ValueError(f"block tables of {width} blocks; the graphs hold {self.block_tables.shape[1]}")
+        # Columns past a sequence's blocks are never read (keys stop at its length): no need to clear them.
+        self.block_tables[:num_seqs, :width].copy_(meta.block_tables)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden)

@@ -152,9 +152,12 @@ class ModelRunner:
             if piecewise_max_tokens > 0 and supports_piecewise(model):
                 start = time.perf_counter()
                 self.piecewise = PiecewiseForward(model, piecewise_max_tokens, device, self.kv_cache,
-                                                  pad_slot=self.pad_block * block_size)
-                logger.info("piecewise CUDA graphs for steps of up to %d tokens (%d sizes) captured in %.1f s",
-                            self.piecewise.max_tokens, len(self.piecewise.sizes), time.perf_counter() - start)
+                                                  pad_slot=self.pad_block * block_size,
+                                                  max_seqs=max_graph_batch_size,
+                                                  max_blocks_per_seq=self.max_blocks_per_seq)
+                logger.info("piecewise CUDA graphs for steps of up to %d tokens (%d sizes, %d of them whole steps) "
+                            "captured in %.1f s", self.piecewise.max_tokens, len(self.piecewise.sizes),
+                            len(self.piecewise.whole_sizes), time.perf_counter() - start)
             self._warm_up_prompt_steps(max_model_len)
 
     def _warm_up_prompt_steps(self, max_model_len: int) -> None:
@@ -207,7 +210,7 @@ class ModelRunner:
                 fill_placeholders(input_ids, pairs, earlier_tokens.token_ids)
             positions = to_device(step.positions, torch.long, self.device)
             if (self.piecewise is not None and model is self.model and step.state_seeds is None
-                    and self.piecewise.fits(len(step.token_ids))):
+                    and self.piecewise.fits(len(step.token_ids), len(step.query_lens))):
                 model = self.piecewise
             hidden = model(input_ids, positions, self.kv_cache, meta)
             if not step.sample_rows:

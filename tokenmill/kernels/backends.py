@@ -30,6 +30,9 @@ class AttentionBackend:
     supports_cuda_graphs: bool
     attention: AttentionFn
     writes_out: bool = False  # `attention` takes an `out=` tensor to write into
+    # A prompt-step attention launch whose shape depends only on a plan's capacity, so a CUDA graph can hold it
+    # (kernels/triton/prefill.py paged_prefill_planned; engine/piecewise.py captures whole prompt steps with it).
+    planned_prefill: Callable[..., torch.Tensor] | None = None
 
     def __call__(
         self,
@@ -80,6 +83,7 @@ def get_attention_backend(name: str, device: torch.device | str) -> AttentionBac
             "(or set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter)"
         )
     from tokenmill.kernels.triton.attention import paged_attention as triton_attention
+    from tokenmill.kernels.triton.prefill import paged_prefill_planned
 
     return AttentionBackend(name="triton", supports_cuda_graphs=device.type == "cuda", attention=triton_attention,
-                            writes_out=True)
+                            writes_out=True, planned_prefill=paged_prefill_planned)

@@ -7,9 +7,17 @@ covers plain prefill, chunked prefill, prefill after a prefix-cache hit and deco
 A program owns (sequence, tile of BLOCK_Q query tokens, KV head). Its BLOCK_M rows are the tile's tokens times
 the GQA group's query heads (row = token * GROUP + head-in-group), so each K/V tile feeds every query head that
 shares it. K/V tiles of BLOCK_N positions are gathered through the block table; the softmax is online, in fp32.
+
+Two launch forms. Unplanned: a grid of (sequence, tile, KV head) sized by the step. Planned: a grid of (item, KV
+head) over a host-made list of (sequence, tile) items (`plan_prefill`) padded to a capacity that depends only on
+the step's token count and sequence limit (`plan_capacity`), so one CUDA graph serves every step of that many
+tokens (engine/piecewise.py captures whole prompt steps this way). Padding items (sequence -1) read and write
+nothing.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -25,6 +33,7 @@ LOG2E = 1.4426950408889634
 @triton.jit(do_not_specialize=["stride_bt"])
 def _paged_prefill_kernel(
     out_ptr,
+    plan_ptr,
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
@@ -48,14 +57,25 @@ def _paged_prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PLANNED: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    # Later query tiles see more keys: launch them first so the long programs don't form the tail.
-    q_tile = tl.num_programs(1) - 1 - tl.program_id(1)
-    kv_head = tl.program_id(2)
+    if PLANNED:
+        # plan[2 * item] = sequence (-1: padding), plan[2 * item + 1] = its query tile; longest items first.
+        item = tl.program_id(0)
+        planned_seq = tl.load(plan_ptr + 2 * item)
+        q_tile = tl.load(plan_ptr + 2 * item + 1)
+        seq = tl.maximum(planned_seq, 0)
+        kv_head = tl.program_id(1)
+    else:
+        planned_seq = 0
+        seq = tl.program_id(0)
+        # Later query tiles see more keys: launch them first so the long programs don't form the tail.
+        q_tile = tl.num_programs(1) - 1 - tl.program_id(1)
+        kv_head = tl.program_id(2)
 
     q_start = tl.load(query_start_loc_ptr + seq)
-    query_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    # A padding item has no queries: it loads no K/V and stores nothing.
+    query_len = tl.where(planned_seq >= 0, tl.load(query_start_loc_ptr + seq + 1) - q_start, 0)
     seq_len = tl.load(seq_lens_ptr + seq)
     first_position = seq_len - query_len  # context position of this sequence's first query token
 
@@ -111,6 +131,95 @@ def _paged_prefill_kernel(
     )
 
 
+def prefill_block_m(max_query_len: int, group: int, head_dim: int) -> int:
+    """Rows per program (query tokens x the GQA group's heads): 128 for long queries, else 64; at least the group."""
+    block_d = triton.next_power_of_2(head_dim)
+    block_m = 128 if max_query_len * group >= 512 and block_d <= 128 else 64
+    return max(block_m, triton.next_power_of_2(group))
+
+
+def plan_capacity(num_tokens: int, max_seqs: int, block_q: int) -> int:
+    """Items a step of num_tokens query tokens over at most max_seqs sequences can need: each sequence's tiles are
+    its tokens / block_q rounded up, so at most one partial tile per sequence."""
+    return -(-num_tokens // block_q) + min(max_seqs, num_tokens)
+
+
+def plan_prefill(query_lens: Sequence[int], seq_lens: Sequence[int], block_q: int, capacity: int) -> list[int]:
+    """The planned launch's items, flattened [seq, tile, seq, tile, ...] and padded with (-1, 0) to `capacity`
+    items. Items with the most keys to read come first, so the longest programs start first."""
+    items = []
+    for seq, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens)):
+        first_position = seq_len - query_len
+        for tile in range(-(-query_len // block_q)):
+            last_key = first_position + min((tile + 1) * block_q, query_len)
+            items.append((-last_key, seq, tile))
+    if len(items) > capacity:
+        raise ValueError(f"the step needs {len(items)} prefill items, more than the plan's capacity {capacity}")
+    items.sort()
+    flat = [v for _, seq, tile in items for v in (seq, tile)]
+    return flat + [-1, 0] * (capacity - len(items))
+
+
+def _check_prefill_args(q: torch.Tensor, kv_cache_layer: torch.Tensor, block_tables: torch.Tensor,
+                        seq_lens: torch.Tensor, num_seqs: int) -> None:
+    check_kv_cache_layer(kv_cache_layer)
+    head_dim = kv_cache_layer.shape[-1]
+    num_kv_heads = kv_cache_layer.shape[-2]
+    if q.dim() != 3 or q.shape[2] != head_dim:
+        raise ValueError(f"q must be [num_tokens, num_q_heads, {head_dim}], got {tuple(q.shape)}")
+    if q.shape[1] % num_kv_heads != 0:
+        raise ValueError(f"num_q_heads ({q.shape[1]}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if block_tables.dim() != 2 or block_tables.shape[0] < num_seqs or seq_lens.shape[0] < num_seqs:
+        raise ValueError(
+            f"block_tables [num_seqs, max_blocks] and seq_lens [num_seqs] must cover {num_seqs} sequences, "
+            f"got {tuple(block_tables.shape)} and {tuple(seq_lens.shape)}"
+        )
+    if q.dtype != kv_cache_layer.dtype:
+        raise ValueError(f"q dtype {q.dtype} differs from the KV cache dtype {kv_cache_layer.dtype}")
+
+
+def _launch(grid, plan: torch.Tensor | None, q, kv_cache_layer, block_tables, seq_lens, query_start_loc, scale,
+            out, block_m, block_n, num_warps, num_stages) -> None:
+    _, _, block_size, num_kv_heads, head_dim = kv_cache_layer.shape
+    group = q.shape[1] // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    if block_n is None:
+        block_n = 64 if block_d <= 128 else 32
+    if num_warps is None:
+        num_warps = 8 if block_m >= 128 else 4
+    k_cache, v_cache = kv_cache_layer[0], kv_cache_layer[1]
+    _paged_prefill_kernel[grid](
+        out,
+        query_start_loc if plan is None else plan,  # unread unless PLANNED
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=block_size,
+        BLOCK_Q=block_m // group,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PLANNED=plan is not None,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
 def paged_prefill(
     q: torch.Tensor,
     kv_cache_layer: torch.Tensor,
@@ -132,66 +241,47 @@ def paged_prefill(
     max_blocks] int32; seq_lens [num_seqs] int32; query_start_loc [num_seqs + 1] int32; max_query_len is the
     host-side longest query length (sizes the grid). Returns [num_tokens, Hq, D].
     """
-    check_kv_cache_layer(kv_cache_layer)
-    _, _, block_size, num_kv_heads, head_dim = kv_cache_layer.shape
-    if q.dim() != 3 or q.shape[2] != head_dim:
-        raise ValueError(f"q must be [num_tokens, num_q_heads, {head_dim}], got {tuple(q.shape)}")
-    num_q_heads = q.shape[1]
-    if num_q_heads % num_kv_heads != 0:
-        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     num_seqs = query_start_loc.shape[0] - 1
-    if block_tables.dim() != 2 or block_tables.shape[0] < num_seqs or seq_lens.shape[0] < num_seqs:
-        raise ValueError(
-            f"block_tables [num_seqs, max_blocks] and seq_lens [num_seqs] must cover {num_seqs} sequences, "
-            f"got {tuple(block_tables.shape)} and {tuple(seq_lens.shape)}"
-        )
-    if q.dtype != kv_cache_layer.dtype:
-        raise ValueError(f"q dtype {q.dtype} differs from the KV cache dtype {kv_cache_layer.dtype}")
+    _check_prefill_args(q, kv_cache_layer, block_tables, seq_lens, num_seqs)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if out is None:
         out = torch.empty_like(q)
     if num_seqs <= 0 or max_query_len <= 0:
         return out
-
-    group = num_q_heads // num_kv_heads
-    block_d = triton.next_power_of_2(head_dim)
+    num_kv_heads, head_dim = kv_cache_layer.shape[-2], kv_cache_layer.shape[-1]
+    group = q.shape[1] // num_kv_heads
     if block_m is None:
-        block_m = 128 if max_query_len * group >= 512 and block_d <= 128 else 64
+        block_m = prefill_block_m(max_query_len, group, head_dim)
     block_m = max(block_m, triton.next_power_of_2(group))
-    block_q = block_m // group
-    if block_n is None:
-        block_n = 64 if block_d <= 128 else 32
-    if num_warps is None:
-        num_warps = 8 if block_m >= 128 else 4
-    k_cache, v_cache = kv_cache_layer[0], kv_cache_layer[1]
-    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
-    _paged_prefill_kernel[grid](
-        out,
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
-        scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        block_tables.stride(0),
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_SIZE=block_size,
-        BLOCK_Q=block_q,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    grid = (num_seqs, triton.cdiv(max_query_len, block_m // group), num_kv_heads)
+    _launch(grid, None, q, kv_cache_layer, block_tables, seq_lens, query_start_loc, scale, out, block_m, block_n,
+            num_warps, num_stages)
+    return out
+
+
+def paged_prefill_planned(
+    q: torch.Tensor,
+    kv_cache_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    plan: torch.Tensor,
+    scale: float,
+    block_m: int,
+    *,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """paged_prefill over the items of `plan` (int32 [2 * capacity], from plan_prefill with block_q = block_m //
+    group): the launch's shape depends only on the plan's capacity, so it can be captured in a CUDA graph and
+    replayed with new plan, tables and lengths in the same buffers. query_start_loc needs an entry for every
+    sequence a plan item names (plus one)."""
+    _check_prefill_args(q, kv_cache_layer, block_tables, seq_lens, query_start_loc.shape[0] - 1)
+    if plan.dtype != torch.int32 or plan.dim() != 1 or plan.shape[0] % 2:
+        raise ValueError(f"plan must be int32 [2 * capacity], got {plan.dtype} {tuple(plan.shape)}")
+    if q.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("the planned prefill needs q and out contiguous in the head dimension")
+    grid = (plan.shape[0] // 2, kv_cache_layer.shape[-2])
+    _launch(grid, plan, q, kv_cache_layer, block_tables, seq_lens, query_start_loc, scale, out, block_m, None,
+            None, 2)
     return out
