@@ -285,6 +285,8 @@ BAD_REQUESTS = [
     ("negative token id", "/v1/completions", {"prompt": [[1], [-1]]}, 400, "prompt"),
     ("empty token prompt", "/v1/completions", {"prompt": []}, 400, "prompt"),
     ("n zero", "/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("n huge", "/v1/completions", {"prompt": "hi", "n": 10**30}, 400, "n"),  # once ran the server out of memory
+    ("chat n over 128", "/v1/chat/completions", {"messages": CHAT, "n": 129}, 400, "n"),
     ("top_p zero", "/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("empty stop string", "/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop"),
     ("too many logprobs", "/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),

@@ -20,6 +20,9 @@ TokenId = Annotated[int, Strict()]
 # max_tokens default for /v1/completions when the client omits it (OpenAI's and vLLM's default).
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
+# OpenAI's limit on n. Each choice is a sequence in the engine, so an unbounded n could exhaust the host's memory.
+MAX_N = 128
+
 
 class InvalidRequest(ValueError):
     """A request the server refuses (HTTP 400); `param` names the offending field, `code` is OpenAI's error code."""
@@ -110,6 +113,8 @@ class _SamplingFields(BaseModel):
     state_seed: int | None = None
 
     def _check_common(self) -> None:
+        if self.n > MAX_N:
+            raise InvalidRequest(f"n must be <= {MAX_N}, got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
         if self.logit_bias:
