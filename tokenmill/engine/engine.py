@@ -262,6 +262,8 @@ class LLMEngine:
             return []
         self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
         self._forget_finished_ahead()
+        # An abort that leaves the engine idle is followed by no step, so the gauges must hear of it here.
+        self.observer.on_step(self.scheduler.get_stats())
         return self.outputs.collect({request_id})
 
     def has_unfinished_requests(self) -> bool:
