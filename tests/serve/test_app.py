@@ -69,6 +69,19 @@ async def test_stop_and_extras_pass_through(client, engine):
         == (["wor"], 3, 0.05, 1.1, 7, True, [5], 1)
 
 
+async def test_null_fields_mean_their_defaults(client, engine):
+    nulls = dict.fromkeys(["n", "stream", "presence_penalty", "frequency_penalty", "stop", "seed", "min_tokens",
+                           "ignore_eos", "stream_options", "user", "logit_bias"])
+    r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "echo": None, "logprobs": None,
+                                                   "suffix": None, **nulls})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "he"
+    r = await client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, "logprobs": None,
+                                                        "top_logprobs": None, "tools": None, **nulls})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "he"
+    assert all((c.params.n, c.params.presence_penalty, c.params.stop) == (1, 0.0, []) for c in engine.calls)
+    assert_openai_error(await client.post("/v1/completions", json={"prompt": None}), 400)
+
+
 async def test_cached_tokens_in_usage(client):
     prompt = "a shared system prompt that is long enough"
     first = (await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})).json()

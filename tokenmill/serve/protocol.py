@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_serializer, model_validator
 
 from tokenmill.sampling_params import SamplingParams
 
@@ -111,6 +111,15 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     # tokenmill extra (openai client: extra_body={"state_seed": 7}): Parcae models' initial loop-state seed
     state_seed: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI's API (and vLLM) take an explicit null for any optional field (n, stream, presence_penalty, ...) as
+        # "use the default", and some clients send one.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
     def _check_common(self) -> None:
         if self.n > MAX_N:
