@@ -82,6 +82,12 @@ async def test_null_fields_mean_their_defaults(client, engine):
     assert_openai_error(await client.post("/v1/completions", json={"prompt": None}), 400)
 
 
+async def test_plain_text_response_format_and_optional_tool_choice_are_accepted(client):
+    for extra in ({"response_format": {"type": "text"}}, {"tool_choice": "auto"}, {"tool_choice": "none"}):
+        r = await client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, **extra})
+        assert r.status_code == 200, (extra, r.text)
+
+
 async def test_cached_tokens_in_usage(client):
     prompt = "a shared system prompt that is long enough"
     first = (await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})).json()
@@ -307,6 +313,13 @@ BAD_REQUESTS = [
      {"prompt": "hi", "stream": False, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("logit_bias", "/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
     ("unknown model", "/v1/completions", {"prompt": "hi", "model": "gpt-9"}, 404, "model"),
+    ("json mode", "/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("json schema", "/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema"}}, 400,
+     "response_format"),
+    ("forced tool call", "/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+    ("named tool call", "/v1/chat/completions",
+     {"messages": CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
     ("empty messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("messages not a list", "/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
     ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),

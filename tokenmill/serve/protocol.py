@@ -99,6 +99,7 @@ class _SamplingFields(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
     user: str | None = None
     # vLLM extras
     top_k: int | None = None
@@ -128,6 +129,9 @@ class _SamplingFields(BaseModel):
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
         if self.logit_bias:
             raise InvalidRequest("logit_bias is not supported", param="logit_bias")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise InvalidRequest(f"response_format {self.response_format.get('type')!r} is not supported (no guided "
+                                 "decoding): only {'type': 'text'}", param="response_format")
 
     def _build_params(
         self, max_tokens: int | None, default_max_tokens: int | None, max_model_len: int, prompt_len: int,
@@ -324,6 +328,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM extra
 
     def template_messages(self) -> list[dict[str, Any]]:
@@ -334,6 +339,10 @@ class ChatCompletionRequest(_SamplingFields):
     def to_sampling_params(self, max_model_len: int, prompt_len: int,
                            max_logprobs: int | None = None) -> SamplingParams:
         self._check_common()
+        if self.tool_choice not in (None, "none", "auto"):
+            # The tools reach the chat template, but nothing can make the model call one.
+            raise InvalidRequest("tool_choice must be 'none' or 'auto': forcing a tool call is not supported",
+                                 param="tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
         _check_logprobs_count(self.top_logprobs, max_logprobs, "top_logprobs")
