@@ -198,7 +198,10 @@ class EngineConfig:
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        try:
+            return torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N") from None
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

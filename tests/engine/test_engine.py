@@ -267,6 +267,13 @@ def test_batch_limits_shared_by_the_cli_and_the_python_api():
     assert batch_limits(False, 1000, 300, cpu_defaults=(64, 512)) == (1000, 300)  # a given one is kept
 
 
+def test_unknown_or_missing_device_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown device 'bogus'"):
+        make_engine_config(None, device="bogus").resolved_device()
+    with pytest.raises(ValueError, match="'cuda:99' is not available"):
+        LLMEngine(make_engine_config(None, device="cuda:99"))
+
+
 def test_unknown_cudagraph_mode_is_refused():
     with pytest.raises(ValueError, match="cudagraph_mode must be one of"):
         make_engine_config(None, cudagraph_mode="sometimes")

@@ -58,6 +58,9 @@ class LLMEngine:
         self.config = config
         self.observer: EngineObserver = observer or NullObserver()
         self.device = config.resolved_device()
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {config.device!r} is not available: torch sees {torch.cuda.device_count()} "
+                             "CUDA device(s)")
         self.dtype = config.resolved_dtype()
         torch.manual_seed(config.seed)
 
