@@ -304,7 +304,10 @@ class ChatMessage(BaseModel):
         if isinstance(content, list):
             texts = []
             for part in content:
-                if part.type != "text" or part.text is None:
+                if part.type == "text" and part.text is None:
+                    raise InvalidRequest(f"messages[{position}]: a text content part needs a 'text' string",
+                                         param=f"messages.{position}.content")
+                if part.type != "text":
                     raise InvalidRequest(
                         f"messages[{position}]: only text content parts are supported, got type {part.type!r}",
                         param=f"messages.{position}.content",
