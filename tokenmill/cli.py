@@ -133,10 +133,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     engine = AsyncEngine.from_config(config)
     try:
+        _check_max_model_len(args, engine.max_model_len)
         run_server(engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
     finally:
         engine.shutdown()
     return 0
+
+
+def _check_max_model_len(args: argparse.Namespace, max_model_len: int) -> None:
+    """The engine clamps max_model_len to the model's; one asked for on the command line must not shrink silently."""
+    if args.max_model_len is not None and args.max_model_len > max_model_len:
+        raise CLIError(f"--max-model-len {args.max_model_len} is larger than the model's context length "
+                       f"({max_model_len} tokens)")
+
+
+def _port(text: str) -> int:
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port (1-65535): {text!r}")
+    return int(text)
 
 
 # ---- generate and chat -------------------------------------------------------------------------------------------
@@ -189,6 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = _sampling_from_args(args)
     engine = LLMEngine(engine_config_from_args(args))
+    _check_max_model_len(args, engine.max_model_len)
     tok = engine.tokenizer
     if args.chat:
         prompt_ids = tok.encode(
@@ -211,6 +226,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     params = _sampling_from_args(args)
     engine = LLMEngine(engine_config_from_args(args))
+    _check_max_model_len(args, engine.max_model_len)
     tok = engine.tokenizer
     messages: list[dict[str, str]] = []
     if args.system:
@@ -251,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -137,8 +137,8 @@ def batch_limits(on_gpu: bool, max_num_seqs: int | None, max_num_batched_tokens:
     """(max_num_seqs, max_num_batched_tokens): the given ones, else the GPU defaults or `cpu_defaults`; a defaulted
     token budget is raised to hold one token of every sequence."""
     seqs_default, tokens_default = (GPU_MAX_NUM_SEQS, GPU_MAX_NUM_BATCHED_TOKENS) if on_gpu else cpu_defaults
-    seqs = max_num_seqs or seqs_default
-    return seqs, max_num_batched_tokens or max(tokens_default, seqs)
+    seqs = seqs_default if max_num_seqs is None else max_num_seqs  # a given 0 must reach the config's check
+    return seqs, max(tokens_default, seqs) if max_num_batched_tokens is None else max_num_batched_tokens
 
 ASYNC_SCHEDULING_CHOICES = ("auto", "on", "off")
 CUDAGRAPH_MODES = ("full_and_piecewise", "full_decode_only", "none")
@@ -198,7 +198,10 @@ class EngineConfig:
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        try:
+            return torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N") from None
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

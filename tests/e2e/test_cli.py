@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 TIMEOUT = 180
 
 
@@ -42,3 +44,20 @@ def test_every_subcommand_has_help():
         r = tokenmill(*args, "--help")
         assert r.returncode == 0, (args, r.stderr)
         assert "usage: tokenmill" in r.stdout
+
+
+def test_bad_engine_and_server_flags_are_messages(tiny_model_dir, capsys):
+    """In-process (no model load for most): each is one `tokenmill: error:` line and exit status 2."""
+    from tokenmill.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--port", "70000"])  # was an OverflowError traceback once the model had loaded
+    assert exit_.value.code == 2 and "not a TCP port" in capsys.readouterr().err
+    for flag in ("--max-num-seqs", "--max-num-batched-tokens"):  # 0 used to mean "the default"
+        assert main(["generate", "--prompt", "hi", flag, "0"]) == 2
+        assert f"{flag[2:].replace('-', '_')} must be >= 1" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "hi", "--device", "bogus"]) == 2
+    assert "unknown device 'bogus'" in capsys.readouterr().err
+    # the tiny model's context is 512 tokens: a larger --max-model-len was silently clamped to it
+    assert main(["generate", str(tiny_model_dir), "--prompt", "<5>", "--device", "cpu", "--max-model-len", "1000"]) == 2
+    assert "--max-model-len 1000 is larger than the model's context length (512 tokens)" in capsys.readouterr().err

@@ -112,6 +112,18 @@ def test_abort_mid_generation_frees_blocks(tiny_model_dir):
     assert_no_leaks(engine)
 
 
+def test_abort_of_the_last_request_updates_the_gauges(tiny_model_dir):
+    """No step follows an abort that empties the engine, so /metrics must not keep showing the aborted request."""
+    engine = make_engine(tiny_model_dir)
+    steps = []
+    engine.observer.on_step = steps.append
+    rid = engine.add_request(prompts(1)[0], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert steps[-1].num_running == 1 and steps[-1].kv_cache_usage > 0
+    engine.abort_request(rid)
+    assert (steps[-1].num_running, steps[-1].num_waiting, steps[-1].kv_cache_usage) == (0, 0, 0.0)
+
+
 @pytest.mark.parametrize("async_scheduling", ["off", "on"])
 def test_random_mix_never_leaks(tiny_model_dir, async_scheduling):
     engine = make_engine(tiny_model_dir, num_blocks=24, block_size=4, max_num_batched_tokens=32,
@@ -253,6 +265,13 @@ def test_batch_limits_shared_by_the_cli_and_the_python_api():
     assert batch_limits(False, None, None, cpu_defaults=(64, 512)) == (64, 512)
     assert batch_limits(False, 1000, None, cpu_defaults=(64, 512)) == (1000, 1000)  # a defaulted budget holds them
     assert batch_limits(False, 1000, 300, cpu_defaults=(64, 512)) == (1000, 300)  # a given one is kept
+
+
+def test_unknown_or_missing_device_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown device 'bogus'"):
+        make_engine_config(None, device="bogus").resolved_device()
+    with pytest.raises(ValueError, match="'cuda:99' is not available"):
+        LLMEngine(make_engine_config(None, device="cuda:99"))
 
 
 def test_unknown_cudagraph_mode_is_refused():

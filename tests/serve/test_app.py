@@ -69,6 +69,25 @@ async def test_stop_and_extras_pass_through(client, engine):
         == (["wor"], 3, 0.05, 1.1, 7, True, [5], 1)
 
 
+async def test_null_fields_mean_their_defaults(client, engine):
+    nulls = dict.fromkeys(["n", "stream", "presence_penalty", "frequency_penalty", "stop", "seed", "min_tokens",
+                           "ignore_eos", "stream_options", "user", "logit_bias"])
+    r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "echo": None, "logprobs": None,
+                                                   "suffix": None, **nulls})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "he"
+    r = await client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, "logprobs": None,
+                                                        "top_logprobs": None, "tools": None, **nulls})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "he"
+    assert all((c.params.n, c.params.presence_penalty, c.params.stop) == (1, 0.0, []) for c in engine.calls)
+    assert_openai_error(await client.post("/v1/completions", json={"prompt": None}), 400)
+
+
+async def test_plain_text_response_format_and_optional_tool_choice_are_accepted(client):
+    for extra in ({"response_format": {"type": "text"}}, {"tool_choice": "auto"}, {"tool_choice": "none"}):
+        r = await client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, **extra})
+        assert r.status_code == 200, (extra, r.text)
+
+
 async def test_cached_tokens_in_usage(client):
     prompt = "a shared system prompt that is long enough"
     first = (await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})).json()
@@ -285,6 +304,8 @@ BAD_REQUESTS = [
     ("negative token id", "/v1/completions", {"prompt": [[1], [-1]]}, 400, "prompt"),
     ("empty token prompt", "/v1/completions", {"prompt": []}, 400, "prompt"),
     ("n zero", "/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("n huge", "/v1/completions", {"prompt": "hi", "n": 10**30}, 400, "n"),  # once ran the server out of memory
+    ("chat n over 128", "/v1/chat/completions", {"messages": CHAT, "n": 129}, 400, "n"),
     ("top_p zero", "/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("empty stop string", "/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop"),
     ("too many logprobs", "/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
@@ -292,6 +313,13 @@ BAD_REQUESTS = [
      {"prompt": "hi", "stream": False, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("logit_bias", "/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
     ("unknown model", "/v1/completions", {"prompt": "hi", "model": "gpt-9"}, 404, "model"),
+    ("json mode", "/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("json schema", "/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema"}}, 400,
+     "response_format"),
+    ("forced tool call", "/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+    ("named tool call", "/v1/chat/completions",
+     {"messages": CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
     ("empty messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("messages not a list", "/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
     ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),

@@ -100,6 +100,9 @@ def test_chat_messages_to_template_dicts():
     with pytest.raises(InvalidRequest, match="only text"):
         ChatCompletionRequest.model_validate({"messages": [
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).template_messages()
+    with pytest.raises(InvalidRequest, match="needs a 'text' string"):  # was "only text ... got type 'text'"
+        ChatCompletionRequest.model_validate({"messages": [
+            {"role": "user", "content": [{"type": "text"}]}]}).template_messages()
     with pytest.raises(InvalidRequest, match="content is required"):
         ChatCompletionRequest.model_validate({"messages": [{"role": "user"}]}).template_messages()
     with pytest.raises(InvalidRequest, match="at least one"):

@@ -58,6 +58,9 @@ class LLMEngine:
         self.config = config
         self.observer: EngineObserver = observer or NullObserver()
         self.device = config.resolved_device()
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {config.device!r} is not available: torch sees {torch.cuda.device_count()} "
+                             "CUDA device(s)")
         self.dtype = config.resolved_dtype()
         torch.manual_seed(config.seed)
 
@@ -262,6 +265,8 @@ class LLMEngine:
             return []
         self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
         self._forget_finished_ahead()
+        # An abort that leaves the engine idle is followed by no step, so the gauges must hear of it here.
+        self.observer.on_step(self.scheduler.get_stats())
         return self.outputs.collect({request_id})
 
     def has_unfinished_requests(self) -> bool:

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_serializer, model_validator
 
 from tokenmill.sampling_params import SamplingParams
 
@@ -19,6 +19,9 @@ TokenId = Annotated[int, Strict()]
 
 # max_tokens default for /v1/completions when the client omits it (OpenAI's and vLLM's default).
 COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+# OpenAI's limit on n. Each choice is a sequence in the engine, so an unbounded n could exhaust the host's memory.
+MAX_N = 128
 
 
 class InvalidRequest(ValueError):
@@ -96,6 +99,7 @@ class _SamplingFields(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
     user: str | None = None
     # vLLM extras
     top_k: int | None = None
@@ -109,11 +113,25 @@ class _SamplingFields(BaseModel):
     # tokenmill extra (openai client: extra_body={"state_seed": 7}): Parcae models' initial loop-state seed
     state_seed: int | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI's API (and vLLM) take an explicit null for any optional field (n, stream, presence_penalty, ...) as
+        # "use the default", and some clients send one.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
     def _check_common(self) -> None:
+        if self.n > MAX_N:
+            raise InvalidRequest(f"n must be <= {MAX_N}, got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
         if self.logit_bias:
             raise InvalidRequest("logit_bias is not supported", param="logit_bias")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise InvalidRequest(f"response_format {self.response_format.get('type')!r} is not supported (no guided "
+                                 "decoding): only {'type': 'text'}", param="response_format")
 
     def _build_params(
         self, max_tokens: int | None, default_max_tokens: int | None, max_model_len: int, prompt_len: int,
@@ -286,7 +304,10 @@ class ChatMessage(BaseModel):
         if isinstance(content, list):
             texts = []
             for part in content:
-                if part.type != "text" or part.text is None:
+                if part.type == "text" and part.text is None:
+                    raise InvalidRequest(f"messages[{position}]: a text content part needs a 'text' string",
+                                         param=f"messages.{position}.content")
+                if part.type != "text":
                     raise InvalidRequest(
                         f"messages[{position}]: only text content parts are supported, got type {part.type!r}",
                         param=f"messages.{position}.content",
@@ -310,6 +331,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM extra
 
     def template_messages(self) -> list[dict[str, Any]]:
@@ -320,6 +342,10 @@ class ChatCompletionRequest(_SamplingFields):
     def to_sampling_params(self, max_model_len: int, prompt_len: int,
                            max_logprobs: int | None = None) -> SamplingParams:
         self._check_common()
+        if self.tool_choice not in (None, "none", "auto"):
+            # The tools reach the chat template, but nothing can make the model call one.
+            raise InvalidRequest("tool_choice must be 'none' or 'auto': forcing a tool call is not supported",
+                                 param="tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
         _check_logprobs_count(self.top_logprobs, max_logprobs, "top_logprobs")
