@@ -62,16 +62,17 @@ def test_prefill_and_cache_write_compile_for_sm90():
     from tokenmill.kernels.triton.prefill import _paged_prefill_kernel
 
     bf16 = "*bf16"
-    ptx = compile_for_hopper(
-        _paged_prefill_kernel,
-        dict(out_ptr=bf16, q_ptr=bf16, k_cache_ptr=bf16, v_cache_ptr=bf16, block_tables_ptr="*i32",
-             seq_lens_ptr="*i32", query_start_loc_ptr="*i32"),
-        dict(GROUP=4, HEAD_DIM=64, BLOCK_D=64, BLOCK_SIZE=16, BLOCK_Q=32, BLOCK_M=128, BLOCK_N=64,
-             DOT_PRECISION="tf32"),
-        num_warps=8,
-    )
-    assert "wgmma" in ptx, "prefill does not use Hopper's warpgroup MMA"
-    assert ".local" not in ptx, "registers spill to local memory"
+    for planned in (False, True):  # the step-shaped grid, and the plan-driven one CUDA graphs capture
+        ptx = compile_for_hopper(
+            _paged_prefill_kernel,
+            dict(out_ptr=bf16, plan_ptr="*i32", q_ptr=bf16, k_cache_ptr=bf16, v_cache_ptr=bf16,
+                 block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_loc_ptr="*i32"),
+            dict(GROUP=4, HEAD_DIM=64, BLOCK_D=64, BLOCK_SIZE=16, BLOCK_Q=32, BLOCK_M=128, BLOCK_N=64,
+                 DOT_PRECISION="tf32", PLANNED=planned),
+            num_warps=8,
+        )
+        assert "wgmma" in ptx, "prefill does not use Hopper's warpgroup MMA"
+        assert ".local" not in ptx, "registers spill to local memory"
     compile_for_hopper(_reshape_and_cache_kernel,
                        dict(k_ptr=bf16, v_ptr=bf16, k_cache_ptr=bf16, v_cache_ptr=bf16, slot_mapping_ptr="*i64"),
                        dict(NUM_KV_HEADS=8, HEAD_DIM=64, BLOCK_H=8, BLOCK_D=64, BLOCK_SIZE=16))
