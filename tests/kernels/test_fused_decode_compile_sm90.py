@@ -51,8 +51,9 @@ def compile_for_hopper(kernel, pointer_types: dict[str, str], constexprs: dict, 
     return compiled.asm["ptx"]
 
 
-def tile_constexprs(rows: int, n: int, k: int, pair_half: int = 0, use_gdc: bool = False) -> tuple[dict, object]:
-    cfg = choose_gemv_config(rows, n, k, sm_count=SM_COUNT, pair_half=pair_half)
+def tile_constexprs(rows: int, n: int, k: int, pair_half: int = 0, use_gdc: bool = False,
+                    folds_norm: bool = False) -> tuple[dict, object]:
+    cfg = choose_gemv_config(rows, n, k, sm_count=SM_COUNT, pair_half=pair_half, folds_norm=folds_norm)
     return dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
                 USE_DOT=cfg.use_dot, DOT_PRECISION="tf32", USE_GDC=use_gdc), cfg
 
@@ -96,7 +97,7 @@ def test_qkv_rope_cache_compiles_for_sm90(rows):
     from tokenmill.kernels.triton.fused_decode import _qkv_rope_cache_kernel
 
     n = (NUM_Q + 2 * NUM_KV) * HEAD_DIM
-    tiles, cfg = tile_constexprs(rows, n, HIDDEN, HEAD_DIM // 2, use_gdc=rows == 1)
+    tiles, cfg = tile_constexprs(rows, n, HIDDEN, HEAD_DIM // 2, use_gdc=rows == 1, folds_norm=True)
     ptx = compile_for_hopper(
         _qkv_rope_cache_kernel,
         dict(x_ptr=BF16, w_ptr=BF16, norm_w_ptr=BF16, bias_ptr=BF16, q_ptr=BF16, positions_ptr="*i64",
@@ -110,7 +111,7 @@ def test_qkv_rope_cache_compiles_for_sm90(rows):
         assert "griddepcontrol.wait" in ptx, "USE_GDC did not emit griddepcontrol.wait"
 
 
-@pytest.mark.parametrize("rows", [1, 8, 64])
+@pytest.mark.parametrize("rows", [1, 8, 32, 64])
 @pytest.mark.parametrize("op", ["o", "down"])
 def test_linear_residual_compiles_for_sm90(rows, op):
     from tokenmill.kernels.triton.fused_decode import _linear_residual_kernel
@@ -132,7 +133,7 @@ def test_linear_residual_compiles_for_sm90(rows, op):
 def test_gate_up_silu_compiles_for_sm90(rows):
     from tokenmill.kernels.triton.fused_decode import _gate_up_silu_kernel
 
-    tiles, cfg = tile_constexprs(rows, 2 * INTER, HIDDEN, INTER)
+    tiles, cfg = tile_constexprs(rows, 2 * INTER, HIDDEN, INTER, folds_norm=True)
     ptx = compile_for_hopper(
         _gate_up_silu_kernel, dict(x_ptr=BF16, w_ptr=BF16, norm_w_ptr=BF16, out_ptr=BF16, **GPU_PTRS),
         dict(K=HIDDEN, INTERMEDIATE=INTER, **tiles), cfg.num_warps, cfg.num_stages,
@@ -140,11 +141,11 @@ def test_gate_up_silu_compiles_for_sm90(rows):
     check_ptx(ptx, cfg)
 
 
-@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("rows", [1, 16, 64])
 def test_lm_head_and_argmax_compile_for_sm90(rows):
     from tokenmill.kernels.triton.fused_decode import _argmax_reduce_kernel, _lm_head_kernel, _rmsnorm_kernel
 
-    tiles, cfg = tile_constexprs(rows, VOCAB, HIDDEN)
+    tiles, cfg = tile_constexprs(rows, VOCAB, HIDDEN, folds_norm=True)
     ptx = compile_for_hopper(
         _lm_head_kernel,
         dict(x_ptr=BF16, w_ptr=BF16, norm_w_ptr=BF16, logits_ptr="*fp32", tile_max_ptr="*fp32",

@@ -28,7 +28,7 @@ STEPS = 256 if ON_CUDA else 6
 
 
 # The interpreter is slow: there, one batch size per model style.
-GREEDY_CASES = [(q, n) for q in (False, True) for n in (1, 3, 16, 24, 32)] if ON_CUDA else [(False, 1), (True, 3)]
+GREEDY_CASES = [(q, n) for q in (False, True) for n in (1, 3, 16, 24, 32, 48, 64)] if ON_CUDA else [(False, 1), (True, 3)]
 
 
 @pytest.mark.parametrize("qwen_style,num_seqs", GREEDY_CASES,

@@ -84,6 +84,10 @@ def unsupported_reason(model: torch.nn.Module, device: torch.device | str) -> st
     return None
 
 
+# The ops whose kernels RMSNorm their input tile (the heuristic widens their tiles at 32-64 rows).
+NORM_FOLDING_OPS = frozenset({"qkv", "gate_up", "lm_head"})
+
+
 def gemm_shape(config, op: str) -> tuple[int, int, int]:
     """(n, k, pair_half) of a GEMM op, as the fused decoder launches it."""
     c = config
@@ -99,9 +103,10 @@ def gemm_shape(config, op: str) -> tuple[int, int, int]:
 
 class FusedLlamaDecoder:
     # Decode batches above this size run the torch path instead. Measured on H100 (docs/bench/decode_h100_v2.log,
-    # 2026-11-26, and docs/bench/decode_h100_b16_64.json, 2026-11-27): fused beats torch + graphs at every context up
-    # to batch 32 (1.54 vs 2.02 ms at 16 × 1k, 1.90 vs 2.24 at 32 × 1k) and ties at 64 (2.73 vs 2.72 at 64 × 1k).
-    max_batch_size: int = 32
+    # 2026-11-26; docs/bench/decode_h100_fused_32_64.json, 2026-11-27, with the 32-64-row tile rules): fused beats
+    # torch + graphs at every context up to batch 64 (1.53 vs 2.02 ms at 16 × 1k, 1.75 vs 2.24 at 32 × 1k, 2.39 vs
+    # 2.71 at 64 × 1k; 1.69 vs 2.00 at 64 × 128).
+    max_batch_size: int = 64
 
     def __init__(
         self,
@@ -182,7 +187,8 @@ class FusedLlamaDecoder:
             from tokenmill.kernels.triton.fused_decode import sm_count
 
             n, k, pair_half = gemm_shape(self.config, op)
-            chosen = choose_gemv_config(num_rows, n, k, sm_count=sm_count(self.device), pair_half=pair_half)
+            chosen = choose_gemv_config(num_rows, n, k, sm_count=sm_count(self.device), pair_half=pair_half,
+                                        folds_norm=op in NORM_FOLDING_OPS)
             if op in self.config_overrides:
                 chosen = chosen.with_(**self.config_overrides[op])
                 check_gemv_config(chosen, n, k, pair_half)

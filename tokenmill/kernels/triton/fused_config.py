@@ -59,12 +59,14 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def choose_gemv_config(num_rows: int, n: int, k: int, *, sm_count: int, pair_half: int = 0) -> GemvConfig:
+def choose_gemv_config(num_rows: int, n: int, k: int, *, sm_count: int, pair_half: int = 0,
+                       folds_norm: bool = False) -> GemvConfig:
     """Picks a tile shape for out[num_rows, n] = x[num_rows, k] @ W[n, k]^T from the shapes and SM count alone
     (never from timings on this machine, so every CUDA graph the runner captures gets the same launch).
 
     pair_half > 0 marks a paired op: weight row i is combined with row i + pair_half inside its group of
     2 * pair_half rows (RoPE halves: pair_half = head_dim / 2; gate/up: pair_half = intermediate_size).
+    folds_norm: each program RMSNorms its x tile before the MMA (qkv, gate_up, lm_head).
 
     The rules come from the H100 tile sweep at Llama-3.2-1B shapes (docs/bench/decode_h100_sweep.log, 2026-11-26;
     % of copy bandwidth per op, 132 SMs):
@@ -85,8 +87,16 @@ def choose_gemv_config(num_rows: int, n: int, k: int, *, sm_count: int, pair_hal
     MIN_SPLIT_K_SPAN elements of K. K steps: 16 x 256 for unsplit 16-row tiles (o: 39 %), 32 x 256 and 64 x 128
     (16 KB of weights per stage) for wider ones, 3 stages; a split tile has a short K span, so it steps 128 with 4
     stages (down: 16 x 128, split 4, 4 stages: 71 %; 16 x 256, split 2, 3 stages: 67 %).
-    Batches 2-15 use the batch-16 shapes (same padded tile); 32 and 64 rows keep the same widths, with the K step
-    shortened so the x tile (normed in fp32) stays at most 8192 elements.
+    Batches 2-15 use the batch-16 shapes (same padded tile).
+
+    32 and 64 rows (H100 sweep at those batches, docs/bench/decode_h100_sweep_32_64.json, 2026-11-27; us per call,
+    best vs the batch-16 rules): the ops that fold an RMSNorm (folds_norm: qkv, gate_up, lm_head) take 64-row tiles
+    whatever their count, since re-normalising x per tile dominates (qkv 13.1 vs 21.8 at 32 rows, 20.8 vs 31.1 at
+    64), with 256-element K steps while there are fewer tiles than SMs (qkv: 13.1 vs 19.2 at 128). Ops without a
+    norm keep 256-element K steps at 64 rows (o: 7.95 vs 9.59) and split K only to one program per SM per 16 batch
+    rows (down at 64 rows: split 2, 21.7 us, vs split 4, 29.1). Eight warps only for a 64 x 64 accumulator with
+    128-element steps (gate_up at 64 rows: 29.0 vs 30.8 with 4; 4 warps won everywhere else: o at 32 rows 7.2 vs
+    8.2).
     """
     if num_rows < 1 or n < 1 or k < 1:
         raise ValueError(f"empty GEMM: rows={num_rows}, n={n}, k={k}")
@@ -109,15 +119,18 @@ def choose_gemv_config(num_rows: int, n: int, k: int, *, sm_count: int, pair_hal
         block_m = min(MAX_BLOCK_M, max(16, _next_pow2(num_rows)))
         use_dot, num_warps = True, 4
         m_tiles = -(-num_rows // block_m)
-        block_n = 16
-        for width in (64, 32):
-            if pair_cap(width) == width and 2 * tiles(width) * m_tiles >= sm_count:
-                block_n = width
-                break
+        if folds_norm and block_m >= 32 and pair_cap(64) == 64:
+            block_n = 64
+        else:
+            block_n = next((w for w in (64, 32) if pair_cap(w) == w and 2 * tiles(w) * m_tiles >= sm_count), 16)
         block_n = pair_cap(block_n)
         num_stages = 3
-        block_k = _largest_pow2_dividing(k, max(16, min(8192 // block_n, 8192 // block_m, 256)))
-        min_programs = DOT_PROGRAMS_PER_SM * sm_count
+        # A normed x tile is held in fp32: at most 8192 elements of it.
+        x_cap = 8192 // block_m if folds_norm else 256
+        block_k = _largest_pow2_dividing(k, max(16, min(8192 // block_n, x_cap, 256)))
+        if folds_norm and block_m >= 32 and tiles(block_n) * m_tiles < sm_count:
+            block_k = _largest_pow2_dividing(k, 256)
+        min_programs = DOT_PROGRAMS_PER_SM * sm_count * 16 // block_m
     programs = tiles(block_n) * -(-num_rows // block_m)
     split_step = min(block_k, 128) if use_dot else block_k
     split_k = 1
@@ -130,8 +143,8 @@ def choose_gemv_config(num_rows: int, n: int, k: int, *, sm_count: int, pair_hal
         split_k *= 2
     if use_dot and split_k > 1:
         block_k, num_stages = split_step, 4  # shorter K span per program: finer steps, one more stage in flight
-    if use_dot and (block_n * block_m >= 4096 or block_m * block_k >= 8192):
-        num_warps = 8  # a 64x64 fp32 accumulator, or an 8192-element fp32 x tile, spills with 4 warps
+    if use_dot and block_n * block_m >= 4096 and block_k <= 128:
+        num_warps = 8  # a 64x64 fp32 accumulator
     config = GemvConfig(block_n, block_k, block_m, split_k, use_dot, num_warps, num_stages)
     check_gemv_config(config, n, k, pair_half)
     return config

@@ -606,7 +606,8 @@ def qkv_rope_cache(
         q_out = torch.empty(num_rows, num_q_heads, head_dim, dtype=kv_cache_layer.dtype, device=x.device)
     if num_rows == 0:
         return q_out
-    config = config or choose_gemv_config(num_rows, n, hidden, sm_count=sm_count(x.device), pair_half=head_dim // 2)
+    config = config or choose_gemv_config(num_rows, n, hidden, sm_count=sm_count(x.device), pair_half=head_dim // 2,
+                                         folds_norm=True)
     check_gemv_config(config, n, hidden, pair_half=head_dim // 2)
     n_tiles, m_tiles = n // config.block_n, triton.cdiv(num_rows, config.block_m)
     scratch = _split_k_scratch(config, n_tiles, m_tiles, counters, x.device)
@@ -682,7 +683,8 @@ def gate_up_silu(
         out = torch.empty(num_rows, inter, dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
-    config = config or choose_gemv_config(num_rows, 2 * inter, k, sm_count=sm_count(x.device), pair_half=inter)
+    config = config or choose_gemv_config(num_rows, 2 * inter, k, sm_count=sm_count(x.device), pair_half=inter,
+                                         folds_norm=True)
     check_gemv_config(config, 2 * inter, k, pair_half=inter)
     n_tiles, m_tiles = 2 * inter // config.block_n, triton.cdiv(num_rows, config.block_m)
     scratch = _split_k_scratch(config, n_tiles, m_tiles, counters, x.device)
@@ -725,7 +727,8 @@ def lm_head(
     tokens = torch.empty(num_rows, dtype=torch.int64, device=x.device) if argmax else None
     if num_rows == 0:
         return LMHeadOutput(logits, tokens)
-    config = config or choose_gemv_config(num_rows, vocab, k, sm_count=sm_count(x.device))
+    config = config or choose_gemv_config(num_rows, vocab, k, sm_count=sm_count(x.device),
+                                         folds_norm=norm_weight is not None)
     check_gemv_config(config, vocab, k)
     n_tiles, m_tiles = triton.cdiv(vocab, config.block_n), triton.cdiv(num_rows, config.block_m)
     scratch = _split_k_scratch(config, n_tiles, m_tiles, counters, x.device)
