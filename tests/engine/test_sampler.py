@@ -131,11 +131,16 @@ def chi_square(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
 CHI2_29_THRESHOLD = 64.0
 
 
+# The GPU draws its noise with another kernel (exponential_) than the CPU (-log of uniform_): both are checked.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [0.7, 1.0, 1.6])
-def test_empirical_distribution_matches_softmax(temperature):
+def test_empirical_distribution_matches_softmax(temperature, device):
     vocab, draws = 30, 30000
     logits = random_logits(1, vocab, seed=7, scale=1.0)
-    batch = logits.expand(draws, -1).contiguous()
+    batch = logits.expand(draws, -1).contiguous().to(device)
     out = Sampler(seed=11).sample(batch, [make_request(temperature=temperature)] * draws)
     counts = torch.bincount(torch.tensor(out.token_ids), minlength=vocab).float()
     expected = torch.softmax(logits[0] / temperature, -1)
@@ -166,13 +171,14 @@ def kept_by_reference(probs: torch.Tensor, top_k: int, top_p: float, min_p: floa
         dict(seed=None),  # seeded per row below, full vocabulary
     ],
 )
-def test_empirical_distribution_after_filters_is_renormalised(params):
+@pytest.mark.parametrize("device", DEVICES)
+def test_empirical_distribution_after_filters_is_renormalised(params, device):
     params = dict(params)
     seeded = "seed" in params and params.pop("seed") is None
     vocab, draws = 30, 8000 if seeded else 20000
     temperature = params.setdefault("temperature", 1.0)
     logits = random_logits(1, vocab, seed=8, scale=1.5)
-    batch = logits.expand(draws, -1).contiguous()
+    batch = logits.expand(draws, -1).contiguous().to(device)
     if seeded:
         requests = [make_request(seed=i, **params) for i in range(draws)]
     else:
