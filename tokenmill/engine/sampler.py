@@ -111,8 +111,14 @@ def is_greedy(params: SamplingParams) -> bool:
 def is_plain_greedy(request: Request) -> bool:
     """Its token is the argmax of the raw logits: greedy, no penalties, no min_tokens masking, no logprobs."""
     params = request.sampling_params
-    return (is_greedy(params) and not has_penalties(params) and params.logprobs is None
-            and request.num_output_tokens >= params.min_tokens)
+    return is_greedy(params) and not has_penalties(params) and params.logprobs is None and not masks_tokens(request)
+
+
+def masks_tokens(request: Request) -> bool:
+    """min_tokens still forbids some tokens this step (its stop ids, and EOS unless ignore_eos)."""
+    params = request.sampling_params
+    return request.num_output_tokens < params.min_tokens and bool(
+        params.stop_token_ids or (not params.ignore_eos and request.eos_token_ids))
 
 
 def has_penalties(params: SamplingParams) -> bool:
