@@ -490,15 +490,15 @@ def test_launch_never_waits_for_the_device():
 def test_min_tokens_with_nothing_to_forbid_keeps_the_greedy_fast_path():
     """min_tokens masks its stop ids and EOS (unless ignore_eos); with nothing to mask (how benchmarks force an
     output length: ignore_eos and no stop ids) the row is plain greedy, so a CUDA graph's own argmax serves it."""
-    from tokenmill.engine.sampler import is_plain_greedy, masks_tokens
+    from tokenmill.engine.sampler import is_plain_greedy, min_tokens_blocked
 
     forced = make_request(temperature=0.0, min_tokens=5, eos=frozenset({1}), ignore_eos=True)
-    assert not masks_tokens(forced) and is_plain_greedy(forced)
-    for request in (make_request(temperature=0.0, min_tokens=5, eos=frozenset({1})),
-                    make_request(temperature=0.0, min_tokens=5, stop_token_ids=[4], ignore_eos=True)):
-        assert masks_tokens(request) and not is_plain_greedy(request)
+    assert not min_tokens_blocked(forced) and is_plain_greedy(forced)
+    for request, blocked in ((make_request(temperature=0.0, min_tokens=5, eos=frozenset({1})), {1}),
+                             (make_request(temperature=0.0, min_tokens=5, stop_token_ids=[4], ignore_eos=True), {4})):
+        assert min_tokens_blocked(request) == blocked and not is_plain_greedy(request)
     done = make_request(temperature=0.0, min_tokens=2, eos=frozenset({1}), output=[5, 6])
-    assert not masks_tokens(done) and is_plain_greedy(done)
+    assert not min_tokens_blocked(done) and is_plain_greedy(done)
     logits = random_logits(2, 50)
     greedy = torch.tensor([[9, 0], [8, 0]])  # stands in for the graph's argmax: used as is
     assert Sampler().launch(logits, [forced, forced], greedy=greedy).result().token_ids == [9, 8]

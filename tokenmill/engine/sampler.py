@@ -111,14 +111,16 @@ def is_greedy(params: SamplingParams) -> bool:
 def is_plain_greedy(request: Request) -> bool:
     """Its token is the argmax of the raw logits: greedy, no penalties, no min_tokens masking, no logprobs."""
     params = request.sampling_params
-    return is_greedy(params) and not has_penalties(params) and params.logprobs is None and not masks_tokens(request)
+    return (is_greedy(params) and not has_penalties(params) and params.logprobs is None
+            and not min_tokens_blocked(request))
 
 
-def masks_tokens(request: Request) -> bool:
-    """min_tokens still forbids some tokens this step (its stop ids, and EOS unless ignore_eos)."""
+def min_tokens_blocked(request: Request) -> set[int]:
+    """The token ids min_tokens still forbids this step: its stop ids, and EOS unless ignore_eos."""
     params = request.sampling_params
-    return request.num_output_tokens < params.min_tokens and bool(
-        params.stop_token_ids or (not params.ignore_eos and request.eos_token_ids))
+    if request.num_output_tokens >= params.min_tokens:
+        return set()
+    return set(params.stop_token_ids) | (set() if params.ignore_eos else set(request.eos_token_ids))
 
 
 def has_penalties(params: SamplingParams) -> bool:
@@ -319,10 +321,7 @@ class Sampler:
         penalty_rows = [i for i, r in enumerate(requests) if has_penalties(r.sampling_params)]
         blocked: list[tuple[int, int]] = []  # (row, token) pairs min_tokens forbids this step
         for i, r in enumerate(requests):
-            params = r.sampling_params
-            if r.num_output_tokens < params.min_tokens:
-                stops = set(params.stop_token_ids) | (set() if params.ignore_eos else r.eos_token_ids)
-                blocked.extend((i, t) for t in stops if t < vocab_size)
+            blocked.extend((i, t) for t in min_tokens_blocked(r) if t < vocab_size)
         if not penalty_rows and not blocked:
             return logits
 
