@@ -245,6 +245,20 @@ def test_planned_prefill_equals_the_unplanned_launch(query_lens, seq_lens):
     assert out[tokens:].isnan().all()
 
 
+def test_planned_prefill_refuses_a_malformed_plan():
+    batch = make_batch([3], [3], num_q_heads=4, num_kv_heads=1, head_dim=64, dtype=torch.float32, block_size=8)
+    meta, out = batch.meta, torch.empty_like(batch.q)
+    args = (batch.q, batch.kv_cache_layer, meta.block_tables, meta.seq_lens, meta.query_start_loc)
+    for plan in (torch.tensor([0, 0], dtype=torch.int64, device=DEVICE),  # wrong dtype
+                 torch.tensor([0, 0, -1], dtype=torch.int32, device=DEVICE)):  # not (seq, tile) pairs
+        with pytest.raises(ValueError, match="plan must be int32"):
+            paged_prefill_planned(*args, plan, batch.scale, 64, out=out)
+    plan = torch.tensor([0, 0], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="contiguous"):
+        paged_prefill_planned(*args, plan, batch.scale, 64, out=torch.empty(64, 4, 3, device=DEVICE)[:3, :, :1]
+                              .expand(3, 4, 64))
+
+
 def test_prefill_plan_orders_longest_items_first_and_pads():
     # sequence 0: 3 query tokens ending at position 10 (tiles of 2: keys 0..9 and 0..10); sequence 1: 1 token at 4
     plan = plan_prefill([3, 1], [11, 5], block_q=2, capacity=plan_capacity(4, 2, 2))

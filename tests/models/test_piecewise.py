@@ -133,6 +133,9 @@ def test_whole_steps_equal_forward(paged, schedule):
     runner = _AsModel(model, 96, capture=device == "cuda", max_seqs=len(LENGTHS) + 2, whole_max_tokens=48)
     whole = paged.run(runner, sequences, steps, device=device, cache_fill=float("nan"))
     assert runner.piecewise.whole_sizes == {16, 32, 48}
+    # A whole-step size holds at most max_seqs sequences' metadata; the piece-by-piece sizes take any number.
+    assert runner.piecewise.fits(16, len(LENGTHS) + 2) and not runner.piecewise.fits(16, len(LENGTHS) + 3)
+    assert runner.piecewise.fits(64, 64) and not runner.piecewise.fits(97)
     for a, b in zip(whole, reference):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
@@ -146,7 +149,7 @@ def test_whole_steps_only_with_a_planned_prefill():
     cache = torch.zeros(cfg.num_hidden_layers, 2, 4, 4, cfg.num_key_value_heads, cfg.head_dim)
     piecewise = PiecewiseForward(model, 32, torch.device("cpu"), cache, capture=False, max_seqs=4,
                                  max_blocks_per_seq=4)
-    assert not piecewise.whole_steps
+    assert not piecewise.whole_sizes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -128,12 +128,12 @@ class PiecewiseForward:
 
         cfg = self.model.config
         group = cfg.num_attention_heads // cfg.num_key_value_heads
-        # size -> (rows per attention program, plan capacity in items)
+        # size -> (rows per attention program, query tokens per item, plan capacity in items)
         self.plan_shape = {}
         for size in sorted(self.whole_sizes):
             block_m = prefill_block_m(size, group, cfg.head_dim)
-            self.plan_shape[size] = (block_m, plan_capacity(size, max_seqs, block_m // group))
-        capacity = max(c for _, c in self.plan_shape.values())
+            self.plan_shape[size] = (block_m, block_m // group, plan_capacity(size, max_seqs, block_m // group))
+        capacity = max(c for _, _, c in self.plan_shape.values())
         self.step_metadata = torch.zeros(2 * max_seqs + 1 + 2 * capacity, dtype=torch.int32, device=device)
         self.query_start_loc = self.step_metadata[: max_seqs + 1]
         self.seq_lens = self.step_metadata[max_seqs + 1: 2 * max_seqs + 1]
@@ -168,7 +168,7 @@ class PiecewiseForward:
         """The prologue, then each layer's pieces around the planned attention launch, then the final norm into
         self.hidden (in place: the step's output)."""
         prologue, *layer_pieces = pieces
-        block_m, capacity = self.plan_shape[n]
+        block_m, _, capacity = self.plan_shape[n]
         plan = self.plan[: 2 * capacity]
         tables, lens, starts = self.block_tables, self.seq_lens, self.query_start_loc
 
@@ -192,21 +192,20 @@ class PiecewiseForward:
 
     # ---- a step ----------------------------------------------------------------------------------------------------
 
-    @property
-    def whole_steps(self) -> bool:
-        return bool(self.whole_sizes)
+    def _size_for(self, num_tokens: int) -> int:
+        """The padded size a step of num_tokens tokens replays (at most max_tokens)."""
+        return next(s for s in self.sizes if s >= num_tokens)
 
     def fits(self, num_tokens: int, num_seqs: int = 1) -> bool:
         if num_tokens > self.max_tokens:
             return False
-        size = next(s for s in self.sizes if s >= num_tokens)
-        return size not in self.whole_sizes or num_seqs <= self.max_seqs
+        return self._size_for(num_tokens) not in self.whole_sizes or num_seqs <= self.max_seqs
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
         """model(input_ids, positions, kv_cache, meta): the final hidden states [n, hidden] of the step's tokens."""
         n = input_ids.shape[0]
-        size = next(s for s in self.sizes if s >= n)
+        size = self._size_for(n)
         if kv_cache is not self.kv_cache:
             raise ValueError("the graphs write the KV cache they were captured with; got another tensor")
         # Rows n..size keep an earlier step's ids and positions: valid inputs, and no row reads another. Their K/V
@@ -244,11 +243,10 @@ class PiecewiseForward:
             raise ValueError(f"the step holds {num_seqs} sequences; the graphs were captured for {self.max_seqs}")
         starts = meta.query_start_loc_cpu
         query_lens = [b - a for a, b in zip(starts, starts[1:])]
-        block_m, capacity = self.plan_shape[size]
-        group = self.model.config.num_attention_heads // self.model.config.num_key_value_heads
+        _, block_q, capacity = self.plan_shape[size]
         padding = self.max_seqs - num_seqs
         staged = (starts + [starts[-1]] * padding + meta.seq_lens_cpu + [0] * padding
-                  + plan_prefill(query_lens, meta.seq_lens_cpu, block_m // group, capacity))
+                  + plan_prefill(query_lens, meta.seq_lens_cpu, block_q, capacity))
         self.step_metadata[: len(staged)].copy_(to_device(staged, torch.int32, self.step_metadata.device))
         width = meta.block_tables.shape[1]
         if width > self.block_tables.shape[1]:

@@ -23,8 +23,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], kv_cache_layer [2, num_blocks, block_size, Hkv, D] -> [T, Hq, D].
 
-    Writes k/v at meta.slot_mapping (unless write_kv is False: the caller did), then runs the decode kernel when every sequence has one query token (the
-    CUDA-graph-capturable path) and the varlen prefill kernel otherwise.
+    Writes k/v at meta.slot_mapping (unless write_kv is False: the caller did), then runs the decode kernel when
+    every sequence has one query token (the CUDA-graph-capturable path) and the varlen prefill kernel otherwise.
     """
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q has {q.shape[0]} tokens but k/v have {k.shape[0]}")
