@@ -131,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tokenmill.engine.async_engine import AsyncEngine
     from tokenmill.serve.launch import run_server
 
-    engine = AsyncEngine.from_config(config)
+    engine = AsyncEngine.from_config(config, engine_process=args.engine_process)
     try:
         _check_max_model_len(args, engine.max_model_len)
         run_server(engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="step the engine in a process of its own, so HTTP handling and streaming do not share "
+                        "its GIL (default; --no-engine-process: on a thread of the server's process)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate from one prompt, streaming to stdout")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 
 TIMEOUT = 180
@@ -61,3 +66,57 @@ def test_bad_engine_and_server_flags_are_messages(tiny_model_dir, capsys):
     # the tiny model's context is 512 tokens: a larger --max-model-len was silently clamped to it
     assert main(["generate", str(tiny_model_dir), "--prompt", "<5>", "--device", "cpu", "--max-model-len", "1000"]) == 2
     assert "--max-model-len 1000 is larger than the model's context length (512 tokens)" in capsys.readouterr().err
+
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for task in Path(f"/proc/{pid}/task").iterdir() for p in (task / "children").read_text().split()]
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+def test_serve_answers_then_stops_on_ctrl_c_with_its_engine_process(tiny_model_dir):
+    """`python -m tokenmill serve` as a person runs it: the engine steps in a spawned process, Ctrl-C stops both."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "tokenmill", "serve", str(tiny_model_dir), "--device", "cpu",
+                               "--max-model-len", "128", "--port", str(port), "--log-level", "warning"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert server.poll() is None, server.communicate()[1]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server never became healthy"
+            time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", timeout=60, json={"prompt": "<5> <6>", "max_tokens": 4,
+                                                                  "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        bad = httpx.post(url + "/v1/completions", json={"prompt": "<5>", "max_tokens": 1000})
+        assert bad.status_code == 400 and "maximum context length" in bad.json()["error"]["message"]
+        engines = _children(server.pid)
+        assert engines, "no engine process"
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=60)
+        assert server.returncode in (0, 130) and "Traceback" not in err, err
+        assert all(_wait_gone(pid) for pid in engines), "the engine process outlived the server"
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()

@@ -22,7 +22,7 @@ def server(smollm2_path):
     config = make_engine_config(str(smollm2_path), max_model_len=1024, dtype="float32", device="cpu",
                                 max_num_seqs=16, max_num_batched_tokens=256, block_size=16,
                                 served_model_name="smollm2")
-    engine = AsyncEngine.from_config(config)
+    engine = AsyncEngine.from_config(config, engine_process=True)  # as `tokenmill serve` runs it
     srv = start_server(engine, api_key=API_KEY)
     yield srv, engine
     srv.stop()
@@ -35,15 +35,22 @@ def client(server):
     return openai.OpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
-def assert_no_leaks(engine: AsyncEngine, timeout: float = 10.0) -> None:
-    kv = engine.engine.kv
+def assert_no_leaks(srv, timeout: float = 10.0) -> None:
+    """Through the server's own gauges (the engine is in another process): nothing running or waiting, and every
+    KV block free or only cached."""
+    wanted = ("tokenmill:num_requests_running", "tokenmill:num_requests_waiting", "tokenmill:kv_cache_usage_perc")
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (not engine.engine.has_unfinished_requests()
-                and kv.num_free_blocks + kv.num_evictable_blocks == kv.num_usable_blocks):
+    while True:
+        gauges = {}
+        for line in httpx.get(srv.url + "/metrics").text.splitlines():
+            name = line.split("{", 1)[0]
+            if name in wanted:
+                gauges[name] = float(line.rsplit(" ", 1)[1])
+        if len(gauges) == len(wanted) and not any(gauges.values()):
             return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still held after every request ended: {gauges}")
         time.sleep(0.05)
-    raise AssertionError("KV blocks still held after every request ended")
 
 
 def chat_messages(text: str) -> list[dict]:
@@ -59,7 +66,7 @@ def test_chat_non_streaming_and_cached_tokens(client, server):
     assert first.choices[0].message.content == again.choices[0].message.content
     assert first.usage.completion_tokens <= 12
     assert again.usage.prompt_tokens_details.cached_tokens >= 16
-    assert_no_leaks(server[1])
+    assert_no_leaks(server[0])
 
 
 def test_chat_streaming_matches_non_streaming(client):
@@ -118,7 +125,7 @@ def test_logprobs_and_n(client):
 
 
 def test_bad_inputs_get_openai_errors_and_server_survives(server, client):
-    srv, engine = server
+    srv, _ = server
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     url = srv.url + "/v1/chat/completions"
     cases = [
@@ -144,11 +151,11 @@ def test_bad_inputs_get_openai_errors_and_server_survives(server, client):
     assert r.status_code == 400
     ok = client.chat.completions.create(model="smollm2", messages=chat_messages("Still there?"), max_tokens=4)
     assert ok.choices[0].message.content is not None
-    assert_no_leaks(engine)
+    assert_no_leaks(srv)
 
 
 def test_client_disconnect_aborts_and_frees_blocks(server):
-    srv, engine = server
+    srv, _ = server
     headers = {"Authorization": f"Bearer {API_KEY}"}
     body = {"model": "smollm2", "prompt": "Write a very long story about a dragon.", "max_tokens": 400,
             "ignore_eos": True, "stream": True}
@@ -156,7 +163,7 @@ def test_client_disconnect_aborts_and_frees_blocks(server):
         for i, _ in enumerate(r.iter_lines()):
             if i > 6:
                 break  # leave mid-stream
-    assert_no_leaks(engine, timeout=20)
+    assert_no_leaks(srv, timeout=20)
 
 
 def test_models_metrics_tokenize(server):
@@ -182,7 +189,7 @@ def test_bench_serve_replays_a_chat_workload_against_tokenmill(server, tmp_path)
     """Issue 3's smoke run: the replay client against a real tokenmill server on loopback."""
     from tokenmill.bench.serve_client import main as bench_serve_main
 
-    srv, engine = server
+    srv, _ = server
     out = tmp_path / "results.json"
     rc = bench_serve_main(["serve", "--base-url", srv.url, "--api-key", API_KEY, "--workload", "chat,scale=0.1",
                            "--num-sessions", "2", "--seed", "1", "--time-scale", "0.01", "--max-context", "1024",
@@ -195,4 +202,4 @@ def test_bench_serve_replays_a_chat_workload_against_tokenmill(server, tmp_path)
     if summary["num_requests"] > 2:  # later turns carry the conversation, so the prefix cache must have hit
         assert summary["cached_tokens"] > 0
     assert all(r["ttft_s"] > 0 for r in run["requests"] if r.get("ok", True))
-    assert_no_leaks(engine)
+    assert_no_leaks(srv)

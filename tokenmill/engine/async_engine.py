@@ -1,7 +1,8 @@
-"""AsyncEngine: the step loop on a background thread, streaming RequestOutputs to asyncio consumers.
+"""AsyncEngine: streams RequestOutputs to asyncio consumers from an engine core that steps on its own.
 
-The thread owns the LLMEngine; the event loop only enqueues commands (add/abort) and reads per-request queues, so
-HTTP handling never waits behind a forward pass.
+The core owns the LLMEngine and runs its step loop either on a background thread of this process (ThreadCore) or in
+a process of its own (engine_process.ProcessCore: no GIL shared with the HTTP event loop). Either way the event loop
+only enqueues commands (add/abort) and reads per-request queues, so HTTP handling never waits behind a forward pass.
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.cpu_threads import apply_threads, serving_threads
-from tokenmill.engine.engine import LLMEngine
+from tokenmill.engine.engine import LLMEngine, RequestLimits
 from tokenmill.engine.outputs import EngineObserver, FinishedRequestStats, RequestOutput, SchedulerStats
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +34,6 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    stream: "_Stream"
     progress: bool
 
 
@@ -61,7 +65,7 @@ def _put_each(items: list[tuple[_Stream, RequestOutput]]) -> None:
         stream.queue.put_nowait(item)
 
 
-class _ObserverFanout:
+class ObserverFanout:
     def __init__(self) -> None:
         self.observers: list[EngineObserver] = []
 
@@ -82,44 +86,141 @@ class _ObserverFanout:
             o.on_finished(stats)
 
 
-class AsyncEngine:
-    def __init__(self, engine: LLMEngine, fanout: _ObserverFanout | None = None) -> None:
+class CoreSink(Protocol):
+    """Where an engine core reports, from its own thread."""
+
+    def deliver(self, outputs: list[RequestOutput]) -> None: ...
+
+    def reject(self, request_id: str, error: ValueError) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+
+class EngineCore(Protocol):
+    """An LLMEngine stepping on its own: requests in (add/abort), outputs and failures out through a CoreSink."""
+
+    config: EngineConfig
+    model_config: ModelConfig
+    max_model_len: int
+    tokenizer: Tokenizer
+    limits: RequestLimits
+
+    def start(self, sink: CoreSink) -> None: ...
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, progress: bool) -> None: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+    def shutdown(self) -> None: ...
+
+
+class ThreadCore:
+    """The step loop on a background thread of this process."""
+
+    def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._fanout = fanout or _ObserverFanout()
         self.config = engine.config
         self.model_config = engine.model_config
         self.max_model_len = engine.max_model_len
         self.tokenizer = engine.tokenizer
+        self.limits = engine.limits
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._dead: BaseException | None = None
         # Leave a core to the event loop on CPU (see cpu_threads.py); set here and again on the engine thread.
         device = getattr(engine, "device", None)
         self._threads = serving_threads(device) if isinstance(device, torch.device) else None
         self._threads_before = torch.get_num_threads()
         apply_threads(self._threads)
         self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)
+
+    def start(self, sink: CoreSink) -> None:
+        self._sink = sink
         self._thread.start()
 
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, progress: bool) -> None:
+        self._commands.put(_Add(request_id, prompt_token_ids, params, progress))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+        self._wake.set()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if self._threads is not None:
+            apply_threads(self._threads_before)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Add):
+                try:
+                    self.engine.add_request(cmd.prompt_token_ids, cmd.params, cmd.request_id, cmd.progress)
+                except ValueError as exc:
+                    self._sink.reject(cmd.request_id, exc)
+            else:
+                self._sink.deliver(self.engine.abort_request(cmd.request_id))
+
+    def _loop(self) -> None:
+        apply_threads(self._threads)
+        try:
+            while not self._stop.is_set():
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self._sink.deliver(self.engine.step())
+        except BaseException as exc:  # a crashed step must fail every waiting request, not hang them
+            logger.exception("engine loop crashed")
+            self._sink.fail(exc)
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, fanout: ObserverFanout | None = None) -> None:
+        self.core = core
+        self._fanout = fanout or ObserverFanout()
+        self.config = core.config
+        self.model_config = core.model_config
+        self.max_model_len = core.max_model_len
+        self.tokenizer = core.tokenizer
+        self.limits = core.limits
+        self._streams: dict[str, _Stream] = {}
+        self._dead: BaseException | None = None
+        core.start(self)
+
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
-        fanout = _ObserverFanout()
-        return cls(LLMEngine(config, observer=fanout), fanout)
+    def from_config(cls, config: EngineConfig, engine_process: bool = False) -> "AsyncEngine":
+        """engine_process: step in a process of its own (engine_process.ProcessCore) instead of a thread here."""
+        fanout = ObserverFanout()
+        if engine_process:
+            from tokenmill.engine.engine_process import ProcessCore
+
+            core: EngineCore = ProcessCore(config, fanout)
+        else:
+            core = ThreadCore(LLMEngine(config, observer=fanout))
+        return cls(core, fanout)
 
     def attach_observer(self, observer: EngineObserver) -> None:
         self._fanout.observers.append(observer)
 
     def is_healthy(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
+        return self._dead is None and self.core.is_alive()
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
-        if self._threads is not None:
-            apply_threads(self._threads_before)
+        self.core.shutdown()
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, progress: bool = True
@@ -128,13 +229,12 @@ class AsyncEngine:
         if not self.is_healthy():
             raise RuntimeError(f"the engine has stopped: {self._dead!r}")
         # Validate on the caller's side so a bad request fails before anything streams.
-        self.engine.validate_request(prompt_token_ids, params)
+        self.limits.check(prompt_token_ids, params)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, prompt_token_ids, params, stream, progress))
-        self._wake.set()
+        self.core.add(request_id, prompt_token_ids, params, progress)
         finished = False
         try:
             while True:
@@ -148,54 +248,27 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:  # consumer went away (client disconnect, cancellation): free the blocks
-                self._commands.put(_Abort(request_id))
-                self._wake.set()
+                self.core.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
-        self._wake.set()
+        self.core.abort(request_id)
 
-    # ---- engine thread -----------------------------------------------------------------------------------------
+    # ---- CoreSink: called on the core's thread -----------------------------------------------------------------
 
-    def _drain_commands(self, live: dict[str, _Stream]) -> None:
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(cmd, _Add):
-                try:
-                    self.engine.add_request(cmd.prompt_token_ids, cmd.params, cmd.request_id, cmd.progress)
-                    live[cmd.request_id] = cmd.stream
-                except ValueError as exc:
-                    cmd.stream.put(exc)
-            else:
-                for out in self.engine.abort_request(cmd.request_id):
-                    stream = live.pop(out.request_id, None)
-                    if stream is not None:
-                        stream.put(out)
+    def deliver(self, outputs: list[RequestOutput]) -> None:
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                deliveries.setdefault(stream.loop, []).append((stream, out))
+        _deliver_all(deliveries)
 
-    def _loop(self) -> None:
-        apply_threads(self._threads)
-        live: dict[str, _Stream] = {}
-        try:
-            while not self._stop.is_set():
-                self._drain_commands(live)
-                if not self.engine.has_unfinished_requests():
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    continue
-                deliveries: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
-                for out in self.engine.step():
-                    stream = live.get(out.request_id)
-                    if stream is None:
-                        continue
-                    deliveries.setdefault(stream.loop, []).append((stream, out))
-                    if out.finished:
-                        live.pop(out.request_id, None)
-                _deliver_all(deliveries)
-        except BaseException as exc:  # a crashed step must fail every waiting request, not hang them
-            logger.exception("engine loop crashed")
-            self._dead = exc
-            for stream in live.values():
-                stream.put(RuntimeError(f"the engine failed: {exc!r}"))
+    def reject(self, request_id: str, error: ValueError) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(error)
+
+    def fail(self, error: BaseException) -> None:
+        self._dead = error
+        for stream in list(self._streams.values()):
+            stream.put(RuntimeError(f"the engine failed: {error!r}"))

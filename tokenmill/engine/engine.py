@@ -3,8 +3,8 @@
 With async scheduling (on for CUDA) a step's successor is planned and launched before the step's tokens reach the
 host, so the host's share of a step hides behind the GPU's (see LLMEngine.step).
 
-AsyncEngine (async_engine.py) runs this loop on a background thread for the server; LLM (offline API) drives it
-directly.
+For the server, AsyncEngine (async_engine.py) runs this loop in a process of its own (engine_process.py) or on a
+background thread; LLM (offline API) drives it directly.
 """
 
 from __future__ import annotations
@@ -30,6 +30,37 @@ from tokenmill.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 _CPU_DEFAULT_KV_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request must satisfy to ever run; small and picklable, so a server process apart from the engine's
+    can refuse a bad request before it is queued."""
+
+    max_model_len: int
+    vocab_size: int
+    uses_state_seed: bool
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError for a request that can never run."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's maximum context length is "
+                f"{self.max_model_len} tokens, which must also hold at least one generated token"
+            )
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.vocab_size}")
+        if params.state_seed is not None and not self.uses_state_seed:
+            raise ValueError("state_seed applies only to looped models with a seeded loop state (Parcae)")
+        room = self.max_model_len - len(prompt_token_ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} plus the prompt's {len(prompt_token_ids)} tokens exceeds the "
+                f"maximum context length of {self.max_model_len}"
+            )
 
 
 @dataclass
@@ -118,7 +149,8 @@ class LLMEngine:
                 logger.info("decode backend: fused Triton kernels for decode-only steps (batch <= %d)",
                             fused_decoder.max_batch_size)
         self.model_config: ModelConfig = loaded.config
-        self.tokenizer = Tokenizer.from_source(config.tokenizer or loaded.source)
+        self.tokenizer_source = config.tokenizer or loaded.source
+        self.tokenizer = Tokenizer.from_source(self.tokenizer_source)
         if config.served_model_name is None:
             config.served_model_name = source.display_name
 
@@ -156,6 +188,7 @@ class LLMEngine:
         self.async_scheduling = config.async_scheduling == "on" or (
             config.async_scheduling == "auto" and self.device.type == "cuda")
         self._ahead: _LaunchedStep | None = None  # a step launched before its predecessor's tokens were known
+        self.limits = RequestLimits(self.max_model_len, self.model_config.vocab_size, self.uses_state_seed)
         self.outputs = OutputProcessor(self.tokenizer, self.observer)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(mc.eos_token_ids)
         logger.info(
@@ -197,25 +230,7 @@ class LLMEngine:
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError for a request that can never run; cheap, so callers on other threads may use it."""
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt_token_ids)} tokens; this model's maximum context length is "
-                f"{self.max_model_len} tokens, which must also hold at least one generated token"
-            )
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is out of range for a vocabulary of {vocab}")
-        if params.state_seed is not None and not self.uses_state_seed:
-            raise ValueError("state_seed applies only to looped models with a seeded loop state (Parcae)")
-        room = self.max_model_len - len(prompt_token_ids)
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise ValueError(
-                f"max_tokens={params.max_tokens} plus the prompt's {len(prompt_token_ids)} tokens exceeds the "
-                f"maximum context length of {self.max_model_len}"
-            )
+        self.limits.check(prompt_token_ids, params)
 
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,

@@ -1,0 +1,182 @@
+"""The engine in a process of its own (ProcessCore) behind AsyncEngine: the same outputs as on a thread, aborts,
+metrics events, bad requests, a dead engine process, start-up errors, and no process left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.outputs import SchedulerStats
+from tokenmill.llm import make_engine_config
+from tokenmill.sampling_params import SamplingParams
+
+ENGINE_KW = dict(device="cpu", dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.steps: list[SchedulerStats] = []
+        self.first_tokens = self.inter_tokens = 0
+        self.finished: list = []
+
+    def on_step(self, stats):
+        self.steps.append(stats)
+
+    def on_first_token(self, ttft_s):
+        self.first_tokens += 1
+
+    def on_inter_token(self, itl_s):
+        self.inter_tokens += 1
+
+    def on_finished(self, stats):
+        self.finished.append(stats)
+
+
+@pytest.fixture(scope="module")
+def process_engine(tiny_model_dir):
+    engine = AsyncEngine.from_config(make_engine_config(str(tiny_model_dir), **ENGINE_KW), engine_process=True)
+    yield engine
+    engine.shutdown()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(engine, prompt, params, request_id, progress=True):
+    outs = []
+    async for out in engine.generate(prompt, params, request_id, progress=progress):
+        outs.append(out)
+    return outs
+
+
+REQUESTS = [
+    ([5, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)),
+    ([9, 10, 11] * 5, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)),
+    ([12, 13], SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=9, ignore_eos=True)),
+    ([14, 15, 16], SamplingParams(temperature=0.0, max_tokens=30, stop=["<20>"])),
+    ([17] * 30, SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)),
+]
+
+
+async def every_output(engine, tag):
+    return await asyncio.gather(*[collect(engine, p, sp, f"{tag}{i}") for i, (p, sp) in enumerate(REQUESTS)])
+
+
+def test_same_outputs_as_the_engine_on_a_thread(tiny_model_dir, process_engine):
+    threaded = AsyncEngine.from_config(make_engine_config(str(tiny_model_dir), **ENGINE_KW))
+    try:
+        want = run(every_output(threaded, "t"))
+    finally:
+        threaded.shutdown()
+    got = run(every_output(process_engine, "p"))
+    for w, g in zip(want, got):
+        final_w, final_g = w[-1], g[-1]
+        assert final_g.finished and final_g.outputs == final_w.outputs
+        assert final_g.prompt_token_ids == final_w.prompt_token_ids
+        # streamed: every output cumulative and growing, the text of each a prefix of the next
+        for a, b in zip(g, g[1:]):
+            assert all(b.outputs[i].text.startswith(a.outputs[i].text) for i in range(len(a.outputs)))
+    assert process_engine.max_model_len == 256 and process_engine.tokenizer.decode([5]) == "<5>"
+
+
+def test_progress_false_gives_only_the_final_output(process_engine):
+    outs = run(collect(process_engine, [5, 6], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+                       "quiet", progress=False))
+    assert len(outs) == 1 and outs[0].finished and len(outs[0].outputs[0].token_ids) == 10
+
+
+def test_abort_frees_the_request_and_metrics_arrive(process_engine):
+    recorder = Recorder()
+    process_engine.attach_observer(recorder)
+
+    async def stop_after(n):
+        got = 0
+        async for out in process_engine.generate([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=200,
+                                                                           ignore_eos=True), "to-abort"):
+            got += 1
+            if got == n:
+                return out  # leaving the loop aborts the request
+
+    out = run(stop_after(3))
+    assert not out.finished
+    deadline = time.monotonic() + 10
+    while not (recorder.finished and recorder.steps[-1].num_running == 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert recorder.finished and recorder.finished[-1].finish_reason == "abort"
+    last = recorder.steps[-1]
+    assert (last.num_running, last.num_waiting, last.kv_cache_usage) == (0, 0, 0.0)
+    assert recorder.first_tokens == 1 and recorder.inter_tokens >= 2
+    # the same id may be used again once its request is gone
+    outs = run(collect(process_engine, [5], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+                       "to-abort"))
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 3
+
+
+def test_bad_requests_fail_before_reaching_the_engine(process_engine):
+    with pytest.raises(ValueError, match="out of range"):
+        run(collect(process_engine, [10**9], SamplingParams(max_tokens=2), "bad-token"))
+    with pytest.raises(ValueError, match="maximum context length"):
+        run(collect(process_engine, [5] * 300, SamplingParams(max_tokens=2), "too-long"))
+    assert process_engine.is_healthy()
+
+
+def test_start_up_errors_come_back_as_they_were_raised(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        AsyncEngine.from_config(make_engine_config(str(tmp_path / "missing.gguf"), device="cpu"),
+                                engine_process=True)
+
+
+def test_a_dead_engine_process_fails_requests_and_health(tiny_model_dir):
+    engine = AsyncEngine.from_config(make_engine_config(str(tiny_model_dir), **ENGINE_KW), engine_process=True)
+    try:
+        process = engine.core._process
+
+        async def kill_mid_stream():
+            async for _ in engine.generate([5, 6], SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True),
+                                           "victim"):
+                os.kill(process.pid, signal.SIGKILL)
+
+        with pytest.raises(RuntimeError, match="engine"):
+            run(asyncio.wait_for(kill_mid_stream(), timeout=30))
+        assert not engine.is_healthy()
+        with pytest.raises(RuntimeError, match="stopped"):
+            run(collect(engine, [5], SamplingParams(max_tokens=2), "after"))
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_stops_the_engine_process(tiny_model_dir):
+    engine = AsyncEngine.from_config(make_engine_config(str(tiny_model_dir), **ENGINE_KW), engine_process=True)
+    process = engine.core._process
+    assert process.is_alive()
+    engine.shutdown()
+    assert not process.is_alive() and process.exitcode == 0
+    assert not engine.is_healthy()
+    engine.shutdown()  # twice is fine
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_in_a_spawned_process(tiny_model_dir):
+    """CUDA initialised only in the spawned engine process; greedy outputs as on a thread of this one."""
+    kw = {**ENGINE_KW, "device": "cuda", "num_blocks": 512}  # not a share of free memory: both engines coexist
+    greedy = [r for r in REQUESTS if r[1].temperature == 0.0]
+
+    async def outputs(engine, tag):
+        outs = await asyncio.gather(*[collect(engine, p, sp, f"{tag}{i}") for i, (p, sp) in enumerate(greedy)])
+        return [o[-1].outputs for o in outs]
+
+    engines = [AsyncEngine.from_config(make_engine_config(str(tiny_model_dir), **kw), engine_process=flag)
+               for flag in (False, True)]
+    try:
+        want, got = (run(outputs(e, f"e{i}")) for i, e in enumerate(engines))
+    finally:
+        for e in engines:
+            e.shutdown()
+    assert got == want

@@ -1,0 +1,244 @@
+"""ProcessCore: the LLMEngine stepping in a process of its own, for the server.
+
+On a GPU a decode step is ~1 ms of device time and a comparable share of Python launching it; with the engine on a
+thread of the server's process, the event loop streaming every token holds the GIL between the engine's torch calls
+and the steps stretch (session 11: engine steps of 1.8–2.6 ms in the server against ~1.05 ms of GPU). Here the
+engine has a process, and so a GIL, to itself: the server sends it requests and aborts over a pipe, and it sends back
+one message per step with what is new for each request (output_deltas.py) and the observer events of that step
+(metrics), which the server replays.
+
+The child is spawned (never forked: CUDA does not survive a fork), ignores SIGINT (the server decides when it stops,
+after its graceful shutdown) and exits when the pipe closes, so it never outlives the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import pickle
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.engine.engine import RequestLimits
+from tokenmill.engine.output_deltas import DeltaDecoder, DeltaEncoder
+from tokenmill.engine.outputs import EngineObserver, FinishedRequestStats, SchedulerStats
+from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.engine.async_engine import CoreSink
+
+logger = logging.getLogger(__name__)
+
+# Messages. Server -> engine: ("add", request_id, prompt_token_ids, params, progress), ("abort", request_id),
+# ("shutdown",). Engine -> server: ("ready", EngineInfo), ("step", [RequestDelta], [(request_id, ValueError)],
+# [(observer method, argument)]), ("failed", exception).
+_ADD, _ABORT, _SHUTDOWN = "add", "abort", "shutdown"
+_READY, _STEP, _FAILED = "ready", "step", "failed"
+
+
+@dataclass
+class EngineInfo:
+    """What the server needs to know of the engine it did not build."""
+
+    config: EngineConfig  # as the engine completed it (served model name, clamped max_model_len)
+    model_config: ModelConfig
+    max_model_len: int
+    limits: RequestLimits
+    tokenizer_source: Any  # a ModelSource or a path: the server loads its own tokenizer from it
+
+
+class _RecordingObserver:
+    """Engine side: keeps each event until the step's message carries it to the server."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def on_step(self, stats: SchedulerStats) -> None:
+        self.events.append(("on_step", stats))
+
+    def on_first_token(self, ttft_s: float) -> None:
+        self.events.append(("on_first_token", ttft_s))
+
+    def on_inter_token(self, itl_s: float) -> None:
+        self.events.append(("on_inter_token", itl_s))
+
+    def on_finished(self, stats: FinishedRequestStats) -> None:
+        self.events.append(("on_finished", stats))
+
+    def take(self) -> list[tuple[str, Any]]:
+        events, self.events = self.events, []
+        return events
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself where it survives pickling, else a RuntimeError saying what it was."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _engine_main(config: EngineConfig, conn: Connection, log_level: int) -> None:
+    """The engine process: build the engine, then step while there is work, reading commands between steps."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    from tokenmill.engine.cpu_threads import apply_threads, serving_threads
+    from tokenmill.engine.engine import LLMEngine
+
+    events = _RecordingObserver()
+    try:
+        engine = LLMEngine(config, observer=events)
+        # On the CPU leave a core to the server's process, as the in-process engine does for its event loop.
+        apply_threads(serving_threads(engine.device))
+    except BaseException as exc:
+        conn.send((_FAILED, _portable(exc)))
+        return
+    events.take()
+    conn.send((_READY, EngineInfo(engine.config, engine.model_config, engine.max_model_len, engine.limits,
+                                  engine.tokenizer_source)))
+    encoder = DeltaEncoder()
+    try:
+        while True:
+            outputs, rejected = [], []
+            # Idle: block until a command comes (a closed pipe also wakes the poll, and recv then raises EOFError).
+            wait = None if not engine.has_unfinished_requests() else 0
+            while conn.poll(wait):
+                wait = 0
+                msg = conn.recv()
+                if msg[0] == _ADD:
+                    _, request_id, prompt_token_ids, params, progress = msg
+                    try:
+                        engine.add_request(prompt_token_ids, params, request_id, progress)
+                    except ValueError as exc:
+                        rejected.append((request_id, exc))
+                elif msg[0] == _ABORT:
+                    outputs.extend(engine.abort_request(msg[1]))
+                elif msg[0] == _SHUTDOWN:
+                    return
+            if engine.has_unfinished_requests():
+                outputs.extend(engine.step())
+            if outputs or rejected or events.events:
+                conn.send((_STEP, [encoder.encode(o) for o in outputs], rejected, events.take()))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the server went away
+    except BaseException as exc:
+        logger.exception("engine loop crashed")
+        try:
+            conn.send((_FAILED, _portable(exc)))
+        except OSError:
+            pass
+
+
+class ProcessCore:
+    """An EngineCore (async_engine.py) whose LLMEngine runs in a spawned process; built and ready on return."""
+
+    def __init__(self, config: EngineConfig, observer: EngineObserver, start_timeout: float | None = None) -> None:
+        from tokenmill.tokenizer import Tokenizer
+
+        ctx = mp.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self._process = ctx.Process(target=_engine_main, args=(config, child_conn, logging.getLogger().level),
+                                    name="tokenmill-engine", daemon=True)
+        self._process.start()
+        child_conn.close()  # so the child's exit shows here as EOF
+        self._closing = False
+        self._sink: CoreSink | None = None
+        msg = self._wait_ready(start_timeout)
+        if msg[0] == _FAILED:
+            self._process.join(timeout=10)
+            raise msg[1]
+        info: EngineInfo = msg[1]
+        self.config = info.config
+        self.model_config = info.model_config
+        self.max_model_len = info.max_model_len
+        self.limits = info.limits
+        self.tokenizer = Tokenizer.from_source(info.tokenizer_source)
+        self._observer = observer
+        self._decoder = DeltaDecoder()
+        self._send_lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, name="tokenmill-engine-reader", daemon=True)
+
+    def _wait_ready(self, timeout: float | None) -> tuple:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._conn.poll(0.2):
+            if not self._process.is_alive():
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                self._stop_process()
+                raise TimeoutError(f"the engine process was not ready within {timeout:.0f} s")
+        try:
+            return self._conn.recv()
+        except EOFError:
+            self._process.join(timeout=5)
+            raise RuntimeError(f"the engine process exited (code {self._process.exitcode}) before it was "
+                               "ready") from None
+
+    def start(self, sink: CoreSink) -> None:
+        self._sink = sink
+        self._reader.start()
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, progress: bool) -> None:
+        self._send((_ADD, request_id, prompt_token_ids, params, progress))
+
+    def abort(self, request_id: str) -> None:
+        self._send((_ABORT, request_id))
+
+    def is_alive(self) -> bool:
+        return self._process.is_alive() and self._reader.is_alive()
+
+    def shutdown(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._send((_SHUTDOWN,))
+        self._stop_process()
+        self._conn.close()
+        if self._reader.is_alive():
+            self._reader.join(timeout=5)
+
+    def _stop_process(self) -> None:
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            logger.warning("the engine process did not stop within 10 s; terminating it")
+            self._process.terminate()
+            self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+    def _send(self, msg: tuple) -> None:
+        with self._send_lock:
+            try:
+                self._conn.send(msg)
+            except OSError:
+                pass  # the process is gone; the reader reports it to every waiting request
+
+    def _read(self) -> None:
+        """The reader thread: each step's message back into observer events and cumulative RequestOutputs."""
+        sink = self._sink
+        try:
+            while True:
+                msg = self._conn.recv()
+                if msg[0] == _FAILED:
+                    sink.fail(msg[1])
+                    return
+                _, deltas, rejected, events = msg
+                for method, arg in events:
+                    getattr(self._observer, method)(arg)
+                for request_id, error in rejected:
+                    self._decoder.forget(request_id)
+                    sink.reject(request_id, error)
+                if deltas:
+                    sink.deliver([self._decoder.decode(d) for d in deltas])
+        except (EOFError, OSError):
+            if self._closing:
+                sink.fail(RuntimeError("the engine was shut down"))
+            else:
+                self._process.join(timeout=5)
+                sink.fail(RuntimeError(f"the engine process exited (code {self._process.exitcode})"))
