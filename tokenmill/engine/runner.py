@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from tokenmill.device_copy import to_device
-from tokenmill.engine.piecewise import PiecewiseForward, supports_piecewise
+from tokenmill.engine.piecewise import WHOLE_STEP_MAX_TOKENS, PiecewiseForward, supports_piecewise
 from tokenmill.engine.request import PLACEHOLDER_TOKEN, Request
 from tokenmill.engine.sampler import EarlierTokens, greedy_pick
 from tokenmill.layers.attention_metadata import AttentionMetadata
@@ -158,17 +158,25 @@ class ModelRunner:
                 logger.info("piecewise CUDA graphs for steps of up to %d tokens (%d sizes, %d of them whole steps) "
                             "captured in %.1f s", self.piecewise.max_tokens, len(self.piecewise.sizes),
                             len(self.piecewise.whole_sizes), time.perf_counter() - start)
+        if device.type == "cuda":
             self._warm_up_prompt_steps(max_model_len)
 
     def _warm_up_prompt_steps(self, max_model_len: int) -> None:
-        """Runs a short and a long prompt step into the padding block, so that the attention kernels' prompt
-        variants compile now rather than in some request's first token (Triton compiles a variant on first use)."""
-        for n in sorted({min(16, max_model_len), min(512, max_model_len)}):
-            table = [self.pad_block] * -(-n // self.block_size)
-            meta = AttentionMetadata.build([n], [n], [table], self.block_size, self.device)
+        """Runs prompt steps of each kind into the padding block, so that the attention kernels' prompt variants
+        compile now rather than in the middle of serving (Triton compiles a variant on first use, ~0.4 s each on an
+        H100 host, and the engine stalls for it): one short prompt (a whole-step graph where there are any), one
+        long one (the prefill kernel's 128-row tiles), and several short ones together, more tokens than a
+        whole-step graph takes (its 64-row tiles outside a graph: mixed steps of decodes and a chunk)."""
+        short = min(16, max_model_len)
+        steps = [[short], [min(512, max_model_len)], [short] * (WHOLE_STEP_MAX_TOKENS // short + 1)]
+        for query_lens in steps:
+            tables = [[self.pad_block] * -(-n // self.block_size) for n in query_lens]
+            meta = AttentionMetadata.build(query_lens, query_lens, tables, self.block_size, self.device)
+            n = sum(query_lens)
             ids = torch.zeros(n, dtype=torch.long, device=self.device)
-            positions = torch.arange(n, device=self.device)
-            model = self.piecewise if self.piecewise is not None and self.piecewise.fits(n) else self.model
+            positions = torch.cat([torch.arange(q, device=self.device) for q in query_lens])
+            fits = self.piecewise is not None and self.piecewise.fits(n, len(query_lens))
+            model = self.piecewise if fits else self.model
             with torch.inference_mode():
                 model(ids, positions, self.kv_cache, meta)
         torch.cuda.synchronize(self.device)
