@@ -451,3 +451,24 @@ def test_make_server_configures_uvicorn(engine):
                          timeout_graceful_shutdown=3)
     assert (server.config.host, server.config.port, server.config.timeout_graceful_shutdown) == ("127.0.0.1", 8123, 3)
     assert len(engine.observers) == 1  # build_app attached its metrics
+
+
+async def test_oversized_bodies_are_413_before_they_are_read(engine):
+    app = build_app(engine, max_body_bytes=1000)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=10) as c:
+        big = {"prompt": "x" * 2000, "max_tokens": 1}
+        r = await c.post("/v1/completions", json=big)
+        assert_openai_error(r, 413)
+        assert "larger than this server accepts (1000 bytes)" in r.json()["error"]["message"]
+
+        async def chunked():  # no Content-Length: counted as it arrives
+            for _ in range(5):
+                yield b" " * 400
+
+        r = await c.post("/v1/chat/completions", content=chunked(), headers={"Content-Type": "application/json"})
+        assert_openai_error(r, 413)
+        r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200
+    assert engine.calls[-1].prompt_token_ids  # only the small request reached the engine
+    assert len(engine.calls) == 1

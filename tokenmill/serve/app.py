@@ -216,8 +216,29 @@ def _reject_constant(name: str) -> float:
     raise InvalidRequest(f"request body is not valid JSON: {name} is not a number")
 
 
+# Far above any request a model can take (a 128k-token prompt as JSON token ids is ~1 MB); a body past it is refused
+# before it is held in memory, so a runaway client cannot take the server down.
+MAX_BODY_BYTES = 32 << 20
+
+
+async def _read_body(request: Request) -> bytes:
+    limit = getattr(request.app.state, "max_body_bytes", MAX_BODY_BYTES)
+    too_large = APIError(413, f"The request body is larger than this server accepts ({limit} bytes).",
+                         code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():  # chunked bodies declare no length: count as they arrive
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _read_json_object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    raw = await _read_body(request)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -231,8 +252,10 @@ async def _read_json_object(request: Request) -> dict[str, Any]:
     return data
 
 
-def build_app(engine: Any, api_key: str | None = None, metrics: PrometheusMetrics | None = None) -> FastAPI:
-    """An OpenAI-compatible FastAPI app over `engine` (an AsyncEngine). Attaches Prometheus metrics to the engine."""
+def build_app(engine: Any, api_key: str | None = None, metrics: PrometheusMetrics | None = None,
+              max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """An OpenAI-compatible FastAPI app over `engine` (an AsyncEngine). Attaches Prometheus metrics to the engine.
+    Request bodies over `max_body_bytes` get HTTP 413."""
     model_name = served_model_name(engine.config)
     if metrics is None:
         metrics = PrometheusMetrics(model_name)
@@ -241,6 +264,7 @@ def build_app(engine: Any, api_key: str | None = None, metrics: PrometheusMetric
 
     app = FastAPI(title="tokenmill", version=server_version())
     app.state.ctx = ctx
+    app.state.max_body_bytes = max_body_bytes
     _install_error_handlers(app)
 
     async def require_api_key(request: Request) -> None:
