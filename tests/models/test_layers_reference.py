@@ -174,3 +174,18 @@ def test_rmsnorm_matches_transformers(dtype):
         ours.weight.normal_()
         theirs.weight.copy_(ours.weight)
     torch.testing.assert_close(ours(x), theirs(x), atol=0, rtol=0)
+
+
+def test_empty_modules_skip_random_initialisation():
+    """Building a model allocates its weights and nothing more: no random init, and so no torch._dynamo import
+    (nn.Embedding's normal_ pulls it in even on "meta"; ~1-2 s of start-up on a small machine)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from tokenmill.layers.linear import empty_embedding, empty_linear; "
+            "e = empty_embedding(1000, 64, torch.bfloat16, 'cpu'); l = empty_linear(64, 32, True, torch.float32); "
+            "assert e.weight.shape == (1000, 64) and e.weight.dtype == torch.bfloat16 and not e.weight.requires_grad; "
+            "assert l.weight.shape == (32, 64) and l.bias.shape == (32,); "
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
