@@ -120,3 +120,11 @@ def test_serve_answers_then_stops_on_ctrl_c_with_its_engine_process(tiny_model_d
         if server.poll() is None:
             server.kill()
             server.communicate()
+
+
+def test_serve_runs_the_engine_in_a_process_unless_told_not_to():
+    from tokenmill.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).engine_process is True
+    assert parser.parse_args(["serve", "--no-engine-process"]).engine_process is False

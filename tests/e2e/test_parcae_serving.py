@@ -82,7 +82,8 @@ def test_run_folder_and_export_serve_the_training_model(trained):
 
 def test_server_round_trip_with_state_seed(trained):
     _, export = trained
-    engine = AsyncEngine.from_config(make_engine_config(str(export), served_model_name="parcae", **ENGINE_KW))
+    engine = AsyncEngine.from_config(make_engine_config(str(export), served_model_name="parcae", **ENGINE_KW),
+                                     engine_process=True)  # as `tokenmill serve` runs it
     server = start_server(engine)
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
