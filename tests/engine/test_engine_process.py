@@ -180,3 +180,21 @@ def test_cuda_engine_in_a_spawned_process(tiny_model_dir):
         for e in engines:
             e.shutdown()
     assert got == want
+
+
+def test_a_failing_observer_fails_requests_instead_of_hanging_them(tiny_model_dir):
+    """The server side replays each step's events into its observers; one that raises must not leave requests
+    waiting for outputs that will never be read (as with the engine on a thread, the engine counts as failed)."""
+
+    class Broken(Recorder):
+        def on_first_token(self, ttft_s):
+            raise RuntimeError("observer bug")
+
+    engine = AsyncEngine.from_config(make_engine_config(str(tiny_model_dir), **ENGINE_KW), engine_process=True)
+    try:
+        engine.attach_observer(Broken())
+        with pytest.raises(RuntimeError, match="observer bug"):
+            run(asyncio.wait_for(collect(engine, [5, 6], SamplingParams(max_tokens=50, ignore_eos=True), "r"), 30))
+        assert not engine.is_healthy()
+    finally:
+        engine.shutdown()

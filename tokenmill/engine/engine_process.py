@@ -232,7 +232,6 @@ class ProcessCore:
                 for method, arg in events:
                     getattr(self._observer, method)(arg)
                 for request_id, error in rejected:
-                    self._decoder.forget(request_id)
                     sink.reject(request_id, error)
                 if deltas:
                     sink.deliver([self._decoder.decode(d) for d in deltas])
@@ -242,3 +241,6 @@ class ProcessCore:
             else:
                 self._process.join(timeout=5)
                 sink.fail(RuntimeError(f"the engine process exited (code {self._process.exitcode})"))
+        except BaseException as exc:  # e.g. an observer that raised: fail every waiting request, never hang them
+            logger.exception("reading the engine process's results failed")
+            sink.fail(exc)
