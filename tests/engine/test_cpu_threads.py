@@ -1,4 +1,5 @@
-"""The CPU thread policy: offline engines keep torch's threads, a serving engine leaves a core to the event loop."""
+"""The CPU thread policy: offline engines keep torch's threads; a serving engine leaves a core to the event loop
+where it shares the server's process and takes them all in a process of its own."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ def test_serving_leaves_one_core_to_the_event_loop(monkeypatch):
     for cores, expected in ((1, 1), (2, 1), (8, 7)):
         monkeypatch.setattr(cpu_threads, "usable_cores", lambda cores=cores: cores)
         assert serving_threads(cpu) == expected
+        assert serving_threads(cpu, shares_process=False) == cores  # the engine in a process of its own
     assert serving_threads(cpu, requested=3) == 3
     assert serving_threads(torch.device("cuda")) is None
 

@@ -9,6 +9,11 @@ other busy process, a 2-thread decode step went from 18 ms to over a second). On
 there `tokenmill serve` with SmolLM2 streamed ~36 tok/s single-stream and ~360 tok/s at 32 concurrent requests
 with 1 thread, against ~28 and ~345 with 2 (load average ~1.4; the offline engine alone is faster with 2).
 An explicit OMP_NUM_THREADS (or a thread count passed as `requested`) wins.
+
+Serving from the engine's own process (engine_process.py, the default of `tokenmill serve`): the HTTP side is another
+process that mostly waits on sockets, and the engine takes every core. On the 2-core VM with SmolLM2 (chat,
+`sessions=8,rate=2,scale=0.25`, alternated twice): TPOT p50 134 / 123 ms with 1 thread, 29 / 33 ms with 2; output
+29 / 29 tok/s against 65 / 58.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def serving_threads(device: torch.device, requested: int | None = None) -> int | None:
-    """Intra-op threads for an engine behind an HTTP server; None leaves torch's setting alone (CUDA, or the user
-    chose through OMP_NUM_THREADS)."""
+def serving_threads(device: torch.device, requested: int | None = None, shares_process: bool = True) -> int | None:
+    """Intra-op threads for an engine behind an HTTP server: one core left to the event loop where the engine
+    shares its process, every core where it has a process of its own. None leaves torch's setting alone (CUDA, or
+    the user chose through OMP_NUM_THREADS)."""
     if device.type != "cpu":
         return None
     if requested is not None:
@@ -37,7 +43,7 @@ def serving_threads(device: torch.device, requested: int | None = None) -> int |
         return requested
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    return max(1, usable_cores() - 1)
+    return max(1, usable_cores() - 1) if shares_process else usable_cores()
 
 
 def apply_threads(threads: int | None) -> None:

@@ -94,8 +94,8 @@ def _engine_main(config: EngineConfig, conn: Connection, log_level: int) -> None
     events = _RecordingObserver()
     try:
         engine = LLMEngine(config, observer=events)
-        # On the CPU leave a core to the server's process, as the in-process engine does for its event loop.
-        apply_threads(serving_threads(engine.device))
+        # On the CPU every core: the server's process mostly waits on sockets (cpu_threads.py has the numbers).
+        apply_threads(serving_threads(engine.device, shares_process=False))
     except BaseException as exc:
         conn.send((_FAILED, _portable(exc)))
         return
