@@ -255,3 +255,20 @@ def test_cli_trace_commands(server, toy_tokenizer_file, tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["serve", "--base-url", server.url, "--workload", "nonsense", "--tokenizer", str(toy_tokenizer_file)])
+
+
+def test_sse_lines_break_only_where_server_sent_events_do():
+    import asyncio
+
+    from tokenmill.bench.serve_client import sse_lines
+
+    async def chunks():
+        for piece in ['data: {"t": "a\u2028b\x85c"}\r', '\ndata: [DO', 'NE]\n\n', "data: x\ry"]:
+            yield piece
+
+    async def collect():
+        return [line async for line in sse_lines(chunks())]
+
+    lines = [line for line in asyncio.run(collect()) if line]
+    assert lines == ['data: {"t": "a\u2028b\x85c"}', "data: [DONE]", "data: x", "y"]
+    assert json.loads(lines[0][5:]) == {"t": "a\u2028b\x85c"}

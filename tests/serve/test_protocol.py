@@ -112,3 +112,16 @@ def test_chat_messages_to_template_dicts():
 def test_delta_omits_unset_fields():
     assert DeltaMessage(content="x").model_dump() == {"content": "x"}
     assert DeltaMessage(role="assistant", content="").model_dump() == {"role": "assistant", "content": ""}
+
+
+def test_sse_events_survive_clients_that_split_like_str_splitlines():
+    """JSON leaves U+0085, U+2028 and U+2029 raw; httpx's iter_lines (and str.splitlines) break lines there."""
+    import json
+
+    from tokenmill.serve.render import sse
+
+    text = "one\u2028two\x85three\u2029four\nfive"
+    event = sse(json.dumps({"text": text}, ensure_ascii=False))
+    lines = event.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("data: ") and lines[1] == ""
+    assert json.loads(lines[0][len("data: "):]) == {"text": text}

@@ -20,8 +20,9 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -124,6 +125,22 @@ def _chunk_text(chunk: dict, api: str) -> tuple[str, bool, bool]:
     return text, token, finished
 
 
+
+_SSE_LINE_END = re.compile(r"\r\n|\n|\r")
+
+
+async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream's lines as server-sent events define them (CRLF, LF or CR). httpx's aiter_lines splits like
+    str.splitlines, also at U+0085, U+2028 and U+2029, which a server may leave raw inside a chunk's JSON text."""
+    rest = ""
+    async for chunk in chunks:
+        *lines, rest = _SSE_LINE_END.split(rest + chunk)
+        for line in lines:
+            yield line
+    if rest:
+        yield rest
+
+
 async def stream_request(
     client: httpx.AsyncClient, cfg: ClientConfig, payload: dict, result: RequestResult
 ) -> str:
@@ -142,7 +159,7 @@ async def stream_request(
                     body = (await resp.aread()).decode("utf-8", errors="replace")
                     result.error = f"http_{resp.status_code}: {body[:300]}"
                 else:
-                    async for line in resp.aiter_lines():
+                    async for line in sse_lines(resp.aiter_text()):
                         if not line.startswith("data:"):
                             continue
                         events += 1

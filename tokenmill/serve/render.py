@@ -130,8 +130,15 @@ def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
     )
 
 
+# Characters that JSON leaves raw but Python's str.splitlines (and so httpx's iter_lines, which many clients read SSE
+# with) treats as line breaks: a chunk of model text holding one would reach such a client cut in two. Inside a JSON
+# payload they can only sit in strings, where the escaped form parses to the same text.
+_LINE_BREAKS_JSON_KEEPS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: str) -> str:
-    return f"data: {payload}\n\n"
+    """One server-sent event carrying a JSON payload."""
+    return f"data: {payload.translate(_LINE_BREAKS_JSON_KEEPS)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
