@@ -78,8 +78,16 @@ def test_same_outputs_as_the_engine_on_a_thread(tiny_model_dir, process_engine):
     got = run(every_output(process_engine, "p"))
     for w, g in zip(want, got):
         final_w, final_g = w[-1], g[-1]
-        assert final_g.finished and final_g.outputs == final_w.outputs
-        assert final_g.prompt_token_ids == final_w.prompt_token_ids
+        assert final_g.finished and final_g.prompt_token_ids == final_w.prompt_token_ids
+        for cw, cg in zip(final_w.outputs, final_g.outputs, strict=True):
+            assert (cg.index, cg.text, cg.token_ids, cg.finish_reason) == (cw.index, cw.text, cw.token_ids,
+                                                                           cw.finish_reason)
+            # the two engines batch the requests differently, so logprobs agree to float rounding, not bit for bit
+            assert (cg.logprobs is None) == (cw.logprobs is None)
+            for lg, lw in zip(cg.logprobs or [], cw.logprobs or [], strict=True):
+                assert {t: (p.rank, p.decoded_token) for t, p in lg.items()} == \
+                    {t: (p.rank, p.decoded_token) for t, p in lw.items()}
+                assert all(abs(lg[t].logprob - lw[t].logprob) < 1e-4 for t in lg)
         # streamed: every output cumulative and growing, the text of each a prefix of the next
         for a, b in zip(g, g[1:]):
             assert all(b.outputs[i].text.startswith(a.outputs[i].text) for i in range(len(a.outputs)))
