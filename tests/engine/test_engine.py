@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 
 import pytest
+import torch
 
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.outputs import NullObserver
@@ -277,3 +280,20 @@ def test_unknown_or_missing_device_is_a_value_error():
 def test_unknown_cudagraph_mode_is_refused():
     with pytest.raises(ValueError, match="cudagraph_mode must be one of"):
         make_engine_config(None, cudagraph_mode="sometimes")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads resident memory from /proc")
+def test_cpu_kv_cache_is_zero_and_takes_memory_only_when_used():
+    from tokenmill.engine.runner import _zeros_on_first_touch
+
+    def resident_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    before = resident_mib()
+    cache = _zeros_on_first_touch((2, 256, 1024, 512), torch.bfloat16)  # 512 MiB
+    assert cache.shape == (2, 256, 1024, 512) and cache.dtype == torch.bfloat16 and cache.is_contiguous()
+    assert resident_mib() - before < 64
+    assert not cache[1, 255].any()
+    cache[1, 255] = 2.0
+    assert float(cache[1, 255].sum()) == 2.0 * 1024 * 512 and not cache[0].any()
