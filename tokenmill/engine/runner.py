@@ -283,8 +283,8 @@ def fill_placeholders(input_ids: torch.Tensor, pairs: torch.Tensor, earlier_ids:
 def _zeros_on_first_touch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor of zeros in anonymous memory that the OS maps only when a page is first touched (torch.zeros
     writes every byte at start-up: ~0.5 s and 2 GiB resident for the default CPU KV cache, however little of it a
-    session uses). Huge pages are asked for, as torch's allocator gets them for large blocks: with 4 KiB pages the
-    attention's gathers over the cache ran ~7 % slower (TLB misses)."""
+    session uses). Huge pages are asked for, as torch's allocator gets them for large blocks (a first version on 4 KiB
+    pages decoded a few per cent slower, though inside this machine's noise)."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     memory = mmap.mmap(-1, nbytes)
     if hasattr(mmap, "MADV_HUGEPAGE"):
