@@ -125,7 +125,6 @@ def _chunk_text(chunk: dict, api: str) -> tuple[str, bool, bool]:
     return text, token, finished
 
 
-
 _SSE_LINE_END = re.compile(r"\r\n|\n|\r")
 
 

@@ -18,7 +18,6 @@ import multiprocessing as mp
 import pickle
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -138,7 +137,7 @@ def _engine_main(config: EngineConfig, conn: Connection, log_level: int) -> None
 class ProcessCore:
     """An EngineCore (async_engine.py) whose LLMEngine runs in a spawned process; built and ready on return."""
 
-    def __init__(self, config: EngineConfig, observer: EngineObserver, start_timeout: float | None = None) -> None:
+    def __init__(self, config: EngineConfig, observer: EngineObserver) -> None:
         from tokenmill.tokenizer import Tokenizer
 
         ctx = mp.get_context("spawn")
@@ -149,7 +148,7 @@ class ProcessCore:
         child_conn.close()  # so the child's exit shows here as EOF
         self._closing = False
         self._sink: CoreSink | None = None
-        msg = self._wait_ready(start_timeout)
+        msg = self._wait_ready()
         if msg[0] == _FAILED:
             self._process.join(timeout=10)
             raise msg[1]
@@ -164,14 +163,10 @@ class ProcessCore:
         self._send_lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name="tokenmill-engine-reader", daemon=True)
 
-    def _wait_ready(self, timeout: float | None) -> tuple:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._conn.poll(0.2):
-            if not self._process.is_alive():
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                self._stop_process()
-                raise TimeoutError(f"the engine process was not ready within {timeout:.0f} s")
+    def _wait_ready(self) -> tuple:
+        """The child's first message (ready or failed), however long loading takes (downloads included)."""
+        while not self._conn.poll(0.2) and self._process.is_alive():
+            pass
         try:
             return self._conn.recv()
         except EOFError:

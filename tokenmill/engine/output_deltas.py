@@ -3,8 +3,8 @@
 A RequestOutput is cumulative (the whole text, every token id and logprob so far), so sending one per step would
 move O(length²) bytes over a request's life. The engine side sends what is new since the last output of that
 request (`DeltaEncoder`); the server side appends it to what it holds and hands on the same cumulative
-RequestOutputs the in-process engine gives (`DeltaDecoder`). Text, token ids and logprobs only grow; where one
-shrinks anyway the delta carries it whole (`reset`).
+RequestOutputs the in-process engine gives (`DeltaDecoder`). Text, token ids and logprobs only grow; where one is
+shorter than what was sent the delta carries it whole (`reset`); only lengths are compared.
 """
 
 from __future__ import annotations
@@ -44,13 +44,11 @@ class DeltaEncoder:
     def encode(self, out: RequestOutput) -> RequestDelta:
         sent = self._sent.get(out.request_id)
         first = sent is None
-        if first:
-            sent = [(0, 0, 0)] * len(out.outputs)
-        seqs = []
+        seqs, lengths = [], []
         for i, c in enumerate(out.outputs):
-            n_text, n_tok, n_lp = sent[i] if i < len(sent) else (0, 0, 0)
-            n_logprobs = len(c.logprobs) if c.logprobs is not None else 0
-            reset = len(c.text) < n_text or len(c.token_ids) < n_tok or n_logprobs < n_lp
+            n_text, n_tok, n_lp = sent[i] if not first and i < len(sent) else (0, 0, 0)
+            now = (len(c.text), len(c.token_ids), len(c.logprobs) if c.logprobs is not None else 0)
+            reset = now[0] < n_text or now[1] < n_tok or now[2] < n_lp
             if reset:
                 n_text = n_tok = n_lp = 0
             seqs.append(SequenceDelta(
@@ -62,12 +60,11 @@ class DeltaEncoder:
                 stop_reason=c.stop_reason,
                 reset=reset,
             ))
+            lengths.append(now)
         if out.finished:
             self._sent.pop(out.request_id, None)
         else:
-            self._sent[out.request_id] = [
-                (len(c.text), len(c.token_ids), len(c.logprobs) if c.logprobs is not None else 0) for c in out.outputs
-            ]
+            self._sent[out.request_id] = lengths
         return RequestDelta(
             request_id=out.request_id,
             prompt_token_ids=out.prompt_token_ids if first else None,
@@ -76,9 +73,6 @@ class DeltaEncoder:
             num_cached_tokens=out.num_cached_tokens,
             error=out.error,
         )
-
-    def forget(self, request_id: str) -> None:
-        self._sent.pop(request_id, None)
 
 
 @dataclass
@@ -135,9 +129,6 @@ class DeltaDecoder:
             num_cached_tokens=delta.num_cached_tokens,
             error=delta.error,
         )
-
-    def forget(self, request_id: str) -> None:
-        self._held.pop(request_id, None)
 
     def __len__(self) -> int:
         return len(self._held)

@@ -285,7 +285,7 @@ def _zeros_on_first_touch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.T
     writes every byte at start-up: ~0.5 s and 2 GiB resident for the default CPU KV cache, however little of it a
     session uses). Huge pages are asked for, as torch's allocator gets them for large blocks (a first version on 4 KiB
     pages decoded a few per cent slower, though inside this machine's noise)."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     memory = mmap.mmap(-1, nbytes)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         memory.madvise(mmap.MADV_HUGEPAGE)
