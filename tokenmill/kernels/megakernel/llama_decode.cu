@@ -467,17 +467,6 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
   }
 }
 
-// Waits (thread 0, then every consumer) until stage `dep_stage` has completed `dep_target` units.
-__device__ __forceinline__ void wait_dependency(const Params& p, int dep_stage, int dep_target, long long* trace) {
-  if (threadIdx.x == 0) {
-    if (dep_stage >= 0)
-      while (ld_acquire(p.done + dep_stage) < dep_target) {
-      }
-    if (trace) trace[1] = globaltimer();
-  }
-  consumer_sync();
-}
-
 // ---- consumers: activations into shared memory --------------------------------------------------------------
 
 struct Misc {
@@ -490,6 +479,24 @@ struct Misc {
   int ii;        // the instruction the consumers run
   uint32_t tag_base;  // p.tagged: epoch x stages mod 0xFFFF; stage s writes tag (tag_base + s) mod 0xFFFF
 };
+
+// Thread 0's stamps of the instruction the consumers run (p.trace: start, dependency met, end), or null. Derived
+// from the parameters and misc->ii where a stamp is taken, not held across the instruction: the kernel sat at its
+// 168-register cap, and the pointer held from the loop's top took 10 registers (158 without it, no spills).
+__device__ __forceinline__ long long* instr_trace(const Params& p, const Misc* misc) {
+  return p.trace ? p.trace + ((size_t)blockIdx.x * p.max_instrs + misc->ii) * 3 : nullptr;
+}
+
+// Waits (thread 0, then every consumer) until stage `dep_stage` has completed `dep_target` units.
+__device__ __forceinline__ void wait_dependency(const Params& p, int dep_stage, int dep_target, const Misc* misc) {
+  if (threadIdx.x == 0) {
+    if (dep_stage >= 0)
+      while (ld_acquire(p.done + dep_stage) < dep_target) {
+      }
+    if (p.trace) instr_trace(p, misc)[1] = globaltimer();
+  }
+  consumer_sync();
+}
 
 __device__ __forceinline__ uint32_t stage_tag(const Misc* misc, int stage) {
   return (misc->tag_base + (uint32_t)stage) % 0xFFFFu;
@@ -748,7 +755,7 @@ __device__ int merge_split_k(const Params& p, int op, int layer, int stage, int 
 
 template <int NT>  // n-tiles of 8 batch rows
 __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t* full, uint64_t* empty, char* xs,
-                           float4* red, Misc* misc, uint32_t& chunk, long long* trace) {
+                           float4* red, Misc* misc, uint32_t& chunk) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int op = in[0], layer = in[1], seg = in[2], M = (int)p.M;
   const OpInfo info = op_info(p, op, layer);
@@ -769,11 +776,12 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
   const char* norm_smem = norm && klen * 2 <= RED_BYTES ? reinterpret_cast<const char*>(red) : nullptr;
   if (norm_smem) preload_norm(norm, k0, klen, reinterpret_cast<char*>(red));
   const bool tagged_in = p.tagged && reads_h(op);  // the words' tags are the dependency
-  if (!tagged_in) wait_dependency(p, in[5], in[6], trace);
+  if (!tagged_in) wait_dependency(p, in[5], in[6], misc);
   // (p.tagged: the decoder checked that a row of words fits in xs behind the staged row)
   stage_x(p, src, ld, k0, klen, norm, xs, xstride, misc, norm_smem, tagged_in ? stage_tag(misc, in[5]) : NO_TAG,
           reinterpret_cast<uint32_t*>(xs + xstride));
-  if (tagged_in && tid == 0 && trace) trace[1] = globaltimer();  // (stamped after the staging: the words arrived)
+  // (stamped after the staging: the words arrived)
+  if (tagged_in && tid == 0 && p.trace) instr_trace(p, misc)[1] = globaltimer();
   if (tid == 0) misc->phase[0] = globaltimer_lo();  // activations staged
   const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
 
@@ -913,8 +921,7 @@ __device__ __forceinline__ void merge_splits(const Params& p, int m, int kvh, in
 // (sequence, KV head) to finish merges all splits' partials, in split order.
 template <int D, int GM>
 __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, char* ring, uint64_t* full,
-                                                uint64_t* empty, uint32_t& chunk, char* xs, Misc* misc,
-                                                long long* trace) {
+                                                uint64_t* empty, uint32_t& chunk, char* xs, Misc* misc) {
   // DPL dims of a token per lane (4 for groups of more than 4 heads: their accumulators would not fit registers).
   constexpr int DPL = GM > 4 ? 4 : 8, CT = ATTN_CHUNK_BYTES / (2 * D), NDVEC = D / DPL, KTOK = 32 / NDVEC;
   constexpr int STRIDE = NUM_CONSUMER_WARPS * KTOK, NPASS = CT / STRIDE, HB = GM > 4 ? 2 : GM, PIECES = D / 8;
@@ -951,7 +958,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
 #pragma unroll
       for (int j = 0; j < DPL; ++j) acc[h][j] = 0.f;
     if (!waited) {
-      wait_dependency(p, in[5], in[6], trace);
+      wait_dependency(p, in[5], in[6], misc);
       waited = true;
     }
     for (int i = tid; i < G * D / 4; i += NUM_CONSUMERS)
@@ -1117,20 +1124,20 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
     if (tid == 0) misc->phase[6] = globaltimer_lo();  // merged (or found another split will)
   }
   // A block whose items were all empty still stamps "dependency met" (nothing of it waits on qkv).
-  if (!waited) wait_dependency(p, in[5], in[6], trace);
+  if (!waited) wait_dependency(p, in[5], in[6], misc);
   if (tid == 0) {
     misc->merged = merged;
-    if (trace && p.phase_trace && waited) {  // traced: the phase stamps of the block's last non-empty item
-      long long* out = p.phase_trace + (trace - p.trace) / 3 * ATTN_PHASES;
+    if (p.trace && p.phase_trace && waited) {  // traced: the phase stamps of the block's last non-empty item
+      long long* out = p.phase_trace + ((size_t)blockIdx.x * p.max_instrs + misc->ii) * ATTN_PHASES;
       for (int k = 0; k < ATTN_PHASES; ++k) out[k] = misc->phase[k];
     }
   }
 }
 
 __device__ void run_attention(const Params& p, const int* in, char* ring, uint64_t* full, uint64_t* empty,
-                              uint32_t& chunk, char* xs, Misc* misc, long long* trace) {
+                              uint32_t& chunk, char* xs, Misc* misc) {
   if (p.head_dim != ATTN_HEAD_DIM || p.n_q_heads / p.n_kv_heads > ATTN_GROUP_MAX) __trap();
-  run_attention_t<ATTN_HEAD_DIM, ATTN_GROUP_MAX>(p, in, ring, full, empty, chunk, xs, misc, trace);
+  run_attention_t<ATTN_HEAD_DIM, ATTN_GROUP_MAX>(p, in, ring, full, empty, chunk, xs, misc);
 }
 
 // ---- the kernel ---------------------------------------------------------------------------------------------------
@@ -1172,10 +1179,9 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
     const int* in = instrs + ii * INSTR_INTS;
     if (tid == 0) misc->ii = ii;
     const int op = in[0], dep_stage = in[5], dep_target = in[6], stage = in[7];
-    long long* trace = p.trace ? p.trace + ((size_t)blockIdx.x * p.max_instrs + ii) * 3 : nullptr;
-    if (tid == 0 && trace) trace[0] = globaltimer();
+    if (tid == 0 && p.trace) instr_trace(p, misc)[0] = globaltimer();
     if (op == OP_EMBED) {
-      wait_dependency(p, dep_stage, dep_target, trace);  // the other ops wait after issuing their first loads
+      wait_dependency(p, dep_stage, dep_target, misc);  // the other ops wait after issuing their first loads
       const int H = (int)p.hidden;
       for (int m = in[3]; m < in[4]; ++m) {
         const bf16* row = p.embed + (size_t)p.input_ids[m] * H;
@@ -1189,11 +1195,11 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
       }
       if (tid == 0) misc->merged = in[4] - in[3];
     } else if (op == OP_ATTN) {
-      run_attention(p, in, ring, full, empty, chunk, xs, misc, trace);
+      run_attention(p, in, ring, full, empty, chunk, xs, misc);
     } else if (p.M <= 8) {
-      run_matmul<1>(p, in, ring, full, empty, xs, red, misc, chunk, trace);
+      run_matmul<1>(p, in, ring, full, empty, xs, red, misc, chunk);
     } else {
-      run_matmul<2>(p, in, ring, full, empty, xs, red, misc, chunk, trace);
+      run_matmul<2>(p, in, ring, full, empty, xs, red, misc, chunk);
     }
     if (tid == 0 && p.pause_release && !(p.tagged && writes_h(op))) pause_loads(misc);
     consumer_sync();
@@ -1202,8 +1208,8 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
       red_release_add(p.done + stage, misc->merged);
     }
     if (tid == 0 && p.pause_release) resume_loads(misc);
-    if (tid == 0 && trace) {
-      trace[2] = globaltimer();
+    if (tid == 0 && p.trace) {
+      instr_trace(p, misc)[2] = globaltimer();
       if (p.phase_trace && is_matmul(op)) {  // (attention copies its own: those of its last non-empty item)
         long long* out = p.phase_trace + ((size_t)blockIdx.x * p.max_instrs + ii) * ATTN_PHASES;
         for (int k = 0; k < MATMUL_PHASES; ++k) out[k] = misc->phase[k];
