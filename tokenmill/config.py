@@ -175,6 +175,9 @@ class EngineConfig:
     # overlaps the GPU (LLMEngine.step). auto: on for CUDA devices.
     async_scheduling: str = "auto"
     max_logprobs: int = 20
+    # On a GPU, draw greedy and plain temperature rows (no penalties, logprobs, top-k/p, min-p or seed) in one fused
+    # Triton path (kernels/triton/sample.py) instead of the sampler's ~15 torch operations.
+    fused_sampling: bool = True
     # Looped models (Parcae): loops T to serve at; None: the model's own (its config's mean recurrence). The KV cache
     # holds n_prelude + T * n_core + n_coda layers. Other models reject it.
     parcae_recurrence: int | None = None

@@ -459,6 +459,19 @@ def test_to_device_gives_the_values():
     assert t.dtype == torch.int32 and t.tolist() == [[1, 2], [3, 4]]
 
 
+def launch_without_sync(sampler: Sampler, logits: torch.Tensor, requests: list[Request]):
+    """The sampler's output for a second launch on these rows, which must not synchronise the host with the GPU
+    (torch's sync debug mode raises on any synchronising call); the first may (lazy initialisation, compiles)."""
+    sampler.launch(logits, requests).result()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = sampler.launch(logits, requests)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return pending.result()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
 def test_launch_never_waits_for_the_device():
     """Every sampling feature queues its work without synchronising the host with the GPU (the step after it is
@@ -474,15 +487,7 @@ def test_launch_never_waits_for_the_device():
         make_request(temperature=1.0, logprobs=3, request_id="logprobs"),
     ]
     logits = random_logits(len(requests), 500).cuda()
-    sampler = Sampler(max_logprobs=5, seed=0)
-    sampler.launch(logits, requests).result()  # first use: lazy initialisation may synchronise
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        pending = sampler.launch(logits, requests)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    out = pending.result()
+    out = launch_without_sync(Sampler(max_logprobs=5, seed=0), logits, requests)
     assert out.token_ids[0] == int(logits[0].argmax()) and out.corrupted == [False] * len(requests)
     assert out.token_ids[5] != 2 and out.logprobs[6] is not None
 
@@ -502,3 +507,36 @@ def test_min_tokens_with_nothing_to_forbid_keeps_the_greedy_fast_path():
     logits = random_logits(2, 50)
     greedy = torch.tensor([[9, 0], [8, 0]])  # stands in for the graph's argmax: used as is
     assert Sampler().launch(logits, [forced, forced], greedy=greedy).result().token_ids == [9, 8]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused path is for GPUs")
+def test_fused_path_draws_greedy_and_temperature_rows_and_leaves_the_rest():
+    logits = random_logits(32, 5000, seed=3).cuda()
+    eos = int(logits[1].argmax())
+    plain = [make_request(temperature=0.0), make_request(temperature=1e-3, min_tokens=3, eos=frozenset({eos})),
+             make_request(temperature=1.0), make_request(temperature=0.7, top_k=0, top_p=1.0)]
+    sampler = Sampler(seed=1)
+    out = sampler.sample(logits[:4], plain)
+    assert sampler._race_launches == 1 and out.corrupted == [False] * 4
+    assert out.token_ids[0] == int(logits[0].argmax())
+    assert out.token_ids[1] == int(logits[1].topk(2).indices[1])  # near-greedy with its argmax forbidden
+    for extra in (dict(top_p=0.9), dict(top_k=5), dict(min_p=0.1), dict(seed=3), dict(logprobs=1),
+                  dict(repetition_penalty=1.1)):
+        sampler.sample(logits[:4], plain[:3] + [make_request(temperature=1.0, **extra)])
+        assert sampler._race_launches == 1, f"{extra} must take the general path"
+    rows = [make_request(temperature=1.0) for _ in range(32)]
+    assert Sampler(seed=5).sample(logits, rows).token_ids == Sampler(seed=5).sample(logits, rows).token_ids
+    assert Sampler(seed=5).sample(logits, rows).token_ids != Sampler(seed=6).sample(logits, rows).token_ids
+    general = Sampler(seed=5, fused_race=False)
+    general.sample(logits, rows)
+    assert general._race_launches == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
+def test_fused_path_never_waits_for_the_device():
+    requests = [make_request(temperature=1.0, request_id="t"), make_request(temperature=0.0, request_id="g"),
+                make_request(temperature=0.8, min_tokens=3, eos=frozenset({2}), request_id="min_tokens")]
+    logits = random_logits(len(requests), 500).cuda()
+    sampler = Sampler(seed=0)
+    out = launch_without_sync(sampler, logits, requests)
+    assert sampler._race_launches == 2 and out.token_ids[1] == int(logits[1].argmax()) and out.token_ids[2] != 2

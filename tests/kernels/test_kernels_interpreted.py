@@ -21,6 +21,7 @@ GROUPS = {
     "attention": [HERE / "test_attention_kernels.py"],
     "fused_decode": [HERE / "test_fused_decode_kernels.py", HERE / "test_fused_decode_model.py"],
     "piecewise": [HERE.parent / "models" / "test_piecewise.py", "-k", "whole_steps"],
+    "sample": [HERE / "test_sample_kernel.py"],
 }
 
 

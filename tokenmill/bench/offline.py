@@ -45,10 +45,12 @@ class SystemResult:
 
 # ---- tokenmill ---------------------------------------------------------------------------------------------------
 
-def bench_engine(engine, prompt_ids: list[int], output_len: int, concurrency: int, repeats: int) -> SystemResult:
+def bench_engine(engine, prompt_ids: list[int], output_len: int, concurrency: int, repeats: int,
+                 temperature: float = 0.0, min_tokens: int = 0) -> SystemResult:
     from tokenmill.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, max_tokens=output_len, ignore_eos=True,
+                            min_tokens=min(min_tokens, output_len))
     res = SystemResult("tokenmill")
     # warm-up (allocator, kernels, CUDA graphs are already captured)
     engine.generate_blocking([prompt_ids], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
@@ -336,6 +338,7 @@ def run(args: argparse.Namespace) -> int:
         enable_prefix_caching=False,  # every repeat pays its full prefill, as llama-server does with cache_prompt off
         decode_backend=args.decode_backend, megakernel_short_context=args.megakernel_short_context,
         async_scheduling=args.async_scheduling, cudagraph_mode=args.cudagraph_mode,
+        fused_sampling=args.fused_sampling,
     )
     engine = LLMEngine(config)
     tok = engine.tokenizer
@@ -345,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}]),
                                 add_special_tokens=False)
-    results = [bench_engine(engine, prompt_ids, args.output_len, args.concurrency, args.repeats)]
+    results = [bench_engine(engine, prompt_ids, args.output_len, args.concurrency, args.repeats, args.temperature,
+                            args.min_tokens)]
     results[0].name = f"tokenmill ({args.decode_backend}{', async' if engine.async_scheduling else ''})"
     report: dict = {
         "date": time.strftime("%Y-%m-%d"),
@@ -361,6 +365,9 @@ def run(args: argparse.Namespace) -> int:
         "concurrency": args.concurrency,
         "async_scheduling": engine.async_scheduling,
         "cudagraph_mode": args.cudagraph_mode if device.type == "cuda" else "none",
+        "temperature": args.temperature,
+        "min_tokens": args.min_tokens,
+        "fused_sampling": engine.sampler.fused_race,
     }
     if device.type == "cuda":
         bw = measure_copy_bandwidth(device)
@@ -438,6 +445,10 @@ def register(subparsers) -> None:
                    help="the engine's async scheduling (auto: on for CUDA)")
     p.add_argument("--cudagraph-mode", default=EngineConfig.cudagraph_mode, choices=CUDAGRAPH_MODES,
                    help="the engine's CUDA graphs: whole decode steps, and prompt chunks piece by piece")
+    p.add_argument("--temperature", type=float, default=0.0, help="tokenmill's sampling temperature (0: greedy)")
+    p.add_argument("--min-tokens", type=int, default=0, help="tokenmill's min_tokens (EOS forbidden until then)")
+    p.add_argument("--fused-sampling", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a GPU, greedy and temperature rows in one fused path (--no-fused-sampling: torch ops)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-compile", action="store_true", help="skip transformers static cache + torch.compile")
     p.add_argument("--llama-server", default=None, help="path to llama.cpp's llama-server binary")

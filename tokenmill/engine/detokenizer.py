@@ -86,6 +86,11 @@ class IncrementalDetokenizer:
             self._num_joined = len(self._pieces)
         return self._joined
 
+    def text_since(self, num_pieces: int) -> tuple[str, int]:
+        """The text emitted after the first `num_pieces` deltas, and how many deltas there are now: what is new
+        since a caller last asked, in time proportional to it (output_text copies the whole text)."""
+        return "".join(self._pieces[num_pieces:]), len(self._pieces)
+
     @property
     def output_token_ids(self) -> list[int]:
         return self._ids[self._num_context :]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.engine.output_deltas import RequestDelta
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import EngineObserver, NullObserver, RequestOutput
 from tokenmill.engine.request import Request, RequestStatus
@@ -183,7 +184,8 @@ class LLMEngine:
             piecewise_max_tokens=sched_cfg.max_num_batched_tokens if config.cudagraph_mode == "full_and_piecewise"
             else 0,
         )
-        self.sampler = Sampler(max_logprobs=config.max_logprobs, seed=config.seed)
+        self.sampler = Sampler(max_logprobs=config.max_logprobs, seed=config.seed, fused_race=config.fused_sampling)
+        self.sampler.warm_up(self.model_config.vocab_size, self.device)
         # On by default where the device runs asynchronously to the host; on the CPU there is nothing to overlap.
         self.async_scheduling = config.async_scheduling == "on" or (
             config.async_scheduling == "auto" and self.device.type == "cuda")
@@ -275,14 +277,21 @@ class LLMEngine:
         return request_id
 
     def abort_request(self, request_id: str) -> list[RequestOutput]:
+        return self.outputs.collect(self._abort(request_id))
+
+    def abort_request_deltas(self, request_id: str) -> list[RequestDelta]:
+        """abort_request's output as a delta (step_deltas)."""
+        return self.outputs.collect_deltas(self._abort(request_id))
+
+    def _abort(self, request_id: str) -> set[str]:
         child_ids = self.outputs.child_ids(request_id)
         if not child_ids:
-            return []
+            return set()
         self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
         self._forget_finished_ahead()
         # An abort that leaves the engine idle is followed by no step, so the gauges must hear of it here.
         self.observer.on_step(self.scheduler.get_stats())
-        return self.outputs.collect({request_id})
+        return {request_id}
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -296,6 +305,16 @@ class LLMEngine:
         With async scheduling, while a step's tokens are still on the device the next step is planned and launched
         (its placeholder input ids are filled on the device), so the host's work for one step (scheduling, sampling
         set-up, detokenizing, stop checks) runs while the GPU computes the next."""
+        return self.outputs.collect(self._step())
+
+    def step_deltas(self) -> list[RequestDelta]:
+        """step() reporting only what is new for each request (output_deltas.RequestDelta; DeltaDecoder rebuilds
+        step()'s outputs from them). Its cost per request is the step's news, where step() copies each request's
+        whole output so far (the engine's process serves this way). A request is read one way only."""
+        return self.outputs.collect_deltas(self._step())
+
+    def _step(self) -> set[str]:
+        """One scheduler step; the API request ids with news."""
         touched: set[str] = set()
         launched, self._ahead = self._ahead, None
         if launched is None:
@@ -306,9 +325,9 @@ class LLMEngine:
             self._ahead = self._launch_ahead(launched)
             if self._ahead is not None:
                 touched.update(self._parent_id(req) for req in self._ahead.sched.failed)
-        outputs = self._complete(launched, touched)
+        self._complete(launched, touched)
         self._forget_finished_ahead()
-        return outputs
+        return touched
 
     def _parent_id(self, req: Request) -> str:
         """The API request a sequence belongs to (itself where the output processor no longer knows it)."""
@@ -345,8 +364,9 @@ class LLMEngine:
                                     {req.request_id: row for row, req in enumerate(launched.requests)})
         return self._launch(ahead, earlier)
 
-    def _complete(self, launched: _LaunchedStep, touched: set[str]) -> list[RequestOutput]:
-        """Waits for a launched step's tokens and applies them: scheduler state, outputs, stop strings."""
+    def _complete(self, launched: _LaunchedStep, touched: set[str]) -> None:
+        """Waits for a launched step's tokens and applies them: scheduler state, outputs, stop strings; adds the
+        API requests with news to `touched`."""
         sched = launched.sched
         sampled: dict[str, int] = {}
         corrupted_reqs: list[Request] = []
@@ -387,7 +407,6 @@ class LLMEngine:
             self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
         touched.update(self._parent_id(req) for req in finished)
         self.observer.on_step(self.scheduler.get_stats())
-        return self.outputs.collect(touched)
 
     def generate_blocking(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], progress=None

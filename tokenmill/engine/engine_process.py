@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.engine import RequestLimits
-from tokenmill.engine.output_deltas import DeltaDecoder, DeltaEncoder
+from tokenmill.engine.output_deltas import DeltaDecoder
 from tokenmill.engine.outputs import EngineObserver, FinishedRequestStats, SchedulerStats
 from tokenmill.sampling_params import SamplingParams
 
@@ -101,7 +101,6 @@ def _engine_main(config: EngineConfig, conn: Connection, log_level: int) -> None
     events.take()
     conn.send((_READY, EngineInfo(engine.config, engine.model_config, engine.max_model_len, engine.limits,
                                   engine.tokenizer_source)))
-    encoder = DeltaEncoder()
     try:
         while True:
             outputs, rejected = [], []
@@ -117,13 +116,13 @@ def _engine_main(config: EngineConfig, conn: Connection, log_level: int) -> None
                     except ValueError as exc:
                         rejected.append((request_id, exc))
                 elif msg[0] == _ABORT:
-                    outputs.extend(engine.abort_request(msg[1]))
+                    outputs.extend(engine.abort_request_deltas(msg[1]))
                 elif msg[0] == _SHUTDOWN:
                     return
             if engine.has_unfinished_requests():
-                outputs.extend(engine.step())
+                outputs.extend(engine.step_deltas())
             if outputs or rejected or events.events:
-                conn.send((_STEP, [encoder.encode(o) for o in outputs], rejected, events.take()))
+                conn.send((_STEP, outputs, rejected, events.take()))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the server went away
     except BaseException as exc:

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.output_deltas import RequestDelta, SequenceDelta
 from tokenmill.engine.outputs import (
     CompletionOutput,
     EngineObserver,
@@ -28,6 +29,10 @@ class SequenceState:
     first_token_time: float | None = None
     last_token_time: float | None = None
     corrupted: bool = False
+    # What to_delta has reported: text pieces, token ids, logprob entries.
+    reported_pieces: int = 0
+    reported_tokens: int = 0
+    reported_logprobs: int = 0
 
 
 @dataclass
@@ -40,6 +45,7 @@ class ParentRequest:
     sequences: list[SequenceState] = field(default_factory=list)
     reported_finished: bool = False
     report_progress: bool = True  # False: its caller wants only the final output (collect skips the rest)
+    reported_delta: bool = False  # to_delta has run (its first delta carries the prompt)
 
     @property
     def finished(self) -> bool:
@@ -59,16 +65,45 @@ class ParentRequest:
                     stop_reason=req.stop_reason,
                 )
             )
-        cached = max(0, self.sequences[0].request.num_cached_tokens)
-        errors = [s.request.error for s in self.sequences if s.request.error]
         return RequestOutput(
             request_id=self.request_id,
             prompt_token_ids=self.prompt_token_ids,
             outputs=outputs,
             finished=self.finished,
-            num_cached_tokens=cached,
-            error=errors[0] if errors else None,
+            num_cached_tokens=self._num_cached_tokens(),
+            error=self._error(),
         )
+
+    def to_delta(self) -> RequestDelta:
+        """What is new since the last to_delta (DeltaDecoder turns the deltas back into to_output's outputs): the
+        work is proportional to the news, where to_output copies every sequence's whole text and token ids."""
+        outputs = []
+        for s in self.sequences:
+            req = s.request
+            text, s.reported_pieces = s.detokenizer.text_since(s.reported_pieces)
+            token_ids = req.output_token_ids[s.reported_tokens:]
+            s.reported_tokens += len(token_ids)
+            logprobs = None
+            if s.logprobs is not None:
+                logprobs = s.logprobs[s.reported_logprobs:]
+                s.reported_logprobs += len(logprobs)
+            outputs.append(SequenceDelta(s.index, text, token_ids, logprobs, req.status.finish_reason,
+                                         req.stop_reason))
+        first, self.reported_delta = not self.reported_delta, True
+        return RequestDelta(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids if first else None,
+            outputs=outputs,
+            finished=self.finished,
+            num_cached_tokens=self._num_cached_tokens(),
+            error=self._error(),
+        )
+
+    def _num_cached_tokens(self) -> int:
+        return max(0, self.sequences[0].request.num_cached_tokens)
+
+    def _error(self) -> str | None:
+        return next((s.request.error for s in self.sequences if s.request.error), None)
 
 
 class OutputProcessor:
@@ -132,13 +167,21 @@ class OutputProcessor:
     def collect(self, touched: set[str]) -> list[RequestOutput]:
         """RequestOutputs for every parent with news (a parent that wants no progress: once finished); forgets
         finished parents."""
-        outs: list[RequestOutput] = []
+        return self._collect(touched, ParentRequest.to_output)
+
+    def collect_deltas(self, touched: set[str]) -> list[RequestDelta]:
+        """collect's news as RequestDeltas: for a consumer that keeps the cumulative outputs itself (the engine's
+        process hands these to the server's, output_deltas.py). One parent must not be collected both ways."""
+        return self._collect(touched, ParentRequest.to_delta)
+
+    def _collect(self, touched: set[str], report):
+        outs = []
         now = time.monotonic()
         for parent_id in touched:
             parent = self.parents.get(parent_id)
             if parent is None or parent.reported_finished or (not parent.report_progress and not parent.finished):
                 continue
-            out = parent.to_output()
+            out = report(parent)
             outs.append(out)
             if out.finished:
                 parent.reported_finished = True

@@ -14,6 +14,10 @@ temperature, min_p, top_k and top_p, so they do not depend on how a client tunes
 could never emit (an EOS blocked by min_tokens) reports -inf. Rank is 1-based among the whole vocabulary; tied
 logprobs share the best rank.
 
+On a GPU, a batch whose every row is greedy or plain temperature sampling (no penalties, logprobs, top-k / top-p /
+min-p or seed; min_tokens allowed) takes one fused path instead (kernels/triton/sample.py): the same race, its
+noise drawn inside the kernel, two launches in all.
+
 Seeds: a seeded request's noise for output position k comes from a generator seeded with mix(seed, k), so its tokens
 depend only on its own logits, never on which other requests share the batch, and a preempted request that is
 recomputed draws the same tokens again. Unseeded requests share one generator per device seeded from `Sampler(seed=)`.
@@ -261,14 +265,24 @@ def _step_seed(seed: int, position: int) -> int:
     return (x ^ (x >> 31)) >> 1
 
 
+def fused_race_applies(request: Request, vocab_size: int) -> bool:
+    """Whether the row can be drawn by the fused GPU path: greedy or temperature only (min_tokens allowed)."""
+    params = request.sampling_params
+    return (not has_penalties(params) and params.logprobs is None and params.seed is None and params.top_p >= 1.0
+            and params.min_p <= 0.0 and (params.top_k <= 0 or params.top_k >= vocab_size))
+
+
 class Sampler:
-    def __init__(self, max_logprobs: int = 20, seed: int = 0) -> None:
+    def __init__(self, max_logprobs: int = 20, seed: int = 0, fused_race: bool = True) -> None:
+        """fused_race: on a GPU with Triton, draw the rows fused_race_applies to in one fused path."""
         if max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {max_logprobs}")
         self.max_logprobs = max_logprobs
         self.seed = seed
+        self.fused_race = fused_race
         self._global_generators: dict[torch.device, torch.Generator] = {}
         self._seeded_generators: dict[torch.device, torch.Generator] = {}
+        self._race_launches = 0
 
     def validate(self, params: SamplingParams) -> None:
         """Check what only the sampler knows; the engine calls this when a request arrives."""
@@ -294,6 +308,8 @@ class Sampler:
             return PendingSample(requests, None, None)
         if greedy is not None and all(is_plain_greedy(r) for r in requests):
             return PendingSample(requests, greedy, None)
+        if self._use_fused_race(logits, requests):
+            return PendingSample(requests, self._fused_race(logits, requests), None)
         logits = logits.float()
         device = logits.device
         corrupted = corrupted_rows(logits)
@@ -313,6 +329,39 @@ class Sampler:
             token_ids.index_copy_(0, index, sampled)
         logprobs = self._logprobs_on_device(logits, token_ids, requests)
         return PendingSample(requests, torch.stack([token_ids, corrupted.to(token_ids.dtype)], dim=1), logprobs)
+
+    # -- the fused GPU path -------------------------------------------------------------------------------------------
+
+    def _use_fused_race(self, logits: Tensor, requests: list[Request]) -> bool:
+        if not self.fused_race or logits.device.type != "cuda" or logits.stride(-1) != 1:
+            return False
+        vocab_size = logits.shape[-1]
+        return all(fused_race_applies(r, vocab_size) for r in requests)
+
+    def _fused_race(self, logits: Tensor, requests: list[Request]) -> Tensor:
+        """[rows, 2] int64 (token, corrupted) from kernels/triton/sample.py. Unseeded rows' noise is keyed by the
+        sampler's seed, a count of these launches and the row."""
+        from tokenmill.kernels.triton.sample import pack_row_params, race_sample
+
+        vocab_size = logits.shape[-1]
+        self._race_launches += 1
+        launch_key = _step_seed(self.seed, self._race_launches)
+        keys = [_step_seed(launch_key, row) for row in range(len(requests))]
+        forbidden = [sorted(t for t in min_tokens_blocked(r) if t < vocab_size) for r in requests]
+        flat, stride = pack_row_params([r.sampling_params.temperature for r in requests], keys, forbidden)
+        return race_sample(logits, to_device(flat, torch.int32, logits.device), stride)
+
+    def warm_up(self, vocab_size: int, device: torch.device) -> None:
+        """Compiles the fused path's kernels now (on a GPU; Triton compiles on first use, with the engine stalled)."""
+        if not self.fused_race or device.type != "cuda":
+            return
+        try:
+            from tokenmill.kernels.triton.sample import pack_row_params, race_sample
+        except ImportError:  # no Triton: the general path serves every row
+            self.fused_race = False
+            return
+        flat, stride = pack_row_params([1.0], [0], [[0]])
+        race_sample(torch.zeros((1, vocab_size), device=device), to_device(flat, torch.int32, device), stride)
 
     # -- stage 2: penalties and min_tokens -------------------------------------------------------------------------
 
