@@ -141,6 +141,18 @@ def test_start_up_errors_come_back_as_they_were_raised(tmp_path):
                                 engine_process=True)
 
 
+def test_an_engine_process_that_dies_before_it_is_ready_is_an_error_not_a_hang(tiny_model_dir, tmp_path,
+                                                                               monkeypatch):
+    # A child killed before it can report (the OOM killer, a crash in a native library) sends nothing: the server
+    # must raise with the exit code. The spawned interpreter imports sitecustomize first, which exits here.
+    (tmp_path / "sitecustomize.py").write_text("import os\nos._exit(3)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"exited \(code 3\) before it was ready"):
+        AsyncEngine.from_config(make_engine_config(str(tiny_model_dir), **ENGINE_KW), engine_process=True)
+    assert time.monotonic() - start < 60
+
+
 def test_a_dead_engine_process_fails_requests_and_health(tiny_model_dir):
     engine = AsyncEngine.from_config(make_engine_config(str(tiny_model_dir), **ENGINE_KW), engine_process=True)
     try:
