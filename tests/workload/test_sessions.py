@@ -257,7 +257,18 @@ def test_spec_parser():
     cls = spec.classes[0]
     assert cls.output_tokens.mean == 64 and cls.output_tokens.kind == "lognormal" and cls.turns.mean == 2
     assert spec.arrival.kind == "diurnal" and spec.arrival.period_s == 600
-    assert set(WORKLOAD_CLASSES) == {"chat", "coding_agent", "long_document_qa", "batch_summarization", "tool_agent"}
+    assert set(WORKLOAD_CLASSES) == {"chat", "coding_agent", "long_document_qa", "batch_summarization", "tool_agent",
+                                     "random"}
+
+
+def test_random_class_makes_fixed_size_requests_with_nothing_shared():
+    spec = parse_workload_spec("random,sessions=20,random.first_message_tokens=300,random.output_tokens=50")
+    sessions = generate_sessions(spec)
+    assert all(len(s.turns) == 1 and not s.prefix for s in sessions)
+    assert {s.turns[0].input_tokens for s in sessions} == {300}
+    assert {s.turns[0].output.tokens for s in sessions} == {50}
+    hashes = [tuple(s.turns[0].hash_ids) for s in sessions]
+    assert len({h[0] for h in hashes}) == len(sessions)  # no block shared between requests
 
 
 @pytest.mark.parametrize(

@@ -273,8 +273,31 @@ TOOL_AGENT = WorkloadClass(
     idle_gap_s=const(0.0),
 )
 
+# Not traffic but a probe (vLLM's `--dataset-name random`): every request the same size, nothing shared, no gaps, so
+# serving can be compared with offline decode at a fixed shape (random.first_message_tokens=, random.output_tokens=).
+RANDOM = WorkloadClass(
+    name="random",
+    description="fixed-size single-turn requests with nothing shared (vLLM's random dataset): 1024 in, 128 out",
+    system_prompt_tokens=None,
+    system_prompt_pool=None,
+    system_prompt_zipf=0.0,
+    context_tokens=None,
+    context_pool=None,
+    context_zipf=0.0,
+    turns=const(1),
+    first_message_tokens=const(1024),
+    message_tokens=const(1),
+    tool_result_tokens=const(1),
+    output_tokens=const(128),
+    tool_call_prob=0.0,
+    think_time_s=const(0.0),
+    tool_latency_s=const(0.0),
+    idle_return_prob=0.0,
+    idle_gap_s=const(0.0),
+)
+
 WORKLOAD_CLASSES: dict[str, WorkloadClass] = {
-    c.name: c for c in (CHAT, CODING_AGENT, LONG_DOCUMENT_QA, BATCH_SUMMARIZATION, TOOL_AGENT)
+    c.name: c for c in (CHAT, CODING_AGENT, LONG_DOCUMENT_QA, BATCH_SUMMARIZATION, TOOL_AGENT, RANDOM)
 }
 
 # --------------------------------------------------------------------------------------------------------------
