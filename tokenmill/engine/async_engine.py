@@ -225,7 +225,12 @@ class AsyncEngine:
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, progress: bool = True
     ) -> AsyncIterator[RequestOutput]:
-        """The request's outputs, each cumulative, the last one finished; progress False: only the last."""
+        """The request's outputs, each cumulative, the last one finished; progress False: only the last.
+
+        A consumer that falls behind gets the newest output of those waiting (it holds everything the skipped ones
+        did): each step's outputs are queued for every stream, and rendering one SSE chunk per step per stream is
+        the server's main per-token cost, so a server short of CPU then sends fewer, larger chunks instead of falling
+        further behind."""
         if not self.is_healthy():
             raise RuntimeError(f"the engine has stopped: {self._dead!r}")
         # Validate on the caller's side so a bad request fails before anything streams.
@@ -239,9 +244,18 @@ class AsyncEngine:
         try:
             while True:
                 item = await stream.queue.get()
+                error = None
+                while not isinstance(item, BaseException) and not item.finished and not stream.queue.empty():
+                    newer = stream.queue.get_nowait()
+                    if isinstance(newer, BaseException):
+                        error = newer  # after the newest output
+                        break
+                    item = newer
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+                if error is not None:
+                    raise error
                 if item.finished:
                     finished = True
                     return
