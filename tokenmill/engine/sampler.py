@@ -25,6 +25,7 @@ recomputed draws the same tokens again. Unseeded requests share one generator pe
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -274,12 +275,13 @@ def fused_race_applies(request: Request, vocab_size: int) -> bool:
 
 class Sampler:
     def __init__(self, max_logprobs: int = 20, seed: int = 0, fused_race: bool = True) -> None:
-        """fused_race: on a GPU with Triton, draw the rows fused_race_applies to in one fused path."""
+        """fused_race: on a GPU with Triton, draw the rows fused_race_applies to in one fused path (without Triton
+        the general path serves every row)."""
         if max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {max_logprobs}")
         self.max_logprobs = max_logprobs
         self.seed = seed
-        self.fused_race = fused_race
+        self.fused_race = fused_race and importlib.util.find_spec("triton") is not None
         self._global_generators: dict[torch.device, torch.Generator] = {}
         self._seeded_generators: dict[torch.device, torch.Generator] = {}
         self._race_launches = 0
@@ -355,11 +357,8 @@ class Sampler:
         """Compiles the fused path's kernels now (on a GPU; Triton compiles on first use, with the engine stalled)."""
         if not self.fused_race or device.type != "cuda":
             return
-        try:
-            from tokenmill.kernels.triton.sample import pack_row_params, race_sample
-        except ImportError:  # no Triton: the general path serves every row
-            self.fused_race = False
-            return
+        from tokenmill.kernels.triton.sample import pack_row_params, race_sample
+
         flat, stride = pack_row_params([1.0], [0], [[0]])
         race_sample(torch.zeros((1, vocab_size), device=device), to_device(flat, torch.int32, device), stride)
 
