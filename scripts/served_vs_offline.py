@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -97,7 +96,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen([sys.executable, "-m", "tokenmill", "serve", args.model, "--port", str(port),
                                    "--max-num-seqs", str(max(levels)), *args.serve_arg],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_healthy(url, server)
             served(url, tokenizer, 1, args.prompt_len, 8, tmp)  # warm-up

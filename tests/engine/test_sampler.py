@@ -540,3 +540,14 @@ def test_fused_path_never_waits_for_the_device():
     sampler = Sampler(seed=0)
     out = launch_without_sync(sampler, logits, requests)
     assert sampler._race_launches == 2 and out.token_ids[1] == int(logits[1].argmax()) and out.token_ids[2] != 2
+
+
+def test_without_triton_every_row_takes_the_general_path(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    assert Sampler(fused_race=True).fused_race is False
+    monkeypatch.undo()
+    assert Sampler(fused_race=True).fused_race is (importlib.util.find_spec("triton") is not None)
+    assert Sampler(fused_race=False).fused_race is False

@@ -207,7 +207,7 @@ class LLMEngine:
             return cache_cfg.num_blocks
         layers = getattr(self.model, "num_kv_layers", self.model_config.num_hidden_layers)
         per_token = 2 * layers * self.model_config.num_key_value_heads * self.model_config.head_dim
-        per_block = per_token * cache_cfg.block_size * torch.empty((), dtype=self.dtype).element_size()
+        per_block = per_token * cache_cfg.block_size * self.dtype.itemsize
         if cache_cfg.kv_cache_memory_bytes is not None:
             budget = cache_cfg.kv_cache_memory_bytes
         elif self.device.type == "cuda":
