@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -86,25 +87,29 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
     return not Path(f"/proc/{pid}").exists()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
-def test_serve_answers_then_stops_on_ctrl_c_with_its_engine_process(tiny_model_dir):
-    """`python -m tokenmill serve` as a person runs it: the engine steps in a spawned process, Ctrl-C stops both."""
+def _start_serving(tiny_model_dir, *args: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "tokenmill", "serve", str(tiny_model_dir), "--device", "cpu",
-                               "--max-model-len", "128", "--port", str(port), "--log-level", "warning"],
+                               "--max-model-len", "128", "--port", str(port), "--log-level", "warning", *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        assert server.poll() is None, server.communicate()[1]
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server never became healthy"
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+def test_serve_answers_then_stops_on_ctrl_c_with_its_engine_process(tiny_model_dir):
+    """`python -m tokenmill serve` as a person runs it: the engine steps in a spawned process, Ctrl-C stops both."""
+    server, url = _start_serving(tiny_model_dir)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            assert server.poll() is None, server.communicate()[1]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server never became healthy"
-            time.sleep(0.2)
         r = httpx.post(url + "/v1/completions", timeout=60, json={"prompt": "<5> <6>", "max_tokens": 4,
                                                                   "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
@@ -122,9 +127,54 @@ def test_serve_answers_then_stops_on_ctrl_c_with_its_engine_process(tiny_model_d
             server.communicate()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+def test_serve_from_several_api_server_processes(tiny_model_dir):
+    """--api-server-count 3: three HTTP processes on one port and one engine; every answer complete, /metrics the
+    same whichever process answers it, Ctrl-C to the first stops them all (the others are in their own groups)."""
+    server, url = _start_serving(tiny_model_dir, "--api-server-count", "3")
+    try:
+        children = _children(server.pid)
+        workers = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(workers) == 3, "expected the engine and two more API server processes"
+
+        def complete(i: int) -> int:
+            with httpx.Client(timeout=60) as client:  # a connection of its own: the kernel picks the process
+                body = {"prompt": [5 + i % 7, 6, 7], "max_tokens": 5 + i % 4, "ignore_eos": True, "temperature": 0}
+                if i % 2:
+                    return client.post(url + "/v1/completions", json=body).json()["usage"]["completion_tokens"]
+                streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+                with client.stream("POST", url + "/v1/completions", json=streamed) as r:
+                    events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+                text = "".join(c["text"] for e in events for c in e["choices"])
+                assert len(text.split()) == events[-1]["usage"]["completion_tokens"]  # word-level tokens
+                return events[-1]["usage"]["completion_tokens"]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            counts = list(pool.map(complete, range(24)))
+        assert counts == [5 + i % 4 for i in range(24)]
+        want = float(sum(counts))
+        for _ in range(6):  # each scrape on a new connection, so on any of the processes
+            text = httpx.get(url + "/metrics", headers={"Connection": "close"}).text
+            line = next(ln for ln in text.splitlines() if ln.startswith("tokenmill:generation_tokens_total"))
+            assert float(line.split()[-1]) == want, line
+        bad = httpx.post(url + "/v1/completions", json={"prompt": "<5>", "max_tokens": 1000})
+        assert bad.status_code == 400
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=90)
+        assert server.returncode in (0, 130) and "Traceback" not in err, err
+        assert all(_wait_gone(pid) for pid in children), "a process outlived the server"
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+
+
 def test_serve_runs_the_engine_in_a_process_unless_told_not_to():
     from tokenmill.cli import build_parser
 
     parser = build_parser()
     assert parser.parse_args(["serve"]).engine_process is True
     assert parser.parse_args(["serve", "--no-engine-process"]).engine_process is False
+    assert parser.parse_args(["serve"]).api_server_count == 1

@@ -218,3 +218,53 @@ def test_a_failing_observer_fails_requests_instead_of_hanging_them(tiny_model_di
         assert not engine.is_healthy()
     finally:
         engine.shutdown()
+
+
+def test_one_engine_process_serves_several_front_ends(tiny_model_dir):
+    """Each front-end gets the outputs of its own requests and every observer event; one that hangs up has its
+    requests aborted while the engine goes on serving the others."""
+    from tokenmill.engine.async_engine import ObserverFanout
+    from tokenmill.engine.engine_process import PipeCore
+
+    first = AsyncEngine.from_config(make_engine_config(str(tiny_model_dir), **ENGINE_KW), engine_process=True,
+                                    front_ends=2)
+    try:
+        fanout = ObserverFanout()
+        second = AsyncEngine(PipeCore.attach(first.core.front_end_conns[0], fanout), fanout)
+        seen_first, seen_second = Recorder(), Recorder()
+        first.attach_observer(seen_first)
+        second.attach_observer(seen_second)
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+        async def both():
+            return await asyncio.gather(collect(first, [5, 6, 7], params, "a"), collect(second, [5, 6, 7], params, "b"),
+                                        collect(second, [8, 9], params, "c"))
+
+        a, b, c = run(both())
+        assert a[-1].finished and b[-1].finished and c[-1].finished
+        assert a[-1].outputs[0].token_ids == b[-1].outputs[0].token_ids and len(c[-1].outputs[0].token_ids) == 12
+        assert {o.request_id for o in a} == {"a"} and {o.request_id for o in b + c} == {"b", "c"}
+        deadline = time.monotonic() + 10
+        while len(seen_first.finished) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for seen in (seen_first, seen_second):  # both saw all three requests' events
+            assert len(seen.finished) == 3 and seen.first_tokens == 3 and seen.inter_tokens == 33
+
+        async def hang_up_mid_stream():
+            async for out in second.generate([5, 6], SamplingParams(temperature=0.0, max_tokens=200,
+                                                                    ignore_eos=True), "long"):
+                if len(out.outputs[0].token_ids) >= 3:
+                    second.core.shutdown()  # the pipe closes with "long" running (so its abort never gets out)
+                    break
+
+        run(hang_up_mid_stream())
+        outs = run(collect(first, [5], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), "after"))
+        assert outs[-1].finished
+        deadline = time.monotonic() + 10
+        while len(seen_first.finished) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # "long" ended as aborted (run on, it would have finished by length), and nothing is left running
+        assert sorted(f.finish_reason for f in seen_first.finished) == ["abort"] + ["length"] * 4
+        assert seen_first.steps[-1].num_running == 0 and first.is_healthy()
+    finally:
+        first.shutdown()

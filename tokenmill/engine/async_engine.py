@@ -202,13 +202,17 @@ class AsyncEngine:
         core.start(self)
 
     @classmethod
-    def from_config(cls, config: EngineConfig, engine_process: bool = False) -> "AsyncEngine":
-        """engine_process: step in a process of its own (engine_process.ProcessCore) instead of a thread here."""
+    def from_config(cls, config: EngineConfig, engine_process: bool = False, front_ends: int = 1) -> "AsyncEngine":
+        """engine_process: step in a process of its own (engine_process.ProcessCore) instead of a thread here;
+        front_ends > 1 (with engine_process): that process also serves the pipes in `core.front_end_conns`, for
+        other server processes to attach to."""
         fanout = ObserverFanout()
+        if front_ends > 1 and not engine_process:
+            raise ValueError("several front-ends need the engine in a process of its own")
         if engine_process:
             from tokenmill.engine.engine_process import ProcessCore
 
-            core: EngineCore = ProcessCore(config, fanout)
+            core: EngineCore = ProcessCore(config, fanout, front_ends)
         else:
             core = ThreadCore(LLMEngine(config, observer=fanout))
         return cls(core, fanout)

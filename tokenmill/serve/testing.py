@@ -86,3 +86,62 @@ def start_server(engine: Any, api_key: str | None = None, **kwargs: Any) -> Serv
     from tokenmill.serve.app import build_app
 
     return ServerThread(build_app(engine, api_key=api_key), **kwargs).start()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m tokenmill serve MODEL ARGS` on 127.0.0.1 (a free port), healthy on entering; a context manager
+    that stops it on leaving as Ctrl-C would (SIGINT, then a kill after `stop_timeout_s`). For benchmark scripts.
+
+    with ServerProcess("path/to/model", ["--max-num-seqs", "64"]) as server:
+        httpx.get(server.url + "/health")
+    """
+
+    def __init__(self, model: str, args: list[str] | None = None, start_timeout_s: float = 600.0,
+                 stop_timeout_s: float = 60.0) -> None:
+        self.model = model
+        self.args = list(args or [])
+        self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: Any = None
+
+    def __enter__(self) -> "ServerProcess":
+        import subprocess
+        import sys
+
+        self.process = subprocess.Popen([sys.executable, "-m", "tokenmill", "serve", self.model, "--port",
+                                         str(self.port), *self.args],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited (code {self.process.returncode}) before it was healthy")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError("the server did not become healthy in time")
+            time.sleep(0.3)
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+        import subprocess
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=self.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
