@@ -13,8 +13,8 @@ import torch
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.kernels.megakernel.decoder import (
-    MegakernelLlamaDecoder, MegakernelUnsupported, default_tag_residual, env_int, make_megakernel_decoder,
-    model_unsupported_reason,
+    MegakernelLlamaDecoder, MegakernelUnsupported, default_attn_tma_min_batch, default_tag_residual, env_int,
+    make_megakernel_decoder, model_unsupported_reason,
 )
 from tokenmill.llm import make_engine_config
 from tokenmill.models.llama import LlamaForCausalLM
@@ -71,6 +71,12 @@ def test_tagged_residual_stream_is_on_by_default_only_where_it_was_measured_fast
     assert not default_tag_residual("NVIDIA H100 80GB HBM3")
     assert default_tag_residual("NVIDIA H200 NVL")
     assert not default_tag_residual("NVIDIA GH200 480GB")  # not measured
+
+
+def test_attention_copies_by_tma_from_batch_1_on_h200_and_batch_2_elsewhere():
+    assert default_attn_tma_min_batch("NVIDIA H200") == 1
+    assert default_attn_tma_min_batch("NVIDIA H100 80GB HBM3") == 2
+    assert default_attn_tma_min_batch("NVIDIA GH200 480GB") == 2  # not measured
 
 
 def test_experiment_defines_from_the_environment(monkeypatch):

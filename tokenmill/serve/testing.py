@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 import threading
 import time
 from typing import Any
@@ -111,18 +112,24 @@ class ServerProcess:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: Any = None
+        self.log: Any = None
 
     def __enter__(self) -> "ServerProcess":
         import subprocess
         import sys
 
+        # The server's log goes to a file: a server that fails to start says why in the exception.
+        self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen([sys.executable, "-m", "tokenmill", "serve", self.model, "--port",
                                          str(self.port), *self.args],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                        stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited (code {self.process.returncode}) before it was healthy")
+                self.log.seek(0)
+                tail = self.log.read().decode("utf-8", errors="replace")[-3000:]
+                raise RuntimeError(f"the server exited (code {self.process.returncode}) before it was healthy:\n"
+                                   f"{tail}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return self
@@ -137,11 +144,13 @@ class ServerProcess:
         import signal
         import subprocess
 
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=self.stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.log is not None:
+            self.log.close()
+            self.log = None

@@ -30,13 +30,18 @@ logger = logging.getLogger(__name__)
 LOG2E = 1.4426950408889634
 DEFAULT_MAX_INFLIGHT_CHUNKS = 2  # m12b: 1.5-2.5% faster than the ring's worth at batch 1-16
 DEFAULT_PAUSE_RELEASE = 1  # m12e: 3-4% faster than 0 at batch 1-16
+# Defaults that differ by card, each where an A/B on that card chose it (the H200's HBM is ~43 % faster: a chunk in
+# flight lands sooner, and every wait behind one is shorter).
+H200_CARDS = re.compile(r"\bH200\b")  # "NVIDIA H200", "NVIDIA H200 NVL"; not GH200 (not measured)
 # m13: the tagged residual stream at batch 1 won on H200 (-2.1 %) and lost on H100 (+1.7 %), both in one-process
 # A/Bs at 1 x 128 / 1k / 4k; on by default only on the cards where it won.
-TAG_RESIDUAL_CARDS = re.compile(r"\bH200\b")  # "NVIDIA H200", "NVIDIA H200 NVL"; not GH200 (not measured)
+TAG_RESIDUAL_CARDS = H200_CARDS
 DEFAULT_MIN_SPLIT_TOKENS = 128
 # H100 2026-11-27, ctx 1k: TMA tensor copies of attention's K / V beat one warp's cp.async from batch 2 on (batch 16
-# 2.00 -> 1.64 ms) and lose ~13 us at batch 1 (one short chunk per item: 8 splits of 128 tokens); DECODE_NOTES m11
+# 2.00 -> 1.64 ms) and lose ~13 us at batch 1 (one short chunk per item: 8 splits of 128 tokens); DECODE_NOTES m11.
+# H200 2026-11-28: TMA at batch 1 as well: 1 x 4k 0.946 -> 0.904 ms, 1 x 128 / 1k within 0.4 % (m16a).
 DEFAULT_ATTN_TMA_MIN_BATCH = 2
+H200_ATTN_TMA_MIN_BATCH = 1
 
 
 def env_int(name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
@@ -59,6 +64,11 @@ def env_int(name: str, default: int, *, minimum: int, maximum: int | None = None
 def default_tag_residual(device_name: str) -> bool:
     """Whether the tagged residual stream is on by default on this card (TAG_RESIDUAL_CARDS)."""
     return TAG_RESIDUAL_CARDS.search(device_name) is not None
+
+
+def default_attn_tma_min_batch(device_name: str) -> int:
+    """From which batch size on attention's K / V arrive by TMA tensor copies by default on this card."""
+    return H200_ATTN_TMA_MIN_BATCH if H200_CARDS.search(device_name) else DEFAULT_ATTN_TMA_MIN_BATCH
 
 
 def model_unsupported_reason(model: torch.nn.Module, device: torch.device | str) -> str | None:
@@ -126,12 +136,12 @@ class MegakernelLlamaDecoder:
                                      maximum=2)
         # At batch 1 the residual stream carries its writers' tags and o / down / embed release without a fence
         # (llama_decode.cu, "tagged residual stream"): 1 on, 0 off; the default depends on the card.
-        self.tag_residual = bool(env_int("TOKENMILL_MEGAKERNEL_TAG_RESIDUAL",
-                                         int(default_tag_residual(torch.cuda.get_device_name(device))),
+        card = torch.cuda.get_device_name(device)
+        self.tag_residual = bool(env_int("TOKENMILL_MEGAKERNEL_TAG_RESIDUAL", int(default_tag_residual(card)),
                                          minimum=0, maximum=1))
         # From this batch size on, attention's past K / V arrive by TMA tensor copies (a KV block's rows of one head
         # per copy) instead of one warp's 16-byte cp.async, where the cache's geometry allows (kv_tensor_map).
-        self.attn_tma_min_batch = env_int("TOKENMILL_MEGAKERNEL_ATTN_TMA_MIN_BATCH", DEFAULT_ATTN_TMA_MIN_BATCH,
+        self.attn_tma_min_batch = env_int("TOKENMILL_MEGAKERNEL_ATTN_TMA_MIN_BATCH", default_attn_tma_min_batch(card),
                                           minimum=1)
         # (cache pointer, shape) -> its map on the GPU, or None where TMA does not apply. Kept for the decoder's
         # lifetime: a captured CUDA graph holds the map's address.

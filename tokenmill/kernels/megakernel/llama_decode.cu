@@ -867,7 +867,7 @@ struct AttnSmem {
   float* warp_sum;  // [NUM_CONSUMER_WARPS][G_MAX] and its sum of probabilities
   float* merge_w;   // [MAX_ATTN_SPLITS][G_MAX] the split merge's weights
   float* q;         // [G * D] (16-byte aligned: cp.async)
-  float* o_red;     // [NUM_CONSUMER_WARPS][G * D] each warp's unnormalised output
+  float* o_red;     // [NUM_CONSUMER_WARPS][G * D] each warp's unnormalised output (then the split merge's partials)
 };
 
 __device__ __forceinline__ AttnSmem attn_smem(char* base, int G, int D) {
@@ -881,11 +881,20 @@ __device__ __forceinline__ AttnSmem attn_smem(char* base, int G, int D) {
 }
 
 // The last of the `splits` non-empty splits of (sequence m, KV head kvh) to finish: attention output = the splits'
-// partial outputs weighted by their softmax mass, summed in split order.
-__device__ __forceinline__ void merge_splits(const Params& p, int m, int kvh, int D, int splits, float* weight) {
+// partial outputs weighted by their softmax mass, summed in split order. `staged`: NUM_CONSUMER_WARPS x G x D floats
+// of shared memory free for the merge (the warps' output buffer).
+__device__ __forceinline__ void merge_splits(const Params& p, int m, int kvh, int D, int splits, float* weight,
+                                             float* staged) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int Hq = (int)p.n_q_heads, Hkv = (int)p.n_kv_heads, G = Hq / Hkv, S = (int)p.attn_splits;
   const size_t b0 = ((size_t)m * Hkv + kvh) * S * G;
+  // Up to NUM_CONSUMER_WARPS splits, the partial outputs are copied into `staged` (cp.async, no registers: the
+  // kernel is at its register cap) while the weights' inputs are loaded: the merge takes one L2 round trip, not two.
+  // (Through L2 only, as every read of another block's output: cp.async.cg, 16-byte pieces.)
+  const bool prefetched = splits <= NUM_CONSUMER_WARPS;
+  if (prefetched)
+    for (int v = tid; v < splits * G * D / 4; v += NUM_CONSUMERS)  // split v / (G D / 4): its group's columns in order
+      cp_async16(smem_addr(staged + 4 * v), p.o_part + b0 * D + 4 * v);
   for (int h = warp; h < G; h += NUM_CONSUMER_WARPS) {  // one warp per head, one lane per split
     const float mx = lane < splits ? __ldcg(p.ml_part + (b0 + lane * G + h) * 2) : -INFINITY;
     const float sum = lane < splits ? __ldcg(p.ml_part + (b0 + lane * G + h) * 2 + 1) : 0.f;
@@ -898,13 +907,18 @@ __device__ __forceinline__ void merge_splits(const Params& p, int m, int kvh, in
     for (int off = 16; off; off >>= 1) den += __shfl_xor_sync(0xffffffffu, den, off);
     if (lane < splits) weight[lane * G + h] = e / den;
   }
+  asm volatile("cp.async.wait_all;" ::: "memory");
   consumer_sync();
   for (int idx = tid; idx < G * D; idx += NUM_CONSUMERS) {
     const int h = idx / D;
     const float* part = p.o_part + (b0 + h) * D + idx % D;  // split s2 at part[s2 * G * D]
     float o = 0.f;
+    if (prefetched) {
+      for (int s2 = 0; s2 < splits; ++s2) o += weight[s2 * G + h] * staged[s2 * G * D + idx];
+    } else {
 #pragma unroll 8
-    for (int s2 = 0; s2 < splits; ++s2) o += weight[s2 * G + h] * __ldcg(part + (size_t)s2 * G * D);
+      for (int s2 = 0; s2 < splits; ++s2) o += weight[s2 * G + h] * __ldcg(part + (size_t)s2 * G * D);
+    }
     p.attn[(size_t)m * Hq * D + kvh * G * D + idx] = __float2bfloat16(o);
   }
 }
@@ -1116,7 +1130,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       }
       consumer_sync();
       if (misc->flag) {
-        merge_splits(p, m, kvh, D, splits, sm->merge_w);
+        merge_splits(p, m, kvh, D, splits, sm->merge_w, sm->o_red);
         ++merged;
       }
     }
