@@ -1,7 +1,7 @@
 import pytest
 
 from tokenmill.workload.sessions import generate_sessions, parse_workload_spec
-from tokenmill.workload.text import PromptSynthesizer, TokenizerAdapter, stable_words
+from tokenmill.workload.text import PromptSynthesizer, TokenizerAdapter, load_tokenizer, stable_words
 from tokenmill.workload.traces import Trace, TraceRequest, rechunk_hash_ids
 
 
@@ -148,3 +148,25 @@ class CharTokenizer:
 def test_unsuitable_tokenizer_is_refused():
     with pytest.raises(ValueError, match="byte-level BPE"):
         PromptSynthesizer(CharTokenizer())
+
+
+def test_load_tokenizer_reads_a_tokenizer_json_or_a_folder_holding_one(tmp_path, toy_tokenizer):
+    path = tmp_path / "tokenizer.json"
+    toy_tokenizer.save(str(path))
+    want = toy_tokenizer.encode("abc defg hij", add_special_tokens=False).ids
+    for source in (path, tmp_path):  # (a folder: e.g. random weights with a real tokenizer beside them)
+        tok = load_tokenizer(str(source))
+        assert tok.encode("abc defg hij") == want
+        assert tok.encode_batch(["abc defg hij", "abc"]) == [want, tok.encode("abc")]
+    with pytest.raises(ValueError, match="no tokenizer from"):
+        load_tokenizer(str(tmp_path / "missing"))
+
+
+def test_load_tokenizer_from_a_gguf_is_the_one_the_server_uses(smollm2_path):
+    # tokenmill's own tokenizer (no transformers, which only the test extra installs): the prompt lengths a benchmark
+    # plans are the ones the server counts.
+    from tokenmill.tokenizer import Tokenizer
+
+    tok = load_tokenizer(str(smollm2_path))
+    text = "Hello there, how are you doing today?"
+    assert tok.encode(text) == Tokenizer.from_gguf(smollm2_path).encode(text, add_special_tokens=False)

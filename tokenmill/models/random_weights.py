@@ -28,8 +28,13 @@ SHAPES = {"llama-3.2-1b": LLAMA_3_2_1B, "tiny": TINY_LLAMA}
 
 def make_random_model_dir(out: str | Path, shape: dict[str, Any] | str, dtype: torch.dtype = torch.float32,
                           seed: int = 0, std: float = 0.02, device: str = "cpu") -> Path:
-    """Writes config.json, model.safetensors and a word-level tokenizer ("<i>" is token i) into `out`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Writes config.json, model.safetensors and a word-level tokenizer ("<i>" is token i) into `out`. Needs
+    transformers (its Llama writes the folder; the test extra installs it): ValueError without it."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        raise ValueError("random-weight models are written with transformers, which is not installed: "
+                         "pip install transformers") from None
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,8 +49,10 @@ class TokenizerAdapter:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         inner = self.inner
-        if hasattr(inner, "encode_batch") and self._has_ids:  # tokenizers.Tokenizer
-            return [e.ids for e in inner.encode_batch(texts, add_special_tokens=False)]
+        if hasattr(inner, "encode_batch"):
+            if self._has_ids:  # tokenizers.Tokenizer
+                return [e.ids for e in inner.encode_batch(texts, add_special_tokens=False)]
+            return [list(x) for x in inner.encode_batch(texts, add_special_tokens=False)]  # tokenmill's Tokenizer
         if callable(inner) and hasattr(inner, "batch_decode"):  # Hugging Face
             return [list(x) for x in inner(texts, add_special_tokens=False)["input_ids"]]
         return [self.encode(t) for t in texts]
@@ -96,19 +98,23 @@ def as_codec(tokenizer: Any) -> TokenizerAdapter:
 
 
 def load_tokenizer(name_or_path: str) -> TokenizerAdapter:
-    """A tokenizer from a GGUF file, a tokenizer.json, a Hugging Face model directory, or a hub id."""
+    """The tokenizer a server built from this model would use (tokenmill's own: prompts are then the lengths the
+    server counts): from a GGUF file, a tokenizer.json, a folder holding tokenizer.json (or one GGUF file), or a hub
+    id (downloaded as `tokenmill serve` would). ValueError when none of these reads."""
+    from tokenmill.models.hub import resolve_model
+    from tokenmill.tokenizer import Tokenizer
+
     path = Path(name_or_path).expanduser()
     if path.suffix == ".json" and path.is_file():
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer as RustTokenizer
 
-        return TokenizerAdapter(Tokenizer.from_file(str(path)))
-    from transformers import AutoTokenizer
-
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ValueError(f"GGUF file {path} does not exist")
-        return TokenizerAdapter(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
-    return TokenizerAdapter(AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path))
+        return TokenizerAdapter(RustTokenizer.from_file(str(path)))
+    if path.is_dir() and (path / "tokenizer.json").is_file():  # (a random-weight model folder plus a tokenizer)
+        return TokenizerAdapter(Tokenizer.from_dir(path))
+    try:
+        return TokenizerAdapter(Tokenizer.from_source(resolve_model(name_or_path)))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"no tokenizer from {name_or_path!r}: {exc}") from None
 
 
 _WORD = re.compile(r"^ [a-z]{2,16}$")
