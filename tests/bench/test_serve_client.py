@@ -229,6 +229,29 @@ def test_cli_serve_single_run_and_sweep(server, toy_tokenizer_file, tmp_path):
     assert (tmp_path / "plots" / "goodput_vs_rate.png").stat().st_size > 1000
 
 
+def test_cli_serve_from_several_client_processes(server, toy_tokenizer_file, tmp_path):
+    # The same plan (same seed) replayed from one process and from three: the same requests, every one answered,
+    # merged into one run; each process plans for itself, so the prompts match too.
+    runs = {}
+    for procs in (1, 3):
+        server.state.reset()
+        out = tmp_path / f"p{procs}.json"
+        rc = main(["serve", "--base-url", server.url, "--workload", "chat,scale=0.02", "--num-sessions", "5",
+                   "--seed", "3", "--tokenizer", str(toy_tokenizer_file), "--time-scale", "0.001", "--max-gap", "0.05",
+                   "--max-concurrency", "4", "--client-processes", str(procs), "--output", str(out), "--no-progress"])
+        assert rc == 0
+        runs[procs] = json.loads(out.read_text())["runs"][0]
+        runs[procs]["prompts"] = sorted(json.dumps(b, sort_keys=True) for _, _, b in server.state.requests)
+    one, three = runs[1], runs[3]
+    assert three["summary"]["num_ok"] == one["summary"]["num_ok"] == len(one["requests"]) > 5
+    assert sorted((r["session_id"], r["turn"]) for r in three["requests"]) == \
+        sorted((r["session_id"], r["turn"]) for r in one["requests"])
+    assert three["prompts"] == one["prompts"]
+    with pytest.raises(SystemExit):
+        main(["serve", "--base-url", server.url, "--workload", "chat", "--tokenizer", str(toy_tokenizer_file),
+              "--client-processes", "0", "--no-progress"])
+
+
 def test_cli_trace_commands(server, toy_tokenizer_file, tmp_path, capsys):
     trace = Trace([TraceRequest(0.1 * i, 600 + 10 * i, 3, [0, 100 + i]) for i in range(4)], block_size=512)
     path = tmp_path / "t.jsonl"

@@ -347,20 +347,21 @@ class _Replay:
         finally:
             self.progress.close()
         self.results.sort(key=lambda r: r.start_s)
-        if self.results:
-            first = min(r.start_s for r in self.results)
-            last = max(r.end_s or r.start_s for r in self.results)
-            duration = last - first
-        else:
-            duration = 0.0
         return RunResult(
             requests=self.results,
-            duration_s=duration,
+            duration_s=_span(self.results),
             abandoned_turns=self.abandoned,
             clipped_gaps=self.clipped,
             label=label,
             info={"model": self.model, "api": self.cfg.api, "source": self.plan.source, **self.plan.info},
         )
+
+
+def _span(results: list[RequestResult]) -> float:
+    """First send to last answer."""
+    if not results:
+        return 0.0
+    return max(r.end_s or r.start_s for r in results) - min(r.start_s for r in results)
 
 
 async def run_replay(plan: ReplayPlan, cfg: ClientConfig, label: str = "") -> RunResult:
@@ -382,6 +383,66 @@ def _session(cfg: ClientConfig) -> aiohttp.ClientSession:
 def replay(plan: ReplayPlan, cfg: ClientConfig, label: str = "") -> RunResult:
     """Synchronous run_replay (its own event loop)."""
     return asyncio.run(run_replay(plan, cfg, label))
+
+
+def replay_in_processes(args: argparse.Namespace, tokenizer: str, rate: float | None, cfg: ClientConfig,
+                        label: str, count: int) -> RunResult:
+    """`bench serve --client-processes N`: the run's sessions dealt over N client processes (session i to process
+    i mod N), each with its own event loop and an N-th of the concurrency limit, their clocks started together;
+    their results merged into one run. One Python process parses ~13k SSE chunks/s when each arrives in its own
+    packet (as a GPU server at 100+ streams sends them): past that, one client measures itself."""
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(count), ctx.Queue()
+    limit = -(-cfg.max_concurrency // count) if cfg.max_concurrency else None
+    share = dataclasses.replace(cfg, progress=False, max_concurrency=limit)
+    procs = [ctx.Process(target=_client_process, args=(args, tokenizer, rate, share, label, i, count, start, results),
+                         daemon=True) for i in range(count)]
+    for proc in procs:
+        proc.start()
+    parts: dict[int, RunResult | str] = {}
+    try:
+        while len(parts) < count:
+            try:
+                index, part = results.get(timeout=1.0)
+                parts[index] = part
+            except queue.Empty:
+                lost = [i for i, proc in enumerate(procs) if i not in parts and proc.exitcode not in (None, 0)]
+                if lost:
+                    start.abort()
+                    raise ValueError(f"client process {lost[0]} died (exit code {procs[lost[0]].exitcode})") from None
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+    failed = [part for part in parts.values() if isinstance(part, str)]
+    if failed:
+        raise ValueError(f"a client process failed: {failed[0]}")
+    runs = [parts[i] for i in range(count)]
+    requests = sorted((r for run in runs for r in run.requests), key=lambda r: r.start_s)
+    return RunResult(requests=requests, duration_s=_span(requests),
+                     abandoned_turns=sum(run.abandoned_turns for run in runs),
+                     clipped_gaps=sum(run.clipped_gaps for run in runs), label=label,
+                     info={**runs[0].info, "client_processes": count})
+
+
+def _client_process(args: argparse.Namespace, tokenizer: str, rate: float | None, cfg: ClientConfig, label: str,
+                    index: int, count: int, start: Any, results: Any) -> None:
+    """One of replay_in_processes' processes: plans the run as the parent would (the same seed, the same sessions),
+    replays its share, and puts (index, RunResult or the error's text) on `results`."""
+    from tokenmill.workload.text import PromptSynthesizer, load_tokenizer
+
+    try:
+        plan = _plan_factory(args, PromptSynthesizer(load_tokenizer(tokenizer), seed=args.seed))[0](rate)
+        mine = ReplayPlan(plan.sessions[index::count], plan.source, plan.info)
+        start.wait()  # every process has planned: their clocks start together
+        results.put((index, replay(mine, cfg, label)))
+    except BaseException as exc:  # reported, never a hang: the others' barrier breaks too
+        start.abort()
+        results.put((index, f"{type(exc).__name__}: {exc}"))
 
 
 def resolve_model_name(cfg: ClientConfig) -> str:
@@ -436,6 +497,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds for a whole request")
     p.add_argument("--stall-timeout", type=float, default=60.0, help="seconds of silence that fail a stream")
     p.add_argument("--max-concurrency", type=int, help="client-side limit on requests in flight (default: none)")
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="replay from this many processes, sessions dealt round-robin (one parses ~13k chunks/s)")
     p.add_argument("--slo", help="targets, e.g. ttft_p90=2s,tpot_p90=100ms,e2e=30s")
     p.add_argument("--min-attainment", type=float, default=0.9,
                    help="share of requests that must meet a target given without a percentile")
@@ -593,6 +656,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     targets = parse_slo(args.slo)
     rates = parse_rates(args.sweep_rates) if args.sweep_rates else None
     bounds = parse_bisect(args.sweep_bisect) if args.sweep_bisect else None
+    if args.client_processes < 1:
+        raise ValueError(f"--client-processes must be >= 1, got {args.client_processes}")
     tok_path = args.tokenizer or default_tokenizer_path()
     if tok_path is None:
         raise ValueError("no tokenizer to size prompts with: pass --tokenizer (GGUF, tokenizer.json or HF directory)")
@@ -624,6 +689,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def run_at(rate: float | None) -> RunResult:
         label = f"{rate:g} {unit}" if rate is not None else (args.workload or Path(args.trace).name)
+        if args.client_processes > 1:
+            return replay_in_processes(args, tok_path, rate, cfg, label, args.client_processes)
         return replay(plan_at(rate), cfg, label)
 
     def show(p) -> None:
