@@ -41,13 +41,15 @@ def offline(model: str, concurrency: int, output_len: int, extra: list[str], tmp
     return {"ms_per_token": result["single"]["ms_per_token"], "tok_s": result["aggregate_tok_s"]}
 
 
-def served(url: str, tokenizer: str, concurrency: int, prompt_len: int, output_len: int, tmp: Path) -> dict:
+def served(url: str, tokenizer: str, concurrency: int, prompt_len: int, output_len: int, tmp: Path,
+           client_processes: int = 1) -> dict:
     out = tmp / f"served_{concurrency}.json"
     workload = (f"random,sessions={max(8, 4 * concurrency)},rate=1000,random.first_message_tokens={prompt_len},"
                 f"random.output_tokens={output_len}")
     report = run_json([sys.executable, "-m", "tokenmill", "bench", "serve", "--base-url", url, "--api", "completions",
                        "--tokenizer", tokenizer, "--workload", workload, "--max-concurrency", str(concurrency),
-                       "--time-scale", "0", "--no-progress", "--output", str(out)], out)
+                       "--time-scale", "0", "--client-processes", str(client_processes), "--no-progress",
+                       "--output", str(out)], out)
     summary = report["runs"][0]["summary"]
     if summary["num_failed"]:
         sys.exit(f"{summary['num_failed']} served requests failed: {summary.get('errors')}")
@@ -64,6 +66,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128, help="served prompts' length")
     ap.add_argument("--serve-arg", action="append", default=[], help="passed to tokenmill serve (repeatable)")
     ap.add_argument("--offline-arg", action="append", default=[], help="passed to bench offline (repeatable)")
+    ap.add_argument("--client-processes", type=int, default=1, help="bench serve's client processes")
     ap.add_argument("--out", type=Path, help="write the results here (JSON)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -77,7 +80,7 @@ def main() -> None:
             # ids the tokenizer has no text for, and a request with no text at all counts as failed.
             served(server.url, tokenizer, 1, args.prompt_len, 32, tmp)
             for c in levels:
-                s = served(server.url, tokenizer, c, args.prompt_len, args.output_len, tmp)
+                s = served(server.url, tokenizer, c, args.prompt_len, args.output_len, tmp, args.client_processes)
                 # The engine's time per token at this batch: batch 1 from its single stream, else C / aggregate.
                 step_ms = engine[c]["ms_per_token"] if c == 1 else 1e3 * c / engine[c]["tok_s"]
                 rows.append({"concurrency": c, "engine_step_ms": step_ms, "served_tpot_p50_ms": s["tpot_p50_ms"],
@@ -91,7 +94,7 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps({"model": args.model, "date": time.strftime("%Y-%m-%d"),
                                         "output_len": args.output_len, "prompt_len": args.prompt_len,
-                                        "rows": rows}, indent=2))
+                                        "client_processes": args.client_processes, "rows": rows}, indent=2))
         print(f"wrote {args.out}")
 
 
