@@ -128,6 +128,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 self.log.seek(0)
                 tail = self.log.read().decode("utf-8", errors="replace")[-3000:]
+                self.__exit__()  # (closes the log: a failed __enter__ gets no __exit__ from the with statement)
                 raise RuntimeError(f"the server exited (code {self.process.returncode}) before it was healthy:\n"
                                    f"{tail}")
             try:

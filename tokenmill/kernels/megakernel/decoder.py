@@ -35,7 +35,6 @@ DEFAULT_PAUSE_RELEASE = 1  # m12e: 3-4% faster than 0 at batch 1-16
 H200_CARDS = re.compile(r"\bH200\b")  # "NVIDIA H200", "NVIDIA H200 NVL"; not GH200 (not measured)
 # m13: the tagged residual stream at batch 1 won on H200 (-2.1 %) and lost on H100 (+1.7 %), both in one-process
 # A/Bs at 1 x 128 / 1k / 4k; on by default only on the cards where it won.
-TAG_RESIDUAL_CARDS = H200_CARDS
 DEFAULT_MIN_SPLIT_TOKENS = 128
 # H100 2026-11-27, ctx 1k: TMA tensor copies of attention's K / V beat one warp's cp.async from batch 2 on (batch 16
 # 2.00 -> 1.64 ms) and lose ~13 us at batch 1 (one short chunk per item: 8 splits of 128 tokens); DECODE_NOTES m11.
@@ -62,8 +61,8 @@ def env_int(name: str, default: int, *, minimum: int, maximum: int | None = None
 
 
 def default_tag_residual(device_name: str) -> bool:
-    """Whether the tagged residual stream is on by default on this card (TAG_RESIDUAL_CARDS)."""
-    return TAG_RESIDUAL_CARDS.search(device_name) is not None
+    """Whether the tagged residual stream is on by default on this card (the H200s: m13)."""
+    return H200_CARDS.search(device_name) is not None
 
 
 def default_attn_tma_min_batch(device_name: str) -> int:

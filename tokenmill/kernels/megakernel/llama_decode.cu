@@ -911,11 +911,11 @@ __device__ __forceinline__ void merge_splits(const Params& p, int m, int kvh, in
   consumer_sync();
   for (int idx = tid; idx < G * D; idx += NUM_CONSUMERS) {
     const int h = idx / D;
-    const float* part = p.o_part + (b0 + h) * D + idx % D;  // split s2 at part[s2 * G * D]
     float o = 0.f;
     if (prefetched) {
       for (int s2 = 0; s2 < splits; ++s2) o += weight[s2 * G + h] * staged[s2 * G * D + idx];
     } else {
+      const float* part = p.o_part + (b0 + h) * D + idx % D;  // split s2 at part[s2 * G * D]
 #pragma unroll 8
       for (int s2 = 0; s2 < splits; ++s2) o += weight[s2 * G + h] * __ldcg(part + (size_t)s2 * G * D);
     }
