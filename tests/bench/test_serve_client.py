@@ -252,6 +252,18 @@ def test_cli_serve_from_several_client_processes(server, toy_tokenizer_file, tmp
               "--client-processes", "0", "--no-progress"])
 
 
+def test_a_failing_client_process_fails_the_run_instead_of_hanging(server, tmp_path):
+    # Every process fails to plan (no tokenizer there): the barrier breaks, each reports, the run raises.
+    import argparse
+
+    from tokenmill.bench.serve_client import replay_in_processes
+
+    args = argparse.Namespace(workload="chat,scale=0.02", num_sessions=4, seed=0, rate=None, length_scale=1.0,
+                              max_context=None)
+    with pytest.raises(ValueError, match="a client process failed: ValueError: no tokenizer from"):
+        replay_in_processes(args, str(tmp_path / "missing"), None, cfg(server.url, model="fake-model"), "x", 2)
+
+
 def test_cli_trace_commands(server, toy_tokenizer_file, tmp_path, capsys):
     trace = Trace([TraceRequest(0.1 * i, 600 + 10 * i, 3, [0, 100 + i]) for i in range(4)], block_size=512)
     path = tmp_path / "t.jsonl"
