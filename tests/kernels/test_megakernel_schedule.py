@@ -476,31 +476,24 @@ def test_kernel_compiles_and_is_cached(tmp_path):
     assert compile_cubin(out_dir=tmp_path) == cubin  # cached by the source's hash
 
 
-# Spill budget (bytes stored, bytes loaded) per attention variant. The 8-head groups keep 32 attention accumulators
-# per thread next to the matmul state, and ptxas spills a few kernel-level values (the mbarrier and trace pointers,
-# reloaded once per instruction or tile, never inside the chunk loops): 32 / 40 bytes with nvcc 13.0 (2026-11-27, m11),
-# 44 / 132 since the producer's release pause (m12e), 52 / 200 with the tagged residual stream's first version,
-# 40 / 132 with it as landed (m13), 44 / 72 once the trace pointer was no longer held across instructions (m15).
-SPILL_BUDGET = {(64, 4): (0, 0), (128, 4): (0, 0), (128, 8): (48, 160), (32, 4): (0, 0)}
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
-@pytest.mark.parametrize("head_dim,group_max", list(SPILL_BUDGET))
-def test_kernel_compiles_for_sm90a_without_spills(tmp_path, head_dim, group_max):
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_kernel_compiles_for_sm90a_without_spills(tmp_path, head_dim):
     src = tmp_path / "check.cu"
     src.write_text(full_source())
     proc = subprocess.run([find_nvcc(), "-cubin", f"-arch={build.ARCH}", "-O3", "-std=c++17", "-Xptxas", "-v",
-                           f"-DATTN_HEAD_DIM={head_dim}", f"-DATTN_GROUP_MAX={group_max}",
+                           f"-DATTN_HEAD_DIM={head_dim}",
                            "-o", str(tmp_path / "check.cubin"), str(src)], capture_output=True, text=True,
                            check=False)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert f"Compiling entry function '{build.KERNEL_NAME}'" in log
     # At the 168-register cap of 288 threads ptxas spills loop state first, and a local load that misses L1 (the
-    # ring leaves it little room) costs an L2 round trip on the critical path (seen on the H100): no spills beyond
-    # the variant's budget.
+    # ring leaves it little room) costs an L2 round trip on the critical path (seen on the H100; spills alone cost
+    # 2-5 % in m16b): no spills in any variant (since the tensor-core attention, m17a).
     stores, loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
-    max_stores, max_loads = SPILL_BUDGET[head_dim, group_max]
-    assert stores <= max_stores and loads <= max_loads, log
+    assert stores == 0 and loads == 0, log
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     assert registers * build.NUM_THREADS <= 65536, f"{registers} registers x {build.NUM_THREADS} threads"

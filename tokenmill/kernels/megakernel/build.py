@@ -179,18 +179,17 @@ def cache_dir() -> Path:
     return root / "kernels"
 
 
-def compile_cubin(head_dim: int = 64, group: int = 4, arch: str = ARCH, out_dir: Path | None = None,
+def compile_cubin(head_dim: int = 64, arch: str = ARCH, out_dir: Path | None = None,
                   extra_flags: tuple[str, ...] = ()) -> Path:
-    """nvcc -cubin for `arch`, specialised to a model's attention shape (head_dim 32/64/128, query heads per KV
-    head <= 8); returns the cached cubin's path. Raises MegakernelUnavailable without nvcc or when nvcc fails."""
+    """nvcc -cubin for `arch`, specialised to a model's head_dim (32, 64 or 128); returns the cached cubin's path. Raises MegakernelUnavailable without nvcc or when nvcc fails."""
     nvcc = find_nvcc()
     if nvcc is None:
         raise MegakernelUnavailable("nvcc not found (set NVCC or put it on PATH)")
-    if head_dim not in (32, 64, 128) or not 1 <= group <= 8:
-        raise MegakernelUnavailable(f"no attention variant for head_dim {head_dim}, group {group}")
+    if head_dim not in (32, 64, 128):
+        raise MegakernelUnavailable(f"no attention variant for head_dim {head_dim}")
     source = full_source()
     flags = ("-cubin", f"-arch={arch}", "-O3", "-std=c++17", "-lineinfo", f"-DATTN_HEAD_DIM={head_dim}",
-             f"-DATTN_GROUP_MAX={4 if group <= 4 else 8}", *extra_flags)
+             *extra_flags)
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256((source + " ".join(flags) + version).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
@@ -243,11 +242,11 @@ def experiment_flags() -> tuple[str, ...]:
     return flags
 
 
-def load_kernel(device_index: int, head_dim: int, group: int) -> LoadedKernel:
-    """Compiles (once per attention shape and experiment_flags()) and loads the kernel into the current CUDA context
+def load_kernel(device_index: int, head_dim: int) -> LoadedKernel:
+    """Compiles (once per head_dim and experiment_flags()) and loads the kernel into the current CUDA context
     of `device_index`."""
     flags = experiment_flags()
-    key = (device_index, head_dim, group, flags)
+    key = (device_index, head_dim, flags)
     if key in _LOADED:
         return _LOADED[key]
     import torch
@@ -259,7 +258,7 @@ def load_kernel(device_index: int, head_dim: int, group: int) -> LoadedKernel:
         if (major, minor) != (9, 0):
             raise MegakernelUnavailable(
                 f"the megakernel is built for sm_90a (H100/H200), this GPU is sm_{major}{minor}")
-        cubin = compile_cubin(head_dim, group, extra_flags=flags).read_bytes()
+        cubin = compile_cubin(head_dim, extra_flags=flags).read_bytes()
         try:
             lib = ctypes.CDLL("libcuda.so.1")
         except OSError as exc:

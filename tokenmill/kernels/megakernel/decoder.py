@@ -105,8 +105,7 @@ class MegakernelLlamaDecoder:
         self.model = model
         self.config = model.config
         self.device = device
-        self.kernel = load_kernel(device.index or 0, model.config.head_dim,
-                                  model.config.num_attention_heads // model.config.num_key_value_heads)
+        self.kernel = load_kernel(device.index or 0, model.config.head_dim)
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         cfg = model.config
         self.max_batch_size = max(b for b in range(1, 17) if unsupported_reason(DecodeShape.of(cfg, b)) is None)

@@ -186,28 +186,6 @@ __device__ __forceinline__ void mma_bf16(float* c, uint32_t a0, uint32_t a1, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// N (4 or 8) consecutive bf16 from shared memory as floats, zeros when !valid. A volatile load: the compiler may
-// not merge it with an equal one or hoist it, as re-reading is cheaper than a register held across a loop (the
-// register budget is tight).
-template <int N>
-__device__ __forceinline__ void lds_bf16(const bf16* p, bool valid, float (&out)[N]) {
-  static_assert(N == 4 || N == 8, "4 or 8 values");
-  uint32_t w[N / 2] = {};
-  if (valid) {
-    if constexpr (N == 8)
-      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                   : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
-                   : "r"(smem_addr(p)));
-    else
-      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "r"(smem_addr(p)));
-  }
-#pragma unroll
-  for (int k = 0; k < N / 2; ++k) {
-    out[2 * k] = __uint_as_float(w[k] << 16);
-    out[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-  }
-}
-
 __device__ __forceinline__ long long globaltimer() {
   long long t;
   asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
@@ -926,26 +904,78 @@ __device__ __forceinline__ void merge_splits(const Params& p, int m, int kvh, in
 // One work item = (sequence, KV head, context split), one ring chunk (ATTN_CHUNK_TOKENS context tokens) at a time:
 // the producer streamed the past tokens' K and V rows into the ring ahead of time, so after the dependency wait only
 // q and this step's token's K and V rows are copied (one round trip each, overlapping).
-// Each warp owns an eighth of every chunk's tokens: token warp * KTOK + r + j * 8 * KTOK (r = lane / NDVEC, pass
-// j < NPASS), dims dvec * DPL .. + DPL of it in lane dvec = lane % NDVEC. A warp runs its own online softmax over
-// its tokens (scores summed across the token's NDVEC lanes, max and sum across its KTOK tokens), so a chunk needs
-// no block barrier; the warps' (max, sum, output) are merged once per item.
+// Each warp owns an eighth of every chunk's tokens (TPW consecutive ones) and runs its own online softmax over them
+// on the tensor cores, so a chunk needs no block barrier; the warps' (max, sum, output) are merged once per item.
+// Per group of 8 tokens, in mma fragments (g = lane / 4, t4 = lane % 4):
+// - scores S^T (query heads x tokens) = Q (m16: the group's heads, zero rows past G) x K^T, m16n8k16 over the dims.
+//   The dims a k-step takes are permuted so that lane t4 reads one contiguous quarter of its token's K row (D / 4
+//   dims: 16-byte pieces, rotated by the token so that a warp's loads hit distinct banks); q uses the same order.
+// - S^T's accumulator is P's B fragment (k: tokens, n: head g) as it stands, so the output is kept transposed:
+//   O^T (dims x heads) += V^T (m16: dims) x P, m16n8k8 per group. Row g of m-tile mt is dim g * D/8 + 2 mt, row
+//   g + 8 the next one, so lane g reads one contiguous eighth of a token's V row.
+// P enters the product in bf16 and q is rounded to bf16 (as the bf16 reference model and flash kernels do); scores,
+// softmax and accumulation are fp32.
 // A split covers at least `min_split_tokens` tokens, so short contexts use fewer than attn_splits splits (the rest
 // of the items are empty). A single split writes the normalised output itself; otherwise the last split of a
 // (sequence, KV head) to finish merges all splits' partials, in split order.
-template <int D, int GM>
+__device__ __forceinline__ void mma_bf16_k8(float* c, uint32_t a0, uint32_t a1, uint32_t b0) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(b0));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// 16 / 8 bytes of shared memory. Volatile: the compiler may not merge a load with an equal one or hoist it, as
+// re-reading is cheaper than a register held across a loop (the register budget is tight).
+__device__ __forceinline__ uint4 lds128(const void* p) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(smem_addr(p)));
+  return v;
+}
+
+__device__ __forceinline__ uint2 lds64(const void* p) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(smem_addr(p)));
+  return v;
+}
+
+// n 16-byte pieces of shared memory, piece i from (p + 16 * (i ^ r)), returned in piece order: loads staggered by r
+// so that the lanes of one instruction hit distinct banks, then put back in place by selects (no local memory).
+template <int N>
+__device__ __forceinline__ void lds_rotated(const char* p, int r, uint4 (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = lds128(p + 16 * (i ^ r));
+#pragma unroll
+  for (int bit = 1; bit < N; bit <<= 1) {
+    const bool swap = r & bit;
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (!(i & bit)) {
+        const uint4 a = out[i], b = out[i ^ bit];
+        out[i] = swap ? b : a;
+        out[i ^ bit] = swap ? a : b;
+      }
+  }
+}
+
+template <int D>
 __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, char* ring, uint64_t* full,
                                                 uint64_t* empty, uint32_t& chunk, char* xs, Misc* misc) {
-  // DPL dims of a token per lane (4 for groups of more than 4 heads: their accumulators would not fit registers).
-  constexpr int DPL = GM > 4 ? 4 : 8, CT = ATTN_CHUNK_BYTES / (2 * D), NDVEC = D / DPL, KTOK = 32 / NDVEC;
-  constexpr int STRIDE = NUM_CONSUMER_WARPS * KTOK, NPASS = CT / STRIDE, HB = GM > 4 ? 2 : GM, PIECES = D / 8;
-  static_assert(NPASS * STRIDE == CT, "a chunk's tokens split evenly over the warps' passes");
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  constexpr int CT = ATTN_CHUNK_BYTES / (2 * D), TPW = CT / NUM_CONSUMER_WARPS, NT = TPW / 8;
+  constexpr int KS = D / 16;               // k-steps of the scores (and m-tiles of O^T)
+  constexpr int KP = D / 32;                // 16-byte pieces of a K row per lane (its D / 4 dims)
+  constexpr int VW = D / 16;               // 32-bit words of a V row per lane (its D / 8 dims)
+  constexpr int PIECES = D / 8;
+  static_assert(TPW % 8 == 0 && D % 32 == 0 && G_MAX <= 8, "groups of 8 tokens; whole K pieces; heads fit m16");
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const int layer = in[1];
   const int Hq = (int)p.n_q_heads, Hkv = (int)p.n_kv_heads, G = Hq / Hkv;
   const int S = (int)p.attn_splits, M = (int)p.M;
   const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
-  const int dvec = lane % NDVEC, tok0 = warp * KTOK + lane / NDVEC;
   const AttnSmem sm_ = attn_smem(xs, G, D);
   const AttnSmem* sm = &sm_;
   int merged = 0;
@@ -957,20 +987,13 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
     // This step's token's cache slot (the one qkv writes; < 0: a row without one) is an input of the step: read
     // before the dependency wait, so its K / V copy after the wait needs no block-table lookup.
     const long long newest_slot = p.slot_mapping[m];
-    // The warp's softmax state lives in shared memory (registers: the 8-head groups would spill); every lane
-    // computes the same values, lane 0 stores them, and the warp syncs before the next chunk reads them.
-    float* run_max = sm->warp_max + warp * G_MAX;
-    float* run_sum = sm->warp_sum + warp * G_MAX;
-    if (lane < GM) {
-      run_max[lane] = -INFINITY;
-      run_sum[lane] = 0.f;
-    }
-    __syncwarp();
-    float acc[GM][DPL];
+    // Head g's softmax state over the warp's tokens so far (the same in the group's 4 lanes), and O^T.
+    float run_max = -INFINITY, run_sum = 0.f;
+    float acc[KS][4];
 #pragma unroll
-    for (int h = 0; h < GM; ++h)
+    for (int mt = 0; mt < KS; ++mt)
 #pragma unroll
-      for (int j = 0; j < DPL; ++j) acc[h][j] = 0.f;
+      for (int j = 0; j < 4; ++j) acc[mt][j] = 0.f;
     if (!waited) {
       wait_dependency(p, in[5], in[6], misc);
       waited = true;
@@ -997,78 +1020,95 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
         consumer_sync();
         if (tb == a.t0 && tid == 0) misc->phase[1] = globaltimer_lo();  // q, K and V in shared memory
       }
-      const bf16* ks = reinterpret_cast<const bf16*>(stage);
-      const bf16* vs = reinterpret_cast<const bf16*>(stage + ATTN_CHUNK_BYTES);
-      // Heads in blocks of HB (registers: the 8-head groups would spill), each block: scores of this thread's NPASS
-      // tokens (-inf past the chunk's end) summed over the token's lanes, online softmax over the warp's tokens (max
-      // and sum across passes, then across the warp's KTOK tokens; the output so far rescaled to the new max), and
-      // P.V into this thread's DPL dims of each head (summed across the warp's token lanes once the item is done).
+      const char* ks = stage;
+      const char* vs = stage + ATTN_CHUNK_BYTES;
+      // q's A fragments: k-step ks2 holds dims t4 * D/4 + 4 ks2 .. + 3 of head g (rows past G: zero).
+      uint32_t qa[KS][2];
 #pragma unroll
-      for (int h0 = 0; h0 < GM; h0 += HB) {
-        float sc[NPASS][HB];
+      for (int k2 = 0; k2 < KS; ++k2) {
+        const float4 q4 = g < G ? *reinterpret_cast<const float4*>(sm->q + g * D + t4 * (D / 4) + 4 * k2)
+                                : make_float4(0.f, 0.f, 0.f, 0.f);
+        qa[k2][0] = pack_bf16(q4.x, q4.y);
+        qa[k2][1] = pack_bf16(q4.z, q4.w);
+      }
+      float sc[NT][4];
 #pragma unroll
-        for (int j = 0; j < NPASS; ++j) {
-          float k[DPL];
-          lds_bf16<DPL>(ks + (tok0 + j * STRIDE) * D + dvec * DPL, tok0 + j * STRIDE < n, k);
+      for (int i = 0; i < NT; ++i) {
+        uint4 kr[KP];
+        const int row = warp * TPW + i * 8 + g;
+        lds_rotated<KP>(ks + row * D * 2 + t4 * (D / 2), g & (KP - 1), kr);
+        const uint32_t* kw = reinterpret_cast<const uint32_t*>(kr);
 #pragma unroll
-          for (int hh = 0; hh < HB; ++hh) {
-            const float* qh = sm->q + (h0 + hh < G ? h0 + hh : 0) * D + dvec * DPL;
-            float dot = 0.f;
+        for (int j = 0; j < 4; ++j) sc[i][j] = 0.f;
 #pragma unroll
-            for (int e = 0; e < DPL; e += 4) {
-              const float4 q4 = *reinterpret_cast<const float4*>(qh + e);
-              dot += q4.x * k[e] + q4.y * k[e + 1] + q4.z * k[e + 2] + q4.w * k[e + 3];
-            }
-            sc[j][hh] = dot;
+        for (int k2 = 0; k2 < KS; ++k2) mma_bf16(sc[i], qa[k2][0], 0u, qa[k2][1], 0u, kw[2 * k2], kw[2 * k2 + 1]);
+      }
+      if (tb == a.t0 && tid == 0) misc->phase[2] = globaltimer_lo();  // scores
+      // Online softmax of head g over this chunk's tokens of the warp (t4's lanes hold two tokens per group).
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int t = warp * TPW + i * 8 + 2 * t4 + e;
+          sc[i][e] = t < n ? sc[i][e] * (float)p.scale_log2 : -INFINITY;
+          mx = fmaxf(mx, sc[i][e]);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float new_max = fmaxf(run_max, mx);
+      const float alpha = run_max == -INFINITY ? 0.f : exp2f(run_max - new_max);
+      float sum = 0.f;
+      uint32_t pb[NT];
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          sc[i][e] = sc[i][e] == -INFINITY ? 0.f : exp2f(sc[i][e] - new_max);
+          sum += sc[i][e];
+        }
+        pb[i] = pack_bf16(sc[i][0], sc[i][1]);
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      run_sum = run_sum * alpha + sum;
+      run_max = new_max;
+      // O^T's columns are heads 2 t4 and 2 t4 + 1: their rescale factors from those heads' lanes.
+      const float alpha0 = __shfl_sync(0xffffffffu, alpha, 8 * t4), alpha1 = __shfl_sync(0xffffffffu, alpha, 8 * t4 + 4);
+#pragma unroll
+      for (int mt = 0; mt < KS; ++mt) {
+        acc[mt][0] *= alpha0;
+        acc[mt][1] *= alpha1;
+        acc[mt][2] *= alpha0;
+        acc[mt][3] *= alpha1;
+      }
+      if (tb == a.t0 && tid == 0) misc->phase[3] = globaltimer_lo();  // softmax
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+        // V rows of the group's tokens 2 t4 and 2 t4 + 1 (zero past the chunk's end: P is 0 there, stale rows
+        // might not be finite), dims g * D/8 .. + D/8.
+        const int t = warp * TPW + i * 8 + 2 * t4;
+        uint32_t va[VW], vb[VW];
+        if constexpr (VW >= 4) {
+          uint4 ra[VW / 4], rb[VW / 4];
+          lds_rotated<VW / 4>(vs + t * D * 2 + g * (D / 4), (g >> 2) & (VW / 4 - 1), ra);
+          lds_rotated<VW / 4>(vs + (t + 1) * D * 2 + g * (D / 4), (g >> 2) & (VW / 4 - 1), rb);
+#pragma unroll
+          for (int w = 0; w < VW; ++w) {
+            va[w] = t < n ? reinterpret_cast<const uint32_t*>(ra)[w] : 0u;
+            vb[w] = t + 1 < n ? reinterpret_cast<const uint32_t*>(rb)[w] : 0u;
           }
+        } else {
+          const uint2 ra = lds64(vs + t * D * 2 + g * (D / 4));
+          const uint2 rb = lds64(vs + (t + 1) * D * 2 + g * (D / 4));
+          va[0] = t < n ? ra.x : 0u;
+          va[1] = t < n ? ra.y : 0u;
+          vb[0] = t + 1 < n ? rb.x : 0u;
+          vb[1] = t + 1 < n ? rb.y : 0u;
         }
 #pragma unroll
-        for (int off = 1; off < NDVEC; off <<= 1)
-#pragma unroll
-          for (int j = 0; j < NPASS; ++j)
-#pragma unroll
-            for (int hh = 0; hh < HB; ++hh) sc[j][hh] += __shfl_xor_sync(0xffffffffu, sc[j][hh], off);
-        if (tb == a.t0 && h0 == 0 && tid == 0) misc->phase[2] = globaltimer_lo();  // scores
-#pragma unroll
-        for (int hh = 0; hh < HB; ++hh) {
-          const int h = h0 + hh;
-          float mx = -INFINITY;
-#pragma unroll
-          for (int j = 0; j < NPASS; ++j) {
-            sc[j][hh] = tok0 + j * STRIDE < n ? sc[j][hh] * (float)p.scale_log2 : -INFINITY;
-            mx = fmaxf(mx, sc[j][hh]);
-          }
-#pragma unroll
-          for (int off = NDVEC; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-          const float old_max = run_max[h], new_max = fmaxf(old_max, mx);
-          const float alpha = old_max == -INFINITY ? 0.f : exp2f(old_max - new_max);
-          float sum = 0.f;
-#pragma unroll
-          for (int j = 0; j < NPASS; ++j) {
-            sc[j][hh] = sc[j][hh] == -INFINITY ? 0.f : exp2f(sc[j][hh] - new_max);
-            sum += sc[j][hh];
-          }
-#pragma unroll
-          for (int off = NDVEC; off < 32; off <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-          const float new_sum = run_sum[h] * alpha + sum;
-          __syncwarp();
-          if (lane == 0) {
-            run_max[h] = new_max;
-            run_sum[h] = new_sum;
-          }
-#pragma unroll
-          for (int e = 0; e < DPL; ++e) acc[h][e] *= alpha;
-        }
-        if (tb == a.t0 && h0 == 0 && tid == 0) misc->phase[3] = globaltimer_lo();  // softmax
-#pragma unroll
-        for (int j = 0; j < NPASS; ++j) {
-          float v[DPL];
-          lds_bf16<DPL>(vs + (tok0 + j * STRIDE) * D + dvec * DPL, tok0 + j * STRIDE < n, v);
-#pragma unroll
-          for (int hh = 0; hh < HB; ++hh)
-#pragma unroll
-            for (int e = 0; e < DPL; ++e) acc[h0 + hh][e] += sc[j][hh] * v[e];
-        }
+        for (int mt = 0; mt < KS; ++mt)
+          mma_bf16_k8(acc[mt], __byte_perm(va[mt], vb[mt], 0x5410), __byte_perm(va[mt], vb[mt], 0x7632), pb[i]);
       }
       // The chunk was written through the generic proxy (cp.async); the producer may refill the slot with bulk
       // copies (async proxy).
@@ -1079,16 +1119,16 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
     }
     if (tid == 0) misc->phase[4] = globaltimer_lo();  // probabilities x V
     asm volatile("cp.async.wait_all;" ::: "memory");  // a context of 0 tokens never waited for its q copy
-    // Each warp's output (summed over its token lanes), max and sum; then the warps merged in warp order.
+    // Each warp's output, max and sum; then the warps merged in warp order.
+    if (t4 == 0 && g < G) {
+      sm->warp_max[warp * G_MAX + g] = run_max;
+      sm->warp_sum[warp * G_MAX + g] = run_sum;
+    }
 #pragma unroll
-    for (int h = 0; h < GM; ++h) {
-#pragma unroll
-      for (int e = 0; e < DPL; ++e) {
-        float v = acc[h][e];
-#pragma unroll
-        for (int off = NDVEC; off < 32; off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (h < G && lane < NDVEC) sm->o_red[warp * G * D + h * D + dvec * DPL + e] = v;
-      }
+    for (int mt = 0; mt < KS; ++mt) {
+      float* o = sm->o_red + warp * G * D + 2 * t4 * D + g * (D / 8) + 2 * mt;  // head 2 t4, dims 2 mt, 2 mt + 1
+      if (2 * t4 < G) *reinterpret_cast<float2*>(o) = make_float2(acc[mt][0], acc[mt][2]);
+      if (2 * t4 + 1 < G) *reinterpret_cast<float2*>(o + D) = make_float2(acc[mt][1], acc[mt][3]);
     }
     consumer_sync();
     // One split: the normalised output (as the merge would weight it). Several: this split's partial result,
@@ -1150,8 +1190,8 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
 
 __device__ void run_attention(const Params& p, const int* in, char* ring, uint64_t* full, uint64_t* empty,
                               uint32_t& chunk, char* xs, Misc* misc) {
-  if (p.head_dim != ATTN_HEAD_DIM || p.n_q_heads / p.n_kv_heads > ATTN_GROUP_MAX) __trap();
-  run_attention_t<ATTN_HEAD_DIM, ATTN_GROUP_MAX>(p, in, ring, full, empty, chunk, xs, misc);
+  if (p.head_dim != ATTN_HEAD_DIM || p.n_q_heads / p.n_kv_heads > G_MAX) __trap();
+  run_attention_t<ATTN_HEAD_DIM>(p, in, ring, full, empty, chunk, xs, misc);
 }
 
 // ---- the kernel ---------------------------------------------------------------------------------------------------
