@@ -52,13 +52,26 @@ def run(engine: LLMEngine, waves: list[list[tuple[list[int], SamplingParams]]], 
     return final
 
 
-def summary(outs: dict) -> dict:
-    """What must match; logprobs to 4 decimals (a request admitted a step later shares its batches with other
-    requests, which moves float32 sums in the last bits)."""
-    def rounded(logprobs):
-        return logprobs and [{t: (round(lp.logprob, 4), lp.rank) for t, lp in entry.items()} for entry in logprobs]
+class Logprobs(list):
+    """A completion's logprobs, equal to another's when the same tokens have the same ranks and logprobs within
+    1e-4 (a request admitted a step later shares its batches with other requests, which moves float32 sums in the
+    last bits; rounding both to 4 decimals flipped on values next to a rounding boundary)."""
 
-    return {rid: [(c.token_ids, c.finish_reason, c.stop_reason, c.text, rounded(c.logprobs)) for c in out.outputs]
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, list) and len(self) == len(other) and all(
+            a.keys() == b.keys() and all(a[t][1] == b[t][1] and abs(a[t][0] - b[t][0]) <= 1e-4 for t in a)
+            for a, b in zip(self, other))
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+
+def summary(outs: dict) -> dict:
+    """What must match: tokens, finish and stop reasons and text exactly, logprobs as Logprobs compares them."""
+    def logprobs(entries):
+        return entries and Logprobs([{t: (lp.logprob, lp.rank) for t, lp in entry.items()} for entry in entries])
+
+    return {rid: [(c.token_ids, c.finish_reason, c.stop_reason, c.text, logprobs(c.logprobs)) for c in out.outputs]
             for rid, out in outs.items()}
 
 
