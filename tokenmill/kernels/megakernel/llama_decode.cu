@@ -943,7 +943,7 @@ __device__ __forceinline__ uint2 lds64(const void* p) {
   return v;
 }
 
-// n 16-byte pieces of shared memory, piece i from (p + 16 * (i ^ r)), returned in piece order: loads staggered by r
+// N 16-byte pieces of shared memory, piece i from (p + 16 * (i ^ r)), returned in piece order: loads staggered by r
 // so that the lanes of one instruction hit distinct banks, then put back in place by selects (no local memory).
 template <int N>
 __device__ __forceinline__ void lds_rotated(const char* p, int r, uint4 (&out)[N]) {
@@ -967,7 +967,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
                                                 uint64_t* empty, uint32_t& chunk, char* xs, Misc* misc) {
   constexpr int CT = ATTN_CHUNK_BYTES / (2 * D), TPW = CT / NUM_CONSUMER_WARPS, NT = TPW / 8;
   constexpr int KS = D / 16;               // k-steps of the scores (and m-tiles of O^T)
-  constexpr int KP = D / 32;                // 16-byte pieces of a K row per lane (its D / 4 dims)
+  constexpr int KP = D / 32;               // 16-byte pieces of a K row per lane (its D / 4 dims)
   constexpr int VW = D / 16;               // 32-bit words of a V row per lane (its D / 8 dims)
   constexpr int PIECES = D / 8;
   static_assert(TPW % 8 == 0 && D % 32 == 0 && G_MAX <= 8, "groups of 8 tokens; whole K pieces; heads fit m16");
@@ -1022,7 +1022,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       }
       const char* ks = stage;
       const char* vs = stage + ATTN_CHUNK_BYTES;
-      // q's A fragments: k-step ks2 holds dims t4 * D/4 + 4 ks2 .. + 3 of head g (rows past G: zero).
+      // q's A fragments: k-step k2 holds dims t4 * D/4 + 4 k2 .. + 3 of head g (rows past G: zero).
       uint32_t qa[KS][2];
 #pragma unroll
       for (int k2 = 0; k2 < KS; ++k2) {
