@@ -40,6 +40,12 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
                "@!done bra WAIT;\n}" ::"r"(sa(bar)), "r"(parity) : "memory");
 }
 
+__device__ __forceinline__ void tma_load_3d(char* dst, const CUtensorMap* map, int c0, int c1, int c2, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
+      ::"r"(sa(dst)), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(sa(bar)) : "memory");
+}
+
 template <int MODE>
 __global__ void __launch_bounds__(64, 1) stream_kv(const __grid_constant__ CUtensorMap head_map,
                                                   const __grid_constant__ CUtensorMap block_map, const char* kv,
@@ -69,16 +75,9 @@ __global__ void __launch_bounds__(64, 1) stream_kv(const __grid_constant__ CUten
       __syncwarp();
       char* dst = ring + s * CHUNK;
       if (MODE == 0 && lane < 16) {
-        const int row = ((group * chunks + k) * 16 + lane) * 16;
-        asm volatile(
-            "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
-            ::"r"(sa(dst + lane * 2048)), "l"(&head_map), "r"(0), "r"(head), "r"(row), "r"(sa(&full[s])) : "memory");
+        tma_load_3d(dst + lane * 2048, &head_map, 0, head, ((group * chunks + k) * 16 + lane) * 16, &full[s]);
       } else if (MODE == 1 && lane < 2) {
-        const int row = ((blockIdx.x * chunks + k) * 2 + lane) * 16;
-        asm volatile(
-            "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
-            ::"r"(sa(dst + lane * BLOCK_BYTES)), "l"(&block_map), "r"(0), "r"(0), "r"(row), "r"(sa(&full[s]))
-            : "memory");
+        tma_load_3d(dst + lane * BLOCK_BYTES, &block_map, 0, 0, ((blockIdx.x * chunks + k) * 2 + lane) * 16, &full[s]);
       } else if (MODE == 2 && lane < 2) {
         const char* src = kv + ((size_t)(blockIdx.x * chunks + k) * 2 + lane) * BLOCK_BYTES;
         asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"

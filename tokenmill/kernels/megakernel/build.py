@@ -181,7 +181,8 @@ def cache_dir() -> Path:
 
 def compile_cubin(head_dim: int = 64, arch: str = ARCH, out_dir: Path | None = None,
                   extra_flags: tuple[str, ...] = ()) -> Path:
-    """nvcc -cubin for `arch`, specialised to a model's head_dim (32, 64 or 128); returns the cached cubin's path. Raises MegakernelUnavailable without nvcc or when nvcc fails."""
+    """nvcc -cubin for `arch`, specialised to a model's head_dim (32, 64 or 128); returns the cached cubin's path.
+    Raises MegakernelUnavailable without nvcc or when nvcc fails."""
     nvcc = find_nvcc()
     if nvcc is None:
         raise MegakernelUnavailable("nvcc not found (set NVCC or put it on PATH)")

@@ -933,7 +933,9 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // re-reading is cheaper than a register held across a loop (the register budget is tight).
 __device__ __forceinline__ uint4 lds128(const void* p) {
   uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(smem_addr(p)));
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(smem_addr(p)));
   return v;
 }
 
@@ -959,6 +961,31 @@ __device__ __forceinline__ void lds_rotated(const char* p, int r, uint4 (&out)[N
         out[i] = swap ? b : a;
         out[i ^ bit] = swap ? a : b;
       }
+  }
+}
+
+// Lane g's eighth (W 32-bit words) of two V rows, at a and b, zeros for a row that is not valid: 16-byte pieces
+// rotated by g / 4 (so that the 8 lanes of a row hit distinct banks when a lane reads two pieces), or one 8-byte load
+// per row for 32-dim heads. Both rows are loaded before either is used.
+template <int W>
+__device__ __forceinline__ void lds_v_rows(const char* a, const char* b, int g, bool a_valid, bool b_valid,
+                                           uint32_t (&va)[W], uint32_t (&vb)[W]) {
+  if constexpr (W >= 4) {
+    uint4 ra[W / 4], rb[W / 4];
+    lds_rotated<W / 4>(a, (g >> 2) & (W / 4 - 1), ra);
+    lds_rotated<W / 4>(b, (g >> 2) & (W / 4 - 1), rb);
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      va[w] = a_valid ? reinterpret_cast<const uint32_t*>(ra)[w] : 0u;
+      vb[w] = b_valid ? reinterpret_cast<const uint32_t*>(rb)[w] : 0u;
+    }
+  } else {
+    static_assert(W == 2, "an eighth of a 32-dim row: 2 words");
+    const uint2 ra = lds64(a), rb = lds64(b);
+    va[0] = a_valid ? ra.x : 0u;
+    va[1] = a_valid ? ra.y : 0u;
+    vb[0] = b_valid ? rb.x : 0u;
+    vb[1] = b_valid ? rb.y : 0u;
   }
 }
 
@@ -1074,7 +1101,8 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       run_sum = run_sum * alpha + sum;
       run_max = new_max;
       // O^T's columns are heads 2 t4 and 2 t4 + 1: their rescale factors from those heads' lanes.
-      const float alpha0 = __shfl_sync(0xffffffffu, alpha, 8 * t4), alpha1 = __shfl_sync(0xffffffffu, alpha, 8 * t4 + 4);
+      const float alpha0 = __shfl_sync(0xffffffffu, alpha, 8 * t4);
+      const float alpha1 = __shfl_sync(0xffffffffu, alpha, 8 * t4 + 4);
 #pragma unroll
       for (int mt = 0; mt < KS; ++mt) {
         acc[mt][0] *= alpha0;
@@ -1089,23 +1117,8 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
         // might not be finite), dims g * D/8 .. + D/8.
         const int t = warp * TPW + i * 8 + 2 * t4;
         uint32_t va[VW], vb[VW];
-        if constexpr (VW >= 4) {
-          uint4 ra[VW / 4], rb[VW / 4];
-          lds_rotated<VW / 4>(vs + t * D * 2 + g * (D / 4), (g >> 2) & (VW / 4 - 1), ra);
-          lds_rotated<VW / 4>(vs + (t + 1) * D * 2 + g * (D / 4), (g >> 2) & (VW / 4 - 1), rb);
-#pragma unroll
-          for (int w = 0; w < VW; ++w) {
-            va[w] = t < n ? reinterpret_cast<const uint32_t*>(ra)[w] : 0u;
-            vb[w] = t + 1 < n ? reinterpret_cast<const uint32_t*>(rb)[w] : 0u;
-          }
-        } else {
-          const uint2 ra = lds64(vs + t * D * 2 + g * (D / 4));
-          const uint2 rb = lds64(vs + (t + 1) * D * 2 + g * (D / 4));
-          va[0] = t < n ? ra.x : 0u;
-          va[1] = t < n ? ra.y : 0u;
-          vb[0] = t + 1 < n ? rb.x : 0u;
-          vb[1] = t + 1 < n ? rb.y : 0u;
-        }
+        lds_v_rows<VW>(vs + t * D * 2 + g * (D / 4), vs + (t + 1) * D * 2 + g * (D / 4), g, t < n, t + 1 < n,
+                       va, vb);
 #pragma unroll
         for (int mt = 0; mt < KS; ++mt)
           mma_bf16_k8(acc[mt], __byte_perm(va[mt], vb[mt], 0x5410), __byte_perm(va[mt], vb[mt], 0x7632), pb[i]);
