@@ -1,0 +1,72 @@
+"""The GPU probe scripts (scripts/probe_*.py) off the GPU: their build-and-run helper with host-only programs, its
+failure paths, and each probe's parsing of its program's output into a table and JSON."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokenmill.kernels.megakernel.build import find_nvcc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import cuda_probe  # noqa: E402
+import probe_instruction_fetch  # noqa: E402
+import probe_kv_streaming  # noqa: E402
+
+needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
+
+
+@needs_nvcc
+def test_build_and_run_returns_the_programs_output():
+    source = '#include <cstdio>\nint main() { printf("copy %d\\n", 6 * 7); return 0; }\n'
+    assert cuda_probe.build_and_run(source, ("-O2",)) == "copy 42\n"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source,message", [
+    ("int main() { return undeclared; }\n", "nvcc failed"),
+    ('#include <cstdio>\nint main() { fprintf(stderr, "no GPU\\n"); return 3; }\n', "the probe failed:\nno GPU"),
+])
+def test_build_and_run_exits_with_a_message(source, message):
+    with pytest.raises(SystemExit, match=message):
+        cuda_probe.build_and_run(source, ())
+
+
+def test_build_and_run_without_nvcc_says_so(monkeypatch):
+    monkeypatch.setattr(cuda_probe, "find_nvcc", lambda: None)
+    with pytest.raises(SystemExit, match="nvcc not found"):
+        cuda_probe.build_and_run("int main() { return 0; }\n", ())
+
+
+def run_probe(module, stdout: str, tmp_path: Path, monkeypatch, capsys) -> tuple[dict, str]:
+    monkeypatch.setattr(module, "build_and_run", lambda source, flags: stdout)
+    out = tmp_path / "probe.json"
+    monkeypatch.setattr(sys, "argv", ["probe", "--out", str(out)])
+    module.main()
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+def test_kv_streaming_table_and_json(tmp_path, monkeypatch, capsys):
+    stdout = "copy 4000.0\nmode head-box 2 4400.0\nmode bulk 4 4600.5\n"
+    result, printed = run_probe(probe_kv_streaming, stdout, tmp_path, monkeypatch, capsys)
+    assert result == {"copy_gb_per_s": 4000.0, "rows": [
+        {"copy": "head-box", "in_flight": 2, "gb_per_s": 4400.0},
+        {"copy": "bulk", "in_flight": 4, "gb_per_s": 4600.5}]}
+    assert "head-box" in printed and "1.10" in printed and "1.15" in printed  # ratios to the copy bandwidth
+
+
+def test_instruction_fetch_table_and_json(tmp_path, monkeypatch, capsys):
+    stdout = "0 512 3.460 2.600 2.480\n1 16384 5.910 5.670 5.670\nnoise line\n"
+    result, printed = run_probe(probe_instruction_fetch, stdout, tmp_path, monkeypatch, capsys)
+    assert result["rows"] == [
+        {"hbm_busy": False, "instructions": 512, "kib": 8, "cycles_per_instruction": [3.46, 2.6, 2.48]},
+        {"hbm_busy": True, "instructions": 16384, "kib": 256, "cycles_per_instruction": [5.91, 5.67, 5.67]}]
+    assert "busy" in printed and "256 KB" in printed
+
+
+def test_probe_sources_name_what_the_parsers_read():
+    # The programs print the lines the parsers expect (a rename on either side breaks a real run silently).
+    assert 'printf("copy %.1f\\n"' in probe_kv_streaming.SOURCE
+    assert 'printf("mode %s %d %.1f\\n"' in probe_kv_streaming.SOURCE
+    assert 'printf("%d %d %.3f %.3f %.3f\\n"' in probe_instruction_fetch.source()
