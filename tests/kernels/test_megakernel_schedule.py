@@ -479,6 +479,20 @@ def test_kernel_compiles_and_is_cached(tmp_path):
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
+def test_timing_diagnostics_still_compile(tmp_path):
+    # The kernel's DIAG_* defines (timing experiments through TOKENMILL_MEGAKERNEL_NVCC_FLAGS, DECODE_NOTES m18)
+    # leave out work: they must keep compiling as the kernel changes around them.
+    src = tmp_path / "diag.cu"
+    src.write_text(full_source())
+    flags = ["-DDIAG_ATTN_NO_MATH", "-DDIAG_STAGE_ROWS=1", "-DDIAG_NO_NORM"]
+    proc = subprocess.run([find_nvcc(), "-cubin", f"-arch={build.ARCH}", "-O1", "-std=c++17", "-DATTN_HEAD_DIM=64",
+                           *flags, "-o", str(tmp_path / "diag.cubin"), str(src)], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert all(flag.split("=")[0][2:] in src.read_text() for flag in flags)
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_kernel_compiles_for_sm90a_without_spills(tmp_path, head_dim):
     src = tmp_path / "check.cu"

@@ -236,3 +236,89 @@ def test_kv_tensor_map_shape_of_the_cache():
         KVTensorMapShape.of((80, 2, 1 << 20, 16, 8, 64))
     with pytest.raises(MegakernelUnsupported, match="too small"):
         KVTensorMapShape.of((2, 2, 10, 1, 2, 32))  # one 64-byte row per box
+
+
+def test_blocks_per_launch_follow_the_cluster_size_and_the_cap():
+    from types import SimpleNamespace
+
+    from tokenmill.kernels.megakernel.schedule import DecodeShape
+
+    class Kernel:  # cuOccupancyMaxActiveClusters x cluster size, as an H200 answered (m18)
+        fits = {2: 132, 8: 120, 16: 112}
+
+        def max_cluster_blocks(self, cluster: int, smem_bytes: int) -> int:
+            return self.fits[cluster]
+
+    shape = DecodeShape(1, 2048, 8192, 128256, 32, 8, 64, 16)
+    decoder = SimpleNamespace(num_sms=132, kernel=Kernel(), cluster_size=1, max_blocks=0)
+    blocks = lambda: MegakernelLlamaDecoder._num_blocks(decoder, shape)  # noqa: E731
+    assert blocks() == 132
+    decoder.max_blocks = 128
+    assert blocks() == 128
+    decoder.cluster_size, decoder.max_blocks = 8, 0
+    assert blocks() == 120
+    decoder.max_blocks = 100  # whole clusters only
+    assert blocks() == 96
+    decoder.max_blocks = 4
+    with pytest.raises(MegakernelUnsupported, match="no cluster of 8 blocks"):
+        blocks()
+
+
+def test_norm_weights_are_folded_into_copies_in_the_kernels_layer_order():
+    from types import SimpleNamespace
+
+    model = tiny_model()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    decoder = SimpleNamespace(model=model, lm_head_weight=model.lm_head_weight, final_norm=model.norm.weight,
+                              device=torch.device("cpu"), _folded=None)
+    ptrs, copies, lm_head = MegakernelLlamaDecoder._folded_weights(decoder)
+    assert MegakernelLlamaDecoder._folded_weights(decoder)[0] is ptrs  # built once
+    ptrs = ptrs.tolist()
+    assert len(ptrs) == 6 * len(model.layers) and len(copies) == 2 * len(model.layers)
+    for i, layer in enumerate(model.layers):
+        qkv, gate_up = copies[2 * i: 2 * i + 2]
+        # LayerPtrs: attn_norm, qkv, o, mlp_norm, gate_up, down
+        assert ptrs[6 * i: 6 * i + 6] == [layer.attn_norm.weight.data_ptr(), qkv.data_ptr(),
+                                          layer.attn.o_proj.weight.data_ptr(), layer.mlp_norm.weight.data_ptr(),
+                                          gate_up.data_ptr(), layer.mlp.down_proj.weight.data_ptr()]
+        w = layer.attn.qkv_proj.weight
+        assert qkv.dtype == w.dtype and qkv.is_contiguous()
+        assert torch.equal(qkv, (w.float() * layer.attn_norm.weight.float()).to(w.dtype))
+        w = layer.mlp.gate_up_proj.weight
+        assert torch.equal(gate_up, (w.float() * layer.mlp_norm.weight.float()).to(w.dtype))
+        assert not torch.equal(gate_up, w)  # (random norm weights: folding changed something)
+    assert torch.equal(lm_head, (model.lm_head_weight.float() * model.norm.weight.float()).to(lm_head.dtype))
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())  # the model's own untouched
+
+
+def test_cluster_launch_structs_match_the_driver_header(tmp_path):
+    import ctypes
+    import subprocess
+
+    from tokenmill.kernels.megakernel import build
+
+    config = build.LoadedKernel(None, None, None)._config(132, 1000, 0, 2)
+    assert (list(config.grid), list(config.block), config.shared_mem_bytes) == ([132, 1, 1], [build.NUM_THREADS, 1, 1],
+                                                                                 1000)
+    assert config.num_attrs == 2 and config.attrs[0].id == build._LAUNCH_ATTRIBUTE_COOPERATIVE
+    assert config.attrs[0].value[0] == 1
+    assert config.attrs[1].id == build._LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION and list(config.attrs[1].value[:3]) == [
+        2, 1, 1]
+    ours = [ctypes.sizeof(build._LaunchAttribute), build._LaunchAttribute.value.offset,
+            ctypes.sizeof(build._LaunchConfig), build._LaunchConfig.stream.offset, build._LaunchConfig.attrs.offset,
+            build._LaunchConfig.num_attrs.offset, build._LAUNCH_ATTRIBUTE_COOPERATIVE,
+            build._LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, build._FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED]
+    assert ours == [72, 8, 56, 32, 40, 48, 2, 4, 14]  # CUDA 12 / 13's cuda.h on x86-64
+    nvcc = build.find_nvcc()
+    if nvcc is None:
+        return
+    src = tmp_path / "layout.cu"
+    src.write_text(
+        "#include <cuda.h>\n#include <cstddef>\n#include <cstdio>\n"
+        "int main() { std::printf(\"%zu %zu %zu %zu %zu %zu %d %d %d\\n\", sizeof(CUlaunchAttribute), "
+        "offsetof(CUlaunchAttribute, value), sizeof(CUlaunchConfig), offsetof(CUlaunchConfig, hStream), "
+        "offsetof(CUlaunchConfig, attrs), offsetof(CUlaunchConfig, numAttrs), (int)CU_LAUNCH_ATTRIBUTE_COOPERATIVE, "
+        "(int)CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, (int)CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED); }\n")
+    subprocess.run([nvcc, "-o", str(tmp_path / "layout"), str(src)], check=True, capture_output=True)
+    out = subprocess.run([str(tmp_path / "layout")], check=True, capture_output=True, text=True).stdout
+    assert [int(v) for v in out.split()] == ours

@@ -68,6 +68,8 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("i64", "num_layers"),
     ("i64", "attn_splits"),
     ("i64", "min_split_tokens"),
+    ("i64", "attn_pair_min_chunks"),
+    ("i64", "norm_folded"),
     ("i64", "kseg_o"),
     ("i64", "kseg_down"),
     ("i64", "num_stages"),
@@ -208,19 +210,64 @@ def compile_cubin(head_dim: int = 64, arch: str = ARCH, out_dir: Path | None = N
     return cubin
 
 
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, then a 64-byte value union at offset 8
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem_bytes", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
+                ("num_attrs", ctypes.c_uint)]
+
+
+_LAUNCH_ATTRIBUTE_COOPERATIVE = 2
+_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
+_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED = 14
+PORTABLE_CLUSTER_SIZE = 8
+
+
 @dataclass
 class LoadedKernel:
     function: ctypes.c_void_p
     module: ctypes.c_void_p
     libcuda: ctypes.CDLL
 
-    def launch(self, grid: int, smem_bytes: int, params: ctypes.Array, stream: int) -> None:
+    def _config(self, grid: int, smem_bytes: int, stream: int, cluster: int) -> _LaunchConfig:
+        """A cooperative launch (every block resident at once) in thread-block clusters of `cluster` blocks."""
+        attrs = (_LaunchAttribute * 2)()
+        attrs[0].id = _LAUNCH_ATTRIBUTE_COOPERATIVE
+        attrs[0].value[0] = 1
+        attrs[1].id = _LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        attrs[1].value[0], attrs[1].value[1], attrs[1].value[2] = cluster, 1, 1
+        config = _LaunchConfig((grid, 1, 1), (NUM_THREADS, 1, 1), smem_bytes, stream, attrs, 2)
+        config._attrs = attrs  # keeps the array alive with the config
+        return config
+
+    def max_cluster_blocks(self, cluster: int, smem_bytes: int) -> int:
+        """How many blocks a cooperative launch in clusters of `cluster` blocks can hold (whole clusters that fit
+        at once, one block per SM): the GPCs' SM counts need not be multiples of the cluster size."""
+        if cluster > PORTABLE_CLUSTER_SIZE:
+            _check(self.libcuda, self.libcuda.cuFuncSetAttribute(
+                self.function, _FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, ctypes.c_int(1)),
+                "cuFuncSetAttribute")
+        count = ctypes.c_int()
+        config = self._config(cluster, smem_bytes, 0, cluster)
+        _check(self.libcuda, self.libcuda.cuOccupancyMaxActiveClusters(
+            ctypes.byref(count), self.function, ctypes.byref(config)), "cuOccupancyMaxActiveClusters")
+        return count.value * cluster
+
+    def launch(self, grid: int, smem_bytes: int, params: ctypes.Array, stream: int, cluster: int = 1) -> None:
         args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-        _check(self.libcuda, self.libcuda.cuLaunchCooperativeKernel(
-            self.function, ctypes.c_uint(grid), ctypes.c_uint(1), ctypes.c_uint(1),
-            ctypes.c_uint(NUM_THREADS), ctypes.c_uint(1), ctypes.c_uint(1),
-            ctypes.c_uint(smem_bytes), ctypes.c_void_p(stream), args,
-        ), "cuLaunchCooperativeKernel")
+        if cluster == 1:
+            _check(self.libcuda, self.libcuda.cuLaunchCooperativeKernel(
+                self.function, ctypes.c_uint(grid), ctypes.c_uint(1), ctypes.c_uint(1),
+                ctypes.c_uint(NUM_THREADS), ctypes.c_uint(1), ctypes.c_uint(1),
+                ctypes.c_uint(smem_bytes), ctypes.c_void_p(stream), args,
+            ), "cuLaunchCooperativeKernel")
+            return
+        config = self._config(grid, smem_bytes, stream, cluster)
+        _check(self.libcuda, self.libcuda.cuLaunchKernelEx(ctypes.byref(config), self.function, args, None),
+               "cuLaunchKernelEx")
 
 
 def _check(lib: ctypes.CDLL, status: int, what: str) -> None:

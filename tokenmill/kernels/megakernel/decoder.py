@@ -5,7 +5,8 @@ decode_logits(), which the runner prefers: the kernel ends in the LM head, so th
 
 Per batch size the decoder keeps a Schedule (instruction lists, schedule.py), its encoding on the device and the
 scratch buffers the kernel writes (residual stream, q, attention output, MLP activation, split partials, logits,
-counters). Each call zeroes the counters and launches once; weights are read in place from the model.
+counters). Each call zeroes the counters and launches once; weights are read in place from the model, except
+the norm-folded copies of qkv, gate_up and the LM head (fold_norm).
 """
 
 from __future__ import annotations
@@ -30,12 +31,16 @@ logger = logging.getLogger(__name__)
 LOG2E = 1.4426950408889634
 DEFAULT_MAX_INFLIGHT_CHUNKS = 2  # m12b: 1.5-2.5% faster than the ring's worth at batch 1-16
 DEFAULT_PAUSE_RELEASE = 1  # m12e: 3-4% faster than 0 at batch 1-16
+DEFAULT_MIN_SPLIT_TOKENS = 128
+# m18b (H200): pairing items of >= 2 or >= 4 chunks, 0.5-0.9 % faster at 8-16 x 4k; >= 2 was 0.4 % slower at 4 x 1k
+# (items of 2 chunks), >= 4 never slower.
+DEFAULT_ATTN_PAIR_MIN_CHUNKS = 4
+DEFAULT_FOLD_NORM = 1  # m18c (H200): 1.0 / 2.5 / 3.9 % faster at 1 / 8 / 16 x 1k than HF's order
 # Defaults that differ by card, each where an A/B on that card chose it (the H200's HBM is ~43 % faster: a chunk in
 # flight lands sooner, and every wait behind one is shorter).
 H200_CARDS = re.compile(r"\bH200\b")  # "NVIDIA H200", "NVIDIA H200 NVL"; not GH200 (not measured)
 # m13: the tagged residual stream at batch 1 won on H200 (-2.1 %) and lost on H100 (+1.7 %), both in one-process
 # A/Bs at 1 x 128 / 1k / 4k; on by default only on the cards where it won.
-DEFAULT_MIN_SPLIT_TOKENS = 128
 # H100 2026-11-27, ctx 1k: TMA tensor copies of attention's K / V beat one warp's cp.async from batch 2 on (batch 16
 # 2.00 -> 1.64 ms) and lose ~13 us at batch 1 (one short chunk per item: 8 splits of 128 tokens); DECODE_NOTES m11.
 # H200 2026-11-28: TMA at batch 1 as well: 1 x 4k 0.946 -> 0.904 ms, 1 x 128 / 1k within 0.4 % (m16a).
@@ -122,6 +127,14 @@ class MegakernelLlamaDecoder:
         self.embed = model.embed_tokens.weight
         self.lm_head_weight = model.lm_head_weight.contiguous()
         self.final_norm = model.norm.weight
+        # The RMSNorm weights folded into the weights that read the normed rows (qkv, gate_up, the LM head): W * w,
+        # rounded to bf16 once, so the kernel only scales each output row by 1 / rms (llama_decode.cu, stage_x).
+        # Copies of those weights: 1.8 GB for Llama-3.2-1B, allocated here so the KV cache is sized after them.
+        # TOKENMILL_MEGAKERNEL_FOLD_NORM=0 keeps HF's order (x * 1/rms rounded, times w rounded) on the model's own.
+        self.fold_norm = bool(env_int("TOKENMILL_MEGAKERNEL_FOLD_NORM", DEFAULT_FOLD_NORM, minimum=0, maximum=1))
+        self._folded: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor] | None = None
+        if self.fold_norm:
+            self._folded_weights()
         self.cos = model.rotary.cos_cache.contiguous()
         self.sin = model.rotary.sin_cache.contiguous()
         self.scale = model.layers[0].attn.scale
@@ -146,8 +159,34 @@ class MegakernelLlamaDecoder:
         self._kv_tensor_maps: dict[tuple, torch.Tensor | None] = {}
         # Fewest context tokens per attention split: shorter contexts use fewer splits (no merge for one split).
         self.min_split_tokens = env_int("TOKENMILL_MEGAKERNEL_MIN_SPLIT", DEFAULT_MIN_SPLIT_TOKENS, minimum=1)
+        # Attention items of at least this many ring chunks are worked by the consumer warps in two halves on
+        # alternate chunks (llama_decode.cu, run_attention_t); 0: never.
+        self.attn_pair_min_chunks = env_int("TOKENMILL_MEGAKERNEL_ATTN_PAIR_MIN_CHUNKS", DEFAULT_ATTN_PAIR_MIN_CHUNKS,
+                                            minimum=0)
+        # Blocks launched in thread-block clusters of this many (1: no clusters), and at most this many blocks
+        # (0: one per SM, or as many whole clusters as fit at once).
+        self.cluster_size = env_int("TOKENMILL_MEGAKERNEL_CLUSTER", 1, minimum=1, maximum=16)
+        self.max_blocks = env_int("TOKENMILL_MEGAKERNEL_BLOCKS", 0, minimum=0)
         # Tests: fill the kernel's outputs with NaN before each launch, so anything it fails to write shows.
         self.poison_scratch = False
+
+    def _folded_weights(self) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """(layer pointers with qkv and gate_up replaced by their norm-folded copies, the copies, the folded LM head),
+        built on first use."""
+        if self._folded is None:
+            def fold(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+                return (weight.float() * norm.float()).to(weight.dtype).contiguous()
+
+            ptrs, copies = [], []
+            for layer in self.model.layers:
+                qkv = fold(layer.attn.qkv_proj.weight, layer.attn_norm.weight)
+                gate_up = fold(layer.mlp.gate_up_proj.weight, layer.mlp_norm.weight)
+                copies += [qkv, gate_up]
+                ptrs += [layer.attn_norm.weight.data_ptr(), qkv.data_ptr(), layer.attn.o_proj.weight.data_ptr(),
+                         layer.mlp_norm.weight.data_ptr(), gate_up.data_ptr(), layer.mlp.down_proj.weight.data_ptr()]
+            lm_head = fold(self.lm_head_weight, self.final_norm)
+            self._folded = (torch.tensor(ptrs, dtype=torch.int64, device=self.device), copies, lm_head)
+        return self._folded
 
     # ---- per batch size ---------------------------------------------------------------------------------------
 
@@ -158,7 +197,7 @@ class MegakernelLlamaDecoder:
         if batch not in self._per_batch:
             cfg, dev = self.config, self.device
             shape = DecodeShape.of(cfg, batch)
-            schedule = build_schedule(shape, self.num_sms)
+            schedule = build_schedule(shape, self._num_blocks(shape))
             flat, counts = schedule.encoded()
             q_size = cfg.num_attention_heads * cfg.head_dim
             group = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -195,17 +234,28 @@ class MegakernelLlamaDecoder:
             }
         return self._per_batch[batch]
 
+    def _num_blocks(self, shape: DecodeShape) -> int:
+        """Blocks to launch: one per SM, or with clusters as many whole clusters as fit at once; at most
+        max_blocks (a multiple of the cluster size)."""
+        c = self.cluster_size
+        blocks = self.num_sms if c == 1 else self.kernel.max_cluster_blocks(c, shape.smem_bytes())
+        if self.max_blocks:
+            blocks = min(blocks, self.max_blocks // c * c)
+        if blocks < 1:
+            raise MegakernelUnsupported(f"no cluster of {c} blocks fits on this GPU")
+        return blocks
+
     def enable_trace(self, batch: int, on: bool = True) -> None:
         """Makes the kernel record global-timer stamps for batch: per instruction (start, dependency met, end), per
         weight chunk (producer issued its copy, consumers found it landed) and per instruction the ends of its phases
         (trace.ATTENTION_PHASES of an attention instruction's last non-empty item; trace.MATMUL_PHASES)."""
         st = self._state(batch)
         schedule = st["schedule"]
-        st["trace"] = torch.zeros(self.num_sms * schedule.max_instrs * 3, dtype=torch.int64,
+        st["trace"] = torch.zeros(schedule.num_blocks * schedule.max_instrs * 3, dtype=torch.int64,
                                   device=self.device) if on else None
-        st["chunk_trace"] = torch.zeros(self.num_sms * st["max_chunks"] * 2, dtype=torch.int64,
+        st["chunk_trace"] = torch.zeros(schedule.num_blocks * st["max_chunks"] * 2, dtype=torch.int64,
                                         device=self.device) if on else None
-        st["phase_trace"] = torch.zeros(self.num_sms * schedule.max_instrs * ATTN_PHASES, dtype=torch.int64,
+        st["phase_trace"] = torch.zeros(schedule.num_blocks * schedule.max_instrs * ATTN_PHASES, dtype=torch.int64,
                                         device=self.device) if on else None
 
     def trace_stamps(self, batch: int) -> tuple[Schedule, list, list]:
@@ -213,8 +263,8 @@ class MegakernelLlamaDecoder:
         launch, copied to the host once; tokenmill.kernels.megakernel.trace reads them."""
         st = self._traced_state(batch)
         schedule = st["schedule"]
-        return (schedule, st["trace"].view(self.num_sms, schedule.max_instrs, 3).tolist(),
-                st["chunk_trace"].view(self.num_sms, st["max_chunks"], 2).tolist())
+        return (schedule, st["trace"].view(schedule.num_blocks, schedule.max_instrs, 3).tolist(),
+                st["chunk_trace"].view(schedule.num_blocks, st["max_chunks"], 2).tolist())
 
     def phase_stamps(self, batch: int) -> list:
         """Per block and instruction, the ATTN_PHASES phase-end slots of the last traced launch: an attention
@@ -223,8 +273,8 @@ class MegakernelLlamaDecoder:
         rest."""
         st = self._traced_state(batch)
         max_instrs = st["schedule"].max_instrs
-        lows = st["phase_trace"].view(self.num_sms, max_instrs, ATTN_PHASES).tolist()
-        met = st["trace"].view(self.num_sms, max_instrs, 3)[:, :, 1].tolist()
+        lows = st["phase_trace"].view(st["schedule"].num_blocks, max_instrs, ATTN_PHASES).tolist()
+        met = st["trace"].view(st["schedule"].num_blocks, max_instrs, 3)[:, :, 1].tolist()
         return [[[unwrap_timer(lo, met[b][i]) if lo else 0 for lo in row] for i, row in enumerate(block)]
                 for b, block in enumerate(lows)]
 
@@ -295,10 +345,14 @@ class MegakernelLlamaDecoder:
             st["epoch"].add_(1)
         schedule = st["schedule"]
         kv_tmap = self.kv_tensor_map(kv_cache) if batch >= self.attn_tma_min_batch else None
+        if self.fold_norm:
+            layer_ptrs, _, lm_head = self._folded_weights()
+        else:
+            layer_ptrs, lm_head = self.layer_ptrs, self.lm_head_weight
         params = pack_params({
-            "layers": self.layer_ptrs.data_ptr(),
+            "layers": layer_ptrs.data_ptr(),
             "embed": self.embed.data_ptr(),
-            "lm_head": self.lm_head_weight.data_ptr(),
+            "lm_head": lm_head.data_ptr(),
             "final_norm": self.final_norm.data_ptr(),
             "cos_tab": self.cos.data_ptr(),
             "sin_tab": self.sin.data_ptr(),
@@ -337,6 +391,8 @@ class MegakernelLlamaDecoder:
             "num_layers": cfg.num_hidden_layers,
             "attn_splits": schedule.attn_splits,
             "min_split_tokens": self.min_split_tokens,
+            "attn_pair_min_chunks": self.attn_pair_min_chunks,
+            "norm_folded": int(self.fold_norm),
             "kseg_o": st["shape"].kseg(st["shape"].k(OP_O)),
             "kseg_down": st["shape"].kseg(st["shape"].k(OP_DOWN)),
             "num_stages": st["shape"].num_stages(),
@@ -353,8 +409,8 @@ class MegakernelLlamaDecoder:
         })
         # Keep the converted inputs alive until the launch is enqueued.
         st["inputs"] = (ids, pos, slots, seq_lens, tables)
-        self.kernel.launch(self.num_sms, st["shape"].smem_bytes(), params,
-                           torch.cuda.current_stream(self.device).cuda_stream)
+        self.kernel.launch(schedule.num_blocks, st["shape"].smem_bytes(), params,
+                           torch.cuda.current_stream(self.device).cuda_stream, self.cluster_size)
         return st["logits"]
 
     @torch.no_grad()

@@ -449,6 +449,7 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
 
 struct Misc {
   float ss[NUM_CONSUMER_WARPS][2];  // stage_x: each warp's sum of squares of its rows (at most 2 per warp group)
+  float rstd[16];  // stage_x, p.norm_folded: each staged row's 1 / rms (the epilogues read it after their barrier)
   int flag;
   int merged;
   uint32_t attn_chunks;  // ring chunks that were attention's so far (the chunk trace counts weight chunks)
@@ -509,7 +510,10 @@ __device__ __forceinline__ void preload_norm(const bf16* norm, int k0, int klen,
 }
 
 // xs[m][0..klen) = x[m][k0..k0+klen) for m < M, RMSNorm'd (HF order) when norm != null; norm_smem: the norm
-// weights preload_norm copied, or null (read from global).
+// weights preload_norm copied, or null (read from global). With p.norm_folded the weights already hold the norm's
+// weights (decoder: W * w, rounded to bf16 once), so the rows stay as they are and only each row's 1 / rms is kept,
+// for the epilogue: the pass over the rows that normalises them cost 2 % of a step at batch 1 and 4 % at 16 (its
+// loads and arithmetic, not its stores: measured by leaving out each).
 // The rows are spread over G groups of whole warps (G = the largest power of two <= M, at most 8): a group copies
 // its rows with cp.async (every piece of every row in flight at once), sums the squares of the pieces each thread
 // copied itself, and after the one block barrier adds its warps' sums and normalises its own pieces. (Row by row
@@ -519,6 +523,9 @@ __device__ __forceinline__ void preload_norm(const bf16* norm, int k0, int klen,
 // copies its pieces' words into `words` (shared memory) until they carry `tag`, then keeps their bf16 halves.
 __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int klen, const bf16* norm, char* xs,
                         int xstride, Misc* misc, const char* norm_smem, uint32_t tag, uint32_t* words) {
+#ifdef DIAG_NO_NORM  // timing experiments only: the rows are staged, not normalised
+  norm = nullptr;
+#endif
   constexpr int U = 2;  // pieces per thread loaded before any is used
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int M = (int)p.M, vecs = klen / 8;
@@ -526,7 +533,11 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
   const int group_threads = NUM_CONSUMERS / G, group = tid / group_threads, i0 = tid % group_threads;
   const int group_warps = group_threads / 32, first_warp = group * group_warps;
   if (tag == NO_TAG) {
+#ifdef DIAG_STAGE_ROWS  // timing experiments only: stage the first DIAG_STAGE_ROWS rows, leave the rest stale
+    for (int m = group; m < min(M, DIAG_STAGE_ROWS); m += G)
+#else
     for (int m = group; m < M; m += G)
+#endif
       for (int v = i0; v < vecs; v += group_threads)
         cp_async16(smem_addr(xs + m * xstride + v * 16), static_cast<const bf16*>(src) + (size_t)m * ld + k0 + v * 8);
   } else {  // M == 1 (the decoder tags h at batch 1 only): one group, piece v of the row is thread v's
@@ -576,6 +587,15 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
   }
   consumer_sync();  // every row in xs; the sums of squares; the norm weights (copied by all consumers)
   if (!norm) return;
+  if (p.norm_folded) {  // the weights carry the norm's weights: 1 / rms per row is all, the epilogue applies it
+    if (tid < M) {
+      const int first = (tid % G) * group_warps;
+      float total = 0.f;
+      for (int w = first; w < first + group_warps; ++w) total += misc->ss[w][tid / G];
+      misc->rstd[tid] = rsqrtf(total / (float)klen + (float)p.eps);
+    }
+    return;
+  }
   for (int m = group, j = 0; m < M; m += G, ++j) {
     char* row = xs + m * xstride;
     float total = 0.f;
@@ -751,7 +771,8 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     case OP_DOWN: src = p.act; ld = (int)p.inter; break;
     default: src = p.h; ld = (int)p.hidden; norm = p.final_norm;
   }
-  const char* norm_smem = norm && klen * 2 <= RED_BYTES ? reinterpret_cast<const char*>(red) : nullptr;
+  const char* norm_smem =
+      norm && !p.norm_folded && klen * 2 <= RED_BYTES ? reinterpret_cast<const char*>(red) : nullptr;
   if (norm_smem) preload_norm(norm, k0, klen, reinterpret_cast<char*>(red));
   const bool tagged_in = p.tagged && reads_h(op);  // the words' tags are the dependency
   if (!tagged_in) wait_dependency(p, in[5], in[6], misc);
@@ -818,6 +839,10 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       }
     }
     if (nsegs == 1) {
+      if (active && norm && p.norm_folded) {
+        lo *= misc->rstd[c];
+        hi *= misc->rstd[c];
+      }
       if (active) epilogue(p, op, layer, tile, r, c, lo, hi, epi_in, stage_tag(misc, in[7]));
       ++merged;
     } else if (active) {  // split-K: this segment's partial; the tiles' arrivals follow the loop (merge_split_k)
@@ -989,13 +1014,96 @@ __device__ __forceinline__ void lds_v_rows(const char* a, const char* b, int g, 
   }
 }
 
+// One chunk's share of one warp: its NT groups of 8 consecutive tokens from token `first` of the chunk (n tokens
+// valid), into the warp's softmax state (run_max, run_sum: head g's, the same in the group's 4 lanes) and O^T (acc).
+template <int D, int NT>
+__device__ __forceinline__ void attention_chunk(const char* ks, const char* vs, const float* q, int first, int n,
+                                                int G, float scale_log2, float& run_max, float& run_sum,
+                                                float (&acc)[D / 16][4], bool stamp, Misc* misc) {
+  constexpr int KS = D / 16;  // k-steps of the scores (and m-tiles of O^T)
+  constexpr int KP = D / 32;  // 16-byte pieces of a K row per lane (its D / 4 dims)
+  constexpr int VW = D / 16;  // 32-bit words of a V row per lane (its D / 8 dims)
+  const int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  // q's A fragments: k-step k2 holds dims t4 * D/4 + 4 k2 .. + 3 of head g (rows past G: zero).
+  uint32_t qa[KS][2];
+#pragma unroll
+  for (int k2 = 0; k2 < KS; ++k2) {
+    const float4 q4 = g < G ? *reinterpret_cast<const float4*>(q + g * D + t4 * (D / 4) + 4 * k2)
+                            : make_float4(0.f, 0.f, 0.f, 0.f);
+    qa[k2][0] = pack_bf16(q4.x, q4.y);
+    qa[k2][1] = pack_bf16(q4.z, q4.w);
+  }
+  float sc[NT][4];
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    uint4 kr[KP];
+    const int row = first + i * 8 + g;
+    lds_rotated<KP>(ks + row * D * 2 + t4 * (D / 2), g & (KP - 1), kr);
+    const uint32_t* kw = reinterpret_cast<const uint32_t*>(kr);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) sc[i][j] = 0.f;
+#pragma unroll
+    for (int k2 = 0; k2 < KS; ++k2) mma_bf16(sc[i], qa[k2][0], 0u, qa[k2][1], 0u, kw[2 * k2], kw[2 * k2 + 1]);
+  }
+  if (stamp) misc->phase[2] = globaltimer_lo();  // scores
+  // Online softmax of head g over this chunk's tokens of the warp (t4's lanes hold two tokens per group).
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < NT; ++i)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int t = first + i * 8 + 2 * t4 + e;
+      sc[i][e] = t < n ? sc[i][e] * scale_log2 : -INFINITY;
+      mx = fmaxf(mx, sc[i][e]);
+    }
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  const float new_max = fmaxf(run_max, mx);
+  const float alpha = run_max == -INFINITY ? 0.f : exp2f(run_max - new_max);
+  float sum = 0.f;
+  uint32_t pb[NT];
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      sc[i][e] = sc[i][e] == -INFINITY ? 0.f : exp2f(sc[i][e] - new_max);
+      sum += sc[i][e];
+    }
+    pb[i] = pack_bf16(sc[i][0], sc[i][1]);
+  }
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  run_sum = run_sum * alpha + sum;
+  run_max = new_max;
+  // O^T's columns are heads 2 t4 and 2 t4 + 1: their rescale factors from those heads' lanes.
+  const float alpha0 = __shfl_sync(0xffffffffu, alpha, 8 * t4);
+  const float alpha1 = __shfl_sync(0xffffffffu, alpha, 8 * t4 + 4);
+#pragma unroll
+  for (int mt = 0; mt < KS; ++mt) {
+    acc[mt][0] *= alpha0;
+    acc[mt][1] *= alpha1;
+    acc[mt][2] *= alpha0;
+    acc[mt][3] *= alpha1;
+  }
+  if (stamp) misc->phase[3] = globaltimer_lo();  // softmax
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    // V rows of the group's tokens 2 t4 and 2 t4 + 1 (zero past the chunk's end: P is 0 there, stale rows might
+    // not be finite), dims g * D/8 .. + D/8.
+    const int t = first + i * 8 + 2 * t4;
+    uint32_t va[VW], vb[VW];
+    lds_v_rows<VW>(vs + t * D * 2 + g * (D / 4), vs + (t + 1) * D * 2 + g * (D / 4), g, t < n, t + 1 < n, va, vb);
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt)
+      mma_bf16_k8(acc[mt], __byte_perm(va[mt], vb[mt], 0x5410), __byte_perm(va[mt], vb[mt], 0x7632), pb[i]);
+  }
+}
+
 template <int D>
 __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, char* ring, uint64_t* full,
                                                 uint64_t* empty, uint32_t& chunk, char* xs, Misc* misc) {
   constexpr int CT = ATTN_CHUNK_BYTES / (2 * D), TPW = CT / NUM_CONSUMER_WARPS, NT = TPW / 8;
-  constexpr int KS = D / 16;               // k-steps of the scores (and m-tiles of O^T)
-  constexpr int KP = D / 32;               // 16-byte pieces of a K row per lane (its D / 4 dims)
-  constexpr int VW = D / 16;               // 32-bit words of a V row per lane (its D / 8 dims)
+  constexpr int KS = D / 16;  // m-tiles of O^T
   constexpr int PIECES = D / 8;
   static_assert(TPW % 8 == 0 && D % 32 == 0 && G_MAX <= 8, "groups of 8 tokens; whole K pieces; heads fit m16");
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
@@ -1011,6 +1119,10 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
     const AttnItem a = attn_item(p, item);
     if (a.split >= a.splits) continue;  // empty: the (sequence, KV head) completes without it
     const int m = a.m, kvh = a.kvh, split = a.split, splits = a.splits, newest = a.L - 1;
+    // Items of several chunks: the warps work in two halves on alternate chunks, twice the tokens per warp, so that
+    // each warp's chain of dependent steps (scores, softmax, P.V) has twice the independent work in it. Not for
+    // 128-dim heads: their twice-as-long chunk pass would spill registers.
+    const bool paired = D <= 64 && p.attn_pair_min_chunks > 0 && a.t1 - a.t0 > (p.attn_pair_min_chunks - 1) * CT;
     // This step's token's cache slot (the one qkv writes; < 0: a row without one) is an input of the step: read
     // before the dependency wait, so its K / V copy after the wait needs no block-table lookup.
     const long long newest_slot = p.slot_mapping[m];
@@ -1047,81 +1159,21 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
         consumer_sync();
         if (tb == a.t0 && tid == 0) misc->phase[1] = globaltimer_lo();  // q, K and V in shared memory
       }
+#ifdef DIAG_ATTN_NO_MATH  // timing experiments only: chunks stream and are released, nothing is computed
+      if (tid == 0) misc->phase[2] = misc->phase[3] = globaltimer_lo();
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[s]);
+      if (tid == 0) ++misc->attn_chunks;
+      continue;
+#endif
       const char* ks = stage;
       const char* vs = stage + ATTN_CHUNK_BYTES;
-      // q's A fragments: k-step k2 holds dims t4 * D/4 + 4 k2 .. + 3 of head g (rows past G: zero).
-      uint32_t qa[KS][2];
-#pragma unroll
-      for (int k2 = 0; k2 < KS; ++k2) {
-        const float4 q4 = g < G ? *reinterpret_cast<const float4*>(sm->q + g * D + t4 * (D / 4) + 4 * k2)
-                                : make_float4(0.f, 0.f, 0.f, 0.f);
-        qa[k2][0] = pack_bf16(q4.x, q4.y);
-        qa[k2][1] = pack_bf16(q4.z, q4.w);
-      }
-      float sc[NT][4];
-#pragma unroll
-      for (int i = 0; i < NT; ++i) {
-        uint4 kr[KP];
-        const int row = warp * TPW + i * 8 + g;
-        lds_rotated<KP>(ks + row * D * 2 + t4 * (D / 2), g & (KP - 1), kr);
-        const uint32_t* kw = reinterpret_cast<const uint32_t*>(kr);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) sc[i][j] = 0.f;
-#pragma unroll
-        for (int k2 = 0; k2 < KS; ++k2) mma_bf16(sc[i], qa[k2][0], 0u, qa[k2][1], 0u, kw[2 * k2], kw[2 * k2 + 1]);
-      }
-      if (tb == a.t0 && tid == 0) misc->phase[2] = globaltimer_lo();  // scores
-      // Online softmax of head g over this chunk's tokens of the warp (t4's lanes hold two tokens per group).
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < NT; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int t = warp * TPW + i * 8 + 2 * t4 + e;
-          sc[i][e] = t < n ? sc[i][e] * (float)p.scale_log2 : -INFINITY;
-          mx = fmaxf(mx, sc[i][e]);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float new_max = fmaxf(run_max, mx);
-      const float alpha = run_max == -INFINITY ? 0.f : exp2f(run_max - new_max);
-      float sum = 0.f;
-      uint32_t pb[NT];
-#pragma unroll
-      for (int i = 0; i < NT; ++i) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          sc[i][e] = sc[i][e] == -INFINITY ? 0.f : exp2f(sc[i][e] - new_max);
-          sum += sc[i][e];
-        }
-        pb[i] = pack_bf16(sc[i][0], sc[i][1]);
-      }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      run_sum = run_sum * alpha + sum;
-      run_max = new_max;
-      // O^T's columns are heads 2 t4 and 2 t4 + 1: their rescale factors from those heads' lanes.
-      const float alpha0 = __shfl_sync(0xffffffffu, alpha, 8 * t4);
-      const float alpha1 = __shfl_sync(0xffffffffu, alpha, 8 * t4 + 4);
-#pragma unroll
-      for (int mt = 0; mt < KS; ++mt) {
-        acc[mt][0] *= alpha0;
-        acc[mt][1] *= alpha1;
-        acc[mt][2] *= alpha0;
-        acc[mt][3] *= alpha1;
-      }
-      if (tb == a.t0 && tid == 0) misc->phase[3] = globaltimer_lo();  // softmax
-#pragma unroll
-      for (int i = 0; i < NT; ++i) {
-        // V rows of the group's tokens 2 t4 and 2 t4 + 1 (zero past the chunk's end: P is 0 there, stale rows
-        // might not be finite), dims g * D/8 .. + D/8.
-        const int t = warp * TPW + i * 8 + 2 * t4;
-        uint32_t va[VW], vb[VW];
-        lds_v_rows<VW>(vs + t * D * 2 + g * (D / 4), vs + (t + 1) * D * 2 + g * (D / 4), g, t < n, t + 1 < n,
-                       va, vb);
-#pragma unroll
-        for (int mt = 0; mt < KS; ++mt)
-          mma_bf16_k8(acc[mt], __byte_perm(va[mt], vb[mt], 0x5410), __byte_perm(va[mt], vb[mt], 0x7632), pb[i]);
+      const bool stamp = tb == a.t0 && tid == 0;
+      if (!paired) {
+        attention_chunk<D, NT>(ks, vs, sm->q, warp * TPW, n, G, p.scale_log2, run_max, run_sum, acc, stamp, misc);
+      } else if (D <= 64 && (warp >> 2) == (((tb - a.t0) / CT) & 1)) {
+        attention_chunk<D, 2 * NT>(ks, vs, sm->q, (warp & 3) * 2 * TPW, n, G, p.scale_log2, run_max, run_sum, acc,
+                                   stamp, misc);
       }
       // The chunk was written through the generic proxy (cp.async); the producer may refill the slot with bulk
       // copies (async proxy).
