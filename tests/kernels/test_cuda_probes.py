@@ -11,6 +11,7 @@ from tokenmill.kernels.megakernel.build import find_nvcc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import cuda_probe  # noqa: E402
+import probe_consumer_issue  # noqa: E402
 import probe_instruction_fetch  # noqa: E402
 import probe_kv_streaming  # noqa: E402
 
@@ -65,8 +66,35 @@ def test_instruction_fetch_table_and_json(tmp_path, monkeypatch, capsys):
     assert "busy" in printed and "256 KB" in printed
 
 
+def test_consumer_issue_table_and_json(tmp_path, monkeypatch, capsys):
+    stdout = ("consumer=lds vecs=16 mode=idle cycles_per_round=400.0 ns_per_round=202.0 stream_gbps=0.0\n"
+              "consumer=lds vecs=16 mode=stream cycles_per_round=1200.0 ns_per_round=606.1 stream_gbps=4400.5\n"
+              "consumer=alu vecs=1 mode=try-wait cycles_per_round=80.5 ns_per_round=40.7 stream_gbps=0.0\n")
+    result, printed = run_probe(probe_consumer_issue, stdout, tmp_path, monkeypatch, capsys)
+    assert result["rows"][1] == {"consumer": "lds", "vecs": 16, "mode": "stream", "cycles_per_round": 1200.0,
+                                 "ns_per_round": 606.1, "stream_gbps": 4400.5}
+    assert [r["mode"] for r in result["rows"]] == ["idle", "stream", "try-wait"]
+    assert "3.00" in printed  # stream vs idle for the same pass
+    assert "try-wait" in printed.splitlines()[-2] and " - " in printed.splitlines()[-2]  # no idle row for alu x 1
+
+
+@needs_nvcc
+def test_consumer_issue_probe_compiles_for_sm90a(tmp_path):
+    import subprocess
+
+    src = tmp_path / "probe.cu"
+    src.write_text(probe_consumer_issue.source())
+    assert "uint32_t rmsnorm_pair(" in src.read_text() and "RMSNORM_PAIR" not in src.read_text()
+    proc = subprocess.run([find_nvcc(), "-arch=sm_90a", "-O1", "-std=c++17", "-o", str(tmp_path / "probe"), str(src)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(mode in probe_consumer_issue.SOURCE for mode in probe_consumer_issue.MODES)
+
+
 def test_probe_sources_name_what_the_parsers_read():
     # The programs print the lines the parsers expect (a rename on either side breaks a real run silently).
     assert 'printf("copy %.1f\\n"' in probe_kv_streaming.SOURCE
     assert 'printf("mode %s %d %.1f\\n"' in probe_kv_streaming.SOURCE
     assert 'printf("%d %d %.3f %.3f %.3f\\n"' in probe_instruction_fetch.source()
+    assert ('"consumer=%s vecs=%d mode=%s cycles_per_round=%.1f ns_per_round=%.1f stream_gbps=%.1f\\n"'
+            in probe_consumer_issue.SOURCE)
