@@ -269,14 +269,17 @@ def test_blocks_per_launch_follow_the_cluster_size_and_the_cap():
         blocks()
 
 
-def test_norm_weights_are_folded_into_copies_in_the_kernels_layer_order():
+def test_norm_weights_are_folded_into_copies_in_the_kernels_layer_order(caplog):
     from types import SimpleNamespace
 
     model = tiny_model()
     before = {name: t.clone() for name, t in model.state_dict().items()}
     decoder = SimpleNamespace(model=model, lm_head_weight=model.lm_head_weight, final_norm=model.norm.weight,
                               device=torch.device("cpu"), _folded=None)
-    ptrs, copies, lm_head = MegakernelLlamaDecoder._folded_weights(decoder)
+    with caplog.at_level(logging.INFO, logger="tokenmill.kernels.megakernel.decoder"):
+        ptrs, copies, lm_head = MegakernelLlamaDecoder._folded_weights(decoder)
+    size = sum(t.numel() * 2 for t in [*copies, lm_head]) / 1e9
+    assert f"({size:.2f} GB; TOKENMILL_MEGAKERNEL_FOLD_NORM=0" in caplog.text  # the memory it costs, said once
     assert MegakernelLlamaDecoder._folded_weights(decoder)[0] is ptrs  # built once
     ptrs = ptrs.tolist()
     assert len(ptrs) == 6 * len(model.layers) and len(copies) == 2 * len(model.layers)

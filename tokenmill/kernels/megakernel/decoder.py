@@ -186,6 +186,9 @@ class MegakernelLlamaDecoder:
                          layer.mlp_norm.weight.data_ptr(), gate_up.data_ptr(), layer.mlp.down_proj.weight.data_ptr()]
             lm_head = fold(self.lm_head_weight, self.final_norm)
             self._folded = (torch.tensor(ptrs, dtype=torch.int64, device=self.device), copies, lm_head)
+            size = sum(t.numel() * t.element_size() for t in [*copies, lm_head])
+            logger.info("megakernel: RMSNorm weights folded into copies of qkv, gate_up and the LM head (%.2f GB; "
+                        "TOKENMILL_MEGAKERNEL_FOLD_NORM=0 reads the model's weights instead)", size / 1e9)
         return self._folded
 
     # ---- per batch size ---------------------------------------------------------------------------------------
