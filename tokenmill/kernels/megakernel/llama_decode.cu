@@ -531,7 +531,7 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
   const int M = (int)p.M, vecs = klen / 8;
   const int G = M >= 8 ? 8 : M >= 4 ? 4 : M >= 2 ? 2 : 1;  // groups of rows: at most 2 rows each (M <= 16)
   const int group_threads = NUM_CONSUMERS / G, group = tid / group_threads, i0 = tid % group_threads;
-  const int group_warps = group_threads / 32, first_warp = group * group_warps;
+  const int group_warps = group_threads / 32;
   if (tag == NO_TAG) {
 #ifdef DIAG_STAGE_ROWS  // timing experiments only: stage the first DIAG_STAGE_ROWS rows, leave the rest stale
     for (int m = group; m < min(M, DIAG_STAGE_ROWS); m += G)
@@ -587,20 +587,19 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
   }
   consumer_sync();  // every row in xs; the sums of squares; the norm weights (copied by all consumers)
   if (!norm) return;
+  // 1 / rms of row m: the sums of squares of its group's warps (row m is row m / G of group m % G).
+  const auto row_rstd = [&](int m) {
+    float total = 0.f;
+    for (int w = (m % G) * group_warps; w < (m % G + 1) * group_warps; ++w) total += misc->ss[w][m / G];
+    return rsqrtf(total / (float)klen + (float)p.eps);
+  };
   if (p.norm_folded) {  // the weights carry the norm's weights: 1 / rms per row is all, the epilogue applies it
-    if (tid < M) {
-      const int first = (tid % G) * group_warps;
-      float total = 0.f;
-      for (int w = first; w < first + group_warps; ++w) total += misc->ss[w][tid / G];
-      misc->rstd[tid] = rsqrtf(total / (float)klen + (float)p.eps);
-    }
+    if (tid < M) misc->rstd[tid] = row_rstd(tid);
     return;
   }
-  for (int m = group, j = 0; m < M; m += G, ++j) {
+  for (int m = group; m < M; m += G) {
     char* row = xs + m * xstride;
-    float total = 0.f;
-    for (int w = first_warp; w < first_warp + group_warps; ++w) total += misc->ss[w][j];
-    const float r = rsqrtf(total / (float)klen + (float)p.eps);
+    const float r = row_rstd(m);
     for (int v0 = i0; v0 < vecs; v0 += group_threads * U) {
       uint4 x[U], g[U];
 #pragma unroll
@@ -1171,7 +1170,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       const bool stamp = tb == a.t0 && tid == 0;
       if (!paired) {
         attention_chunk<D, NT>(ks, vs, sm->q, warp * TPW, n, G, p.scale_log2, run_max, run_sum, acc, stamp, misc);
-      } else if (D <= 64 && (warp >> 2) == (((tb - a.t0) / CT) & 1)) {
+      } else if ((warp >> 2) == (((tb - a.t0) / CT) & 1)) {
         attention_chunk<D, 2 * NT>(ks, vs, sm->q, (warp & 3) * 2 * TPW, n, G, p.scale_log2, run_max, run_sum, acc,
                                    stamp, misc);
       }
