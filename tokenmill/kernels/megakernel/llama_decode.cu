@@ -38,6 +38,9 @@ typedef __nv_bfloat16 bf16;
 #define MISC_BYTES 2048
 #define ATTN_CHUNK_BYTES 16384  // an attention chunk in a ring stage: K rows of its tokens, then V rows (16 KB each)
 #define INSTR_INTS 8
+#ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
+#define PAUSE_SPIN_NS 0
+#endif
 #define MAX_ATTN_SPLITS 32  // schedule.MAX_ATTN_SPLITS
 #define ATTN_PHASES 7       // schedule.ATTN_PHASES: stamps per traced attention instruction
 #define MATMUL_PHASES 3     // schedule.MATMUL_PHASES: per traced matmul instruction (in ATTN_PHASES slots)
@@ -426,6 +429,7 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
     wait_inflight(full, NUM_STAGES, chunk, max_inflight);
     if (p.pause_release)
       while (load.ii > *pause_ii) {
+        if (PAUSE_SPIN_NS > 0) __nanosleep(PAUSE_SPIN_NS);
       }
     if (load.op == OP_ATTN) {
       produce_attention_chunk(p, load, ring + s * STAGE_BYTES, &full[s]);
@@ -718,9 +722,14 @@ __device__ void epilogue(const Params& p, int op, int layer, int tile, int r, in
 // Split-K arrivals of the instruction's tiles [t0, t1), after their partials are stored: warp 0 counts them in, one
 // tile per lane, so a single release fence covers them all (a fence per tile, which waits behind the loads in flight,
 // cost ~4.5 us each at batch 16: the next tile's weights sat in the ring meanwhile). The block that brings a tile's
-// last segment adds all of its partials in segment order; returns how many tiles it merged.
+// last segment adds all of its partials in segment order; returns how many tiles it merged. A tile's merge needs
+// 8 x M threads (rows r and r + 8 of batch row c each), so the consumers merge NUM_CONSUMERS / (8 M) tiles at once:
+// each merge is an L2 round trip for the partials and the residual, and one after another they were most of the
+// 6.9 us from down's last chunk to its end at 16 x 1k (session 17's trace).
 __device__ int merge_split_k(const Params& p, int op, int layer, int stage, int t0, int t1, int nsegs, Misc* misc) {
-  const int tid = threadIdx.x, r = tid & 7, c = tid >> 3, M = (int)p.M, N = (int)p.hidden;
+  const int tid = threadIdx.x, M = (int)p.M, N = (int)p.hidden;
+  const int per_tile = 8 * M, groups = NUM_CONSUMERS / per_tile, group = tid / per_tile;
+  const int r = tid % per_tile & 7, c = tid % per_tile >> 3;
   int* counters = p.arrivals + ((size_t)layer * 2 + (op == OP_DOWN)) * (p.hidden / 16);
   int merged = 0;
   for (int base = t0; base < t1; base += 32) {
@@ -732,19 +741,20 @@ __device__ int merge_split_k(const Params& p, int op, int layer, int stage, int 
     consumer_sync();
     unsigned mask = (unsigned)misc->flag;
     consumer_sync();  // misc->flag is rewritten by the next round
-    for (; mask; mask &= mask - 1) {
+    merged += __popc(mask);
+    if (group >= groups) continue;
+    for (int i = 0; i < group; ++i) mask &= mask - 1;  // this group's tiles: the group-th set bit, then every groups-th
+    while (mask) {
       const int tile = base + __ffs(mask) - 1;
-      if (c < M) {
-        const int lo_row = tile_row(p, op, tile, r), hi_row = tile_row(p, op, tile, r + 8);
-        const EpilogueInputs in = epilogue_inputs(p, op, tile, r, c, resid_tag(misc, op, stage));
-        float lo = 0.f, hi = 0.f;
-        for (int s2 = 0; s2 < nsegs; ++s2) {
-          lo += __ldcg(p.part + ((size_t)s2 * M + c) * N + lo_row);
-          hi += __ldcg(p.part + ((size_t)s2 * M + c) * N + hi_row);
-        }
-        epilogue(p, op, layer, tile, r, c, lo, hi, in, stage_tag(misc, stage));
+      const int lo_row = tile_row(p, op, tile, r), hi_row = tile_row(p, op, tile, r + 8);
+      const EpilogueInputs in = epilogue_inputs(p, op, tile, r, c, resid_tag(misc, op, stage));
+      float lo = 0.f, hi = 0.f;
+      for (int s2 = 0; s2 < nsegs; ++s2) {
+        lo += __ldcg(p.part + ((size_t)s2 * M + c) * N + lo_row);
+        hi += __ldcg(p.part + ((size_t)s2 * M + c) * N + hi_row);
       }
-      ++merged;
+      epilogue(p, op, layer, tile, r, c, lo, hi, in, stage_tag(misc, stage));
+      for (int i = 0; i < groups && mask; ++i) mask &= mask - 1;
     }
   }
   return merged;
