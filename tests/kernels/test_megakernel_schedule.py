@@ -335,6 +335,18 @@ def test_llama_1b_split_k_and_shared_memory():
         assert s.smem_bytes() <= SMEM_MAX
 
 
+def test_a_smaller_activation_budget_trades_split_k_for_ring_stages():
+    # TOKENMILL_MEGAKERNEL_XS_BUDGET (m19d): half the budget at batch 8 cuts down's K in 4 instead of 2 and frees a
+    # fifth ring stage; batch 16's rows of hidden 2048 no longer fit, so the decoder keeps that batch's default.
+    half = dataclasses.replace(llama_1b(8), xs_budget=schedule.XS_BUDGET // 2)
+    assert (llama_1b(8).segs(OP_DOWN), llama_1b(8).num_stages()) == (2, 4)
+    assert (half.segs(OP_DOWN), half.num_stages()) == (4, 5)
+    assert half.smem_bytes() <= SMEM_MAX
+    build_schedule(half, 132)
+    assert "does not fit one activation segment" in unsupported_reason(
+        dataclasses.replace(llama_1b(16), xs_budget=schedule.XS_BUDGET // 2))
+
+
 def test_residual_tags_fit_llama_1b_at_batch_1_only():
     # The first GPU run of the tagged stream measured nothing: the words were to go beside the norm weights in the
     # 8 KB reduction scratch, where hidden 2048 does not fit, so the decoder never tagged Llama-3.2-1B.

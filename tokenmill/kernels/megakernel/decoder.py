@@ -21,7 +21,7 @@ from tokenmill.kernels.megakernel.build import (
     MegakernelUnavailable, MegakernelUnsupported, encode_kv_tensor_map, load_kernel, pack_params,
 )
 from tokenmill.kernels.megakernel.schedule import (
-    ATTN_PHASES, OP_DOWN, OP_O, DecodeShape, Schedule, build_schedule, unsupported_reason,
+    ATTN_PHASES, OP_DOWN, OP_O, XS_BUDGET, DecodeShape, Schedule, build_schedule, unsupported_reason,
 )
 from tokenmill.kernels.megakernel.trace import stage_report, unwrap_timer
 from tokenmill.layers.attention_metadata import AttentionMetadata
@@ -167,6 +167,9 @@ class MegakernelLlamaDecoder:
         # (0: one per SM, or as many whole clusters as fit at once).
         self.cluster_size = env_int("TOKENMILL_MEGAKERNEL_CLUSTER", 1, minimum=1, maximum=16)
         self.max_blocks = env_int("TOKENMILL_MEGAKERNEL_BLOCKS", 0, minimum=0)
+        # Activation bytes one K segment may stage (schedule.DecodeShape.xs_budget); where a batch's rows need more,
+        # that batch keeps the default.
+        self.xs_budget = env_int("TOKENMILL_MEGAKERNEL_XS_BUDGET", XS_BUDGET, minimum=1)
         # Tests: fill the kernel's outputs with NaN before each launch, so anything it fails to write shows.
         self.poison_scratch = False
 
@@ -199,7 +202,9 @@ class MegakernelLlamaDecoder:
     def _state(self, batch: int) -> dict:
         if batch not in self._per_batch:
             cfg, dev = self.config, self.device
-            shape = DecodeShape.of(cfg, batch)
+            shape = DecodeShape.of(cfg, batch, self.xs_budget)
+            if unsupported_reason(shape) is not None:  # a budget too small for this batch's rows: the default
+                shape = DecodeShape.of(cfg, batch)
             schedule = build_schedule(shape, self._num_blocks(shape))
             flat, counts = schedule.encoded()
             q_size = cfg.num_attention_heads * cfg.head_dim

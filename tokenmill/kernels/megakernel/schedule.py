@@ -67,15 +67,19 @@ class DecodeShape:
     num_kv_heads: int
     head_dim: int
     num_layers: int
+    # Bytes of activations a K segment may stage (all batch rows): a smaller budget splits K more often and leaves
+    # room for more weight-ring stages.
+    xs_budget: int = XS_BUDGET
 
     @classmethod
-    def of(cls, config, batch: int) -> "DecodeShape":
+    def of(cls, config, batch: int, xs_budget: int = XS_BUDGET) -> "DecodeShape":
         return cls(batch, config.hidden_size, config.intermediate_size, config.vocab_size,
-                   config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.num_hidden_layers)
+                   config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.num_hidden_layers,
+                   xs_budget)
 
     def max_kseg(self) -> int:
         """The longest K segment whose activations (batch rows of bf16) fit the activation buffer's budget."""
-        per_row = XS_BUDGET // self.batch - ROW_PAD_BYTES
+        per_row = self.xs_budget // self.batch - ROW_PAD_BYTES
         return (per_row // 2) // 32 * 32
 
     def attention_smem_bytes(self) -> int:
