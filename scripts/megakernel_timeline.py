@@ -20,6 +20,7 @@ from tokenmill.bench.decode import _sync, build_model, make_kv_cache, measure_co
 from tokenmill.kernels.megakernel.decoder import MegakernelLlamaDecoder
 from tokenmill.kernels.megakernel.trace import (
     attention_phases, chunk_timeline, critical_path, matmul_phases, per_op_stage_times, stage_report,
+    tagged_repolls,
 )
 from tokenmill.plotting import PlottingUnavailable, pyplot
 
@@ -46,6 +47,7 @@ def main() -> None:
         _sync(device)
         schedule, instr_stamps, chunk_stamps = decoder.trace_stamps(batch)  # one device-to-host copy
         phase_stamps = decoder.phase_stamps(batch)
+        repolls = tagged_repolls(schedule, instr_stamps, decoder.repoll_counts(batch))
         phases = attention_phases(schedule, instr_stamps, phase_stamps)
         mm_phases = matmul_phases(schedule, instr_stamps, phase_stamps)
         report = stage_report(schedule, instr_stamps)
@@ -54,6 +56,7 @@ def main() -> None:
         stem = args.out / f"timeline_b{batch}_c{context}"
         torch.save(dict(trace=instr_stamps, chunk_trace=chunk_stamps, phase_trace=phase_stamps, report=report,
                         timeline=timeline, attention_phases=phases, matmul_phases=mm_phases, critical_path=path,
+                        tagged_repolls=repolls,
                         blocks=[list(map(tuple, b)) for b in schedule.blocks], bandwidth=bandwidth), f"{stem}.pt")
         rate = timeline["issued_GBps"]
         low = sum(1 for r in rate if r < 0.5 * bandwidth / 1e9) / len(rate)
@@ -75,6 +78,10 @@ def main() -> None:
                           for op, parts in mm_phases.items()))
         print("  attention's critical block, us per phase (mean over layers): "
               + ", ".join(f"{name} {us:.2f}" for name, us in phases.items()))
+        if repolls:
+            print("  tagged words re-read before they were complete (a consumer's most; mean / max over instructions; "
+                  "the last instruction to meet its dependency, mean over stages): "
+                  + "; ".join(f"{op} {r['mean']:.1f} / {r['max']} / {r['last']:.1f}" for op, r in repolls.items()))
         decoder.enable_trace(batch, on=False)
         try:
             plt = pyplot()

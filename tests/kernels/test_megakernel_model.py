@@ -167,9 +167,11 @@ def test_rejects_prefill_batches_and_oversized_batches():
 
 
 def test_traced_launch_stamps_every_instruction_and_chunk_and_keeps_the_logits():
-    from tokenmill.kernels.megakernel.schedule import MATMUL_PHASES, OP_ATTN, OP_EMBED
+    from tokenmill.kernels.megakernel.schedule import (
+        MATMUL_PHASES, OP_ATTN, OP_EMBED, OP_GATE_UP, OP_LM_HEAD, OP_QKV,
+    )
     from tokenmill.kernels.megakernel.trace import (
-        attention_phases, chunk_timeline, matmul_phases, per_op_stage_times, stage_report,
+        attention_phases, chunk_timeline, matmul_phases, per_op_stage_times, stage_report, tagged_repolls,
     )
 
     config = tiny_config(**SHAPES["split-k"])
@@ -208,6 +210,23 @@ def test_traced_launch_stamps_every_instruction_and_chunk_and_keeps_the_logits()
     streamed = sum(timeline["issued_GBps"]) * timeline["bin_us"] * 1e3
     assert streamed == pytest.approx(sum(32 * schedule.shape.kseg(schedule.shape.k(ins.op)) * (ins.end - ins.begin)
                                          for block in schedule.blocks for ins in block if schedule.chunks(ins)))
+    assert not any(map(any, decoder.repoll_counts(16)))  # no tagged words at batch 16
+    # Batch 1, tagged residual stream: the ops that stage h count their re-reads of words not yet written (0 where
+    # all were there at the first read); nothing else counts, and tracing still changes no logit.
+    decoder.tag_residual = True
+    one = prefill(model, random_prompts(1, config.vocab_size, 0), 4, 0)
+    ids1, pos1, meta1 = decode_inputs(one)
+    plain1 = decoder.decode_logits(ids1, pos1, one.cache, meta1).clone()
+    assert decoder._per_batch[1]["tagged"]
+    decoder.enable_trace(1)
+    assert torch.equal(decoder.decode_logits(ids1, pos1, one.cache, meta1), plain1), "tracing changed the result"
+    torch.cuda.synchronize()
+    schedule1, instr1, _ = decoder.trace_stamps(1)
+    counts = decoder.repoll_counts(1)
+    for b, block in enumerate(schedule1.blocks):
+        for i, ins in enumerate(block):
+            assert 0 <= counts[b][i] < 1_000_000 and (ins.op in (OP_QKV, OP_GATE_UP, OP_LM_HEAD) or not counts[b][i])
+    assert set(tagged_repolls(schedule1, instr1, counts)) <= {"qkv", "gate_up", "lm_head"}
     decoder.enable_trace(16, on=False)
     with pytest.raises(ValueError, match="enable_trace"):
         decoder.trace_report(16)

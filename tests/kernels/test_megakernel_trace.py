@@ -9,7 +9,7 @@ from tokenmill.kernels.megakernel.schedule import (
 )
 from tokenmill.kernels.megakernel.trace import (
     ATTENTION_PHASES, MATMUL_PHASE_NAMES, attention_phases, chunk_timeline, critical_path, matmul_phases,
-    per_op_stage_times, stage_report, unwrap_timer,
+    per_op_stage_times, stage_report, tagged_repolls, unwrap_timer,
 )
 
 # down is split-K at batch 16 here (K 4096 > 2048), so chunk lengths and counts per tile vary by op
@@ -140,6 +140,26 @@ def test_matmul_phases_split_each_instruction_between_its_stamps():
     with pytest.raises(ValueError, match="no matmul phase stamps"):
         matmul_phases(schedule, instr, [[[0] * ATTN_PHASES for _ in range(schedule.max_instrs)]
                                         for _ in schedule.blocks])
+
+
+def test_tagged_repolls_report_the_handoff_on_the_critical_path():
+    schedule = build_schedule(SHAPE, 6)
+    instr, _ = synthetic_stamps(schedule)
+    # qkv's words: re-read once by every block, five times by the first block of each qkv stage, whose dependency is
+    # met last; no other op re-reads (so none is reported).
+    counts = [[0] * schedule.max_instrs for _ in schedule.blocks]
+    chosen: dict[int, int] = {}
+    for b, block in enumerate(schedule.blocks):
+        for i, ins in enumerate(block):
+            if ins.op == OP_QKV:
+                first = chosen.setdefault(ins.stage, b) == b
+                counts[b][i] = 5 if first else 1
+                instr[b][i][1] = T0 + 10**8 + (1 if first else 0)
+    result = tagged_repolls(schedule, instr, counts)
+    assert set(result) == {"qkv"}
+    qkv = [counts[b][i] for b, block in enumerate(schedule.blocks) for i, ins in enumerate(block) if ins.op == OP_QKV]
+    assert result["qkv"] == {"mean": pytest.approx(sum(qkv) / len(qkv)), "max": 5, "last": 5}
+    assert 1 < result["qkv"]["mean"] < 5
 
 
 def test_unwrap_timer_restores_stamps_across_a_32_bit_wrap():

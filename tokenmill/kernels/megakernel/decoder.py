@@ -21,7 +21,8 @@ from tokenmill.kernels.megakernel.build import (
     MegakernelUnavailable, MegakernelUnsupported, encode_kv_tensor_map, load_kernel, pack_params,
 )
 from tokenmill.kernels.megakernel.schedule import (
-    ATTN_PHASES, OP_DOWN, OP_O, XS_BUDGET, DecodeShape, Schedule, build_schedule, unsupported_reason,
+    ATTN_PHASES, MATMUL_PHASES, OP_ATTN, OP_DOWN, OP_O, XS_BUDGET, DecodeShape, Schedule, build_schedule,
+    unsupported_reason,
 )
 from tokenmill.kernels.megakernel.trace import stage_report, unwrap_timer
 from tokenmill.layers.attention_metadata import AttentionMetadata
@@ -280,11 +281,28 @@ class MegakernelLlamaDecoder:
         elsewhere. The kernel keeps the timer's low 32 bits; the instruction's "dependency met" stamp supplies the
         rest."""
         st = self._traced_state(batch)
-        max_instrs = st["schedule"].max_instrs
-        lows = st["phase_trace"].view(st["schedule"].num_blocks, max_instrs, ATTN_PHASES).tolist()
-        met = st["trace"].view(st["schedule"].num_blocks, max_instrs, 3)[:, :, 1].tolist()
-        return [[[unwrap_timer(lo, met[b][i]) if lo else 0 for lo in row] for i, row in enumerate(block)]
-                for b, block in enumerate(lows)]
+        schedule = st["schedule"]
+        lows = st["phase_trace"].view(schedule.num_blocks, schedule.max_instrs, ATTN_PHASES).tolist()
+        met = st["trace"].view(schedule.num_blocks, schedule.max_instrs, 3)[:, :, 1].tolist()
+        stamps = []
+        for b, block in enumerate(lows):
+            stamps.append([])
+            for i, row in enumerate(block):
+                # a matmul's slots past its stamps hold counts (repoll_counts), not stamps
+                used = MATMUL_PHASES if i < len(schedule.blocks[b]) and schedule.blocks[b][i].op != OP_ATTN \
+                    else ATTN_PHASES
+                stamps[-1].append([unwrap_timer(lo, met[b][i]) if lo and k < used else 0 for k, lo in enumerate(row)])
+        return stamps
+
+    def repoll_counts(self, batch: int) -> list[list[int]]:
+        """Per block and instruction of the last traced launch: for a matmul that staged tagged words (batch 1),
+        the most times one consumer re-read its words before they carried the writer's tag (0: all there at the
+        first read); 0 elsewhere."""
+        st = self._traced_state(batch)
+        schedule = st["schedule"]
+        slots = st["phase_trace"].view(schedule.num_blocks, schedule.max_instrs, ATTN_PHASES)[:, :, MATMUL_PHASES]
+        return [[count if i < len(schedule.blocks[b]) and schedule.blocks[b][i].op != OP_ATTN else 0
+                 for i, count in enumerate(row)] for b, row in enumerate(slots.tolist())]
 
     def _traced_state(self, batch: int) -> dict:
         st = self._state(batch)

@@ -460,6 +460,8 @@ struct Misc {
   uint32_t phase[ATTN_PHASES];  // the instruction's phase ends, always stamped (a conditional stamp made ptxas spill)
   int pause_ii;  // the producer asks for no chunk of an instruction after this one (INT_MAX: none held back)
   int ii;        // the instruction the consumers run
+  int repolls[2];  // traced: the most times a consumer re-read its tagged words, by instruction parity (thread 0
+                   // copies and clears instruction ii's after the barrier that ends it, while ii + 1 uses the other)
   uint32_t tag_base;  // p.tagged: epoch x stages mod 0xFFFF; stage s writes tag (tag_base + s) mod 0xFFFF
 };
 
@@ -552,6 +554,7 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
       cp_async16(smem_addr(words + v * 8 + 4), row + v * 8 + 4);
     }
     asm volatile("cp.async.wait_all;" ::: "memory");
+    int tries = 0;
     for (int v = tid; v < vecs; v += NUM_CONSUMERS) {
       while (true) {
         const uint4 a = *reinterpret_cast<const uint4*>(words + v * 8);
@@ -563,11 +566,13 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
           break;
         }
         __nanosleep(32);
+        ++tries;
         cp_async16(smem_addr(words + v * 8), row + v * 8);
         cp_async16(smem_addr(words + v * 8 + 4), row + v * 8 + 4);
         asm volatile("cp.async.wait_all;" ::: "memory");
       }
     }
+    if (p.phase_trace && tries) atomicMax(&misc->repolls[misc->ii & 1], tries);
   }
   asm volatile("cp.async.wait_all;" ::: "memory");  // also this thread's norm copies (preload_norm)
   if (norm) {
@@ -1287,6 +1292,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
     const unsigned long long stages = 5ull * p.num_layers + 2;  // embed, 5 per layer, LM head
     misc->tag_base = (uint32_t)((unsigned long long)*p.epoch % 0xFFFFu * stages % 0xFFFFu);
     misc->pause_ii = INT_MAX;
+    misc->repolls[0] = misc->repolls[1] = 0;
     for (int s = 0; s < p.num_stages; ++s) {
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], NUM_CONSUMER_WARPS);
@@ -1341,6 +1347,8 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
       if (p.phase_trace && is_matmul(op)) {  // (attention copies its own: those of its last non-empty item)
         long long* out = p.phase_trace + ((size_t)blockIdx.x * p.max_instrs + ii) * ATTN_PHASES;
         for (int k = 0; k < MATMUL_PHASES; ++k) out[k] = misc->phase[k];
+        out[MATMUL_PHASES] = misc->repolls[ii & 1];  // a count, not a stamp (trace.tagged_repolls)
+        misc->repolls[ii & 1] = 0;
       }
     }
   }

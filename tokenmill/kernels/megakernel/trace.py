@@ -216,3 +216,29 @@ def matmul_phases(schedule: Schedule, instr_stamps: Stamps, phase_stamps: Stamps
     if not per_op:
         raise ValueError("no matmul phase stamps: was the launch traced?")
     return {op: {name: statistics.mean(values) for name, values in parts.items()} for op, parts in per_op.items()}
+
+
+def tagged_repolls(schedule: Schedule, instr_stamps: Stamps, counts: Sequence[Sequence[int]]) -> dict[str, dict]:
+    """Per matmul op that staged tagged words (MegakernelLlamaDecoder.repoll_counts; batch 1): how often its
+    consumers had to re-read words that did not yet carry the writer's tag — the mean and the max over its
+    instructions, and `last`: the mean over its stages of the count of the instruction whose dependency was met
+    last (the handoff on the critical path). Zero re-reads there means the words were complete at the first read, so
+    the handoff's time is the read itself, not the wait for the writers."""
+    per_op: dict[str, list[int]] = {}
+    latest: dict[int, tuple[int, int, str]] = {}  # stage -> (dependency met, count, op) of its latest instruction
+    for b, block in enumerate(schedule.blocks):
+        for i, instr in enumerate(block):
+            if instr.op in (OP_EMBED, OP_ATTN):
+                continue
+            name = OP_NAMES[instr.op]
+            per_op.setdefault(name, []).append(int(counts[b][i]))
+            met = int(instr_stamps[b][i][1])
+            if instr.stage not in latest or met > latest[instr.stage][0]:
+                latest[instr.stage] = (met, int(counts[b][i]), name)
+    result = {}
+    for name, values in per_op.items():
+        if not any(values):
+            continue
+        last = [count for _, count, op in latest.values() if op == name]
+        result[name] = {"mean": statistics.mean(values), "max": max(values), "last": statistics.mean(last)}
+    return result
