@@ -460,6 +460,7 @@ struct Misc {
   uint32_t phase[ATTN_PHASES];  // the instruction's phase ends, always stamped (a conditional stamp made ptxas spill)
   int pause_ii;  // the producer asks for no chunk of an instruction after this one (INT_MAX: none held back)
   int ii;        // the instruction the consumers run
+  int staging_ii;  // = ii, but written before the barrier that ends the previous instruction: any consumer may read it
   int repolls[2];  // traced: the most times a consumer re-read its tagged words, by instruction parity (thread 0
                    // copies and clears instruction ii's after the barrier that ends it, while ii + 1 uses the other)
   uint32_t tag_base;  // p.tagged: epoch x stages mod 0xFFFF; stage s writes tag (tag_base + s) mod 0xFFFF
@@ -572,7 +573,7 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
         asm volatile("cp.async.wait_all;" ::: "memory");
       }
     }
-    if (p.phase_trace && tries) atomicMax(&misc->repolls[misc->ii & 1], tries);
+    if (p.phase_trace && tries) atomicMax(&misc->repolls[misc->staging_ii & 1], tries);
   }
   asm volatile("cp.async.wait_all;" ::: "memory");  // also this thread's norm copies (preload_norm)
   if (norm) {
@@ -1292,6 +1293,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
     const unsigned long long stages = 5ull * p.num_layers + 2;  // embed, 5 per layer, LM head
     misc->tag_base = (uint32_t)((unsigned long long)*p.epoch % 0xFFFFu * stages % 0xFFFFu);
     misc->pause_ii = INT_MAX;
+    misc->staging_ii = 0;
     misc->repolls[0] = misc->repolls[1] = 0;
     for (int s = 0; s < p.num_stages; ++s) {
       mbar_init(&full[s], 1);
@@ -1336,6 +1338,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
       run_matmul<2>(p, in, ring, full, empty, xs, red, misc, chunk);
     }
     if (tid == 0 && p.pause_release && !(p.tagged && writes_h(op))) pause_loads(misc);
+    if (tid == 0) misc->staging_ii = ii + 1;
     consumer_sync();
     // The release is cumulative: every consumer's writes precede it through the barrier above.
     if (tid == 0 && misc->merged > 0 && !(p.tagged && writes_h(op))) {  // tagged h needs no counter
