@@ -38,6 +38,9 @@ typedef __nv_bfloat16 bf16;
 #define MISC_BYTES 2048
 #define ATTN_CHUNK_BYTES 16384  // an attention chunk in a ring stage: K rows of its tokens, then V rows (16 KB each)
 #define INSTR_INTS 8
+#ifndef PROGRESSIVE_STAGING  // 1: a matmul's first tile starts on each K chunk of the activations as it lands (m19e)
+#define PROGRESSIVE_STAGING 0
+#endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
 #endif
@@ -516,6 +519,67 @@ __device__ __forceinline__ void preload_norm(const bf16* norm, int k0, int klen,
   asm volatile("cp.async.commit_group;" ::: "memory");
 }
 
+// Row m's share of the staging: rows are spread over G groups of whole warps (G = the largest power of two <= M, at
+// most 8); group m % G holds row m as its (m / G)-th row.
+__device__ __forceinline__ int staging_groups(int M) { return M >= 8 ? 8 : M >= 4 ? 4 : M >= 2 ? 2 : 1; }
+
+// 1 / rms of staged row m (klen values) from the sums of squares its group's warps left in misc->ss.
+__device__ __forceinline__ float staged_row_rstd(const Params& p, const Misc* misc, int m, int klen) {
+  const int G = staging_groups((int)p.M), group_warps = NUM_CONSUMER_WARPS / G;
+  float total = 0.f;
+  for (int w = (m % G) * group_warps; w < (m % G + 1) * group_warps; ++w) total += misc->ss[w][m / G];
+  return rsqrtf(total / (float)klen + (float)p.eps);
+}
+
+// Waits until at most n of this thread's cp.async groups are still in flight (n > 7 waits as for 7).
+__device__ __forceinline__ void cp_async_wait_pending(int n) {
+  switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
+    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
+    case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
+    case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 7;" ::: "memory");
+  }
+}
+
+// Progressive staging: this thread's share of the sums of squares of staged columns [c0, c1) (16-byte pieces) of
+// its group's rows, added to ss0 (its group's first row) and ss1 (its second).
+__device__ __forceinline__ void add_staged_squares(const Params& p, const char* xs, int xstride, int c0, int c1,
+                                                   float& ss0, float& ss1) {
+  const int M = (int)p.M, G = staging_groups(M), group_threads = NUM_CONSUMERS / G;
+  const int group = threadIdx.x / group_threads, i0 = threadIdx.x % group_threads;
+  for (int m = group; m < M; m += G) {
+    float sum = 0.f;
+    for (int v = c0 + i0; v < c1; v += group_threads) {
+      const uint4 x = *reinterpret_cast<const uint4*>(xs + m * xstride + v * 16);
+      const bf16* e = reinterpret_cast<const bf16*>(&x);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float f = __bfloat162float(e[k]);
+        sum += f * f;
+      }
+    }
+    if (m == group) ss0 += sum;
+    else ss1 += sum;
+  }
+}
+
+// ... and the warps' totals into misc->ss, as stage_x leaves them (read after the next barrier).
+__device__ __forceinline__ void store_staged_squares(Misc* misc, float ss0, float ss1) {
+#pragma unroll
+  for (int off = 16; off; off >>= 1) {
+    ss0 += __shfl_xor_sync(0xffffffffu, ss0, off);
+    ss1 += __shfl_xor_sync(0xffffffffu, ss1, off);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    misc->ss[threadIdx.x >> 5][0] = ss0;
+    misc->ss[threadIdx.x >> 5][1] = ss1;
+  }
+}
+
 // xs[m][0..klen) = x[m][k0..k0+klen) for m < M, RMSNorm'd (HF order) when norm != null; norm_smem: the norm
 // weights preload_norm copied, or null (read from global). With p.norm_folded the weights already hold the norm's
 // weights (decoder: W * w, rounded to bf16 once), so the rows stay as they are and only each row's 1 / rms is kept,
@@ -528,17 +592,29 @@ __device__ __forceinline__ void preload_norm(const bf16* norm, int k0, int klen,
 // row at batch 16; one warp per row made batch 1 slower.)
 // With tag != NO_TAG (p.tagged, batch 1), src is h's tagged words and this is the dependency wait: each thread
 // copies its pieces' words into `words` (shared memory) until they carry `tag`, then keeps their bf16 halves.
+// `progressive` (PROGRESSIVE_STAGING; no tags, no HF-order norm): the copies go out as one cp.async group per
+// CHUNK_K columns and stage_x returns at once; run_matmul's first tile waits for each group as it reaches its
+// columns (staged_chunk_wait) and sums the squares as they land.
 __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int klen, const bf16* norm, char* xs,
-                        int xstride, Misc* misc, const char* norm_smem, uint32_t tag, uint32_t* words) {
+                        int xstride, Misc* misc, const char* norm_smem, uint32_t tag, uint32_t* words,
+                        bool progressive) {
 #ifdef DIAG_NO_NORM  // timing experiments only: the rows are staged, not normalised
   norm = nullptr;
 #endif
   constexpr int U = 2;  // pieces per thread loaded before any is used
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int M = (int)p.M, vecs = klen / 8;
-  const int G = M >= 8 ? 8 : M >= 4 ? 4 : M >= 2 ? 2 : 1;  // groups of rows: at most 2 rows each (M <= 16)
+  const int G = staging_groups(M);  // groups of rows: at most 2 rows each (M <= 16)
   const int group_threads = NUM_CONSUMERS / G, group = tid / group_threads, i0 = tid % group_threads;
-  const int group_warps = group_threads / 32;
+  if (progressive) {
+    for (int c0 = 0; c0 < vecs; c0 += CHUNK_K / 8) {
+      for (int m = group; m < M; m += G)
+        for (int v = c0 + i0; v < min(vecs, c0 + CHUNK_K / 8); v += group_threads)
+          cp_async16(smem_addr(xs + m * xstride + v * 16), static_cast<const bf16*>(src) + (size_t)m * ld + k0 + v * 8);
+      asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+    return;
+  }
   if (tag == NO_TAG) {
 #ifdef DIAG_STAGE_ROWS  // timing experiments only: stage the first DIAG_STAGE_ROWS rows, leave the rest stale
     for (int m = group; m < min(M, DIAG_STAGE_ROWS); m += G)
@@ -597,19 +673,13 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
   }
   consumer_sync();  // every row in xs; the sums of squares; the norm weights (copied by all consumers)
   if (!norm) return;
-  // 1 / rms of row m: the sums of squares of its group's warps (row m is row m / G of group m % G).
-  const auto row_rstd = [&](int m) {
-    float total = 0.f;
-    for (int w = (m % G) * group_warps; w < (m % G + 1) * group_warps; ++w) total += misc->ss[w][m / G];
-    return rsqrtf(total / (float)klen + (float)p.eps);
-  };
   if (p.norm_folded) {  // the weights carry the norm's weights: 1 / rms per row is all, the epilogue applies it
-    if (tid < M) misc->rstd[tid] = row_rstd(tid);
+    if (tid < M) misc->rstd[tid] = staged_row_rstd(p, misc, tid, klen);
     return;
   }
   for (int m = group; m < M; m += G) {
     char* row = xs + m * xstride;
-    const float r = row_rstd(m);
+    const float r = staged_row_rstd(p, misc, m, klen);
     for (int v0 = i0; v0 < vecs; v0 += group_threads * U) {
       uint4 x[U], g[U];
 #pragma unroll
@@ -792,8 +862,10 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
   const bool tagged_in = p.tagged && reads_h(op);  // the words' tags are the dependency
   if (!tagged_in) wait_dependency(p, in[5], in[6], misc);
   // (p.tagged: the decoder checked that a row of words fits in xs behind the staged row)
+  const bool progressive = PROGRESSIVE_STAGING && !tagged_in && (!norm || p.norm_folded);
   stage_x(p, src, ld, k0, klen, norm, xs, xstride, misc, norm_smem, tagged_in ? stage_tag(misc, in[5]) : NO_TAG,
-          reinterpret_cast<uint32_t*>(xs + xstride));
+          reinterpret_cast<uint32_t*>(xs + xstride), progressive);
+  float ss0 = 0.f, ss1 = 0.f, rstd = 1.f;  // progressive: this thread's sums of squares, then its batch row's 1 / rms
   // (stamped after the staging: the words arrived)
   if (tagged_in && tid == 0 && p.trace) instr_trace(p, misc)[1] = globaltimer();
   if (tid == 0) misc->phase[0] = globaltimer_lo();  // activations staged
@@ -814,6 +886,10 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     for (int kc = k0; kc < k1; kc += CHUNK_K, ++chunk) {
       const int len = min(CHUNK_K, k1 - kc);
       const int s = chunk % NUM_STAGES;
+      if (progressive && tile == in[3]) {  // these columns' activations, every thread's copies
+        cp_async_wait_pending((k1 - kc - 1) / CHUNK_K);
+        consumer_sync();
+      }
       mbar_wait(&full[s], (chunk / NUM_STAGES) & 1);
       if (tid == 0 && p.chunk_trace)
         p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk - misc->attn_chunks) * 2 + 1] = globaltimer();
@@ -835,7 +911,10 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[s]);
+      if (progressive && norm && tile == in[3])
+        add_staged_squares(p, xs, xstride, (kc - k0) / 8, min(klen, kc - k0 + CHUNK_K) / 8, ss0, ss1);
     }
+    if (progressive && norm && tile == in[3]) store_staged_squares(misc, ss0, ss1);  // (published by the barrier below)
     // (2: only at the release; none where the output is tagged h: no fence to wait, and the next instruction's
     // chunks would be held back for nothing)
     if (tid == 0 && p.pause_release == 1 && tile == in[4] - 1 && !(p.tagged && writes_h(op))) pause_loads(misc);
@@ -843,6 +922,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     for (int n = 0; n < NT; ++n)
       red[(warp * NT + n) * 32 + lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
     consumer_sync();
+    if (progressive && norm && tile == in[3] && active) rstd = staged_row_rstd(p, misc, c, klen);
     // Sum the 8 warps' partials of rows r and r + 8 in warp order.
     float lo = 0.f, hi = 0.f;
     if (active) {
@@ -855,8 +935,9 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     }
     if (nsegs == 1) {
       if (active && norm && p.norm_folded) {
-        lo *= misc->rstd[c];
-        hi *= misc->rstd[c];
+        const float row_scale = progressive ? rstd : misc->rstd[c];
+        lo *= row_scale;
+        hi *= row_scale;
       }
       if (active) epilogue(p, op, layer, tile, r, c, lo, hi, epi_in, stage_tag(misc, in[7]));
       ++merged;
