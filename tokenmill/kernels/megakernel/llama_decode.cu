@@ -606,7 +606,7 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
   const int M = (int)p.M, vecs = klen / 8;
   const int G = staging_groups(M);  // groups of rows: at most 2 rows each (M <= 16)
   const int group_threads = NUM_CONSUMERS / G, group = tid / group_threads, i0 = tid % group_threads;
-  if (progressive) {
+  if (PROGRESSIVE_STAGING && progressive) {  // (compiled out by default: stage_x is not inlined)
     for (int c0 = 0; c0 < vecs; c0 += CHUNK_K / 8) {
       for (int m = group; m < M; m += G)
         for (int v = c0 + i0; v < min(vecs, c0 + CHUNK_K / 8); v += group_threads)
