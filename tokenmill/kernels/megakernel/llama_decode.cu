@@ -1366,6 +1366,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
   uint64_t* full = reinterpret_cast<uint64_t*>(misc_bytes);
   uint64_t* empty = full + MAX_STAGES;
   Misc* misc = reinterpret_cast<Misc*>(empty + MAX_STAGES);
+  static_assert(2 * MAX_STAGES * sizeof(uint64_t) + sizeof(Misc) <= MISC_BYTES, "the mbarriers and Misc fit");
   char* xs = misc_bytes + MISC_BYTES;
 
   const int tid = threadIdx.x;
