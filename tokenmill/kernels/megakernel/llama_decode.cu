@@ -41,6 +41,9 @@ typedef __nv_bfloat16 bf16;
 #ifndef PROGRESSIVE_STAGING  // 1: a matmul's first tile starts on each K chunk of the activations as it lands (m19e)
 #define PROGRESSIVE_STAGING 0
 #endif
+#ifndef EARLY_QKV_INPUTS  // 1: qkv's first-tile epilogue inputs before the dependency wait, by threads off warp 0 (m19f)
+#define EARLY_QKV_INPUTS 0
+#endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
 #endif
@@ -859,6 +862,16 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
   const char* norm_smem =
       norm && !p.norm_folded && klen * 2 <= RED_BYTES ? reinterpret_cast<const char*>(red) : nullptr;
   if (norm_smem) preload_norm(norm, k0, klen, reinterpret_cast<char*>(red));
+  // Thread -> (tile row r < 8, batch column c) in the reduction and epilogue below. EARLY_QKV_INPUTS (m19f) starts
+  // the mapping at warp 1 and loads qkv's first-tile inputs (positions -> cos / sin, the KV slots: step inputs, not
+  // an earlier stage's results) before the dependency wait. m19c did the same from warp 0 and lost 1.5-2.5 %: thread 0
+  // polls the dependency, and an acquire poll waits for the polling thread's loads in flight (m9c).
+  const int et = EARLY_QKV_INPUTS ? (tid + NUM_CONSUMERS - 32) % NUM_CONSUMERS : tid;
+  const int r = et & 7, c = et >> 3;
+  const bool active = et < 64 * NT && c < M;
+  const EpilogueInputs first_qkv_in = EARLY_QKV_INPUTS && op == OP_QKV && active
+                                          ? epilogue_inputs(p, op, in[3], r, c, NO_TAG)
+                                          : EpilogueInputs{0.f, 0.f, -1};
   const bool tagged_in = p.tagged && reads_h(op);  // the words' tags are the dependency
   if (!tagged_in) wait_dependency(p, in[5], in[6], misc);
   // (p.tagged: the decoder checked that a row of words fits in xs behind the staged row)
@@ -874,12 +887,10 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
   int merged = 0;
   const int N = op == OP_O || op == OP_DOWN ? (int)p.hidden : 0;
   for (int tile = in[3]; tile < in[4]; ++tile) {
-    // Thread -> (tile row r < 8, batch column c) in the reduction and epilogue below.
-    const int r = tid & 7, c = tid >> 3;
-    const bool active = tid < 64 * NT && c < M;
     const EpilogueInputs epi_in =
-        active && nsegs == 1 ? epilogue_inputs(p, op, tile, r, c, resid_tag(misc, op, in[7]))
-                             : EpilogueInputs{0.f, 0.f, -1};
+        EARLY_QKV_INPUTS && op == OP_QKV && tile == in[3] ? first_qkv_in
+        : active && nsegs == 1 ? epilogue_inputs(p, op, tile, r, c, resid_tag(misc, op, in[7]))
+                               : EpilogueInputs{0.f, 0.f, -1};
     float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
