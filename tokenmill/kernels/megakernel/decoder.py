@@ -289,8 +289,7 @@ class MegakernelLlamaDecoder:
             stamps.append([])
             for i, row in enumerate(block):
                 # a matmul's slots past its stamps hold counts (repoll_counts), not stamps
-                used = MATMUL_PHASES if i < len(schedule.blocks[b]) and schedule.blocks[b][i].op != OP_ATTN \
-                    else ATTN_PHASES
+                used = MATMUL_PHASES if _is_matmul_slot(schedule, b, i) else ATTN_PHASES
                 stamps[-1].append([unwrap_timer(lo, met[b][i]) if lo and k < used else 0 for k, lo in enumerate(row)])
         return stamps
 
@@ -301,8 +300,8 @@ class MegakernelLlamaDecoder:
         st = self._traced_state(batch)
         schedule = st["schedule"]
         slots = st["phase_trace"].view(schedule.num_blocks, schedule.max_instrs, ATTN_PHASES)[:, :, MATMUL_PHASES]
-        return [[count if i < len(schedule.blocks[b]) and schedule.blocks[b][i].op != OP_ATTN else 0
-                 for i, count in enumerate(row)] for b, row in enumerate(slots.tolist())]
+        return [[count if _is_matmul_slot(schedule, b, i) else 0 for i, count in enumerate(row)]
+                for b, row in enumerate(slots.tolist())]
 
     def _traced_state(self, batch: int) -> dict:
         st = self._state(batch)
@@ -453,6 +452,12 @@ class MegakernelLlamaDecoder:
         if hidden.shape[-1] != self.config.vocab_size:
             raise ValueError("compute_logits expects the rows forward() returned")
         return hidden
+
+
+def _is_matmul_slot(schedule: Schedule, block: int, index: int) -> bool:
+    """Whether trace slot `index` of `block` belongs to an instruction whose phase slots are a matmul's (its stamps,
+    then its re-read count), not attention's or an unused slot's."""
+    return index < len(schedule.blocks[block]) and schedule.blocks[block][index].op != OP_ATTN
 
 
 def make_megakernel_decoder(model: torch.nn.Module, device: torch.device | str, max_batch: int | None = None,

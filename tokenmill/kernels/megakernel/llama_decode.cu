@@ -597,7 +597,7 @@ __device__ __forceinline__ void store_staged_squares(Misc* misc, float ss0, floa
 // copies its pieces' words into `words` (shared memory) until they carry `tag`, then keeps their bf16 halves.
 // `progressive` (PROGRESSIVE_STAGING; no tags, no HF-order norm): the copies go out as one cp.async group per
 // CHUNK_K columns and stage_x returns at once; run_matmul's first tile waits for each group as it reaches its
-// columns (staged_chunk_wait) and sums the squares as they land.
+// columns (cp_async_wait_pending) and sums the squares as they land (add_staged_squares).
 __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int klen, const bf16* norm, char* xs,
                         int xstride, Misc* misc, const char* norm_smem, uint32_t tag, uint32_t* words,
                         bool progressive) {
@@ -613,7 +613,8 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
     for (int c0 = 0; c0 < vecs; c0 += CHUNK_K / 8) {
       for (int m = group; m < M; m += G)
         for (int v = c0 + i0; v < min(vecs, c0 + CHUNK_K / 8); v += group_threads)
-          cp_async16(smem_addr(xs + m * xstride + v * 16), static_cast<const bf16*>(src) + (size_t)m * ld + k0 + v * 8);
+          cp_async16(smem_addr(xs + m * xstride + v * 16),
+                     static_cast<const bf16*>(src) + (size_t)m * ld + k0 + v * 8);
       asm volatile("cp.async.commit_group;" ::: "memory");
     }
     return;
@@ -808,7 +809,7 @@ __device__ void epilogue(const Params& p, int op, int layer, int tile, int r, in
 __device__ int merge_split_k(const Params& p, int op, int layer, int stage, int t0, int t1, int nsegs, Misc* misc) {
   const int tid = threadIdx.x, M = (int)p.M, N = (int)p.hidden;
   const int per_tile = 8 * M, groups = NUM_CONSUMERS / per_tile, group = tid / per_tile;
-  const int r = tid % per_tile & 7, c = tid % per_tile >> 3;
+  const int r = (tid % per_tile) & 7, c = (tid % per_tile) >> 3;
   int* counters = p.arrivals + ((size_t)layer * 2 + (op == OP_DOWN)) * (p.hidden / 16);
   int merged = 0;
   for (int base = t0; base < t1; base += 32) {
