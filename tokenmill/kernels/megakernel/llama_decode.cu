@@ -38,12 +38,6 @@ typedef __nv_bfloat16 bf16;
 #define MISC_BYTES 2048
 #define ATTN_CHUNK_BYTES 16384  // an attention chunk in a ring stage: K rows of its tokens, then V rows (16 KB each)
 #define INSTR_INTS 8
-#ifndef PROGRESSIVE_STAGING  // 1: a matmul's first tile starts on each K chunk of the activations as it lands (m19e)
-#define PROGRESSIVE_STAGING 0
-#endif
-#ifndef EARLY_QKV_INPUTS  // 1: qkv's first-tile epilogue inputs before the dependency wait, by threads off warp 0 (m19f)
-#define EARLY_QKV_INPUTS 0
-#endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
 #endif
@@ -534,55 +528,6 @@ __device__ __forceinline__ float staged_row_rstd(const Params& p, const Misc* mi
   return rsqrtf(total / (float)klen + (float)p.eps);
 }
 
-// Waits until at most n of this thread's cp.async groups are still in flight (n > 7 waits as for 7).
-__device__ __forceinline__ void cp_async_wait_pending(int n) {
-  switch (n) {
-    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
-    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
-    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
-    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
-    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
-    case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
-    case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
-    default: asm volatile("cp.async.wait_group 7;" ::: "memory");
-  }
-}
-
-// Progressive staging: this thread's share of the sums of squares of staged columns [c0, c1) (16-byte pieces) of
-// its group's rows, added to ss0 (its group's first row) and ss1 (its second).
-__device__ __forceinline__ void add_staged_squares(const Params& p, const char* xs, int xstride, int c0, int c1,
-                                                   float& ss0, float& ss1) {
-  const int M = (int)p.M, G = staging_groups(M), group_threads = NUM_CONSUMERS / G;
-  const int group = threadIdx.x / group_threads, i0 = threadIdx.x % group_threads;
-  for (int m = group; m < M; m += G) {
-    float sum = 0.f;
-    for (int v = c0 + i0; v < c1; v += group_threads) {
-      const uint4 x = *reinterpret_cast<const uint4*>(xs + m * xstride + v * 16);
-      const bf16* e = reinterpret_cast<const bf16*>(&x);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const float f = __bfloat162float(e[k]);
-        sum += f * f;
-      }
-    }
-    if (m == group) ss0 += sum;
-    else ss1 += sum;
-  }
-}
-
-// ... and the warps' totals into misc->ss, as stage_x leaves them (read after the next barrier).
-__device__ __forceinline__ void store_staged_squares(Misc* misc, float ss0, float ss1) {
-#pragma unroll
-  for (int off = 16; off; off >>= 1) {
-    ss0 += __shfl_xor_sync(0xffffffffu, ss0, off);
-    ss1 += __shfl_xor_sync(0xffffffffu, ss1, off);
-  }
-  if ((threadIdx.x & 31) == 0) {
-    misc->ss[threadIdx.x >> 5][0] = ss0;
-    misc->ss[threadIdx.x >> 5][1] = ss1;
-  }
-}
-
 // xs[m][0..klen) = x[m][k0..k0+klen) for m < M, RMSNorm'd (HF order) when norm != null; norm_smem: the norm
 // weights preload_norm copied, or null (read from global). With p.norm_folded the weights already hold the norm's
 // weights (decoder: W * w, rounded to bf16 once), so the rows stay as they are and only each row's 1 / rms is kept,
@@ -595,12 +540,8 @@ __device__ __forceinline__ void store_staged_squares(Misc* misc, float ss0, floa
 // row at batch 16; one warp per row made batch 1 slower.)
 // With tag != NO_TAG (p.tagged, batch 1), src is h's tagged words and this is the dependency wait: each thread
 // copies its pieces' words into `words` (shared memory) until they carry `tag`, then keeps their bf16 halves.
-// `progressive` (PROGRESSIVE_STAGING; no tags, no HF-order norm): the copies go out as one cp.async group per
-// CHUNK_K columns and stage_x returns at once; run_matmul's first tile waits for each group as it reaches its
-// columns (cp_async_wait_pending) and sums the squares as they land (add_staged_squares).
 __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int klen, const bf16* norm, char* xs,
-                        int xstride, Misc* misc, const char* norm_smem, uint32_t tag, uint32_t* words,
-                        bool progressive) {
+                        int xstride, Misc* misc, const char* norm_smem, uint32_t tag, uint32_t* words) {
 #ifdef DIAG_NO_NORM  // timing experiments only: the rows are staged, not normalised
   norm = nullptr;
 #endif
@@ -609,16 +550,6 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
   const int M = (int)p.M, vecs = klen / 8;
   const int G = staging_groups(M);  // groups of rows: at most 2 rows each (M <= 16)
   const int group_threads = NUM_CONSUMERS / G, group = tid / group_threads, i0 = tid % group_threads;
-  if (PROGRESSIVE_STAGING && progressive) {  // (compiled out by default: stage_x is not inlined)
-    for (int c0 = 0; c0 < vecs; c0 += CHUNK_K / 8) {
-      for (int m = group; m < M; m += G)
-        for (int v = c0 + i0; v < min(vecs, c0 + CHUNK_K / 8); v += group_threads)
-          cp_async16(smem_addr(xs + m * xstride + v * 16),
-                     static_cast<const bf16*>(src) + (size_t)m * ld + k0 + v * 8);
-      asm volatile("cp.async.commit_group;" ::: "memory");
-    }
-    return;
-  }
   if (tag == NO_TAG) {
 #ifdef DIAG_STAGE_ROWS  // timing experiments only: stage the first DIAG_STAGE_ROWS rows, leave the rest stale
     for (int m = group; m < min(M, DIAG_STAGE_ROWS); m += G)
@@ -842,7 +773,7 @@ __device__ int merge_split_k(const Params& p, int op, int layer, int stage, int 
 
 template <int NT>  // n-tiles of 8 batch rows
 __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t* full, uint64_t* empty, char* xs,
-                           float4* red, Misc* misc, uint32_t& chunk) {
+                           float4* red, Misc* misc, uint32_t& chunk, int prev_dep) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int op = in[0], layer = in[1], seg = in[2], M = (int)p.M;
   const OpInfo info = op_info(p, op, layer);
@@ -863,23 +794,28 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
   const char* norm_smem =
       norm && !p.norm_folded && klen * 2 <= RED_BYTES ? reinterpret_cast<const char*>(red) : nullptr;
   if (norm_smem) preload_norm(norm, k0, klen, reinterpret_cast<char*>(red));
-  // Thread -> (tile row r < 8, batch column c) in the reduction and epilogue below. EARLY_QKV_INPUTS (m19f) starts
-  // the mapping at warp 1 and loads qkv's first-tile inputs (positions -> cos / sin, the KV slots: step inputs, not
-  // an earlier stage's results) before the dependency wait. m19c did the same from warp 0 and lost 1.5-2.5 %: thread 0
-  // polls the dependency, and an acquire poll waits for the polling thread's loads in flight (m9c).
-  const int et = EARLY_QKV_INPUTS ? (tid + NUM_CONSUMERS - 32) % NUM_CONSUMERS : tid;
+  // Thread -> (tile row r < 8, batch column c) in the reduction and epilogue below. Up to batch 8 (NT = 1) the
+  // first tile's epilogue inputs that no unfinished stage writes are loaded before the dependency wait, by threads
+  // from warp 1 on: thread 0 polls the dependency, and an acquire poll waits for the polling thread's loads in
+  // flight (m9c; m19c loaded from warp 0 and lost 1.5-2.5 %). qkv's are step inputs (positions -> cos / sin, the KV
+  // slots); o's and down's residual rows were written 3 and 2 stages back, so they are complete once this block has
+  // waited for that stage (prev_dep: its previous instruction's dependency), and with tags (batch 1) always safe to
+  // poll for: their writers never wait for a later stage. -2 to -3 % at batch 1, -0.5 to -1.4 % at 2-8 (m19f, m19g).
+  // At batch 16 the same lost 1-3 %, even behind a runtime-false flag, so the NT = 2 code stays as it was.
+  constexpr bool early = NT == 1;
+  const int et = early ? (tid + NUM_CONSUMERS - 32) % NUM_CONSUMERS : tid;
   const int r = et & 7, c = et >> 3;
   const bool active = et < 64 * NT && c < M;
-  const EpilogueInputs first_qkv_in = EARLY_QKV_INPUTS && op == OP_QKV && active
-                                          ? epilogue_inputs(p, op, in[3], r, c, NO_TAG)
-                                          : EpilogueInputs{0.f, 0.f, -1};
+  const bool early_in = early && active &&
+                        (op == OP_QKV || (nsegs == 1 && (op == OP_O || op == OP_DOWN) &&
+                                          (p.tagged || prev_dep >= in[7] - (op == OP_O ? 3 : 2))));
+  const EpilogueInputs first_in =
+      early_in ? epilogue_inputs(p, op, in[3], r, c, resid_tag(misc, op, in[7])) : EpilogueInputs{0.f, 0.f, -1};
   const bool tagged_in = p.tagged && reads_h(op);  // the words' tags are the dependency
   if (!tagged_in) wait_dependency(p, in[5], in[6], misc);
   // (p.tagged: the decoder checked that a row of words fits in xs behind the staged row)
-  const bool progressive = PROGRESSIVE_STAGING && !tagged_in && (!norm || p.norm_folded);
   stage_x(p, src, ld, k0, klen, norm, xs, xstride, misc, norm_smem, tagged_in ? stage_tag(misc, in[5]) : NO_TAG,
-          reinterpret_cast<uint32_t*>(xs + xstride), progressive);
-  float ss0 = 0.f, ss1 = 0.f, rstd = 1.f;  // progressive: this thread's sums of squares, then its batch row's 1 / rms
+          reinterpret_cast<uint32_t*>(xs + xstride));
   // (stamped after the staging: the words arrived)
   if (tagged_in && tid == 0 && p.trace) instr_trace(p, misc)[1] = globaltimer();
   if (tid == 0) misc->phase[0] = globaltimer_lo();  // activations staged
@@ -889,7 +825,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
   const int N = op == OP_O || op == OP_DOWN ? (int)p.hidden : 0;
   for (int tile = in[3]; tile < in[4]; ++tile) {
     const EpilogueInputs epi_in =
-        EARLY_QKV_INPUTS && op == OP_QKV && tile == in[3] ? first_qkv_in
+        early_in && tile == in[3] ? first_in
         : active && nsegs == 1 ? epilogue_inputs(p, op, tile, r, c, resid_tag(misc, op, in[7]))
                                : EpilogueInputs{0.f, 0.f, -1};
     float acc[NT][4];
@@ -898,10 +834,6 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     for (int kc = k0; kc < k1; kc += CHUNK_K, ++chunk) {
       const int len = min(CHUNK_K, k1 - kc);
       const int s = chunk % NUM_STAGES;
-      if (progressive && tile == in[3]) {  // these columns' activations, every thread's copies
-        cp_async_wait_pending((k1 - kc - 1) / CHUNK_K);
-        consumer_sync();
-      }
       mbar_wait(&full[s], (chunk / NUM_STAGES) & 1);
       if (tid == 0 && p.chunk_trace)
         p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk - misc->attn_chunks) * 2 + 1] = globaltimer();
@@ -923,10 +855,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[s]);
-      if (progressive && norm && tile == in[3])
-        add_staged_squares(p, xs, xstride, (kc - k0) / 8, min(klen, kc - k0 + CHUNK_K) / 8, ss0, ss1);
     }
-    if (progressive && norm && tile == in[3]) store_staged_squares(misc, ss0, ss1);  // (published by the barrier below)
     // (2: only at the release; none where the output is tagged h: no fence to wait, and the next instruction's
     // chunks would be held back for nothing)
     if (tid == 0 && p.pause_release == 1 && tile == in[4] - 1 && !(p.tagged && writes_h(op))) pause_loads(misc);
@@ -934,7 +863,6 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     for (int n = 0; n < NT; ++n)
       red[(warp * NT + n) * 32 + lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
     consumer_sync();
-    if (progressive && norm && tile == in[3] && active) rstd = staged_row_rstd(p, misc, c, klen);
     // Sum the 8 warps' partials of rows r and r + 8 in warp order.
     float lo = 0.f, hi = 0.f;
     if (active) {
@@ -947,9 +875,8 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     }
     if (nsegs == 1) {
       if (active && norm && p.norm_folded) {
-        const float row_scale = progressive ? rstd : misc->rstd[c];
-        lo *= row_scale;
-        hi *= row_scale;
+        lo *= misc->rstd[c];
+        hi *= misc->rstd[c];
       }
       if (active) epilogue(p, op, layer, tile, r, c, lo, hi, epi_in, stage_tag(misc, in[7]));
       ++merged;
@@ -1409,6 +1336,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
     const int* in = instrs + ii * INSTR_INTS;
     if (tid == 0) misc->ii = ii;
     const int op = in[0], dep_stage = in[5], dep_target = in[6], stage = in[7];
+    const int prev_dep = ii > 0 ? in[5 - INSTR_INTS] : -1;  // met before this instruction starts
     if (tid == 0 && p.trace) instr_trace(p, misc)[0] = globaltimer();
     if (op == OP_EMBED) {
       wait_dependency(p, dep_stage, dep_target, misc);  // the other ops wait after issuing their first loads
@@ -1427,9 +1355,9 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
     } else if (op == OP_ATTN) {
       run_attention(p, in, ring, full, empty, chunk, xs, misc);
     } else if (p.M <= 8) {
-      run_matmul<1>(p, in, ring, full, empty, xs, red, misc, chunk);
+      run_matmul<1>(p, in, ring, full, empty, xs, red, misc, chunk, prev_dep);
     } else {
-      run_matmul<2>(p, in, ring, full, empty, xs, red, misc, chunk);
+      run_matmul<2>(p, in, ring, full, empty, xs, red, misc, chunk, prev_dep);
     }
     if (tid == 0 && p.pause_release && !(p.tagged && writes_h(op))) pause_loads(misc);
     if (tid == 0) misc->staging_ii = ii + 1;
