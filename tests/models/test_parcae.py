@@ -209,7 +209,7 @@ def test_parcae_spectral_radius_below_one_for_any_parameters(dt, log_a):
     with torch.no_grad():
         inj.dt_bias.copy_(torch.tensor(dt, dtype=torch.float64))
         inj.log_A.copy_(torch.tensor(log_a, dtype=torch.float64))
-    decay = inj.decay()
+    decay = inj.decay().detach()
     assert float(decay.max()) < 1.0 and float(decay.min()) >= 0.0
 
 
