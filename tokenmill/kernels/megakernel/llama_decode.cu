@@ -38,6 +38,9 @@ typedef __nv_bfloat16 bf16;
 #define MISC_BYTES 2048
 #define ATTN_CHUNK_BYTES 16384  // an attention chunk in a ring stage: K rows of its tokens, then V rows (16 KB each)
 #define INSTR_INTS 8
+#ifndef TAGGED_QKV  // 1: with p.tagged, qkv's outputs go to attention as tagged words, without a counter (m19h)
+#define TAGGED_QKV 0
+#endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
 #endif
@@ -176,6 +179,17 @@ __device__ __forceinline__ float ld_tagged(const uint32_t* p, uint32_t tag) {
 
 __device__ __forceinline__ bool carries(uint4 w, uint32_t tag) {
   return (w.x >> 16 == tag) & (w.y >> 16 == tag) & (w.z >> 16 == tag) & (w.w >> 16 == tag);
+}
+
+// Four tagged words (16-byte aligned), once every one carries `tag`.
+__device__ __forceinline__ uint4 ld_tagged4(const uint32_t* p, uint32_t tag) {
+  uint4 w;
+  while (true) {
+    asm volatile("ld.relaxed.gpu.global.v4.b32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w) : "l"(p) : "memory");
+    if (carries(w, tag)) return w;
+    __nanosleep(32);
+  }
 }
 
 // Barrier of the consumer warps only (the producer warp never joins it).
@@ -492,6 +506,17 @@ __device__ __forceinline__ uint32_t stage_tag(const Misc* misc, int stage) {
 __device__ __forceinline__ bool reads_h(int op) { return op == OP_QKV || op == OP_GATE_UP || op == OP_LM_HEAD; }
 __device__ __forceinline__ bool writes_h(int op) { return op == OP_EMBED || op == OP_O || op == OP_DOWN; }
 
+// Whether op's readers find its results by their tags (p.tagged): then it releases no counter, and the producer
+// need not hold back around a release fence that does not happen. (A macro: as an inlined function the same test
+// compiled the whole kernel differently.)
+#define WRITES_TAGGED(p, op) ((p).tagged && (writes_h(op) || (TAGGED_QKV && (op) == OP_QKV)))
+
+// TAGGED_QKV: qkv's outputs (q and k after RoPE, v) as tagged words, row m's at qkv_words(p) + m * (Hq + 2 Hkv) D,
+// indexed by qkv's output row; in the buffer that holds q in fp32 otherwise (sized for both).
+__device__ __forceinline__ uint32_t* qkv_words(const Params& p, int m) {
+  return reinterpret_cast<uint32_t*>(p.q) + (size_t)m * (p.n_q_heads + 2 * p.n_kv_heads) * p.head_dim;
+}
+
 // The tag of the residual rows an o or down instruction of `stage` reads: down's of the previous layer (or embed's)
 // for o, o's for down.
 __device__ __forceinline__ uint32_t resid_tag(const Misc* misc, int op, int stage) {
@@ -688,6 +713,13 @@ __device__ void epilogue(const Params& p, int op, int layer, int tile, int r, in
         const int d = lo_row % D;
         const float c = in.x, s = in.y;
         const float y_lo = lo * c - hi * s, y_hi = hi * c + lo * s;
+#if TAGGED_QKV
+        if (p.tagged) {  // (attention rounds q to bf16 for its MMAs as well: the same values)
+          st_tagged(qkv_words(p, m) + head * D + d, __float2bfloat16(y_lo), tag);
+          st_tagged(qkv_words(p, m) + head * D + d + half, __float2bfloat16(y_hi), tag);
+          if (head < Hq) break;
+        }
+#endif
         if (head < Hq) {
           p.q[(size_t)m * Hq * D + head * D + d] = y_lo;
           p.q[(size_t)m * Hq * D + head * D + d + half] = y_hi;
@@ -696,7 +728,14 @@ __device__ void epilogue(const Params& p, int op, int layer, int tile, int r, in
           k[d] = __float2bfloat16(y_lo);
           k[d + half] = __float2bfloat16(y_hi);
         }
-      } else if (slot >= 0) {  // v rows: a plain 16-row tile inside one head
+      } else if (slot >= 0 || (TAGGED_QKV && p.tagged)) {  // v rows: a plain 16-row tile inside one head
+#if TAGGED_QKV
+        if (p.tagged) {
+          st_tagged(qkv_words(p, m) + lo_row, __float2bfloat16(lo), tag);
+          st_tagged(qkv_words(p, m) + hi_row, __float2bfloat16(hi), tag);
+          if (slot < 0) break;
+        }
+#endif
         const int vi = lo_row - (Hq + Hkv) * D;
         bf16* v = p.kv_cache + layer * p.kv_layer_stride + p.kv_v_offset + slot * Hkv * D;
         v[vi] = __float2bfloat16(lo);
@@ -858,7 +897,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     }
     // (2: only at the release; none where the output is tagged h: no fence to wait, and the next instruction's
     // chunks would be held back for nothing)
-    if (tid == 0 && p.pause_release == 1 && tile == in[4] - 1 && !(p.tagged && writes_h(op))) pause_loads(misc);
+    if (tid == 0 && p.pause_release == 1 && tile == in[4] - 1 && !WRITES_TAGGED(p, op)) pause_loads(misc);
 #pragma unroll
     for (int n = 0; n < NT; ++n)
       red[(warp * NT + n) * 32 + lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
@@ -1150,6 +1189,10 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
   const AttnSmem* sm = &sm_;
   int merged = 0;
   bool waited = false;
+#if TAGGED_QKV  // q, and this step's K and V rows, arrive as qkv's tagged words: their tags are the dependency
+  const bool tagged_in = p.tagged;
+  const uint32_t tag = stage_tag(misc, in[5]);
+#endif
   for (int item = in[3]; item < in[4]; ++item) {
     const AttnItem a = attn_item(p, item);
     if (a.split >= a.splits) continue;  // empty: the (sequence, KV head) completes without it
@@ -1168,10 +1211,24 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
     for (int mt = 0; mt < KS; ++mt)
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[mt][j] = 0.f;
+#if TAGGED_QKV
+    if (tagged_in) {
+      for (int i = tid; i < G * D / 4; i += NUM_CONSUMERS) {
+        const uint4 w = ld_tagged4(qkv_words(p, m) + kvh * G * D + 4 * i, tag);
+        *reinterpret_cast<float4*>(sm->q + 4 * i) = make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.y << 16),
+                                                                __uint_as_float(w.z << 16), __uint_as_float(w.w << 16));
+      }
+      if (!waited && tid == 0 && p.trace) instr_trace(p, misc)[1] = globaltimer();  // (thread 0's words arrived)
+      waited = true;
+    }
+#endif
     if (!waited) {
       wait_dependency(p, in[5], in[6], misc);
       waited = true;
     }
+#if TAGGED_QKV
+    if (!tagged_in)
+#endif
     for (int i = tid; i < G * D / 4; i += NUM_CONSUMERS)
       cp_async16(smem_addr(sm->q + 4 * i), p.q + (size_t)m * Hq * D + kvh * G * D + 4 * i);
     for (int tb = a.t0; tb < a.t1; tb += CT, ++chunk) {
@@ -1185,9 +1242,20 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       // replace them once the stage has landed.
       if (has_newest && newest_slot >= 0 && tid < 2 * PIECES) {  // 16-byte pieces
         const int kv = tid / PIECES;  // 0: K, 1: V
-        const bf16* src = p.kv_cache + layer * p.kv_layer_stride + kv * p.kv_v_offset +
-                          (newest_slot * Hkv + kvh) * D + (tid % PIECES) * 8;
-        cp_async16(smem_addr(stage + kv * ATTN_CHUNK_BYTES + ((newest - tb) * D + (tid % PIECES) * 8) * 2), src);
+#if TAGGED_QKV
+        if (tagged_in) {  // eight words: their bf16 halves
+          const uint32_t* src = qkv_words(p, m) + (Hq + kv * Hkv + kvh) * D + (tid % PIECES) * 8;
+          const uint4 lo = ld_tagged4(src, tag), hi = ld_tagged4(src + 4, tag);
+          *reinterpret_cast<uint4*>(stage + kv * ATTN_CHUNK_BYTES + ((newest - tb) * D + (tid % PIECES) * 8) * 2) =
+              make_uint4(__byte_perm(lo.x, lo.y, 0x5410), __byte_perm(lo.z, lo.w, 0x5410),
+                         __byte_perm(hi.x, hi.y, 0x5410), __byte_perm(hi.z, hi.w, 0x5410));
+        } else
+#endif
+        {
+          const bf16* src = p.kv_cache + layer * p.kv_layer_stride + kv * p.kv_v_offset +
+                            (newest_slot * Hkv + kvh) * D + (tid % PIECES) * 8;
+          cp_async16(smem_addr(stage + kv * ATTN_CHUNK_BYTES + ((newest - tb) * D + (tid % PIECES) * 8) * 2), src);
+        }
       }
       if (tb == a.t0 || has_newest) {
         asm volatile("cp.async.wait_all;" ::: "memory");
@@ -1278,6 +1346,12 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
     if (tid == 0) misc->phase[6] = globaltimer_lo();  // merged (or found another split will)
   }
   // A block whose items were all empty still stamps "dependency met" (nothing of it waits on qkv).
+#if TAGGED_QKV
+  if (!waited && tagged_in) {
+    if (tid == 0 && p.trace) instr_trace(p, misc)[1] = globaltimer();
+    waited = true;
+  }
+#endif
   if (!waited) wait_dependency(p, in[5], in[6], misc);
   if (tid == 0) {
     misc->merged = merged;
@@ -1359,11 +1433,11 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
     } else {
       run_matmul<2>(p, in, ring, full, empty, xs, red, misc, chunk, prev_dep);
     }
-    if (tid == 0 && p.pause_release && !(p.tagged && writes_h(op))) pause_loads(misc);
+    if (tid == 0 && p.pause_release && !WRITES_TAGGED(p, op)) pause_loads(misc);
     if (tid == 0) misc->staging_ii = ii + 1;
     consumer_sync();
     // The release is cumulative: every consumer's writes precede it through the barrier above.
-    if (tid == 0 && misc->merged > 0 && !(p.tagged && writes_h(op))) {  // tagged h needs no counter
+    if (tid == 0 && misc->merged > 0 && !WRITES_TAGGED(p, op)) {  // tagged results need no counter
       red_release_add(p.done + stage, misc->merged);
     }
     if (tid == 0 && p.pause_release) resume_loads(misc);
