@@ -41,6 +41,9 @@ typedef __nv_bfloat16 bf16;
 #ifndef TAGGED_QKV  // 1: with p.tagged, qkv's outputs go to attention as tagged words, without a counter (m19h)
 #define TAGGED_QKV 0
 #endif
+#ifndef ATTN_EARLY_PAUSE  // 1: with pause_release 1, attention holds the next chunks back from its last output on (m19i)
+#define ATTN_EARLY_PAUSE 0
+#endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
 #endif
@@ -1286,6 +1289,12 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       if (tid == 0) ++misc->attn_chunks;
     }
     if (tid == 0) misc->phase[4] = globaltimer_lo();  // probabilities x V
+#if ATTN_EARLY_PAUSE
+    // The instruction's last item: its chunks are all asked for, and what remains (its output, the split merge)
+    // ends in the release fence, which waits for the SM's loads in flight; from here on the producer asks for no
+    // chunk of the next instruction, as matmuls do from their last tile's epilogue (pause_release 1, m12e).
+    if (tid == 0 && p.pause_release == 1 && item == in[4] - 1) pause_loads(misc);
+#endif
     asm volatile("cp.async.wait_all;" ::: "memory");  // a context of 0 tokens never waited for its q copy
     // Each warp's output, max and sum; then the warps merged in warp order.
     if (t4 == 0 && g < G) {
