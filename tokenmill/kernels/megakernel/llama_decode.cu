@@ -44,6 +44,9 @@ typedef __nv_bfloat16 bf16;
 #ifndef ATTN_EARLY_PAUSE  // 1: with pause_release 1, attention holds the next chunks back from its last output on (m19i)
 #define ATTN_EARLY_PAUSE 0
 #endif
+#ifndef BULK_STAGING  // 1: untagged activation rows staged by one bulk copy per row, not per-thread cp.async (m19j)
+#define BULK_STAGING 0
+#endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
 #endif
@@ -109,6 +112,14 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
           "r"(smem_addr(dst)),
       "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
       : "memory");
+}
+
+// The same without an L2 policy (activations: read by every SM, best left where they are).
+__device__ __forceinline__ void bulk_copy_keep(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
 }
 
 // A 16-byte copy global -> shared memory (shared address dst) through L2 only; cp.async.wait_all completes it.
@@ -469,6 +480,10 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
 // ---- consumers: activations into shared memory --------------------------------------------------------------
 
 struct Misc {
+#if BULK_STAGING
+  uint64_t stage_bar;   // stage_x's bulk copies complete on it
+  uint32_t stage_uses;  // ... its phases so far (thread 0 counts one up after every consumer has waited)
+#endif
   float ss[NUM_CONSUMER_WARPS][2];  // stage_x: each warp's sum of squares of its rows (at most 2 per warp group)
   float rstd[16];  // stage_x, p.norm_folded: each staged row's 1 / rms (the epilogues read it after their barrier)
   int flag;
@@ -579,6 +594,19 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
   const int G = staging_groups(M);  // groups of rows: at most 2 rows each (M <= 16)
   const int group_threads = NUM_CONSUMERS / G, group = tid / group_threads, i0 = tid % group_threads;
   if (tag == NO_TAG) {
+#if BULK_STAGING
+    // One bulk copy per row by thread 0, off the LSU path (m13e, m16b: the cp.async pieces queue behind the SM's
+    // weight chunks in flight). xs's earlier generic-proxy writes were fenced for the async proxy before the
+    // dependency wait's barrier (run_matmul).
+    const uint32_t parity = misc->stage_uses & 1;
+    if (tid == 0) {
+      mbar_expect_tx(&misc->stage_bar, (uint32_t)(M * klen * 2));
+      for (int m = 0; m < M; ++m)
+        bulk_copy_keep(xs + m * xstride, static_cast<const bf16*>(src) + (size_t)m * ld + k0, klen * 2,
+                       &misc->stage_bar);
+    }
+    mbar_wait(&misc->stage_bar, parity);
+#else
 #ifdef DIAG_STAGE_ROWS  // timing experiments only: stage the first DIAG_STAGE_ROWS rows, leave the rest stale
     for (int m = group; m < min(M, DIAG_STAGE_ROWS); m += G)
 #else
@@ -586,6 +614,7 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
 #endif
       for (int v = i0; v < vecs; v += group_threads)
         cp_async16(smem_addr(xs + m * xstride + v * 16), static_cast<const bf16*>(src) + (size_t)m * ld + k0 + v * 8);
+#endif
   } else {  // M == 1 (the decoder tags h at batch 1 only): one group, piece v of the row is thread v's
     if (M != 1) __trap();
     const uint32_t* row = static_cast<const uint32_t*>(src) + k0;
@@ -635,6 +664,9 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
     }
   }
   consumer_sync();  // every row in xs; the sums of squares; the norm weights (copied by all consumers)
+#if BULK_STAGING
+  if (tag == NO_TAG && tid == 0) ++misc->stage_uses;
+#endif
   if (!norm) return;
   if (p.norm_folded) {  // the weights carry the norm's weights: 1 / rms per row is all, the epilogue applies it
     if (tid < M) misc->rstd[tid] = staged_row_rstd(p, misc, tid, klen);
@@ -854,6 +886,10 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
   const EpilogueInputs first_in =
       early_in ? epilogue_inputs(p, op, in[3], r, c, resid_tag(misc, op, in[7])) : EpilogueInputs{0.f, 0.f, -1};
   const bool tagged_in = p.tagged && reads_h(op);  // the words' tags are the dependency
+#if BULK_STAGING
+  // (stage_x's bulk copies write xs through the async proxy: order the generic-proxy accesses to it before them)
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
   if (!tagged_in) wait_dependency(p, in[5], in[6], misc);
   // (p.tagged: the decoder checked that a row of words fits in xs behind the staged row)
   stage_x(p, src, ld, k0, klen, norm, xs, xstride, misc, norm_smem, tagged_in ? stage_tag(misc, in[5]) : NO_TAG,
@@ -1403,6 +1439,10 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], NUM_CONSUMER_WARPS);
     }
+#if BULK_STAGING
+    mbar_init(&misc->stage_bar, 1);
+    misc->stage_uses = 0;
+#endif
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
