@@ -142,7 +142,7 @@ def resolve_model(name: str | os.PathLike | None) -> ModelSource:
         return ModelSource("hf_dir", download_hub_model(text), text)
     raise FileNotFoundError(
         f"model {text!r} not found: no such file or folder, and not a Hugging Face Hub id (org/name); "
-        f"use None or 'default' for {DEFAULT_MODEL_NAME}"
+        f"leave the model out (or pass 'default') for {DEFAULT_MODEL_NAME}"
     )
 
 
