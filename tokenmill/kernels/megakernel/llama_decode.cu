@@ -195,6 +195,12 @@ __device__ __forceinline__ bool carries(uint4 w, uint32_t tag) {
   return (w.x >> 16 == tag) & (w.y >> 16 == tag) & (w.z >> 16 == tag) & (w.w >> 16 == tag);
 }
 
+// The bf16 halves of eight tagged words, packed as eight bf16 (16 bytes).
+__device__ __forceinline__ uint4 tagged_values8(uint4 lo, uint4 hi) {
+  return make_uint4(__byte_perm(lo.x, lo.y, 0x5410), __byte_perm(lo.z, lo.w, 0x5410), __byte_perm(hi.x, hi.y, 0x5410),
+                    __byte_perm(hi.z, hi.w, 0x5410));
+}
+
 // Four tagged words (16-byte aligned), once every one carries `tag`.
 __device__ __forceinline__ uint4 ld_tagged4(const uint32_t* p, uint32_t tag) {
   uint4 w;
@@ -629,9 +635,7 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
         const uint4 a = *reinterpret_cast<const uint4*>(words + v * 8);
         const uint4 b = *reinterpret_cast<const uint4*>(words + v * 8 + 4);
         if (carries(a, tag) & carries(b, tag)) {
-          *reinterpret_cast<uint4*>(xs + v * 16) =
-              make_uint4(__byte_perm(a.x, a.y, 0x5410), __byte_perm(a.z, a.w, 0x5410), __byte_perm(b.x, b.y, 0x5410),
-                         __byte_perm(b.z, b.w, 0x5410));
+          *reinterpret_cast<uint4*>(xs + v * 16) = tagged_values8(a, b);
           break;
         }
         __nanosleep(32);
@@ -1286,8 +1290,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
           const uint32_t* src = qkv_words(p, m) + (Hq + kv * Hkv + kvh) * D + (tid % PIECES) * 8;
           const uint4 lo = ld_tagged4(src, tag), hi = ld_tagged4(src + 4, tag);
           *reinterpret_cast<uint4*>(stage + kv * ATTN_CHUNK_BYTES + ((newest - tb) * D + (tid % PIECES) * 8) * 2) =
-              make_uint4(__byte_perm(lo.x, lo.y, 0x5410), __byte_perm(lo.z, lo.w, 0x5410),
-                         __byte_perm(hi.x, hi.y, 0x5410), __byte_perm(hi.z, hi.w, 0x5410));
+              tagged_values8(lo, hi);
         } else
 #endif
         {
