@@ -105,6 +105,13 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
   return policy;
 }
 
+// (activations: read by every SM, best left in L2 as any line)
+__device__ __forceinline__ uint64_t evict_normal_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+
 // Bulk copy global -> this CTA's shared memory; completes `bytes` of the mbarrier's transaction count.
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar, uint64_t policy) {
   asm volatile(
@@ -112,14 +119,6 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
           "r"(smem_addr(dst)),
       "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
       : "memory");
-}
-
-// The same without an L2 policy (activations: read by every SM, best left where they are).
-__device__ __forceinline__ void bulk_copy_keep(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_addr(dst)),
-               "l"(src), "r"(bytes), "r"(smem_addr(bar))
-               : "memory");
 }
 
 // A 16-byte copy global -> shared memory (shared address dst) through L2 only; cp.async.wait_all completes it.
@@ -606,10 +605,11 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
     // dependency wait's barrier (run_matmul).
     const uint32_t parity = misc->stage_uses & 1;
     if (tid == 0) {
+      const uint64_t policy = evict_normal_policy();
       mbar_expect_tx(&misc->stage_bar, (uint32_t)(M * klen * 2));
       for (int m = 0; m < M; ++m)
-        bulk_copy_keep(xs + m * xstride, static_cast<const bf16*>(src) + (size_t)m * ld + k0, klen * 2,
-                       &misc->stage_bar);
+        bulk_copy(xs + m * xstride, static_cast<const bf16*>(src) + (size_t)m * ld + k0, klen * 2, &misc->stage_bar,
+                  policy);
     }
     mbar_wait(&misc->stage_bar, parity);
 #else
