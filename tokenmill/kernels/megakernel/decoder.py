@@ -226,9 +226,7 @@ class MegakernelLlamaDecoder:
                 # launches so far: each launch's tags differ from the last's (counted up before the kernel; 64-bit,
                 # since a 32-bit count wraps from 2^32 - 1 to 0, both multiples of 0xFFFF: the same tags twice)
                 "epoch": torch.zeros(1, dtype=torch.int64, device=dev),
-                # q in fp32; or (TAGGED_QKV, tagged) qkv's whole output row as tagged words: sized for both
-                "q": torch.empty(batch, q_size + 2 * cfg.num_key_value_heads * cfg.head_dim, dtype=torch.float32,
-                                 device=dev),
+                "q": torch.empty(batch, q_size, dtype=torch.float32, device=dev),
                 "attn": torch.empty(batch, q_size, dtype=torch.bfloat16, device=dev),
                 "act": torch.empty(batch, cfg.intermediate_size, dtype=torch.bfloat16, device=dev),
                 "part": torch.empty(max_segs * batch * cfg.hidden_size, dtype=torch.float32, device=dev),
@@ -360,15 +358,13 @@ class MegakernelLlamaDecoder:
                 and tables.stride(-1) == 1 and kv_cache.is_contiguous()):
             raise ValueError("decode inputs and the KV cache must be contiguous")
         tagged = self.tag_residual and st["shape"].residual_tags_fit()
-        if st.get("tagged") != tagged:  # bf16 pairs (or fp32 q) left by the other mode could read as a tag
+        if st.get("tagged") != tagged:  # bf16 pairs left by the other mode could read as a tag
             st["h"].fill_(-1)
-            st["q"].view(torch.int32).fill_(-1)
             st["tagged"] = tagged
         if self.poison_scratch:
-            for name in ("attn", "act", "part", "o_part", "ml_part", "logits"):
+            for name in ("q", "attn", "act", "part", "o_part", "ml_part", "logits"):
                 st[name].fill_(float("nan"))
-            for name in ("h", "q"):  # NaN values, and tag 0xFFFF, which no stage writes
-                st[name].view(torch.int32).fill_(-1)
+            st["h"].fill_(-1)  # NaN values, and tag 0xFFFF, which no stage writes
         st["counters"].zero_()
         if tagged:  # (one more small kernel per step, only where the tags need it)
             st["epoch"].add_(1)

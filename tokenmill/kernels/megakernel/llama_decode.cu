@@ -38,15 +38,6 @@ typedef __nv_bfloat16 bf16;
 #define MISC_BYTES 2048
 #define ATTN_CHUNK_BYTES 16384  // an attention chunk in a ring stage: K rows of its tokens, then V rows (16 KB each)
 #define INSTR_INTS 8
-#ifndef TAGGED_QKV  // 1: with p.tagged, qkv's outputs go to attention as tagged words, without a counter (m19h)
-#define TAGGED_QKV 0
-#endif
-#ifndef ATTN_EARLY_PAUSE  // 1: with pause_release 1, attention holds the next chunks back from its last output on (m19i)
-#define ATTN_EARLY_PAUSE 0
-#endif
-#ifndef BULK_STAGING  // 1: untagged activation rows staged by one bulk copy per row, not per-thread cp.async (m19j)
-#define BULK_STAGING 0
-#endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
 #endif
@@ -198,17 +189,6 @@ __device__ __forceinline__ bool carries(uint4 w, uint32_t tag) {
 __device__ __forceinline__ uint4 tagged_values8(uint4 lo, uint4 hi) {
   return make_uint4(__byte_perm(lo.x, lo.y, 0x5410), __byte_perm(lo.z, lo.w, 0x5410), __byte_perm(hi.x, hi.y, 0x5410),
                     __byte_perm(hi.z, hi.w, 0x5410));
-}
-
-// Four tagged words (16-byte aligned), once every one carries `tag`.
-__device__ __forceinline__ uint4 ld_tagged4(const uint32_t* p, uint32_t tag) {
-  uint4 w;
-  while (true) {
-    asm volatile("ld.relaxed.gpu.global.v4.b32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w) : "l"(p) : "memory");
-    if (carries(w, tag)) return w;
-    __nanosleep(32);
-  }
 }
 
 // Barrier of the consumer warps only (the producer warp never joins it).
@@ -435,7 +415,8 @@ __device__ __forceinline__ void wait_inflight(uint64_t* full, uint32_t num_stage
 
 // The producer warp: every chunk of the block's instructions, in order, into the ring: a weight chunk (lane i copies
 // row i of the 16-row tile) or an attention chunk. (Asking L2 for the chunks beyond a full ring, so that HBM keeps
-// streaming while the consumers wait, made every batch slower each time it was tried: m7, m9a, m12a, m12i.)
+// streaming while the consumers wait, made every batch slower each time it was tried: m7, m9a, m12a, m12i on the
+// H100, m20a on the H200.)
 // `pause_ii`: while the consumers release instruction pause_ii (p.pause_release), the producer asks for no chunk
 // of a later instruction; INT_MAX otherwise. A release fence (and the acq_rel of a split merge) waits for the loads
 // this SM has in flight: holding new ones back from the last tile's epilogue to the release made batch 1-16 faster
@@ -485,10 +466,6 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
 // ---- consumers: activations into shared memory --------------------------------------------------------------
 
 struct Misc {
-#if BULK_STAGING
-  uint64_t stage_bar;   // stage_x's bulk copies complete on it
-  uint32_t stage_uses;  // ... its phases so far (thread 0 counts one up after every consumer has waited)
-#endif
   float ss[NUM_CONSUMER_WARPS][2];  // stage_x: each warp's sum of squares of its rows (at most 2 per warp group)
   float rstd[16];  // stage_x, p.norm_folded: each staged row's 1 / rms (the epilogues read it after their barrier)
   int flag;
@@ -532,13 +509,7 @@ __device__ __forceinline__ bool writes_h(int op) { return op == OP_EMBED || op =
 // Whether op's readers find its results by their tags (p.tagged): then it releases no counter, and the producer
 // need not hold back around a release fence that does not happen. (A macro: as an inlined function the same test
 // compiled the whole kernel differently.)
-#define WRITES_TAGGED(p, op) ((p).tagged && (writes_h(op) || (TAGGED_QKV && (op) == OP_QKV)))
-
-// TAGGED_QKV: qkv's outputs (q and k after RoPE, v) as tagged words, row m's at qkv_words(p) + m * (Hq + 2 Hkv) D,
-// indexed by qkv's output row; in the buffer that holds q in fp32 otherwise (sized for both).
-__device__ __forceinline__ uint32_t* qkv_words(const Params& p, int m) {
-  return reinterpret_cast<uint32_t*>(p.q) + (size_t)m * (p.n_q_heads + 2 * p.n_kv_heads) * p.head_dim;
-}
+#define WRITES_TAGGED(p, op) ((p).tagged && writes_h(op))
 
 // The tag of the residual rows an o or down instruction of `stage` reads: down's of the previous layer (or embed's)
 // for o, o's for down.
@@ -599,20 +570,6 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
   const int G = staging_groups(M);  // groups of rows: at most 2 rows each (M <= 16)
   const int group_threads = NUM_CONSUMERS / G, group = tid / group_threads, i0 = tid % group_threads;
   if (tag == NO_TAG) {
-#if BULK_STAGING
-    // One bulk copy per row by thread 0, off the LSU path (m13e, m16b: the cp.async pieces queue behind the SM's
-    // weight chunks in flight). xs's earlier generic-proxy writes were fenced for the async proxy before the
-    // dependency wait's barrier (run_matmul).
-    const uint32_t parity = misc->stage_uses & 1;
-    if (tid == 0) {
-      const uint64_t policy = evict_normal_policy();
-      mbar_expect_tx(&misc->stage_bar, (uint32_t)(M * klen * 2));
-      for (int m = 0; m < M; ++m)
-        bulk_copy(xs + m * xstride, static_cast<const bf16*>(src) + (size_t)m * ld + k0, klen * 2, &misc->stage_bar,
-                  policy);
-    }
-    mbar_wait(&misc->stage_bar, parity);
-#else
 #ifdef DIAG_STAGE_ROWS  // timing experiments only: stage the first DIAG_STAGE_ROWS rows, leave the rest stale
     for (int m = group; m < min(M, DIAG_STAGE_ROWS); m += G)
 #else
@@ -620,7 +577,6 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
 #endif
       for (int v = i0; v < vecs; v += group_threads)
         cp_async16(smem_addr(xs + m * xstride + v * 16), static_cast<const bf16*>(src) + (size_t)m * ld + k0 + v * 8);
-#endif
   } else {  // M == 1 (the decoder tags h at batch 1 only): one group, piece v of the row is thread v's
     if (M != 1) __trap();
     const uint32_t* row = static_cast<const uint32_t*>(src) + k0;
@@ -668,9 +624,6 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
     }
   }
   consumer_sync();  // every row in xs; the sums of squares; the norm weights (copied by all consumers)
-#if BULK_STAGING
-  if (tag == NO_TAG && tid == 0) ++misc->stage_uses;
-#endif
   if (!norm) return;
   if (p.norm_folded) {  // the weights carry the norm's weights: 1 / rms per row is all, the epilogue applies it
     if (tid < M) misc->rstd[tid] = staged_row_rstd(p, misc, tid, klen);
@@ -752,13 +705,6 @@ __device__ void epilogue(const Params& p, int op, int layer, int tile, int r, in
         const int d = lo_row % D;
         const float c = in.x, s = in.y;
         const float y_lo = lo * c - hi * s, y_hi = hi * c + lo * s;
-#if TAGGED_QKV
-        if (p.tagged) {  // (attention rounds q to bf16 for its MMAs as well: the same values)
-          st_tagged(qkv_words(p, m) + head * D + d, __float2bfloat16(y_lo), tag);
-          st_tagged(qkv_words(p, m) + head * D + d + half, __float2bfloat16(y_hi), tag);
-          if (head < Hq) break;
-        }
-#endif
         if (head < Hq) {
           p.q[(size_t)m * Hq * D + head * D + d] = y_lo;
           p.q[(size_t)m * Hq * D + head * D + d + half] = y_hi;
@@ -767,14 +713,7 @@ __device__ void epilogue(const Params& p, int op, int layer, int tile, int r, in
           k[d] = __float2bfloat16(y_lo);
           k[d + half] = __float2bfloat16(y_hi);
         }
-      } else if (slot >= 0 || (TAGGED_QKV && p.tagged)) {  // v rows: a plain 16-row tile inside one head
-#if TAGGED_QKV
-        if (p.tagged) {
-          st_tagged(qkv_words(p, m) + lo_row, __float2bfloat16(lo), tag);
-          st_tagged(qkv_words(p, m) + hi_row, __float2bfloat16(hi), tag);
-          if (slot < 0) break;
-        }
-#endif
+      } else if (slot >= 0) {  // v rows: a plain 16-row tile inside one head
         const int vi = lo_row - (Hq + Hkv) * D;
         bf16* v = p.kv_cache + layer * p.kv_layer_stride + p.kv_v_offset + slot * Hkv * D;
         v[vi] = __float2bfloat16(lo);
@@ -890,10 +829,6 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
   const EpilogueInputs first_in =
       early_in ? epilogue_inputs(p, op, in[3], r, c, resid_tag(misc, op, in[7])) : EpilogueInputs{0.f, 0.f, -1};
   const bool tagged_in = p.tagged && reads_h(op);  // the words' tags are the dependency
-#if BULK_STAGING
-  // (stage_x's bulk copies write xs through the async proxy: order the generic-proxy accesses to it before them)
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-#endif
   if (!tagged_in) wait_dependency(p, in[5], in[6], misc);
   // (p.tagged: the decoder checked that a row of words fits in xs behind the staged row)
   stage_x(p, src, ld, k0, klen, norm, xs, xstride, misc, norm_smem, tagged_in ? stage_tag(misc, in[5]) : NO_TAG,
@@ -1232,10 +1167,6 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
   const AttnSmem* sm = &sm_;
   int merged = 0;
   bool waited = false;
-#if TAGGED_QKV  // q, and this step's K and V rows, arrive as qkv's tagged words: their tags are the dependency
-  const bool tagged_in = p.tagged;
-  const uint32_t tag = stage_tag(misc, in[5]);
-#endif
   for (int item = in[3]; item < in[4]; ++item) {
     const AttnItem a = attn_item(p, item);
     if (a.split >= a.splits) continue;  // empty: the (sequence, KV head) completes without it
@@ -1254,24 +1185,10 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
     for (int mt = 0; mt < KS; ++mt)
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[mt][j] = 0.f;
-#if TAGGED_QKV
-    if (tagged_in) {
-      for (int i = tid; i < G * D / 4; i += NUM_CONSUMERS) {
-        const uint4 w = ld_tagged4(qkv_words(p, m) + kvh * G * D + 4 * i, tag);
-        *reinterpret_cast<float4*>(sm->q + 4 * i) = make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.y << 16),
-                                                                __uint_as_float(w.z << 16), __uint_as_float(w.w << 16));
-      }
-      if (!waited && tid == 0 && p.trace) instr_trace(p, misc)[1] = globaltimer();  // (thread 0's words arrived)
-      waited = true;
-    }
-#endif
     if (!waited) {
       wait_dependency(p, in[5], in[6], misc);
       waited = true;
     }
-#if TAGGED_QKV
-    if (!tagged_in)
-#endif
     for (int i = tid; i < G * D / 4; i += NUM_CONSUMERS)
       cp_async16(smem_addr(sm->q + 4 * i), p.q + (size_t)m * Hq * D + kvh * G * D + 4 * i);
     for (int tb = a.t0; tb < a.t1; tb += CT, ++chunk) {
@@ -1285,14 +1202,6 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       // replace them once the stage has landed.
       if (has_newest && newest_slot >= 0 && tid < 2 * PIECES) {  // 16-byte pieces
         const int kv = tid / PIECES;  // 0: K, 1: V
-#if TAGGED_QKV
-        if (tagged_in) {  // eight words: their bf16 halves
-          const uint32_t* src = qkv_words(p, m) + (Hq + kv * Hkv + kvh) * D + (tid % PIECES) * 8;
-          const uint4 lo = ld_tagged4(src, tag), hi = ld_tagged4(src + 4, tag);
-          *reinterpret_cast<uint4*>(stage + kv * ATTN_CHUNK_BYTES + ((newest - tb) * D + (tid % PIECES) * 8) * 2) =
-              tagged_values8(lo, hi);
-        } else
-#endif
         {
           const bf16* src = p.kv_cache + layer * p.kv_layer_stride + kv * p.kv_v_offset +
                             (newest_slot * Hkv + kvh) * D + (tid % PIECES) * 8;
@@ -1328,12 +1237,10 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       if (tid == 0) ++misc->attn_chunks;
     }
     if (tid == 0) misc->phase[4] = globaltimer_lo();  // probabilities x V
-#if ATTN_EARLY_PAUSE
     // The instruction's last item: its chunks are all asked for, and what remains (its output, the split merge)
     // ends in the release fence, which waits for the SM's loads in flight; from here on the producer asks for no
     // chunk of the next instruction, as matmuls do from their last tile's epilogue (pause_release 1, m12e).
     if (tid == 0 && p.pause_release == 1 && item == in[4] - 1) pause_loads(misc);
-#endif
     asm volatile("cp.async.wait_all;" ::: "memory");  // a context of 0 tokens never waited for its q copy
     // Each warp's output, max and sum; then the warps merged in warp order.
     if (t4 == 0 && g < G) {
@@ -1394,12 +1301,6 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
     if (tid == 0) misc->phase[6] = globaltimer_lo();  // merged (or found another split will)
   }
   // A block whose items were all empty still stamps "dependency met" (nothing of it waits on qkv).
-#if TAGGED_QKV
-  if (!waited && tagged_in) {
-    if (tid == 0 && p.trace) instr_trace(p, misc)[1] = globaltimer();
-    waited = true;
-  }
-#endif
   if (!waited) wait_dependency(p, in[5], in[6], misc);
   if (tid == 0) {
     misc->merged = merged;
@@ -1442,10 +1343,6 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], NUM_CONSUMER_WARPS);
     }
-#if BULK_STAGING
-    mbar_init(&misc->stage_bar, 1);
-    misc->stage_uses = 0;
-#endif
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
