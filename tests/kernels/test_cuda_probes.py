@@ -14,6 +14,7 @@ import cuda_probe  # noqa: E402
 import probe_consumer_issue  # noqa: E402
 import probe_instruction_fetch  # noqa: E402
 import probe_kv_streaming  # noqa: E402
+import probe_read_latency  # noqa: E402
 
 needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
 
@@ -91,6 +92,34 @@ def test_consumer_issue_probe_compiles_for_sm90a(tmp_path):
     assert all(mode in probe_consumer_issue.SOURCE for mode in probe_consumer_issue.MODES)
 
 
+def test_read_latency_table_and_json(tmp_path, monkeypatch, capsys):
+    stdout = ("mode=none inflight=0 chase_ns=600.0 stage8_ns=900.0 stage64_ns=1500.0 streamers=0 stream_gbps=0.0\n"
+              "mode=all inflight=2 chase_ns=1800.0 stage8_ns=2700.0 stage64_ns=4500.0 streamers=132 "
+              "stream_gbps=4300.0\n"
+              "handoff=tagged mode=all-but-readers inflight=2 mean_ns=900.5 last_ns=1400.0\n")
+    result, printed = run_probe(probe_read_latency, stdout, tmp_path, monkeypatch, capsys)
+    assert result["rows"][1] == {"mode": "all", "inflight": 2, "chase_ns": 1800.0, "stage8_ns": 2700.0,
+                                 "stage64_ns": 4500.0, "streamers": 132, "stream_gbps": 4300.0}
+    assert result["handoffs"] == [{"kind": "tagged", "mode": "all-but-readers", "inflight": 2, "mean_ns": 900.5,
+                                   "last_ns": 1400.0}]
+    lines = printed.splitlines()
+    read_row = next(line for line in lines if line.startswith("all "))
+    assert read_row.split()[:2] == ["all", "2"] and read_row.count("3.00") == 3  # every read 3x its idle time
+    assert lines[-2].split() == ["tagged", "all-but-readers", "2", "900", "1400"]  # (the last names the JSON)
+
+
+@needs_nvcc
+def test_read_latency_probe_compiles_for_sm90a(tmp_path):
+    import subprocess
+
+    src = tmp_path / "probe.cu"
+    src.write_text(probe_read_latency.SOURCE)
+    proc = subprocess.run([find_nvcc(), "-arch=sm_90a", "-O1", "-std=c++17", "-o", str(tmp_path / "probe"), str(src)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(f'"{mode}"' in probe_read_latency.SOURCE for mode in probe_read_latency.MODES)
+
+
 def test_probe_sources_name_what_the_parsers_read():
     # The programs print the lines the parsers expect (a rename on either side breaks a real run silently).
     assert 'printf("copy %.1f\\n"' in probe_kv_streaming.SOURCE
@@ -98,3 +127,6 @@ def test_probe_sources_name_what_the_parsers_read():
     assert 'printf("%d %d %.3f %.3f %.3f\\n"' in probe_instruction_fetch.source()
     assert ('"consumer=%s vecs=%d mode=%s cycles_per_round=%.1f ns_per_round=%.1f stream_gbps=%.1f\\n"'
             in probe_consumer_issue.SOURCE)
+    assert ('"mode=%s inflight=%d chase_ns=%.1f stage8_ns=%.1f stage64_ns=%.1f streamers=%d stream_gbps=%.1f\\n"'
+            in probe_read_latency.SOURCE)
+    assert '"handoff=%s mode=%s inflight=%d mean_ns=%.1f last_ns=%.1f\\n"' in probe_read_latency.SOURCE
