@@ -18,10 +18,14 @@ tagged h row) and `stage 64 KB` (16 pieces each: batch 16's staged rows). If `ow
 as fast as `none`, the wait is the SM's own queue; if `others` is as slow as `all`, it is the memory system's.
 
 Then the handoff itself: block 1 writes 8 KB that the measuring blocks wait for, 64 rounds, timed from the writer's
-first store to each reader's last piece staged (globaltimer on both sides): `tagged` (words carrying the round in
-their high halves, polled as the kernel's batch-1 staging polls them) and `counter` (plain data, a release fence and
-a flag the readers poll with acquire loads, then the staging), with nobody, everybody, everybody but the readers or
-everybody but the writer streaming. The mean over readers, and the last reader's (the one a stage waits for).
+first store to each reader's last piece staged (globaltimer on both sides), with nobody, everybody, everybody but the
+readers or everybody but the writer streaming; the mean over readers and the last reader's (the one a stage waits
+for). `tagged`: words carrying the round in their high halves, polled four ways: `copy` (cp.async pieces re-read
+32 ns after a stale read: the kernel's batch-1 staging), `copy-256ns` (the same, 256 ns apart), `warp-first` (lane
+0 of each warp polls one piece with register loads before the warp copies) and `registers` (every thread polls its
+pieces with register loads). `counter`: plain data, a release fence and a flag that the readers poll with acquire
+loads before staging. `settled`: as `counter`, but the readers wait 5 us after the flag and time only the staging
+(the read of a just-written row, without the handoff).
 
     python scripts/probe_read_latency.py --out probe.json      # needs nvcc and a Hopper GPU
 """
@@ -67,9 +71,50 @@ __device__ __forceinline__ void cp16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa(dst)), "l"(src) : "memory");
 }
 
+__device__ __forceinline__ uint4 ld_relaxed4(const uint32_t* p) {
+  uint4 w;
+  asm volatile("ld.relaxed.gpu.global.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w) : "l"(p) : "memory");
+  return w;
+}
+__device__ __forceinline__ bool carries(uint4 w, uint32_t tag) {
+  return (w.x >> 16 == tag) & (w.y >> 16 == tag) & (w.z >> 16 == tag) & (w.w >> 16 == tag);
+}
+
 struct Result {
   long long chase_ns, stage8_ns, stage64_ns, chunks, stream_ns;
 };
+
+// The producer warp: its block's 8 MB through the ring, 16 bulk-copied 2 KB rows per 32 KB chunk (evict-first, as
+// the kernel's weights), `inflight` chunks asked for and not landed, until `stop` reaches `stop_at`. The chunks read.
+__device__ long long stream_until_stopped(const char* src, char* ring, uint64_t* full, int inflight, const int* stop,
+                                     int stop_at) {
+  const int lane = threadIdx.x & 31;
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  const char* region = src + (size_t)blockIdx.x * REGION;
+  long long chunk = 0;
+  for (;; ++chunk) {
+    const int stopped = lane == 0 ? *(volatile const int*)stop : 0;
+    if (__shfl_sync(0xffffffffu, stopped, 0) >= stop_at) break;
+    const int s = chunk % STAGES;
+    if (chunk >= inflight) mbar_wait(&full[(chunk - inflight) % STAGES], ((chunk - inflight) / STAGES) & 1);
+    if (lane == 0) {
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sa(&full[s])), "r"(CHUNK)
+                   : "memory");
+      const char* from = region + (chunk * CHUNK) % REGION;
+      for (int part = 0; part < 16; ++part)
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], "
+            "%4;" ::"r"(sa(ring + s * CHUNK + part * 2048)), "l"(from + part * 2048), "r"(2048), "r"(sa(&full[s])),
+            "l"(policy) : "memory");
+    }
+    __syncwarp();
+  }
+  for (long long c = chunk - inflight < 0 ? 0 : chunk - inflight; c < chunk; ++c)  // drain before exiting
+    mbar_wait(&full[c % STAGES], (c / STAGES) & 1);
+  return chunk;
+}
 
 // Times `pieces` 16-byte pieces per consumer of `row` into shared memory, STAGE_REPS times; thread 0's mean.
 __device__ long long time_staging(const char* row, char* xs, int pieces) {
@@ -100,34 +145,11 @@ __global__ void __launch_bounds__(CONSUMERS + 32, 1) probe(const char* src, cons
   __syncthreads();
   if (tid >= CONSUMERS) {  // the producer warp
     if (!streams) return;
-    uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-    const char* region = src + (size_t)blockIdx.x * REGION;
     const long long t0 = now();
-    long long chunk = 0;
-    for (;; ++chunk) {
-      const int stopped = lane == 0 ? *(volatile int*)stop : 0;
-      if (__shfl_sync(0xffffffffu, stopped, 0) >= measurers) break;
-      const int s = chunk % STAGES;
-      if (chunk >= inflight) mbar_wait(&full[(chunk - inflight) % STAGES], ((chunk - inflight) / STAGES) & 1);
-      if (lane == 0) {
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sa(&full[s])), "r"(CHUNK)
-                     : "memory");
-        const char* from = region + (chunk * CHUNK) % REGION;
-        for (int part = 0; part < 16; ++part)  // 16 rows of 2 KB, as a weight tile's chunk
-          asm volatile(
-              "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], "
-              "%4;" ::"r"(sa(ring + s * CHUNK + part * 2048)), "l"(from + part * 2048), "r"(2048), "r"(sa(&full[s])),
-              "l"(policy) : "memory");
-      }
-      __syncwarp();
-    }
-    const long long t1 = now();
-    for (long long c = chunk - inflight < 0 ? 0 : chunk - inflight; c < chunk; ++c)  // drain before exiting
-      mbar_wait(&full[c % STAGES], (c / STAGES) & 1);
+    const long long chunks = stream_until_stopped(src, ring, full, inflight, stop, measurers);
     if (lane == 0) {
-      out[blockIdx.x].chunks = chunk;
-      out[blockIdx.x].stream_ns = t1 - t0;
+      out[blockIdx.x].chunks = chunks;
+      out[blockIdx.x].stream_ns = now() - t0;
     }
     return;
   }
@@ -160,51 +182,27 @@ __global__ void __launch_bounds__(CONSUMERS + 32, 1) probe(const char* src, cons
 }
 
 // ---- handoff: one block writes 8 KB, the measuring blocks wait for it and read it ------------------------------
-// kind 0 (tagged, as batch 1's h): 2048 words whose high halves carry the round, polled as stage_x polls them
-// (cp.async pieces, re-read after 32 ns while stale). kind 1 (counter, as o's and down's inputs): plain data, a
-// release fence and a flag; the readers poll the flag with acquire loads, then stage the 8 KB with cp.async.
-// Streams: 0 nobody, 1 everybody, 2 everybody but the readers, 3 everybody but the writer. Times, from the writer's
-// first store to each reader's last piece staged, land in seen[round * readers + reader] - wrote[round].
+// kind 0 (tagged, as batch 1's h): 2048 words whose high halves carry the round, each consumer polling its 32 bytes
+// as `poll` says: 0 cp.async pieces re-read 32 ns after a stale read (stage_x's way), 1 the same 256 ns apart, 2 lane
+// 0 of each warp first polls one piece with register loads (then every thread its own, as in 0), 3 every thread its
+// own pieces with register loads. kind 1 (counter, as o's and down's inputs): plain data, a release fence and a
+// flag; the readers poll the flag with acquire loads, then stage the 8 KB with cp.async. kind 2 (settled): as 1,
+// but the readers wait 5 us after seeing the flag and time only the staging (a just-written row's read, without
+// the handoff). Streams: 0 nobody, 1 everybody, 2 everybody but the readers, 3 everybody but the writer. Times,
+// from the writer's first store to each reader's last piece staged, land in seen[round * readers + reader] -
+// wrote[round] (kind 2: wrote is 0, seen the staging's time).
 
 #define HANDOFF_ROUNDS 64
 #define WRITER 1
 
-__device__ void stream_until_stopped(const char* src, char* ring, uint64_t* full, int inflight, const int* stop,
-                                     int stop_at) {
-  const int lane = threadIdx.x & 31;
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  const char* region = src + (size_t)blockIdx.x * REGION;
-  long long chunk = 0;
-  for (;; ++chunk) {
-    const int stopped = lane == 0 ? *(volatile const int*)stop : 0;
-    if (__shfl_sync(0xffffffffu, stopped, 0) >= stop_at) break;
-    const int s = chunk % STAGES;
-    if (chunk >= inflight) mbar_wait(&full[(chunk - inflight) % STAGES], ((chunk - inflight) / STAGES) & 1);
-    if (lane == 0) {
-      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sa(&full[s])), "r"(CHUNK)
-                   : "memory");
-      const char* from = region + (chunk * CHUNK) % REGION;
-      for (int part = 0; part < 16; ++part)
-        asm volatile(
-            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], "
-            "%4;" ::"r"(sa(ring + s * CHUNK + part * 2048)), "l"(from + part * 2048), "r"(2048), "r"(sa(&full[s])),
-            "l"(policy) : "memory");
-    }
-    __syncwarp();
-  }
-  for (long long c = chunk - inflight < 0 ? 0 : chunk - inflight; c < chunk; ++c)
-    mbar_wait(&full[c % STAGES], (c / STAGES) & 1);
-}
-
 __global__ void __launch_bounds__(CONSUMERS + 32, 1) handoff(const char* src, uint32_t* words, int* flag, int* done,
-                                                             int kind, int mode, int inflight, int* stop, int readers,
-                                                             long long* wrote, long long* seen) {
+                                                             int kind, int poll, int mode, int inflight, int* stop,
+                                                             int readers, long long* wrote, long long* seen) {
   extern __shared__ __align__(1024) char smem[];
   char* ring = smem;
   uint32_t* staged = reinterpret_cast<uint32_t*>(smem + STAGES * CHUNK);  // 8 KB
   __shared__ __align__(8) uint64_t full[STAGES];
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31;
   const bool reader = blockIdx.x % 2 == 0, writer = blockIdx.x == WRITER;
   const bool streams = mode == 1 || (mode == 2 && !reader) || (mode == 3 && !writer);
   if (tid == 0)
@@ -224,12 +222,12 @@ __global__ void __launch_bounds__(CONSUMERS + 32, 1) handoff(const char* src, ui
         const long long t0 = now();
         while (now() - t0 < (r == 1 ? WARMUP_NS : 3000)) {  // the readers are polling by now
         }
-        wrote[r - 1] = now();
+        wrote[r - 1] = kind == 2 ? 0 : now();
       }
       consumers_sync();
       uint32_t* mine = words + tid * 8;
       const uint32_t w = ((uint32_t)r << 16) | (uint32_t)tid;
-      if (kind == 0) {
+      if (kind == 0) {  // (the tagged words)
         asm volatile("st.relaxed.gpu.global.v4.b32 [%0], {%1, %1, %1, %1};" ::"l"(mine), "r"(w) : "memory");
         asm volatile("st.relaxed.gpu.global.v4.b32 [%0], {%1, %1, %1, %1};" ::"l"(mine + 4), "r"(w) : "memory");
       } else {
@@ -248,7 +246,21 @@ __global__ void __launch_bounds__(CONSUMERS + 32, 1) handoff(const char* src, ui
   const int me = blockIdx.x / 2;
   for (int r = 1; r <= HANDOFF_ROUNDS; ++r) {
     const uint32_t tag = (uint32_t)r;
-    if (kind == 0) {
+    long long started = 0;
+    if (kind == 0 && poll == 3) {
+      while (true) {
+        const uint4 a = ld_relaxed4(words + tid * 8), b = ld_relaxed4(words + tid * 8 + 4);
+        if (carries(a, tag) & carries(b, tag)) {
+          reinterpret_cast<uint4*>(staged + tid * 8)[0] = a;
+          reinterpret_cast<uint4*>(staged + tid * 8)[1] = b;
+          break;
+        }
+        __nanosleep(32);
+      }
+    } else if (kind == 0) {
+      if (poll == 2 && lane == 0)
+        while (!carries(ld_relaxed4(words + (tid + 31) * 8), tag)) __nanosleep(32);  // the warp's last piece
+      __syncwarp();
       while (true) {
         cp16(staged + tid * 8, words + tid * 8);
         cp16(staged + tid * 8 + 4, words + tid * 8 + 4);
@@ -256,13 +268,19 @@ __global__ void __launch_bounds__(CONSUMERS + 32, 1) handoff(const char* src, ui
         bool fresh = true;
         for (int k = 0; k < 8; ++k) fresh &= staged[tid * 8 + k] >> 16 == tag;
         if (fresh) break;
-        __nanosleep(32);
+        __nanosleep(poll == 1 ? 256 : 32);
       }
     } else {
       if (tid == 0) {
         int f;
         do asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(f) : "l"(flag) : "memory");
         while (f < r);
+        if (kind == 2) {
+          const long long t0 = now();
+          while (now() - t0 < 5000) {
+          }
+          started = now();
+        }
       }
       consumers_sync();
       cp16(staged + tid * 8, words + tid * 8);
@@ -271,7 +289,7 @@ __global__ void __launch_bounds__(CONSUMERS + 32, 1) handoff(const char* src, ui
     }
     consumers_sync();
     if (tid == 0) {
-      seen[(size_t)(r - 1) * readers + me] = now();
+      seen[(size_t)(r - 1) * readers + me] = now() - started;
       atomicAdd(done, 1);
     }
   }
@@ -356,18 +374,22 @@ int main() {
   long long* host_wrote = new long long[HANDOFF_ROUNDS];
   long long* host_seen = new long long[(size_t)HANDOFF_ROUNDS * measurers];
   const char* const handoff_modes[4] = {"none", "all", "all-but-readers", "all-but-writer"};
-  const char* const kinds[2] = {"tagged", "counter"};
-  for (int kind = 0; kind < 2; ++kind)
+  const char* const kinds[3] = {"tagged", "counter", "settled"};
+  const char* const polls[4] = {"copy", "copy-256ns", "warp-first", "registers"};
+  // (kind, poll): the tagged polls, then the counter and the settled read
+  const int cases[6][2] = {{0, 0}, {0, 1}, {0, 2}, {0, 3}, {1, 0}, {2, 0}};
+  for (int c = 0; c < 6; ++c)
     for (int f = 0; f < 2; ++f)
       for (int mode = 0; mode < 4; ++mode) {
+        const int kind = cases[c][0], poll = cases[c][1];
         if (mode == 0 && f > 0) continue;
         for (int rep = 0; rep < 2; ++rep) {
           CHECK(cudaMemset(words, 0, 8192));
           CHECK(cudaMemset(flag, 0, sizeof(int)));
           CHECK(cudaMemset(done, 0, sizeof(int)));
           CHECK(cudaMemset(stop, 0, sizeof(int)));
-          handoff<<<sms, CONSUMERS + 32, STAGES * CHUNK + 8192>>>(src, words, flag, done, kind, mode, inflights[f],
-                                                                 stop, measurers, wrote, seen);
+          handoff<<<sms, CONSUMERS + 32, STAGES * CHUNK + 8192>>>(src, words, flag, done, kind, poll, mode,
+                                                                 inflights[f], stop, measurers, wrote, seen);
           CHECK(cudaGetLastError());
           CHECK(cudaDeviceSynchronize());
         }
@@ -385,8 +407,9 @@ int main() {
           mean += (double)sum / measurers;
           last += latest;
         }
-        printf("handoff=%s mode=%s inflight=%d mean_ns=%.1f last_ns=%.1f\n", kinds[kind], handoff_modes[mode],
-               mode == 0 ? 0 : inflights[f], mean / HANDOFF_ROUNDS, last / HANDOFF_ROUNDS);
+        printf("handoff=%s poll=%s mode=%s inflight=%d mean_ns=%.1f last_ns=%.1f\n", kinds[kind],
+               kind == 0 ? polls[poll] : kind == 1 ? "acquire" : "-", handoff_modes[mode], mode == 0 ? 0 : inflights[f],
+               mean / HANDOFF_ROUNDS, last / HANDOFF_ROUNDS);
       }
   return 0;
 }
@@ -394,7 +417,8 @@ int main() {
 
 LINE = re.compile(r"mode=(\w+) inflight=(\d+) chase_ns=([\d.]+) stage8_ns=([\d.]+) stage64_ns=([\d.]+) "
                   r"streamers=(\d+) stream_gbps=([\d.]+)")
-HANDOFF_LINE = re.compile(r"handoff=(\w+) mode=([\w-]+) inflight=(\d+) mean_ns=([\d.]+) last_ns=([\d.]+)")
+HANDOFF_LINE = re.compile(r"handoff=(\w+) poll=([\w-]+) mode=([\w-]+) inflight=(\d+) mean_ns=([\d.]+) "
+                          r"last_ns=([\d.]+)")
 
 
 def parse(stdout: str) -> dict[str, list[dict]]:
@@ -404,8 +428,9 @@ def parse(stdout: str) -> dict[str, list[dict]]:
         mode, inflight, chase, stage8, stage64, streamers, gbps = match.groups()
         reads.append(dict(mode=mode, inflight=int(inflight), chase_ns=float(chase), stage8_ns=float(stage8),
                           stage64_ns=float(stage64), streamers=int(streamers), stream_gbps=float(gbps)))
-    handoffs = [dict(kind=kind, mode=mode, inflight=int(inflight), mean_ns=float(mean), last_ns=float(last))
-                for kind, mode, inflight, mean, last in HANDOFF_LINE.findall(stdout)]
+    handoffs = [dict(kind=kind, poll=poll, mode=mode, inflight=int(inflight), mean_ns=float(mean),
+                     last_ns=float(last))
+                for kind, poll, mode, inflight, mean, last in HANDOFF_LINE.findall(stdout)]
     return {"rows": reads, "handoffs": handoffs}
 
 
@@ -423,10 +448,11 @@ def table(result: dict[str, list[dict]]) -> str:
                      f"{ratio('stage64_ns'):>7} {r['stream_gbps']:>9.0f}")
     if result["handoffs"]:
         lines.append("")
-        lines.append(f"{'handoff':8} {'streams':16} {'in flight':>9} {'mean ns':>8} {'last reader ns':>14}")
+        lines.append(f"{'handoff':8} {'poll':11} {'streams':16} {'in flight':>9} {'mean ns':>8} "
+                     f"{'last reader ns':>14}")
         for h in result["handoffs"]:
-            lines.append(f"{h['kind']:8} {h['mode']:16} {h['inflight'] or '-':>9} {h['mean_ns']:>8.0f} "
-                         f"{h['last_ns']:>14.0f}")
+            lines.append(f"{h['kind']:8} {h['poll']:11} {h['mode']:16} {h['inflight'] or '-':>9} "
+                         f"{h['mean_ns']:>8.0f} {h['last_ns']:>14.0f}")
     return "\n".join(lines)
 
 

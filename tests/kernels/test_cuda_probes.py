@@ -96,16 +96,16 @@ def test_read_latency_table_and_json(tmp_path, monkeypatch, capsys):
     stdout = ("mode=none inflight=0 chase_ns=600.0 stage8_ns=900.0 stage64_ns=1500.0 streamers=0 stream_gbps=0.0\n"
               "mode=all inflight=2 chase_ns=1800.0 stage8_ns=2700.0 stage64_ns=4500.0 streamers=132 "
               "stream_gbps=4300.0\n"
-              "handoff=tagged mode=all-but-readers inflight=2 mean_ns=900.5 last_ns=1400.0\n")
+              "handoff=tagged poll=warp-first mode=all-but-readers inflight=2 mean_ns=900.5 last_ns=1400.0\n")
     result, printed = run_probe(probe_read_latency, stdout, tmp_path, monkeypatch, capsys)
     assert result["rows"][1] == {"mode": "all", "inflight": 2, "chase_ns": 1800.0, "stage8_ns": 2700.0,
                                  "stage64_ns": 4500.0, "streamers": 132, "stream_gbps": 4300.0}
-    assert result["handoffs"] == [{"kind": "tagged", "mode": "all-but-readers", "inflight": 2, "mean_ns": 900.5,
-                                   "last_ns": 1400.0}]
+    assert result["handoffs"] == [{"kind": "tagged", "poll": "warp-first", "mode": "all-but-readers", "inflight": 2,
+                                   "mean_ns": 900.5, "last_ns": 1400.0}]
     lines = printed.splitlines()
     read_row = next(line for line in lines if line.startswith("all "))
     assert read_row.split()[:2] == ["all", "2"] and read_row.count("3.00") == 3  # every read 3x its idle time
-    assert lines[-2].split() == ["tagged", "all-but-readers", "2", "900", "1400"]  # (the last names the JSON)
+    assert lines[-2].split() == ["tagged", "warp-first", "all-but-readers", "2", "900", "1400"]  # (then the JSON)
 
 
 @needs_nvcc
@@ -129,4 +129,4 @@ def test_probe_sources_name_what_the_parsers_read():
             in probe_consumer_issue.SOURCE)
     assert ('"mode=%s inflight=%d chase_ns=%.1f stage8_ns=%.1f stage64_ns=%.1f streamers=%d stream_gbps=%.1f\\n"'
             in probe_read_latency.SOURCE)
-    assert '"handoff=%s mode=%s inflight=%d mean_ns=%.1f last_ns=%.1f\\n"' in probe_read_latency.SOURCE
+    assert '"handoff=%s poll=%s mode=%s inflight=%d mean_ns=%.1f last_ns=%.1f\\n"' in probe_read_latency.SOURCE

@@ -38,9 +38,12 @@ typedef __nv_bfloat16 bf16;
 #define MISC_BYTES 2048
 #define ATTN_CHUNK_BYTES 16384  // an attention chunk in a ring stage: K rows of its tokens, then V rows (16 KB each)
 #define INSTR_INTS 8
-#ifndef WAIT_INFLIGHT  // > 0: while the consumers wait for a dependency and stage its rows, the producer keeps at most
-#define WAIT_INFLIGHT 0  // this many chunks in flight (m20c; scripts/probe_read_latency.py: the readers' own chunks in
-#endif                   // flight triple a handoff)
+#ifndef TAGGED_POLL_NS  // tagged staging: the sleep before a stale piece is read again (m20d: the probe's copy-256ns)
+#define TAGGED_POLL_NS 32
+#endif
+#ifndef TAGGED_WARP_FIRST  // 1: lane 0 of each warp polls the warp's last piece with register loads before the warp
+#define TAGGED_WARP_FIRST 0  // copies its pieces (m20d: the probe's warp-first)
+#endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
 #endif
@@ -171,6 +174,13 @@ __device__ __forceinline__ void st_tagged8(uint32_t* p, uint4 x, uint32_t tag) {
                "r"(w[3]) : "memory");
   asm volatile("st.relaxed.gpu.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p + 4), "r"(w[4]), "r"(w[5]), "r"(w[6]),
                "r"(w[7]) : "memory");
+}
+
+__device__ __forceinline__ uint4 ld_relaxed4(const uint32_t* p) {
+  uint4 w;
+  asm volatile("ld.relaxed.gpu.global.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w) : "l"(p) : "memory");
+  return w;
 }
 
 // One tagged word as a float, once it carries `tag`.
@@ -426,11 +436,7 @@ __device__ __forceinline__ void wait_inflight(uint64_t* full, uint32_t num_stage
 // by 30-55 us per step on the H100 (m12e), starting earlier (at the last tile's first chunk, or after the staging)
 // less so.
 __device__ void producer(const Params& p, const int* instrs, int count, char* ring, uint64_t* full,
-                         uint64_t* empty, const volatile int* pause_ii
-#if WAIT_INFLIGHT
-                         , const volatile int* waiting
-#endif
-) {
+                         uint64_t* empty, const volatile int* pause_ii) {
   const int lane = threadIdx.x & 31;
   const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
   const uint32_t max_inflight = p.max_inflight > 0 ? min((uint32_t)p.max_inflight, NUM_STAGES) : NUM_STAGES;
@@ -447,12 +453,7 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
     const int s = chunk % NUM_STAGES;
     const uint32_t parity = ((chunk / NUM_STAGES) & 1) ^ 1;
     mbar_wait(&empty[s], parity);
-#if WAIT_INFLIGHT
-    const bool consumers_wait = __shfl_sync(0xffffffffu, lane == 0 ? *waiting : 0, 0);
-    wait_inflight(full, NUM_STAGES, chunk, consumers_wait ? min((uint32_t)WAIT_INFLIGHT, max_inflight) : max_inflight);
-#else
     wait_inflight(full, NUM_STAGES, chunk, max_inflight);
-#endif
     if (p.pause_release)
       while (load.ii > *pause_ii) {
         if (PAUSE_SPIN_NS > 0) __nanosleep(PAUSE_SPIN_NS);
@@ -490,17 +491,7 @@ struct Misc {
   int repolls[2];  // traced: the most times a consumer re-read its tagged words, by instruction parity (thread 0
                    // copies and clears instruction ii's after the barrier that ends it, while ii + 1 uses the other)
   uint32_t tag_base;  // p.tagged: epoch x stages mod 0xFFFF; stage s writes tag (tag_base + s) mod 0xFFFF
-#if WAIT_INFLIGHT
-  int waiting;  // 1 while the consumers wait for a dependency and stage its rows (the producer's in-flight cap)
-#endif
 };
-
-// (WAIT_INFLIGHT) thread 0: whether the consumers are waiting for a dependency.
-__device__ __forceinline__ void set_waiting(Misc* misc, int waiting) {
-#if WAIT_INFLIGHT
-  *reinterpret_cast<volatile int*>(&misc->waiting) = waiting;
-#endif
-}
 
 // Thread 0's stamps of the instruction the consumers run (p.trace: start, dependency met, end), or null. Derived
 // from the parameters and misc->ii where a stamp is taken, not held across the instruction: the kernel sat at its
@@ -510,9 +501,8 @@ __device__ __forceinline__ long long* instr_trace(const Params& p, const Misc* m
 }
 
 // Waits (thread 0, then every consumer) until stage `dep_stage` has completed `dep_target` units.
-__device__ __forceinline__ void wait_dependency(const Params& p, int dep_stage, int dep_target, Misc* misc) {
+__device__ __forceinline__ void wait_dependency(const Params& p, int dep_stage, int dep_target, const Misc* misc) {
   if (threadIdx.x == 0) {
-    set_waiting(misc, 1);
     if (dep_stage >= 0)
       while (ld_acquire(p.done + dep_stage) < dep_target) {
       }
@@ -603,6 +593,15 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
   } else {  // M == 1 (the decoder tags h at batch 1 only): one group, piece v of the row is thread v's
     if (M != 1) __trap();
     const uint32_t* row = static_cast<const uint32_t*>(src) + k0;
+#if TAGGED_WARP_FIRST
+    // One poll per warp until the warp's last piece is complete, then the copies (a probe's handoff variant: fewer
+    // reads in flight while the row is still being written).
+    if (lane == 0 && warp * 32 < vecs) {
+      const uint32_t* last = row + (min(vecs, warp * 32 + 32) - 1) * 8;
+      while (!(carries(ld_relaxed4(last), tag) & carries(ld_relaxed4(last + 4), tag))) __nanosleep(TAGGED_POLL_NS);
+    }
+    __syncwarp();
+#endif
     for (int v = tid; v < vecs; v += NUM_CONSUMERS) {
       cp_async16(smem_addr(words + v * 8), row + v * 8);
       cp_async16(smem_addr(words + v * 8 + 4), row + v * 8 + 4);
@@ -617,7 +616,7 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
           *reinterpret_cast<uint4*>(xs + v * 16) = tagged_values8(a, b);
           break;
         }
-        __nanosleep(32);
+        __nanosleep(TAGGED_POLL_NS);
         ++tries;
         cp_async16(smem_addr(words + v * 8), row + v * 8);
         cp_async16(smem_addr(words + v * 8 + 4), row + v * 8 + 4);
@@ -853,16 +852,12 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       early_in ? epilogue_inputs(p, op, in[3], r, c, resid_tag(misc, op, in[7])) : EpilogueInputs{0.f, 0.f, -1};
   const bool tagged_in = p.tagged && reads_h(op);  // the words' tags are the dependency
   if (!tagged_in) wait_dependency(p, in[5], in[6], misc);
-  else if (tid == 0) set_waiting(misc, 1);
   // (p.tagged: the decoder checked that a row of words fits in xs behind the staged row)
   stage_x(p, src, ld, k0, klen, norm, xs, xstride, misc, norm_smem, tagged_in ? stage_tag(misc, in[5]) : NO_TAG,
           reinterpret_cast<uint32_t*>(xs + xstride));
   // (stamped after the staging: the words arrived)
   if (tagged_in && tid == 0 && p.trace) instr_trace(p, misc)[1] = globaltimer();
-  if (tid == 0) {
-    misc->phase[0] = globaltimer_lo();  // activations staged
-    set_waiting(misc, 0);
-  }
+  if (tid == 0) misc->phase[0] = globaltimer_lo();  // activations staged
   const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
 
   int merged = 0;
@@ -1214,7 +1209,6 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       for (int j = 0; j < 4; ++j) acc[mt][j] = 0.f;
     if (!waited) {
       wait_dependency(p, in[5], in[6], misc);
-      if (tid == 0) set_waiting(misc, 0);
       waited = true;
     }
     for (int i = tid; i < G * D / 4; i += NUM_CONSUMERS)
@@ -1331,7 +1325,6 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
   // A block whose items were all empty still stamps "dependency met" (nothing of it waits on qkv).
   if (!waited) wait_dependency(p, in[5], in[6], misc);
   if (tid == 0) {
-    set_waiting(misc, 0);
     misc->merged = merged;
     if (p.trace && p.phase_trace && waited) {  // traced: the phase stamps of the block's last non-empty item
       long long* out = p.phase_trace + ((size_t)blockIdx.x * p.max_instrs + misc->ii) * ATTN_PHASES;
@@ -1366,7 +1359,6 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
     const unsigned long long stages = 5ull * p.num_layers + 2;  // embed, 5 per layer, LM head
     misc->tag_base = (uint32_t)((unsigned long long)*p.epoch % 0xFFFFu * stages % 0xFFFFu);
     misc->pause_ii = INT_MAX;
-    set_waiting(misc, 0);
     misc->staging_ii = 0;
     misc->repolls[0] = misc->repolls[1] = 0;
     for (int s = 0; s < p.num_stages; ++s) {
@@ -1380,11 +1372,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
   const int* instrs = p.instrs + (size_t)blockIdx.x * p.max_instrs * INSTR_INTS;
   const int count = p.instr_counts[blockIdx.x];
   if (tid >= NUM_CONSUMERS) {
-    producer(p, instrs, count, ring, full, empty, &misc->pause_ii
-#if WAIT_INFLIGHT
-             , &misc->waiting
-#endif
-    );
+    producer(p, instrs, count, ring, full, empty, &misc->pause_ii);
     return;
   }
 
@@ -1397,7 +1385,6 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
     if (tid == 0 && p.trace) instr_trace(p, misc)[0] = globaltimer();
     if (op == OP_EMBED) {
       wait_dependency(p, dep_stage, dep_target, misc);  // the other ops wait after issuing their first loads
-      if (tid == 0) set_waiting(misc, 0);
       const int H = (int)p.hidden;
       for (int m = in[3]; m < in[4]; ++m) {
         const bf16* row = p.embed + (size_t)p.input_ids[m] * H;
