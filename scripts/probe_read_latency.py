@@ -23,9 +23,10 @@ readers or everybody but the writer streaming; the mean over readers and the las
 for). `tagged`: words carrying the round in their high halves, polled four ways: `copy` (cp.async pieces re-read
 32 ns after a stale read: the kernel's batch-1 staging), `copy-256ns` (the same, 256 ns apart), `warp-first` (lane
 0 of each warp polls one piece with register loads before the warp copies) and `registers` (every thread polls its
-pieces with register loads). `counter`: plain data, a release fence and a flag that the readers poll with acquire
-loads before staging. `settled`: as `counter`, but the readers wait 5 us after the flag and time only the staging
-(the read of a just-written row, without the handoff).
+pieces with register loads). `counter`: plain data, a release fence and a flag that the readers poll before
+staging: `acquire` (acquire loads back to back, the kernel's way), `acquire-64ns`, `relaxed-fence` (relaxed loads,
+one fence once the flag is seen). `settled`: as `counter`, but the readers wait 5 us after the flag and time only
+the staging (the read of a just-written row, without the handoff).
 
     python scripts/probe_read_latency.py --out probe.json      # needs nvcc and a Hopper GPU
 """
@@ -186,11 +187,12 @@ __global__ void __launch_bounds__(CONSUMERS + 32, 1) probe(const char* src, cons
 // as `poll` says: 0 cp.async pieces re-read 32 ns after a stale read (stage_x's way), 1 the same 256 ns apart, 2 lane
 // 0 of each warp first polls one piece with register loads (then every thread its own, as in 0), 3 every thread its
 // own pieces with register loads. kind 1 (counter, as o's and down's inputs): plain data, a release fence and a
-// flag; the readers poll the flag with acquire loads, then stage the 8 KB with cp.async. kind 2 (settled): as 1,
-// but the readers wait 5 us after seeing the flag and time only the staging (a just-written row's read, without
-// the handoff). Streams: 0 nobody, 1 everybody, 2 everybody but the readers, 3 everybody but the writer. Times,
-// from the writer's first store to each reader's last piece staged, land in seen[round * readers + reader] -
-// wrote[round] (kind 2: wrote is 0, seen the staging's time).
+// flag; thread 0 of each reader polls the flag (poll 0 acquire loads back to back, as wait_dependency does; 1 the
+// same 64 ns apart; 2 relaxed loads, then one acquire fence), then the readers stage the 8 KB with cp.async. kind 2
+// (settled): as 1, but the readers wait 5 us after seeing the flag and time only the staging (a just-written row's
+// read, without the handoff). Streams: 0 nobody, 1 everybody, 2 everybody but the readers, 3 everybody but the
+// writer. Times, from the writer's first store to each reader's last piece staged, land in
+// seen[round * readers + reader] - wrote[round] (kind 2: wrote is 0, seen the staging's time).
 
 #define HANDOFF_ROUNDS 64
 #define WRITER 1
@@ -273,8 +275,17 @@ __global__ void __launch_bounds__(CONSUMERS + 32, 1) handoff(const char* src, ui
     } else {
       if (tid == 0) {
         int f;
-        do asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(f) : "l"(flag) : "memory");
-        while (f < r);
+        if (kind == 1 && poll == 2) {  // relaxed polls, one fence after the flag is seen
+          do asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(f) : "l"(flag) : "memory");
+          while (f < r);
+          asm volatile("fence.acq_rel.gpu;" ::: "memory");
+        } else {
+          while (true) {
+            asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(f) : "l"(flag) : "memory");
+            if (f >= r) break;
+            if (kind == 1 && poll == 1) __nanosleep(64);
+          }
+        }
         if (kind == 2) {
           const long long t0 = now();
           while (now() - t0 < 5000) {
@@ -377,8 +388,9 @@ int main() {
   const char* const kinds[3] = {"tagged", "counter", "settled"};
   const char* const polls[4] = {"copy", "copy-256ns", "warp-first", "registers"};
   // (kind, poll): the tagged polls, then the counter and the settled read
-  const int cases[6][2] = {{0, 0}, {0, 1}, {0, 2}, {0, 3}, {1, 0}, {2, 0}};
-  for (int c = 0; c < 6; ++c)
+  const char* const counter_polls[3] = {"acquire", "acquire-64ns", "relaxed-fence"};
+  const int cases[8][2] = {{0, 0}, {0, 1}, {0, 2}, {0, 3}, {1, 0}, {1, 1}, {1, 2}, {2, 0}};
+  for (int c = 0; c < 8; ++c)
     for (int f = 0; f < 2; ++f)
       for (int mode = 0; mode < 4; ++mode) {
         const int kind = cases[c][0], poll = cases[c][1];
@@ -408,8 +420,8 @@ int main() {
           last += latest;
         }
         printf("handoff=%s poll=%s mode=%s inflight=%d mean_ns=%.1f last_ns=%.1f\n", kinds[kind],
-               kind == 0 ? polls[poll] : kind == 1 ? "acquire" : "-", handoff_modes[mode], mode == 0 ? 0 : inflights[f],
-               mean / HANDOFF_ROUNDS, last / HANDOFF_ROUNDS);
+               kind == 0 ? polls[poll] : kind == 1 ? counter_polls[poll] : "-", handoff_modes[mode],
+               mode == 0 ? 0 : inflights[f], mean / HANDOFF_ROUNDS, last / HANDOFF_ROUNDS);
       }
   return 0;
 }

@@ -494,11 +494,12 @@ def test_kernel_compiles_and_is_cached(tmp_path):
 def test_timing_diagnostics_still_compile(tmp_path):
     # The kernel's DIAG_* defines (timing experiments through TOKENMILL_MEGAKERNEL_NVCC_FLAGS, DECODE_NOTES m18)
     # leave out work, PAUSE_SPIN_NS (m19a) is a knob without a default use, and TAGGED_WARP_FIRST / TAGGED_POLL_NS
-    # (m20d) are prepared experiments: they must keep compiling as the kernel changes around them.
+    # (m20d) and DEP_POLL_NS / DEP_POLL_RELAXED (m20e) are prepared experiments: they must keep compiling as the
+    # kernel changes around them.
     src = tmp_path / "diag.cu"
     src.write_text(full_source())
     flags = ["-DDIAG_ATTN_NO_MATH", "-DDIAG_STAGE_ROWS=1", "-DDIAG_NO_NORM", "-DPAUSE_SPIN_NS=64",
-             "-DTAGGED_WARP_FIRST=1", "-DTAGGED_POLL_NS=256"]
+             "-DTAGGED_WARP_FIRST=1", "-DTAGGED_POLL_NS=256", "-DDEP_POLL_NS=64", "-DDEP_POLL_RELAXED=1"]
     proc = subprocess.run([find_nvcc(), "-cubin", f"-arch={build.ARCH}", "-O1", "-std=c++17", "-DATTN_HEAD_DIM=64",
                            *flags, "-o", str(tmp_path / "diag.cubin"), str(src)], capture_output=True, text=True,
                           check=False)

@@ -44,6 +44,12 @@ typedef __nv_bfloat16 bf16;
 #ifndef TAGGED_WARP_FIRST  // 1: lane 0 of each warp polls the warp's last piece with register loads before the warp
 #define TAGGED_WARP_FIRST 0  // copies its pieces (m20d: the probe's warp-first)
 #endif
+#ifndef DEP_POLL_NS  // a dependency counter's poll sleeps this long between reads (0: back to back; m20e)
+#define DEP_POLL_NS 0
+#endif
+#ifndef DEP_POLL_RELAXED  // 1: the counter is polled with relaxed loads and one acquire fence follows (m20e)
+#define DEP_POLL_RELAXED 0
+#endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
 #endif
@@ -503,9 +509,21 @@ __device__ __forceinline__ long long* instr_trace(const Params& p, const Misc* m
 // Waits (thread 0, then every consumer) until stage `dep_stage` has completed `dep_target` units.
 __device__ __forceinline__ void wait_dependency(const Params& p, int dep_stage, int dep_target, const Misc* misc) {
   if (threadIdx.x == 0) {
-    if (dep_stage >= 0)
-      while (ld_acquire(p.done + dep_stage) < dep_target) {
+    if (dep_stage >= 0) {
+#if DEP_POLL_RELAXED
+      while (true) {
+        int done;
+        asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(done) : "l"(p.done + dep_stage) : "memory");
+        if (done >= dep_target) break;
+        if (DEP_POLL_NS > 0) __nanosleep(DEP_POLL_NS);
       }
+      asm volatile("fence.acq_rel.gpu;" ::: "memory");
+#else
+      while (ld_acquire(p.done + dep_stage) < dep_target) {
+        if (DEP_POLL_NS > 0) __nanosleep(DEP_POLL_NS);
+      }
+#endif
+    }
     if (p.trace) instr_trace(p, misc)[1] = globaltimer();
   }
   consumer_sync();
