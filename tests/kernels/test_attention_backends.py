@@ -12,6 +12,22 @@ HAS_REFERENCE = importlib.util.find_spec("tokenmill.layers.attention") is not No
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@pytest.mark.parametrize("setting,expected", [(None, "1"), ("0", "0")])
+def test_triton_kernels_pin_fp_fusion_unless_the_environment_says(setting, expected):
+    # Triton 3.10 turns FP fusion off by default; importing our Triton kernels keeps it on (the numerics they were
+    # measured with) without overriding a user's explicit choice. A fresh interpreter: the pin happens at import.
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_DEFAULT_FP_FUSION"}
+    if setting is not None:
+        env["TRITON_DEFAULT_FP_FUSION"] = setting
+    code = "import os, tokenmill.kernels.triton; print(os.environ['TRITON_DEFAULT_FP_FUSION'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == expected
+
+
 def test_unknown_backend_name_is_rejected():
     with pytest.raises(ValueError, match="unknown attention backend"):
         get_attention_backend("flash", "cpu")

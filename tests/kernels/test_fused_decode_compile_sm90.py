@@ -87,6 +87,9 @@ def check_ptx(ptx: str, cfg) -> None:
         assert "cp.async" in ptx or "cp.async.bulk" in ptx, "weight loads are not software-pipelined"
     else:
         assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx, "weight loads are not 16-byte vectors"
+        # The fp32 multiply-adds contract to FMAs (tokenmill.kernels.triton pins TRITON_DEFAULT_FP_FUSION, whose
+        # default Triton 3.10 turns off): the numerics every result was measured with.
+        assert "fma.rn.f32" in ptx, "fp32 multiply-adds are not fused"
 
 
 GPU_PTRS = dict(partial_ptr="*fp32", partial_sumsq_ptr="*fp32", counter_ptr="*i32")
