@@ -20,12 +20,10 @@ at batch 1, 4 % at 16), as attention's first-chunk phases do. This asks whether 
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 from pathlib import Path
 
-from cuda_probe import build_and_run
+from cuda_probe import build_and_run, probe_cli
 
 MODES = ("idle", "spin", "try-wait", "stream")
 CONSUMERS = ("lds", "alu")
@@ -222,14 +220,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="write the rows here (JSON)")
-    args = parser.parse_args()
-    rows = parse(build_and_run(source(), ("-arch=sm_90a", "-O3", "-std=c++17")))
-    print(table(rows))
-    if args.out:
-        args.out.write_text(json.dumps({"rows": rows}, indent=1))
-        print(f"wrote {args.out}")
+    probe_cli(__doc__.splitlines()[0],
+              lambda: {"rows": parse(build_and_run(source(), ("-arch=sm_90a", "-O3", "-std=c++17")))},
+              lambda result: table(result["rows"]))
 
 
 if __name__ == "__main__":

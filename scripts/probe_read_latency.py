@@ -33,12 +33,9 @@ the staging (the read of a just-written row, without the handoff).
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-from pathlib import Path
 
-from cuda_probe import build_and_run
+from cuda_probe import build_and_run, probe_cli
 
 MODES = ("none", "own", "others", "all")
 INFLIGHT = (1, 2, 4)
@@ -469,14 +466,8 @@ def table(result: dict[str, list[dict]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="write the rows here (JSON)")
-    args = parser.parse_args()
-    result = parse(build_and_run(SOURCE, ("-arch=sm_90a", "-O3", "-std=c++17")))
-    print(table(result))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+    probe_cli(__doc__.splitlines()[0], lambda: parse(build_and_run(SOURCE, ("-arch=sm_90a", "-O3", "-std=c++17"))),
+              table)
 
 
 if __name__ == "__main__":

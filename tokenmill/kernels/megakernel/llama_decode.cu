@@ -108,13 +108,6 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
   return policy;
 }
 
-// (activations: read by every SM, best left in L2 as any line)
-__device__ __forceinline__ uint64_t evict_normal_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
-
 // Bulk copy global -> this CTA's shared memory; completes `bytes` of the mbarrier's transaction count.
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar, uint64_t policy) {
   asm volatile(
@@ -1242,11 +1235,9 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       // replace them once the stage has landed.
       if (has_newest && newest_slot >= 0 && tid < 2 * PIECES) {  // 16-byte pieces
         const int kv = tid / PIECES;  // 0: K, 1: V
-        {
-          const bf16* src = p.kv_cache + layer * p.kv_layer_stride + kv * p.kv_v_offset +
-                            (newest_slot * Hkv + kvh) * D + (tid % PIECES) * 8;
-          cp_async16(smem_addr(stage + kv * ATTN_CHUNK_BYTES + ((newest - tb) * D + (tid % PIECES) * 8) * 2), src);
-        }
+        const bf16* src = p.kv_cache + layer * p.kv_layer_stride + kv * p.kv_v_offset +
+                          (newest_slot * Hkv + kvh) * D + (tid % PIECES) * 8;
+        cp_async16(smem_addr(stage + kv * ATTN_CHUNK_BYTES + ((newest - tb) * D + (tid % PIECES) * 8) * 2), src);
       }
       if (tb == a.t0 || has_newest) {
         asm volatile("cp.async.wait_all;" ::: "memory");
