@@ -4,7 +4,9 @@ Writes, per cell, the raw global-timer stamps (per instruction: start / dependen
 per weight chunk: producer issued / consumers found it landed) to <out>/timeline_b<B>_c<C>.pt, prints the
 per-stage summary, the block that ends each stage last, each matmul's phases, attention's critical path by phase,
 the weight bytes the producers issued per microsecond over all SMs (HBM demand) and the share of the step in
-which that demand is below half the copy bandwidth, and plots both to <out>/timeline_b<B>_c<C>.png.
+which that demand is below half the copy bandwidth, how much of the copy bandwidth each stage's window used (and
+on whose weights), when qkv's, gate_up's and down's chunks were issued and used, and plots the demand to
+<out>/timeline_b<B>_c<C>.png.
 
     PYTHONPATH=. python scripts/megakernel_timeline.py --cells 1x1024,16x1024 --out /tmp/timeline
 """
@@ -19,8 +21,8 @@ import torch
 from tokenmill.bench.decode import _sync, build_model, make_kv_cache, measure_copy_bandwidth, step_inputs
 from tokenmill.kernels.megakernel.decoder import MegakernelLlamaDecoder
 from tokenmill.kernels.megakernel.trace import (
-    attention_phases, chunk_timeline, critical_path, matmul_phases, per_op_stage_times, stage_report,
-    tagged_repolls,
+    attention_phases, chunk_cadence, chunk_timeline, critical_path, matmul_phases, per_op_stage_times, stage_report,
+    stage_windows, tagged_repolls,
 )
 from tokenmill.plotting import PlottingUnavailable, pyplot
 
@@ -53,10 +55,12 @@ def main() -> None:
         report = stage_report(schedule, instr_stamps)
         timeline = chunk_timeline(schedule, instr_stamps, chunk_stamps)
         path = critical_path(schedule, instr_stamps, chunk_stamps)
+        windows = stage_windows(schedule, instr_stamps, chunk_stamps, bandwidth)
+        cadence = {op: chunk_cadence(schedule, instr_stamps, chunk_stamps, op) for op in ("qkv", "gate_up", "down")}
         stem = args.out / f"timeline_b{batch}_c{context}"
         torch.save(dict(trace=instr_stamps, chunk_trace=chunk_stamps, phase_trace=phase_stamps, report=report,
                         timeline=timeline, attention_phases=phases, matmul_phases=mm_phases, critical_path=path,
-                        tagged_repolls=repolls,
+                        tagged_repolls=repolls, stage_windows=windows, chunk_cadence=cadence,
                         blocks=[list(map(tuple, b)) for b in schedule.blocks], bandwidth=bandwidth), f"{stem}.pt")
         rate = timeline["issued_GBps"]
         low = sum(1 for r in rate if r < 0.5 * bandwidth / 1e9) / len(rate)
@@ -82,6 +86,20 @@ def main() -> None:
             print("  tagged words re-read before they were complete (a consumer's most; mean / max over instructions; "
                   "the last instruction to meet its dependency, mean over stages): "
                   + "; ".join(f"{op} {r['mean']:.1f} / {r['max']} / {r['last']:.1f}" for op, r in repolls.items()))
+        print(f"  HBM use per stage window (previous stage's end to this one's, mean over layers; the step "
+              f"{windows['step']['of_bandwidth']:.2f} of the copy bandwidth): us | MB issued | of bandwidth | "
+              f"whose weights, MB")
+        for op, row in windows["ops"].items():
+            owners = ", ".join(f"{owner} {mb:.1f}" for owner, mb in sorted(row["by_op"].items(), key=lambda x: -x[1])
+                               if mb >= 0.05)
+            print(f"  {op:9s} {row['window_us']:7.2f} | {row['issued_MB']:6.1f} | {row['of_bandwidth']:4.2f} | {owners}")
+        print("  chunks issued / used, us after the previous stage's end (mean over instructions with that many "
+              "chunks; used long after issued: the consumers set the pace)")
+        for op, groups in cadence.items():
+            for count, row in groups.items():
+                print(f"  {op:9s} x{count:<3d} ({row['instructions']:4d}) issued "
+                      + " ".join(f"{t:6.2f}" for t in row["issued_us"]))
+                print(f"  {'':9s} {'':4s} {'':6s} used   " + " ".join(f"{t:6.2f}" for t in row["used_us"]))
         decoder.enable_trace(batch, on=False)
         try:
             plt = pyplot()

@@ -8,8 +8,8 @@ from tokenmill.kernels.megakernel.schedule import (
     ATTN_PHASES, MATMUL_PHASES, OP_ATTN, OP_EMBED, OP_NAMES, OP_O, OP_QKV, DecodeShape, Instr, build_schedule,
 )
 from tokenmill.kernels.megakernel.trace import (
-    ATTENTION_PHASES, MATMUL_PHASE_NAMES, attention_phases, chunk_timeline, critical_path, matmul_phases,
-    per_op_stage_times, stage_report, tagged_repolls, unwrap_timer,
+    ATTENTION_PHASES, MATMUL_PHASE_NAMES, attention_phases, chunk_cadence, chunk_timeline, critical_path,
+    matmul_phases, per_op_stage_times, stage_report, stage_windows, tagged_repolls, unwrap_timer,
 )
 
 # down is split-K at batch 16 here (K 4096 > 2048), so chunk lengths and counts per tile vary by op
@@ -70,6 +70,65 @@ def test_chunk_timeline_bins_every_weight_byte_and_measures_staging_and_tail():
     assert set(timeline["staging_us"]) == set(timeline["tail_us"]) == matmuls
     assert all(v == pytest.approx(STAGING_NS / 1000) for v in timeline["staging_us"].values())
     assert all(v == pytest.approx(TAIL_NS / 1000) for v in timeline["tail_us"].values())
+
+
+def _stage_ends(schedule, instr):
+    ends = {}
+    for b, block in enumerate(schedule.blocks):
+        for i, ins in enumerate(block):
+            ends[ins.stage] = max(ends.get(ins.stage, 0), instr[b][i][2])
+    return ends
+
+
+def test_stage_windows_count_each_issued_byte_in_the_window_it_was_issued_in():
+    schedule = build_schedule(SHAPE, 6)
+    instr, chunks = synthetic_stamps(schedule)
+    bandwidth = 2e12
+    windows = stage_windows(schedule, instr, chunks, bandwidth)
+    ends = _stage_ends(schedule, instr)
+    first_end, last_end = ends[0], max(ends.values())
+    # Every chunk issued between the first stage's end and the last one's falls in exactly one window.
+    issued = []
+    for b, block in enumerate(schedule.blocks):
+        c = 0
+        for ins in filter(schedule.chunks, block):
+            kseg = SHAPE.kseg(SHAPE.k(ins.op))
+            per_tile = -(-kseg // 1024)
+            for k in range(schedule.chunks(ins)):
+                issued.append((chunks[b][c + k][0], 16 * 2 * min(1024, kseg - (k % per_tile) * 1024)))
+            c += schedule.chunks(ins)
+    expected_mb = sum(n for at, n in issued if first_end <= at < last_end) / 1e6
+    step = windows["step"]
+    assert step["issued_MB"] == pytest.approx(expected_mb)
+    assert step["window_us"] == pytest.approx((last_end - first_end) / 1000)
+    assert step["of_bandwidth"] == pytest.approx(expected_mb * 1e6 / (step["window_us"] * 1e-6) / bandwidth)
+    assert set(windows["ops"]) == {"qkv", "attention", "o", "gate_up", "down", "lm_head"}
+    qkv_stages = [st.index for st in schedule.stages if OP_NAMES[st.op] == "qkv"]
+    assert windows["ops"]["qkv"]["window_us"] == pytest.approx(
+        sum(ends[s] - ends[s - 1] for s in qkv_stages) / len(qkv_stages) / 1000)
+    for row in windows["ops"].values():
+        assert sum(row["by_op"].values()) == pytest.approx(row["issued_MB"])
+        assert row["of_bandwidth"] == pytest.approx(row["issued_MB"] * 1e6 / (row["window_us"] * 1e-6) / bandwidth)
+    with pytest.raises(ValueError, match="bandwidth"):
+        stage_windows(schedule, instr, chunks, 0)
+
+
+def test_chunk_cadence_places_each_chunk_after_the_previous_stage_end():
+    schedule = build_schedule(SHAPE, 6)
+    instr, chunks = synthetic_stamps(schedule)
+    cadence = chunk_cadence(schedule, instr, chunks, "gate_up")
+    gate_up = [(b, i) for b, block in enumerate(schedule.blocks) for i, ins in enumerate(block)
+               if OP_NAMES[ins.op] == "gate_up" and ins.stage > 0]
+    assert sum(row["instructions"] for row in cadence.values()) == len(gate_up)
+    for count, row in cadence.items():
+        assert len(row["issued_us"]) == len(row["used_us"]) == count
+        # synthetic chunks land 2 us after their issue, one every CHUNK_NS
+        assert all(u - i == pytest.approx(2.0) for i, u in zip(row["issued_us"], row["used_us"]))
+        assert all(b - a == pytest.approx(CHUNK_NS / 1000) for a, b in zip(row["used_us"], row["used_us"][1:]))
+    with pytest.raises(ValueError, match="unknown op"):
+        chunk_cadence(schedule, instr, chunks, "mlp")
+    with pytest.raises(ValueError, match="no traced attention"):
+        chunk_cadence(schedule, instr, chunks, "attention")
 
 
 def test_attention_phases_follow_the_block_that_ends_each_stage_last():

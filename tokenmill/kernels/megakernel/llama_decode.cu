@@ -38,17 +38,11 @@ typedef __nv_bfloat16 bf16;
 #define MISC_BYTES 2048
 #define ATTN_CHUNK_BYTES 16384  // an attention chunk in a ring stage: K rows of its tokens, then V rows (16 KB each)
 #define INSTR_INTS 8
-#ifndef TAGGED_POLL_NS  // tagged staging: the sleep before a stale piece is read again (m20d: the probe's copy-256ns)
+#ifndef TAGGED_POLL_NS  // tagged staging: the sleep before a stale piece is read again (m20d: 256 ns ±0.3 %)
 #define TAGGED_POLL_NS 32
 #endif
-#ifndef TAGGED_WARP_FIRST  // 1: lane 0 of each warp polls the warp's last piece with register loads before the warp
-#define TAGGED_WARP_FIRST 0  // copies its pieces (m20d: the probe's warp-first)
-#endif
-#ifndef DEP_POLL_NS  // a dependency counter's poll sleeps this long between reads (0: back to back; m20e)
-#define DEP_POLL_NS 0
-#endif
-#ifndef DEP_POLL_RELAXED  // 1: the counter is polled with relaxed loads and one acquire fence follows (m20e)
-#define DEP_POLL_RELAXED 0
+#ifndef DEP_POLL_NS  // a dependency counter's poll sleeps this long between reads (m20e: 64 ns -0.4 % against
+#define DEP_POLL_NS 64  // back to back, in 9 of 10 cells over two runs; relaxed polls and one fence +1.6 to +4 %)
 #endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
@@ -173,13 +167,6 @@ __device__ __forceinline__ void st_tagged8(uint32_t* p, uint4 x, uint32_t tag) {
                "r"(w[3]) : "memory");
   asm volatile("st.relaxed.gpu.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p + 4), "r"(w[4]), "r"(w[5]), "r"(w[6]),
                "r"(w[7]) : "memory");
-}
-
-__device__ __forceinline__ uint4 ld_relaxed4(const uint32_t* p) {
-  uint4 w;
-  asm volatile("ld.relaxed.gpu.global.v4.b32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w) : "l"(p) : "memory");
-  return w;
 }
 
 // One tagged word as a float, once it carries `tag`.
@@ -503,19 +490,9 @@ __device__ __forceinline__ long long* instr_trace(const Params& p, const Misc* m
 __device__ __forceinline__ void wait_dependency(const Params& p, int dep_stage, int dep_target, const Misc* misc) {
   if (threadIdx.x == 0) {
     if (dep_stage >= 0) {
-#if DEP_POLL_RELAXED
-      while (true) {
-        int done;
-        asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(done) : "l"(p.done + dep_stage) : "memory");
-        if (done >= dep_target) break;
-        if (DEP_POLL_NS > 0) __nanosleep(DEP_POLL_NS);
-      }
-      asm volatile("fence.acq_rel.gpu;" ::: "memory");
-#else
       while (ld_acquire(p.done + dep_stage) < dep_target) {
         if (DEP_POLL_NS > 0) __nanosleep(DEP_POLL_NS);
       }
-#endif
     }
     if (p.trace) instr_trace(p, misc)[1] = globaltimer();
   }
@@ -604,15 +581,6 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
   } else {  // M == 1 (the decoder tags h at batch 1 only): one group, piece v of the row is thread v's
     if (M != 1) __trap();
     const uint32_t* row = static_cast<const uint32_t*>(src) + k0;
-#if TAGGED_WARP_FIRST
-    // One poll per warp until the warp's last piece is complete, then the copies (a probe's handoff variant: fewer
-    // reads in flight while the row is still being written).
-    if (lane == 0 && warp * 32 < vecs) {
-      const uint32_t* last = row + (min(vecs, warp * 32 + 32) - 1) * 8;
-      while (!(carries(ld_relaxed4(last), tag) & carries(ld_relaxed4(last + 4), tag))) __nanosleep(TAGGED_POLL_NS);
-    }
-    __syncwarp();
-#endif
     for (int v = tid; v < vecs; v += NUM_CONSUMERS) {
       cp_async16(smem_addr(words + v * 8), row + v * 8);
       cp_async16(smem_addr(words + v * 8 + 4), row + v * 8 + 4);
@@ -878,17 +846,29 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
         early_in && tile == in[3] ? first_in
         : active && nsegs == 1 ? epilogue_inputs(p, op, tile, r, c, resid_tag(misc, op, in[7]))
                                : EpilogueInputs{0.f, 0.f, -1};
-    float acc[NT][4];
+    // Up to batch 8 (NT = 1) the second k16 half of every step goes to accumulators of its own, added after the
+    // tile's last chunk: a warp's chain of dependent mma per chunk is half as long (m21a: -1 % at batch 1, -0.5 % at
+    // 8; four chains lost 2.5 %). At NT = 2 the two n-tiles are independent chains already (a second set: +0.6 %).
+    float acc[NT][4], acc_hi[NT][4];
 #pragma unroll
-    for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    for (int n = 0; n < NT; ++n) {
+      acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+      acc_hi[n][0] = acc_hi[n][1] = acc_hi[n][2] = acc_hi[n][3] = 0.f;
+    }
     for (int kc = k0; kc < k1; kc += CHUNK_K, ++chunk) {
       const int len = min(CHUNK_K, k1 - kc);
       const int s = chunk % NUM_STAGES;
       mbar_wait(&full[s], (chunk / NUM_STAGES) & 1);
+#ifndef DIAG_STAMP_AFTER_MMA  // timing experiments only: the chunk's "used" stamp after warp 0's mma, not before
       if (tid == 0 && p.chunk_trace)
         p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk - misc->attn_chunks) * 2 + 1] = globaltimer();
+#endif
       const char* w = ring + s * STAGE_BYTES;
+#ifdef DIAG_MATMUL_NO_MMA  // timing experiments only: weight chunks stream and are released, nothing is multiplied
+      const int steps = 0;
+#else
       const int steps = len / 32;
+#endif
       for (int step = warp; step < steps; step += NUM_CONSUMER_WARPS) {
         const int kk = step * 32 + 8 * t;
         const uint4 alo = *reinterpret_cast<const uint4*>(w + g * STAGE_ROW_BYTES + kk * 2);
@@ -900,15 +880,28 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
           const uint4 b = n * 8 + g < M ? *reinterpret_cast<const uint4*>(xs + (n * 8 + g) * xstride + kx * 2)
                                         : make_uint4(0, 0, 0, 0);
           mma_bf16(acc[n], alo.x, ahi.x, alo.y, ahi.y, b.x, b.y);
-          mma_bf16(acc[n], alo.z, ahi.z, alo.w, ahi.w, b.z, b.w);
+          mma_bf16(NT == 1 ? acc_hi[n] : acc[n], alo.z, ahi.z, alo.w, ahi.w, b.z, b.w);
         }
       }
+#ifdef DIAG_STAMP_AFTER_MMA
+      if (tid == 0 && p.chunk_trace) {
+        asm volatile("" ::"f"(acc[0][0]), "f"(acc_hi[0][0]));  // stamped once warp 0's results are in
+        p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk - misc->attn_chunks) * 2 + 1] = globaltimer();
+      }
+#endif
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[s]);
     }
     // (2: only at the release; none where the output is tagged h: no fence to wait, and the next instruction's
     // chunks would be held back for nothing)
     if (tid == 0 && p.pause_release == 1 && tile == in[4] - 1 && !WRITES_TAGGED(p, op)) pause_loads(misc);
+    if (NT == 1)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[0][i] += acc_hi[0][i];
+#ifdef DIAG_MATMUL_NO_REDUCTION  // timing experiments only: the warps' partials are not added up (no barriers
+    float lo = acc[0][0], hi = acc[0][2];  // between tiles); the epilogue writes one warp's (wrong values, right tags)
+    if (false) {
+#else
 #pragma unroll
     for (int n = 0; n < NT; ++n)
       red[(warp * NT + n) * 32 + lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
@@ -916,6 +909,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     // Sum the 8 warps' partials of rows r and r + 8 in warp order.
     float lo = 0.f, hi = 0.f;
     if (active) {
+#endif
       const int n = c >> 3, cc = c & 7, src_lane = r * 4 + (cc >> 1);
       for (int w2 = 0; w2 < NUM_CONSUMER_WARPS; ++w2) {
         const float4 v = red[(w2 * NT + n) * 32 + src_lane];
@@ -934,7 +928,9 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       p.part[((size_t)seg * M + c) * N + tile_row(p, op, tile, r)] = lo;
       p.part[((size_t)seg * M + c) * N + tile_row(p, op, tile, r + 8)] = hi;
     }
+#ifndef DIAG_MATMUL_NO_REDUCTION
     consumer_sync();  // red[] is reused by the next tile; the partials are stored before merge_split_k's fence
+#endif
   }
   if (tid == 0) misc->phase[1] = globaltimer_lo();  // every tile's weights used, its result or partial stored
   if (nsegs > 1) merged = merge_split_k(p, op, layer, in[7], in[3], in[4], nsegs, misc);

@@ -10,13 +10,16 @@ its copies, consumers found it landed), in nanoseconds of %globaltimer. From the
   end (reduction, epilogue, release);
 - critical_path: per op, when the block that ends each stage last met its dependency, used its first and last
   weight chunks and ended;
-- attention_phases: where the attention stage's critical block spends its time, phase by phase.
+- attention_phases: where the attention stage's critical block spends its time, phase by phase;
+- stage_windows: how much of the copy bandwidth the producers used in each stage's window, and on whose weights;
+- chunk_cadence: when one op's chunks were issued and used (who set the pace: HBM or the consumers).
 """
 
 from __future__ import annotations
 
+import bisect
 import statistics
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from tokenmill.kernels.megakernel.schedule import (
     ATTN_PHASES, CHUNK_K, MATMUL_PHASES, OP_ATTN, OP_EMBED, OP_NAMES, TILE_ROWS, Schedule,
@@ -88,6 +91,24 @@ def _first_chunks(schedule: Schedule) -> dict[tuple[int, int], int]:
     return first
 
 
+def _weight_chunks(schedule: Schedule, chunk_stamps: Stamps) -> Iterator[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Per instruction that streams weights: (block, instruction index, [(issued, consumed, bytes) per chunk])."""
+    first_chunk = _first_chunks(schedule)
+    for b, block in enumerate(schedule.blocks):
+        for i, instr in enumerate(block):
+            count = schedule.chunks(instr)
+            if not count:
+                continue
+            kseg = schedule.shape.kseg(schedule.shape.k(instr.op))
+            per_tile = -(-kseg // CHUNK_K)
+            chunks = []
+            for c in range(count):
+                issued, consumed = chunk_stamps[b][first_chunk[b, i] + c]
+                length = min(CHUNK_K, kseg - (c % per_tile) * CHUNK_K)
+                chunks.append((int(issued), int(consumed), TILE_ROWS * length * 2))
+            yield b, i, chunks
+
+
 def chunk_timeline(schedule: Schedule, instr_stamps: Stamps, chunk_stamps: Stamps, bin_us: float = 1.0) -> dict:
     """Weight bytes issued per `bin_us` bin over all blocks (GB/s), and per op the mean over its instructions of
     `staging_us` (dependency met -> first chunk landed) and `tail_us` (last chunk landed -> instruction end)."""
@@ -97,24 +118,12 @@ def chunk_timeline(schedule: Schedule, instr_stamps: Stamps, chunk_stamps: Stamp
     issues: list[tuple[float, int]] = []
     staging: dict[str, list[float]] = {}
     tail: dict[str, list[float]] = {}
-    first_chunk = _first_chunks(schedule)
-    for b, block in enumerate(schedule.blocks):
-        for i, instr in enumerate(block):
-            count = schedule.chunks(instr)
-            if not count:
-                continue
-            kseg = schedule.shape.kseg(schedule.shape.k(instr.op))
-            per_tile = -(-kseg // CHUNK_K)
-            landed = []
-            for c in range(count):
-                issued, consumed = chunk_stamps[b][first_chunk[b, i] + c]
-                length = min(CHUNK_K, kseg - (c % per_tile) * CHUNK_K)
-                issues.append(((int(issued) - t0) / 1000.0, TILE_ROWS * length * 2))
-                landed.append((int(consumed) - t0) / 1000.0)
-            _, met, end = ((int(x) - t0) / 1000.0 for x in instr_stamps[b][i])
-            name = OP_NAMES[instr.op]
-            staging.setdefault(name, []).append(landed[0] - met)
-            tail.setdefault(name, []).append(end - landed[-1])
+    for b, i, chunks in _weight_chunks(schedule, chunk_stamps):
+        issues.extend(((issued - t0) / 1000.0, nbytes) for issued, _, nbytes in chunks)
+        _, met, end = ((int(x) - t0) / 1000.0 for x in instr_stamps[b][i])
+        name = OP_NAMES[schedule.blocks[b][i].op]
+        staging.setdefault(name, []).append((chunks[0][1] - t0) / 1000.0 - met)
+        tail.setdefault(name, []).append(end - (chunks[-1][1] - t0) / 1000.0)
     if not issues:
         raise ValueError("the schedule streams no weights")
     bins = [0.0] * (int(max(t for t, _ in issues) / bin_us) + 1)
@@ -242,3 +251,70 @@ def tagged_repolls(schedule: Schedule, instr_stamps: Stamps, counts: Sequence[Se
         last = [count for _, count, op in latest.values() if op == name]
         result[name] = {"mean": statistics.mean(values), "max": max(values), "last": statistics.mean(last)}
     return result
+
+
+def stage_windows(schedule: Schedule, instr_stamps: Stamps, chunk_stamps: Stamps, bandwidth: float) -> dict:
+    """How busy the producers keep HBM in each stage's window (the previous stage's end to this stage's end): per
+    op, the mean over its stages of the window (`window_us`), the weight bytes issued in it (`issued_MB`), their
+    rate as a fraction of `bandwidth` (bytes/s: the copy bandwidth), and `by_op`: whose weights those were (a
+    producer runs ahead of its consumers as far as its ring allows). `step`: the same over every window after the
+    first stage's. A window well under 1.0 is HBM waiting for the rings to drain behind a dependency."""
+    if bandwidth <= 0:
+        raise ValueError("bandwidth must be > 0")
+    ends, _ = _stage_ends(schedule, instr_stamps)
+    ordered = sorted(ends)
+    stage_op = {instr.stage: OP_NAMES[instr.op] for block in schedule.blocks for instr in block}
+    issued = sorted((at, nbytes, stage_op[schedule.blocks[b][i].stage])
+                    for b, i, chunks in _weight_chunks(schedule, chunk_stamps) for at, _, nbytes in chunks)
+    times = [at for at, _, _ in issued]
+    per_op: dict[str, dict[str, list]] = {}
+    for prev, stage in zip(ordered, ordered[1:]):
+        lo, hi = ends[prev], ends[stage]
+        in_window = issued[bisect.bisect_left(times, lo):bisect.bisect_left(times, hi)]
+        by_op: dict[str, float] = {}
+        for _, nbytes, owner in in_window:
+            by_op[owner] = by_op.get(owner, 0.0) + nbytes / 1e6
+        row = per_op.setdefault(stage_op[stage], {"window_us": [], "issued_MB": [], "by_op": []})
+        row["window_us"].append((hi - lo) / 1000.0)
+        row["issued_MB"].append(sum(by_op.values()))
+        row["by_op"].append(by_op)
+    if not per_op:
+        raise ValueError("fewer than two stages: no window to measure")
+
+    def fraction(megabytes: float, microseconds: float) -> float:
+        return megabytes * 1e6 / (microseconds * 1e-6) / bandwidth if microseconds > 0 else 0.0
+
+    result = {}
+    for op, row in per_op.items():
+        owners = {owner for window in row["by_op"] for owner in window}
+        window_us, issued_mb = statistics.mean(row["window_us"]), statistics.mean(row["issued_MB"])
+        result[op] = {"window_us": window_us, "issued_MB": issued_mb, "of_bandwidth": fraction(issued_mb, window_us),
+                      "by_op": {owner: statistics.mean(w.get(owner, 0.0) for w in row["by_op"]) for owner in owners}}
+    total_us = sum(sum(row["window_us"]) for row in per_op.values())
+    total_mb = sum(sum(row["issued_MB"]) for row in per_op.values())
+    return {"ops": result, "step": {"window_us": total_us, "issued_MB": total_mb,
+                                    "of_bandwidth": fraction(total_mb, total_us)}}
+
+
+def chunk_cadence(schedule: Schedule, instr_stamps: Stamps, chunk_stamps: Stamps, op: str) -> dict[int, dict]:
+    """When op's weight chunks were issued and used, in microseconds after the previous stage's end: per chunk
+    count (blocks with more tiles have more chunks), the mean over those instructions of each chunk's issue and
+    use. A chunk used long after its issue sat landed in the ring (the consumers set the pace); a chunk used about
+    one load latency after its issue was waited for (HBM set it)."""
+    if op not in OP_NAMES:
+        raise ValueError(f"unknown op {op!r}: one of {', '.join(OP_NAMES)}")
+    ends, _ = _stage_ends(schedule, instr_stamps)
+    groups: dict[int, list[list[tuple[float, float]]]] = {}
+    for b, i, chunks in _weight_chunks(schedule, chunk_stamps):
+        instr = schedule.blocks[b][i]
+        if OP_NAMES[instr.op] != op or instr.stage - 1 not in ends:
+            continue
+        before = ends[instr.stage - 1]
+        groups.setdefault(len(chunks), []).append(
+            [((issued - before) / 1000.0, (consumed - before) / 1000.0) for issued, consumed, _ in chunks])
+    if not groups:
+        raise ValueError(f"no traced {op} instruction after the first stage")
+    return {count: {"instructions": len(rows),
+                    "issued_us": [statistics.mean(r[c][0] for r in rows) for c in range(count)],
+                    "used_us": [statistics.mean(r[c][1] for r in rows) for c in range(count)]}
+            for count, rows in sorted(groups.items())}
