@@ -498,7 +498,7 @@ def test_timing_diagnostics_still_compile(tmp_path):
     src = tmp_path / "diag.cu"
     src.write_text(full_source())
     flags = ["-DDIAG_ATTN_NO_MATH", "-DDIAG_STAGE_ROWS=1", "-DDIAG_NO_NORM", "-DDIAG_MATMUL_NO_MMA",
-             "-DDIAG_MATMUL_NO_REDUCTION", "-DDIAG_STAMP_AFTER_MMA", "-DPAUSE_SPIN_NS=64", "-DTAGGED_POLL_NS=256",
+             "-DDIAG_MATMUL_NO_REDUCTION", "-DDIAG_MATMUL_NO_EPILOGUE", "-DDIAG_STAMP_AFTER_MMA", "-DPAUSE_SPIN_NS=64", "-DTAGGED_POLL_NS=256",
              "-DDEP_POLL_NS=0"]
     proc = subprocess.run([find_nvcc(), "-cubin", f"-arch={build.ARCH}", "-O1", "-std=c++17", "-DATTN_HEAD_DIM=64",
                            *flags, "-o", str(tmp_path / "diag.cubin"), str(src)], capture_output=True, text=True,

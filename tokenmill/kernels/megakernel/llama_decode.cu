@@ -922,7 +922,12 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
         lo *= misc->rstd[c];
         hi *= misc->rstd[c];
       }
-      if (active) epilogue(p, op, layer, tile, r, c, lo, hi, epi_in, stage_tag(misc, in[7]));
+#ifdef DIAG_MATMUL_NO_EPILOGUE  // timing experiments only: the sums are made, not written (tagged h still is)
+      if (active && WRITES_TAGGED(p, op))
+#else
+      if (active)
+#endif
+        epilogue(p, op, layer, tile, r, c, lo, hi, epi_in, stage_tag(misc, in[7]));
       ++merged;
     } else if (active) {  // split-K: this segment's partial; the tiles' arrivals follow the loop (merge_split_k)
       p.part[((size_t)seg * M + c) * N + tile_row(p, op, tile, r)] = lo;
