@@ -493,13 +493,13 @@ def test_kernel_compiles_and_is_cached(tmp_path):
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
 def test_timing_diagnostics_still_compile(tmp_path):
     # The kernel's DIAG_* defines (timing experiments through TOKENMILL_MEGAKERNEL_NVCC_FLAGS, DECODE_NOTES m18 and
-    # session 21) leave out work, and PAUSE_SPIN_NS (m19a), TAGGED_POLL_NS (m20d) and DEP_POLL_NS (m20e) are knobs:
-    # they must keep compiling as the kernel changes around them.
+    # session 21) leave out work, and PAUSE_SPIN_NS (m19a), TAGGED_POLL_NS (m20d), DEP_POLL_NS (m20e) and
+    # MATMUL_GROUPS (m22a) are knobs: they must keep compiling as the kernel changes around them.
     src = tmp_path / "diag.cu"
     src.write_text(full_source())
     flags = ["-DDIAG_ATTN_NO_MATH", "-DDIAG_STAGE_ROWS=1", "-DDIAG_NO_NORM", "-DDIAG_MATMUL_NO_MMA",
              "-DDIAG_MATMUL_NO_REDUCTION", "-DDIAG_MATMUL_NO_EPILOGUE", "-DDIAG_STAMP_AFTER_MMA", "-DPAUSE_SPIN_NS=64", "-DTAGGED_POLL_NS=256",
-             "-DDEP_POLL_NS=0"]
+             "-DDEP_POLL_NS=0", "-DMATMUL_GROUPS=1"]
     proc = subprocess.run([find_nvcc(), "-cubin", f"-arch={build.ARCH}", "-O1", "-std=c++17", "-DATTN_HEAD_DIM=64",
                            *flags, "-o", str(tmp_path / "diag.cubin"), str(src)], capture_output=True, text=True,
                           check=False)

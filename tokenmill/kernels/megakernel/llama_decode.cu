@@ -44,6 +44,9 @@ typedef __nv_bfloat16 bf16;
 #ifndef DEP_POLL_NS  // a dependency counter's poll sleeps this long between reads (m20e: 64 ns -0.4 % against
 #define DEP_POLL_NS 64  // back to back, in 9 of 10 cells over two runs; relaxed polls and one fence +1.6 to +4 %)
 #endif
+#ifndef MATMUL_GROUPS  // 2: at batch > 8 two groups of four consumer warps take a matmul's tiles in turn (m22a:
+#define MATMUL_GROUPS 2  // 16 x 128 / 1k / 4k -5.5 / -3.8 / -2.8 %); 1: all eight warps on every tile
+#endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
 #endif
@@ -82,6 +85,10 @@ __device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
 
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_count(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
 }
 
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
@@ -192,6 +199,13 @@ __device__ __forceinline__ uint4 tagged_values8(uint4 lo, uint4 hi) {
 
 // Barrier of the consumer warps only (the producer warp never joins it).
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(NUM_CONSUMERS) : "memory"); }
+// One half of the consumers (MATMUL_GROUPS 2): named barrier 2 or 3.
+__device__ __forceinline__ void group_sync(int group) {
+  if (group)
+    asm volatile("bar.sync 3, %0;" ::"n"(NUM_CONSUMERS / 2) : "memory");
+  else
+    asm volatile("bar.sync 2, %0;" ::"n"(NUM_CONSUMERS / 2) : "memory");
+}
 
 __device__ __forceinline__ void mma_bf16(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                          uint32_t b1) {
@@ -841,6 +855,81 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
 
   int merged = 0;
   const int N = op == OP_O || op == OP_DOWN ? (int)p.hidden : 0;
+  if (NT == 2 && MATMUL_GROUPS == 2 && in[4] - in[3] >= 2) {
+    // m22a: the warps' partial sums of a tile are added up by a barrier, a pass over the reduction scratch and the
+    // epilogue, one tile after another (8.7 % of a batch-16 step, DIAG_MATMUL_NO_REDUCTION). Here, where a block has
+    // two tiles or more, the two halves of the consumers take alternate tiles, each split over its four warps' K
+    // steps, so that one half reduces while the other multiplies. A chunk then has four warps, each arriving twice
+    // on its slot's empty barrier; and since the halves run apart, a half first waits until the slot's previous
+    // chunk (perhaps the other half's) is used.
+    const int group = warp >> 2, gwarp = warp & 3, gt = tid & (NUM_CONSUMERS / 2 - 1);
+    const int gr = gt & 7, gc = gt >> 3;
+    const bool gactive = gc < M;
+    const int per_tile = (klen + CHUNK_K - 1) / CHUNK_K;
+    float4* gred = red + group * (NUM_CONSUMER_WARPS / 2) * NT * 32;
+    for (int tile = in[3] + group; tile < in[4]; tile += 2) {
+      const EpilogueInputs epi_in = gactive && nsegs == 1
+                                        ? epilogue_inputs(p, op, tile, gr, gc, resid_tag(misc, op, in[7]))
+                                        : EpilogueInputs{0.f, 0.f, -1};
+      float acc[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+      uint32_t ch = chunk + (uint32_t)((tile - in[3]) * per_tile);
+      for (int kc = k0; kc < k1; kc += CHUNK_K, ++ch) {
+        const int len = min(CHUNK_K, k1 - kc);
+        const int s = ch % NUM_STAGES;
+        mbar_wait(&empty[s], ((ch / NUM_STAGES) & 1) ^ 1);  // the slot's previous chunk used (as the producer waits)
+        mbar_wait(&full[s], (ch / NUM_STAGES) & 1);
+        if (gt == 0 && p.chunk_trace)
+          p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + ch - misc->attn_chunks) * 2 + 1] = globaltimer();
+        const char* w = ring + s * STAGE_BYTES;
+        const int steps = len / 32;
+        for (int step = gwarp; step < steps; step += NUM_CONSUMER_WARPS / 2) {
+          const int kk = step * 32 + 8 * t;
+          const uint4 alo = *reinterpret_cast<const uint4*>(w + g * STAGE_ROW_BYTES + kk * 2);
+          const uint4 ahi = *reinterpret_cast<const uint4*>(w + (g + 8) * STAGE_ROW_BYTES + kk * 2);
+          const int kx = (kc - k0) + kk;
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            const uint4 b = n * 8 + g < M ? *reinterpret_cast<const uint4*>(xs + (n * 8 + g) * xstride + kx * 2)
+                                          : make_uint4(0, 0, 0, 0);
+            mma_bf16(acc[n], alo.x, ahi.x, alo.y, ahi.y, b.x, b.y);
+            mma_bf16(acc[n], alo.z, ahi.z, alo.w, ahi.w, b.z, b.w);
+          }
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive_count(&empty[s], 2);
+      }
+      if (gt == 0 && p.pause_release == 1 && tile == in[4] - 1 && !WRITES_TAGGED(p, op)) pause_loads(misc);
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+        gred[(gwarp * NT + n) * 32 + lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
+      group_sync(group);
+      float lo = 0.f, hi = 0.f;
+      if (gactive) {
+        const int n = gc >> 3, cc = gc & 7, src_lane = gr * 4 + (cc >> 1);
+        for (int w2 = 0; w2 < NUM_CONSUMER_WARPS / 2; ++w2) {
+          const float4 v = gred[(w2 * NT + n) * 32 + src_lane];
+          lo += (cc & 1) ? v.y : v.x;
+          hi += (cc & 1) ? v.w : v.z;
+        }
+        if (nsegs == 1) {
+          if (norm && p.norm_folded) {
+            lo *= misc->rstd[gc];
+            hi *= misc->rstd[gc];
+          }
+          epilogue(p, op, layer, tile, gr, gc, lo, hi, epi_in, stage_tag(misc, in[7]));
+        } else {
+          p.part[((size_t)seg * M + gc) * N + tile_row(p, op, tile, gr)] = lo;
+          p.part[((size_t)seg * M + gc) * N + tile_row(p, op, tile, gr + 8)] = hi;
+        }
+      }
+      group_sync(group);  // gred[] is reused by the half's next tile
+    }
+    chunk += (uint32_t)((in[4] - in[3]) * per_tile);
+    consumer_sync();  // both halves' tiles done: the release and the split-K merge's fence cover them
+    merged = nsegs == 1 ? in[4] - in[3] : 0;
+  } else {
   for (int tile = in[3]; tile < in[4]; ++tile) {
     const EpilogueInputs epi_in =
         early_in && tile == in[3] ? first_in
@@ -864,6 +953,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
         p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk - misc->attn_chunks) * 2 + 1] = globaltimer();
 #endif
       const char* w = ring + s * STAGE_BYTES;
+// (The DIAG_MATMUL_* defines act on this loop: at batch > 8 only with MATMUL_GROUPS 1, or on single-tile blocks.)
 #ifdef DIAG_MATMUL_NO_MMA  // timing experiments only: weight chunks stream and are released, nothing is multiplied
       const int steps = 0;
 #else
@@ -936,6 +1026,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
 #ifndef DIAG_MATMUL_NO_REDUCTION
     consumer_sync();  // red[] is reused by the next tile; the partials are stored before merge_split_k's fence
 #endif
+  }
   }
   if (tid == 0) misc->phase[1] = globaltimer_lo();  // every tile's weights used, its result or partial stored
   if (nsegs > 1) merged = merge_split_k(p, op, layer, in[7], in[3], in[4], nsegs, misc);
