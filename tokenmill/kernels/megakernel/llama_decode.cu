@@ -930,103 +930,104 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     consumer_sync();  // both halves' tiles done: the release and the split-K merge's fence cover them
     merged = nsegs == 1 ? in[4] - in[3] : 0;
   } else {
-  for (int tile = in[3]; tile < in[4]; ++tile) {
-    const EpilogueInputs epi_in =
-        early_in && tile == in[3] ? first_in
-        : active && nsegs == 1 ? epilogue_inputs(p, op, tile, r, c, resid_tag(misc, op, in[7]))
-                               : EpilogueInputs{0.f, 0.f, -1};
-    // Up to batch 8 (NT = 1) the second k16 half of every step goes to accumulators of its own, added after the
-    // tile's last chunk: a warp's chain of dependent mma per chunk is half as long (m21a: -1 % at batch 1, -0.5 % at
-    // 8; four chains lost 2.5 %). At NT = 2 the two n-tiles are independent chains already (a second set: +0.6 %).
-    float acc[NT][4], acc_hi[NT][4];
+    for (int tile = in[3]; tile < in[4]; ++tile) {
+      const EpilogueInputs epi_in =
+          early_in && tile == in[3] ? first_in
+          : active && nsegs == 1 ? epilogue_inputs(p, op, tile, r, c, resid_tag(misc, op, in[7]))
+                                 : EpilogueInputs{0.f, 0.f, -1};
+      // Up to batch 8 (NT = 1) the second k16 half of every step goes to accumulators of its own, added after the
+      // tile's last chunk: a warp's chain of dependent mma per chunk is half as long (m21a: -1 % at batch 1, -0.5 % at
+      // 8; four chains lost 2.5 %). At NT = 2 the two n-tiles are independent chains already (a second set: +0.6 %).
+      float acc[NT][4], acc_hi[NT][4];
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-      acc_hi[n][0] = acc_hi[n][1] = acc_hi[n][2] = acc_hi[n][3] = 0.f;
-    }
-    for (int kc = k0; kc < k1; kc += CHUNK_K, ++chunk) {
-      const int len = min(CHUNK_K, k1 - kc);
-      const int s = chunk % NUM_STAGES;
-      mbar_wait(&full[s], (chunk / NUM_STAGES) & 1);
+      for (int n = 0; n < NT; ++n) {
+        acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+        acc_hi[n][0] = acc_hi[n][1] = acc_hi[n][2] = acc_hi[n][3] = 0.f;
+      }
+      for (int kc = k0; kc < k1; kc += CHUNK_K, ++chunk) {
+        const int len = min(CHUNK_K, k1 - kc);
+        const int s = chunk % NUM_STAGES;
+        mbar_wait(&full[s], (chunk / NUM_STAGES) & 1);
 #ifndef DIAG_STAMP_AFTER_MMA  // timing experiments only: the chunk's "used" stamp after warp 0's mma, not before
-      if (tid == 0 && p.chunk_trace)
-        p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk - misc->attn_chunks) * 2 + 1] = globaltimer();
+        if (tid == 0 && p.chunk_trace)
+          p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk - misc->attn_chunks) * 2 + 1] = globaltimer();
 #endif
-      const char* w = ring + s * STAGE_BYTES;
-// (The DIAG_MATMUL_* defines act on this loop: at batch > 8 only with MATMUL_GROUPS 1, or on single-tile blocks.)
+        const char* w = ring + s * STAGE_BYTES;
+  // (The DIAG_MATMUL_* defines act on this loop: at batch > 8 only with MATMUL_GROUPS 1, or on single-tile blocks.)
 #ifdef DIAG_MATMUL_NO_MMA  // timing experiments only: weight chunks stream and are released, nothing is multiplied
-      const int steps = 0;
+        const int steps = 0;
 #else
-      const int steps = len / 32;
+        const int steps = len / 32;
 #endif
-      for (int step = warp; step < steps; step += NUM_CONSUMER_WARPS) {
-        const int kk = step * 32 + 8 * t;
-        const uint4 alo = *reinterpret_cast<const uint4*>(w + g * STAGE_ROW_BYTES + kk * 2);
-        const uint4 ahi = *reinterpret_cast<const uint4*>(w + (g + 8) * STAGE_ROW_BYTES + kk * 2);
-        const int kx = (kc - k0) + kk;
+        for (int step = warp; step < steps; step += NUM_CONSUMER_WARPS) {
+          const int kk = step * 32 + 8 * t;
+          const uint4 alo = *reinterpret_cast<const uint4*>(w + g * STAGE_ROW_BYTES + kk * 2);
+          const uint4 ahi = *reinterpret_cast<const uint4*>(w + (g + 8) * STAGE_ROW_BYTES + kk * 2);
+          const int kx = (kc - k0) + kk;
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          // Batch rows past M are zero columns of the B operand (not stored).
-          const uint4 b = n * 8 + g < M ? *reinterpret_cast<const uint4*>(xs + (n * 8 + g) * xstride + kx * 2)
-                                        : make_uint4(0, 0, 0, 0);
-          mma_bf16(acc[n], alo.x, ahi.x, alo.y, ahi.y, b.x, b.y);
-          mma_bf16(NT == 1 ? acc_hi[n] : acc[n], alo.z, ahi.z, alo.w, ahi.w, b.z, b.w);
+          for (int n = 0; n < NT; ++n) {
+            // Batch rows past M are zero columns of the B operand (not stored).
+            const uint4 b = n * 8 + g < M ? *reinterpret_cast<const uint4*>(xs + (n * 8 + g) * xstride + kx * 2)
+                                          : make_uint4(0, 0, 0, 0);
+            mma_bf16(acc[n], alo.x, ahi.x, alo.y, ahi.y, b.x, b.y);
+            mma_bf16(NT == 1 ? acc_hi[n] : acc[n], alo.z, ahi.z, alo.w, ahi.w, b.z, b.w);
+          }
+        }
+#ifdef DIAG_STAMP_AFTER_MMA
+        if (tid == 0 && p.chunk_trace) {
+          asm volatile("" ::"f"(acc[0][0]), "f"(acc_hi[0][0]));  // stamped once warp 0's results are in
+          p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk - misc->attn_chunks) * 2 + 1] = globaltimer();
+        }
+#endif
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[s]);
+      }
+      // (2: only at the release; none where the output is tagged h: no fence to wait, and the next instruction's
+      // chunks would be held back for nothing)
+      if (tid == 0 && p.pause_release == 1 && tile == in[4] - 1 && !WRITES_TAGGED(p, op)) pause_loads(misc);
+      if (NT == 1)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[0][i] += acc_hi[0][i];
+#ifdef DIAG_MATMUL_NO_REDUCTION  // timing experiments only: the warps' partials are not added up (no barriers
+      // between tiles); the epilogue writes one warp's (wrong values, right tags)
+      float lo = acc[0][0], hi = acc[0][2];
+      if (false) {
+#else
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+        red[(warp * NT + n) * 32 + lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
+      consumer_sync();
+      // Sum the 8 warps' partials of rows r and r + 8 in warp order.
+      float lo = 0.f, hi = 0.f;
+      if (active) {
+#endif
+        const int n = c >> 3, cc = c & 7, src_lane = r * 4 + (cc >> 1);
+        for (int w2 = 0; w2 < NUM_CONSUMER_WARPS; ++w2) {
+          const float4 v = red[(w2 * NT + n) * 32 + src_lane];
+          lo += (cc & 1) ? v.y : v.x;
+          hi += (cc & 1) ? v.w : v.z;
         }
       }
-#ifdef DIAG_STAMP_AFTER_MMA
-      if (tid == 0 && p.chunk_trace) {
-        asm volatile("" ::"f"(acc[0][0]), "f"(acc_hi[0][0]));  // stamped once warp 0's results are in
-        p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk - misc->attn_chunks) * 2 + 1] = globaltimer();
-      }
-#endif
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[s]);
-    }
-    // (2: only at the release; none where the output is tagged h: no fence to wait, and the next instruction's
-    // chunks would be held back for nothing)
-    if (tid == 0 && p.pause_release == 1 && tile == in[4] - 1 && !WRITES_TAGGED(p, op)) pause_loads(misc);
-    if (NT == 1)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[0][i] += acc_hi[0][i];
-#ifdef DIAG_MATMUL_NO_REDUCTION  // timing experiments only: the warps' partials are not added up (no barriers
-    float lo = acc[0][0], hi = acc[0][2];  // between tiles); the epilogue writes one warp's (wrong values, right tags)
-    if (false) {
-#else
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-      red[(warp * NT + n) * 32 + lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
-    consumer_sync();
-    // Sum the 8 warps' partials of rows r and r + 8 in warp order.
-    float lo = 0.f, hi = 0.f;
-    if (active) {
-#endif
-      const int n = c >> 3, cc = c & 7, src_lane = r * 4 + (cc >> 1);
-      for (int w2 = 0; w2 < NUM_CONSUMER_WARPS; ++w2) {
-        const float4 v = red[(w2 * NT + n) * 32 + src_lane];
-        lo += (cc & 1) ? v.y : v.x;
-        hi += (cc & 1) ? v.w : v.z;
-      }
-    }
-    if (nsegs == 1) {
-      if (active && norm && p.norm_folded) {
-        lo *= misc->rstd[c];
-        hi *= misc->rstd[c];
-      }
+      if (nsegs == 1) {
+        if (active && norm && p.norm_folded) {
+          lo *= misc->rstd[c];
+          hi *= misc->rstd[c];
+        }
 #ifdef DIAG_MATMUL_NO_EPILOGUE  // timing experiments only: the sums are made, not written (tagged h still is)
-      if (active && WRITES_TAGGED(p, op))
+        if (active && WRITES_TAGGED(p, op))
 #else
-      if (active)
+        if (active)
 #endif
-        epilogue(p, op, layer, tile, r, c, lo, hi, epi_in, stage_tag(misc, in[7]));
-      ++merged;
-    } else if (active) {  // split-K: this segment's partial; the tiles' arrivals follow the loop (merge_split_k)
-      p.part[((size_t)seg * M + c) * N + tile_row(p, op, tile, r)] = lo;
-      p.part[((size_t)seg * M + c) * N + tile_row(p, op, tile, r + 8)] = hi;
-    }
+          epilogue(p, op, layer, tile, r, c, lo, hi, epi_in, stage_tag(misc, in[7]));
+        ++merged;
+      } else if (active) {  // split-K: this segment's partial; the tiles' arrivals follow the loop (merge_split_k)
+        p.part[((size_t)seg * M + c) * N + tile_row(p, op, tile, r)] = lo;
+        p.part[((size_t)seg * M + c) * N + tile_row(p, op, tile, r + 8)] = hi;
+      }
 #ifndef DIAG_MATMUL_NO_REDUCTION
-    consumer_sync();  // red[] is reused by the next tile; the partials are stored before merge_split_k's fence
+      consumer_sync();  // red[] is reused by the next tile; the partials are stored before merge_split_k's fence
 #endif
-  }
+    }
   }
   if (tid == 0) misc->phase[1] = globaltimer_lo();  // every tile's weights used, its result or partial stored
   if (nsegs > 1) merged = merge_split_k(p, op, layer, in[7], in[3], in[4], nsegs, misc);
