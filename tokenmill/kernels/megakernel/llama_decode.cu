@@ -44,6 +44,9 @@ typedef __nv_bfloat16 bf16;
 #ifndef DEP_POLL_NS  // a dependency counter's poll sleeps this long between reads (m20e: 64 ns -0.4 % against
 #define DEP_POLL_NS 64  // back to back, in 9 of 10 cells over two runs; relaxed polls and one fence +1.6 to +4 %)
 #endif
+#ifndef MATMUL_GROUPS_ALL  // 1: MATMUL_GROUPS 2 at every batch (m22b, prepared)
+#define MATMUL_GROUPS_ALL 0
+#endif
 #ifndef MATMUL_GROUPS  // 2: at batch > 8 two groups of four consumer warps take a matmul's tiles in turn (m22a:
 #define MATMUL_GROUPS 2  // 16 x 128 / 1k / 4k -5.5 / -3.8 / -2.8 %); 1: all eight warps on every tile
 #endif
@@ -835,6 +838,22 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
   // poll for: their writers never wait for a later stage. -2 to -3 % at batch 1, -0.5 to -1.4 % at 2-8 (m19f, m19g).
   // At batch 16 the same lost 1-3 %, even behind a runtime-false flag, so the NT = 2 code stays as it was.
   constexpr bool early = NT == 1;
+#if MATMUL_GROUPS_ALL
+  // m22b: with the halves at batch <= 8 too, each half's first tile has its inputs loaded early, by the half's
+  // threads from its second warp on (warps 1-2 and 5-6: thread 0 polls the dependency).
+  const bool halves1 = NT == 1 && MATMUL_GROUPS == 2 && in[4] - in[3] >= 2;
+  const int et = halves1 ? ((tid & (NUM_CONSUMERS / 2 - 1)) + 96) & (NUM_CONSUMERS / 2 - 1)
+                 : early ? (tid + NUM_CONSUMERS - 32) % NUM_CONSUMERS
+                         : tid;
+  const int first_tile = in[3] + (halves1 ? warp >> 2 : 0);
+  const int r = et & 7, c = et >> 3;
+  const bool active = et < 64 * NT && c < M;
+  const bool early_in = early && active && first_tile < in[4] &&
+                        (op == OP_QKV || (nsegs == 1 && (op == OP_O || op == OP_DOWN) &&
+                                          (p.tagged || prev_dep >= in[7] - (op == OP_O ? 3 : 2))));
+  const EpilogueInputs first_in =
+      early_in ? epilogue_inputs(p, op, first_tile, r, c, resid_tag(misc, op, in[7])) : EpilogueInputs{0.f, 0.f, -1};
+#else
   const int et = early ? (tid + NUM_CONSUMERS - 32) % NUM_CONSUMERS : tid;
   const int r = et & 7, c = et >> 3;
   const bool active = et < 64 * NT && c < M;
@@ -843,6 +862,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
                                           (p.tagged || prev_dep >= in[7] - (op == OP_O ? 3 : 2))));
   const EpilogueInputs first_in =
       early_in ? epilogue_inputs(p, op, in[3], r, c, resid_tag(misc, op, in[7])) : EpilogueInputs{0.f, 0.f, -1};
+#endif
   const bool tagged_in = p.tagged && reads_h(op);  // the words' tags are the dependency
   if (!tagged_in) wait_dependency(p, in[5], in[6], misc);
   // (p.tagged: the decoder checked that a row of words fits in xs behind the staged row)
@@ -855,7 +875,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
 
   int merged = 0;
   const int N = op == OP_O || op == OP_DOWN ? (int)p.hidden : 0;
-  if (NT == 2 && MATMUL_GROUPS == 2 && in[4] - in[3] >= 2) {
+  if ((NT == 2 || MATMUL_GROUPS_ALL) && MATMUL_GROUPS == 2 && in[4] - in[3] >= 2) {
     // m22a: the warps' partial sums of a tile are added up by a barrier, a pass over the reduction scratch and the
     // epilogue, one tile after another (8.7 % of a batch-16 step, DIAG_MATMUL_NO_REDUCTION). Here, where a block has
     // two tiles or more, the two halves of the consumers take alternate tiles, each split over its four warps' K
@@ -863,14 +883,29 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     // on its slot's empty barrier; and since the halves run apart, a half first waits until the slot's previous
     // chunk (perhaps the other half's) is used.
     const int group = warp >> 2, gwarp = warp & 3, gt = tid & (NUM_CONSUMERS / 2 - 1);
+#if MATMUL_GROUPS_ALL
+    const int gr = NT == 1 ? r : gt & 7, gc = NT == 1 ? c : gt >> 3;
+    const bool gactive = NT == 1 ? active : gc < M;
+#else
     const int gr = gt & 7, gc = gt >> 3;
     const bool gactive = gc < M;
+#endif
     const int per_tile = (klen + CHUNK_K - 1) / CHUNK_K;
     float4* gred = red + group * (NUM_CONSUMER_WARPS / 2) * NT * 32;
     for (int tile = in[3] + group; tile < in[4]; tile += 2) {
+#if MATMUL_GROUPS_ALL
+      const EpilogueInputs epi_in = early_in && tile == first_tile ? first_in
+                                    : gactive && nsegs == 1
+                                        ? epilogue_inputs(p, op, tile, gr, gc, resid_tag(misc, op, in[7]))
+                                        : EpilogueInputs{0.f, 0.f, -1};
+      float acc_hi[NT][4];  // m21a's second chains, at NT = 1
+#pragma unroll
+      for (int n = 0; n < NT; ++n) acc_hi[n][0] = acc_hi[n][1] = acc_hi[n][2] = acc_hi[n][3] = 0.f;
+#else
       const EpilogueInputs epi_in = gactive && nsegs == 1
                                         ? epilogue_inputs(p, op, tile, gr, gc, resid_tag(misc, op, in[7]))
                                         : EpilogueInputs{0.f, 0.f, -1};
+#endif
       float acc[NT][4];
 #pragma unroll
       for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
@@ -894,12 +929,21 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
             const uint4 b = n * 8 + g < M ? *reinterpret_cast<const uint4*>(xs + (n * 8 + g) * xstride + kx * 2)
                                           : make_uint4(0, 0, 0, 0);
             mma_bf16(acc[n], alo.x, ahi.x, alo.y, ahi.y, b.x, b.y);
+#if MATMUL_GROUPS_ALL
+            mma_bf16(NT == 1 ? acc_hi[n] : acc[n], alo.z, ahi.z, alo.w, ahi.w, b.z, b.w);
+#else
             mma_bf16(acc[n], alo.z, ahi.z, alo.w, ahi.w, b.z, b.w);
+#endif
           }
         }
         __syncwarp();
         if (lane == 0) mbar_arrive_count(&empty[s], 2);
       }
+#if MATMUL_GROUPS_ALL
+      if (NT == 1)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[0][i] += acc_hi[0][i];
+#endif
       if (gt == 0 && p.pause_release == 1 && tile == in[4] - 1 && !WRITES_TAGGED(p, op)) pause_loads(misc);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
