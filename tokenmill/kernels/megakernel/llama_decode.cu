@@ -806,10 +806,47 @@ __device__ int merge_split_k(const Params& p, int op, int layer, int stage, int 
   return merged;
 }
 
+// A warp's share of one weight chunk (16 rows x `steps` steps of 32 columns in the ring slot `w`): steps first,
+// first + stride, ...; the activations' columns from `kbase` on in xs. Each step's second k16 half goes to acc_hi
+// (m21a's second chain: pass acc itself for one chain).
+template <int NT>
+__device__ __forceinline__ void mma_chunk(const char* w, const char* xs, int xstride, int kbase, int steps, int first,
+                                          int stride, int M, float (&acc)[NT][4], float (&acc_hi)[NT][4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  for (int step = first; step < steps; step += stride) {
+    const int kk = step * 32 + 8 * t;
+    const uint4 alo = *reinterpret_cast<const uint4*>(w + g * STAGE_ROW_BYTES + kk * 2);
+    const uint4 ahi = *reinterpret_cast<const uint4*>(w + (g + 8) * STAGE_ROW_BYTES + kk * 2);
+    const int kx = kbase + kk;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      // Batch rows past M are zero columns of the B operand (not stored).
+      const uint4 b = n * 8 + g < M ? *reinterpret_cast<const uint4*>(xs + (n * 8 + g) * xstride + kx * 2)
+                                    : make_uint4(0, 0, 0, 0);
+      mma_bf16(acc[n], alo.x, ahi.x, alo.y, ahi.y, b.x, b.y);
+      mma_bf16(acc_hi[n], alo.z, ahi.z, alo.w, ahi.w, b.z, b.w);
+    }
+  }
+}
+
+// Rows r and r + 8, batch column c of a tile: the sum of `warps` warps' partials in `red` (each warp's accumulators
+// as float4 per lane, NT n-tiles), in warp order.
+template <int NT>
+__device__ __forceinline__ float2 sum_partials(const float4* red, int warps, int r, int c) {
+  const int n = c >> 3, cc = c & 7, src_lane = r * 4 + (cc >> 1);
+  float lo = 0.f, hi = 0.f;
+  for (int w2 = 0; w2 < warps; ++w2) {
+    const float4 v = red[(w2 * NT + n) * 32 + src_lane];
+    lo += (cc & 1) ? v.y : v.x;
+    hi += (cc & 1) ? v.w : v.z;
+  }
+  return make_float2(lo, hi);
+}
+
 template <int NT>  // n-tiles of 8 batch rows
 __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t* full, uint64_t* empty, char* xs,
                            float4* red, Misc* misc, uint32_t& chunk, int prev_dep) {
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int op = in[0], layer = in[1], seg = in[2], M = (int)p.M;
   const OpInfo info = op_info(p, op, layer);
   const int k0 = seg * info.kseg, k1 = min(info.K, k0 + info.kseg), klen = k1 - k0;
@@ -917,25 +954,13 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
         mbar_wait(&full[s], (ch / NUM_STAGES) & 1);
         if (gt == 0 && p.chunk_trace)
           p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + ch - misc->attn_chunks) * 2 + 1] = globaltimer();
-        const char* w = ring + s * STAGE_BYTES;
-        const int steps = len / 32;
-        for (int step = gwarp; step < steps; step += NUM_CONSUMER_WARPS / 2) {
-          const int kk = step * 32 + 8 * t;
-          const uint4 alo = *reinterpret_cast<const uint4*>(w + g * STAGE_ROW_BYTES + kk * 2);
-          const uint4 ahi = *reinterpret_cast<const uint4*>(w + (g + 8) * STAGE_ROW_BYTES + kk * 2);
-          const int kx = (kc - k0) + kk;
-#pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            const uint4 b = n * 8 + g < M ? *reinterpret_cast<const uint4*>(xs + (n * 8 + g) * xstride + kx * 2)
-                                          : make_uint4(0, 0, 0, 0);
-            mma_bf16(acc[n], alo.x, ahi.x, alo.y, ahi.y, b.x, b.y);
 #if MATMUL_GROUPS_ALL
-            mma_bf16(NT == 1 ? acc_hi[n] : acc[n], alo.z, ahi.z, alo.w, ahi.w, b.z, b.w);
+        mma_chunk<NT>(ring + s * STAGE_BYTES, xs, xstride, kc - k0, len / 32, gwarp, NUM_CONSUMER_WARPS / 2, M, acc,
+                      NT == 1 ? acc_hi : acc);
 #else
-            mma_bf16(acc[n], alo.z, ahi.z, alo.w, ahi.w, b.z, b.w);
+        mma_chunk<NT>(ring + s * STAGE_BYTES, xs, xstride, kc - k0, len / 32, gwarp, NUM_CONSUMER_WARPS / 2, M, acc,
+                      acc);
 #endif
-          }
-        }
         __syncwarp();
         if (lane == 0) mbar_arrive_count(&empty[s], 2);
       }
@@ -949,14 +974,9 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       for (int n = 0; n < NT; ++n)
         gred[(gwarp * NT + n) * 32 + lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
       group_sync(group);
-      float lo = 0.f, hi = 0.f;
       if (gactive) {
-        const int n = gc >> 3, cc = gc & 7, src_lane = gr * 4 + (cc >> 1);
-        for (int w2 = 0; w2 < NUM_CONSUMER_WARPS / 2; ++w2) {
-          const float4 v = gred[(w2 * NT + n) * 32 + src_lane];
-          lo += (cc & 1) ? v.y : v.x;
-          hi += (cc & 1) ? v.w : v.z;
-        }
+        const float2 sum = sum_partials<NT>(gred, NUM_CONSUMER_WARPS / 2, gr, gc);
+        float lo = sum.x, hi = sum.y;
         if (nsegs == 1) {
           if (norm && p.norm_folded) {
             lo *= misc->rstd[gc];
@@ -996,27 +1016,15 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
         if (tid == 0 && p.chunk_trace)
           p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk - misc->attn_chunks) * 2 + 1] = globaltimer();
 #endif
-        const char* w = ring + s * STAGE_BYTES;
-  // (The DIAG_MATMUL_* defines act on this loop: at batch > 8 only with MATMUL_GROUPS 1, or on single-tile blocks.)
+        // (The DIAG_MATMUL_* defines act on this loop: at batch > 8 only with MATMUL_GROUPS 1, or on single-tile
+        // blocks.)
 #ifdef DIAG_MATMUL_NO_MMA  // timing experiments only: weight chunks stream and are released, nothing is multiplied
         const int steps = 0;
 #else
         const int steps = len / 32;
 #endif
-        for (int step = warp; step < steps; step += NUM_CONSUMER_WARPS) {
-          const int kk = step * 32 + 8 * t;
-          const uint4 alo = *reinterpret_cast<const uint4*>(w + g * STAGE_ROW_BYTES + kk * 2);
-          const uint4 ahi = *reinterpret_cast<const uint4*>(w + (g + 8) * STAGE_ROW_BYTES + kk * 2);
-          const int kx = (kc - k0) + kk;
-#pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            // Batch rows past M are zero columns of the B operand (not stored).
-            const uint4 b = n * 8 + g < M ? *reinterpret_cast<const uint4*>(xs + (n * 8 + g) * xstride + kx * 2)
-                                          : make_uint4(0, 0, 0, 0);
-            mma_bf16(acc[n], alo.x, ahi.x, alo.y, ahi.y, b.x, b.y);
-            mma_bf16(NT == 1 ? acc_hi[n] : acc[n], alo.z, ahi.z, alo.w, ahi.w, b.z, b.w);
-          }
-        }
+        mma_chunk<NT>(ring + s * STAGE_BYTES, xs, xstride, kc - k0, steps, warp, NUM_CONSUMER_WARPS, M, acc,
+                      NT == 1 ? acc_hi : acc);
 #ifdef DIAG_STAMP_AFTER_MMA
         if (tid == 0 && p.chunk_trace) {
           asm volatile("" ::"f"(acc[0][0]), "f"(acc_hi[0][0]));  // stamped once warp 0's results are in
@@ -1035,23 +1043,18 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
 #ifdef DIAG_MATMUL_NO_REDUCTION  // timing experiments only: the warps' partials are not added up (no barriers
       // between tiles); the epilogue writes one warp's (wrong values, right tags)
       float lo = acc[0][0], hi = acc[0][2];
-      if (false) {
 #else
 #pragma unroll
       for (int n = 0; n < NT; ++n)
         red[(warp * NT + n) * 32 + lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
       consumer_sync();
-      // Sum the 8 warps' partials of rows r and r + 8 in warp order.
       float lo = 0.f, hi = 0.f;
       if (active) {
-#endif
-        const int n = c >> 3, cc = c & 7, src_lane = r * 4 + (cc >> 1);
-        for (int w2 = 0; w2 < NUM_CONSUMER_WARPS; ++w2) {
-          const float4 v = red[(w2 * NT + n) * 32 + src_lane];
-          lo += (cc & 1) ? v.y : v.x;
-          hi += (cc & 1) ? v.w : v.z;
-        }
+        const float2 sum = sum_partials<NT>(red, NUM_CONSUMER_WARPS, r, c);
+        lo = sum.x;
+        hi = sum.y;
       }
+#endif
       if (nsegs == 1) {
         if (active && norm && p.norm_folded) {
           lo *= misc->rstd[c];

@@ -263,7 +263,7 @@ def stage_windows(schedule: Schedule, instr_stamps: Stamps, chunk_stamps: Stamps
         raise ValueError("bandwidth must be > 0")
     ends, _ = _stage_ends(schedule, instr_stamps)
     ordered = sorted(ends)
-    stage_op = {instr.stage: OP_NAMES[instr.op] for block in schedule.blocks for instr in block}
+    stage_op = {stage.index: OP_NAMES[stage.op] for stage in schedule.stages}
     issued = sorted((at, nbytes, stage_op[schedule.blocks[b][i].stage])
                     for b, i, chunks in _weight_chunks(schedule, chunk_stamps) for at, _, nbytes in chunks)
     times = [at for at, _, _ in issued]
