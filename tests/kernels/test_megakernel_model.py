@@ -38,8 +38,9 @@ SHAPES = {
                        num_key_value_heads=1, head_dim=128),
     "narrow-heads": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=8,
                          num_key_value_heads=2, head_dim=32),
-    # Llama-3.2-1B's widths: at batch 16 a block has two or more tiles of gate_up and of split-K down (4 segments),
-    # the case where the consumers' halves take alternate tiles (MATMUL_GROUPS, m22a), partials and merges included.
+    # Llama-3.2-1B's widths: a block has two or more tiles of qkv, gate_up and split-K down (4 segments), the case
+    # where the consumers' halves take alternate tiles (MATMUL_GROUPS: m22a at batch 16, m22b at batch <= 8), with
+    # early epilogue inputs, partials and merges.
     "llama-width": dict(vocab_size=512, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
                         num_key_value_heads=8, head_dim=64),
 }
@@ -64,7 +65,8 @@ def megakernel_runner(decoder: MegakernelLlamaDecoder):
     ("wide-heads", 3, 16, 0, 2, 1, 1, 1), ("narrow-heads", 2, 1, 0, 0, 2, 1, 0), ("small", 3, 16, 1, 1, 1, 1, 1),
     ("split-k", 16, 1, 1, 2, 1, 0, 1), ("wide-heads", 3, 256, 1, 0, 0, 2, 0), ("narrow-heads", 2, 1, 1, 2, 1, 0, 1),
     ("split-k", 1, 1, 0, 2, 1, 2, 1), ("wide-heads", 1, 16, 1, 2, 1, 2, 1), ("narrow-heads", 1, 256, 0, 2, 0, 1, 1),
-    ("small", 16, 256, 1, 2, 1, 2, 0), ("llama-width", 16, 128, 1, 2, 1, 2, 1)])
+    ("small", 16, 256, 1, 2, 1, 2, 0), ("llama-width", 16, 128, 1, 2, 1, 2, 1),
+    ("llama-width", 4, 16, 0, 2, 1, 2, 1)])
 def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, min_split, attn_tma, inflight, pause,
                                                               pair, fold):
     seed = int.from_bytes(os.urandom(4), "little")

@@ -498,7 +498,8 @@ def test_timing_diagnostics_still_compile(tmp_path):
     src = tmp_path / "diag.cu"
     src.write_text(full_source())
     flags = ["-DDIAG_ATTN_NO_MATH", "-DDIAG_STAGE_ROWS=1", "-DDIAG_NO_NORM", "-DDIAG_MATMUL_NO_MMA",
-             "-DDIAG_MATMUL_NO_REDUCTION", "-DDIAG_MATMUL_NO_EPILOGUE", "-DDIAG_STAMP_AFTER_MMA", "-DPAUSE_SPIN_NS=64", "-DTAGGED_POLL_NS=256",
+             "-DDIAG_MATMUL_NO_REDUCTION", "-DDIAG_MATMUL_NO_EPILOGUE", "-DDIAG_STAMP_AFTER_MMA", "-DDIAG_STAMP_STAGED_COPY",
+             "-DPAUSE_SPIN_NS=64", "-DTAGGED_POLL_NS=256",
              "-DDEP_POLL_NS=0", "-DMATMUL_GROUPS=1"]
     proc = subprocess.run([find_nvcc(), "-cubin", f"-arch={build.ARCH}", "-O1", "-std=c++17", "-DATTN_HEAD_DIM=64",
                            *flags, "-o", str(tmp_path / "diag.cubin"), str(src)], capture_output=True, text=True,
@@ -508,8 +509,7 @@ def test_timing_diagnostics_still_compile(tmp_path):
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
-# (the prepared m22b, the consumer halves at every batch, must stay spill-free too until a GPU run decides it)
-@pytest.mark.parametrize("head_dim,flags", [(32, ()), (64, ()), (128, ()), (64, ("-DMATMUL_GROUPS_ALL=1",))])
+@pytest.mark.parametrize("head_dim,flags", [(32, ()), (64, ()), (128, ()), (64, ("-DMATMUL_GROUPS=1",))])
 def test_kernel_compiles_for_sm90a_without_spills(tmp_path, head_dim, flags):
     src = tmp_path / "check.cu"
     src.write_text(full_source())

@@ -44,11 +44,8 @@ typedef __nv_bfloat16 bf16;
 #ifndef DEP_POLL_NS  // a dependency counter's poll sleeps this long between reads (m20e: 64 ns -0.4 % against
 #define DEP_POLL_NS 64  // back to back, in 9 of 10 cells over two runs; relaxed polls and one fence +1.6 to +4 %)
 #endif
-#ifndef MATMUL_GROUPS_ALL  // 1: MATMUL_GROUPS 2 at every batch (m22b, prepared)
-#define MATMUL_GROUPS_ALL 0
-#endif
-#ifndef MATMUL_GROUPS  // 2: at batch > 8 two groups of four consumer warps take a matmul's tiles in turn (m22a:
-#define MATMUL_GROUPS 2  // 16 x 128 / 1k / 4k -5.5 / -3.8 / -2.8 %); 1: all eight warps on every tile
+#ifndef MATMUL_GROUPS  // 2: where a block has two tiles or more, two groups of four consumer warps take them in turn
+#define MATMUL_GROUPS 2  // (m22a at batch > 8: 16 x 1k -3.8 %; m22b at batch <= 8: 1 x 1k -2.1 %); 1: eight warps a tile
 #endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
@@ -622,6 +619,9 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
     if (p.phase_trace && tries) atomicMax(&misc->repolls[misc->staging_ii & 1], tries);
   }
   asm volatile("cp.async.wait_all;" ::: "memory");  // also this thread's norm copies (preload_norm)
+#ifdef DIAG_STAMP_STAGED_COPY  // timing experiments only: "staged" once thread 0's own copies landed, before the
+  if (tid == 0) misc->phase[0] = globaltimer_lo();  // sums of squares and the barrier
+#endif
   if (norm) {
     for (int m = group, j = 0; m < M; m += G, ++j) {
       const char* row = xs + m * xstride;
@@ -875,9 +875,8 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
   // poll for: their writers never wait for a later stage. -2 to -3 % at batch 1, -0.5 to -1.4 % at 2-8 (m19f, m19g).
   // At batch 16 the same lost 1-3 %, even behind a runtime-false flag, so the NT = 2 code stays as it was.
   constexpr bool early = NT == 1;
-#if MATMUL_GROUPS_ALL
-  // m22b: with the halves at batch <= 8 too, each half's first tile has its inputs loaded early, by the half's
-  // threads from its second warp on (warps 1-2 and 5-6: thread 0 polls the dependency).
+  // Where the consumers' halves take the tiles in turn (below), each half's first tile has its inputs loaded early,
+  // by the half's threads from its second warp on (warps 1-2 and 5-6: thread 0 polls the dependency; m22b).
   const bool halves1 = NT == 1 && MATMUL_GROUPS == 2 && in[4] - in[3] >= 2;
   const int et = halves1 ? ((tid & (NUM_CONSUMERS / 2 - 1)) + 96) & (NUM_CONSUMERS / 2 - 1)
                  : early ? (tid + NUM_CONSUMERS - 32) % NUM_CONSUMERS
@@ -890,16 +889,6 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
                                           (p.tagged || prev_dep >= in[7] - (op == OP_O ? 3 : 2))));
   const EpilogueInputs first_in =
       early_in ? epilogue_inputs(p, op, first_tile, r, c, resid_tag(misc, op, in[7])) : EpilogueInputs{0.f, 0.f, -1};
-#else
-  const int et = early ? (tid + NUM_CONSUMERS - 32) % NUM_CONSUMERS : tid;
-  const int r = et & 7, c = et >> 3;
-  const bool active = et < 64 * NT && c < M;
-  const bool early_in = early && active &&
-                        (op == OP_QKV || (nsegs == 1 && (op == OP_O || op == OP_DOWN) &&
-                                          (p.tagged || prev_dep >= in[7] - (op == OP_O ? 3 : 2))));
-  const EpilogueInputs first_in =
-      early_in ? epilogue_inputs(p, op, in[3], r, c, resid_tag(misc, op, in[7])) : EpilogueInputs{0.f, 0.f, -1};
-#endif
   const bool tagged_in = p.tagged && reads_h(op);  // the words' tags are the dependency
   if (!tagged_in) wait_dependency(p, in[5], in[6], misc);
   // (p.tagged: the decoder checked that a row of words fits in xs behind the staged row)
@@ -907,12 +896,14 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
           reinterpret_cast<uint32_t*>(xs + xstride));
   // (stamped after the staging: the words arrived)
   if (tagged_in && tid == 0 && p.trace) instr_trace(p, misc)[1] = globaltimer();
+#ifndef DIAG_STAMP_STAGED_COPY
   if (tid == 0) misc->phase[0] = globaltimer_lo();  // activations staged
+#endif
   const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
 
   int merged = 0;
   const int N = op == OP_O || op == OP_DOWN ? (int)p.hidden : 0;
-  if ((NT == 2 || MATMUL_GROUPS_ALL) && MATMUL_GROUPS == 2 && in[4] - in[3] >= 2) {
+  if (MATMUL_GROUPS == 2 && in[4] - in[3] >= 2) {
     // m22a: the warps' partial sums of a tile are added up by a barrier, a pass over the reduction scratch and the
     // epilogue, one tile after another (8.7 % of a batch-16 step, DIAG_MATMUL_NO_REDUCTION). Here, where a block has
     // two tiles or more, the two halves of the consumers take alternate tiles, each split over its four warps' K
@@ -920,17 +911,11 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
     // on its slot's empty barrier; and since the halves run apart, a half first waits until the slot's previous
     // chunk (perhaps the other half's) is used.
     const int group = warp >> 2, gwarp = warp & 3, gt = tid & (NUM_CONSUMERS / 2 - 1);
-#if MATMUL_GROUPS_ALL
     const int gr = NT == 1 ? r : gt & 7, gc = NT == 1 ? c : gt >> 3;
     const bool gactive = NT == 1 ? active : gc < M;
-#else
-    const int gr = gt & 7, gc = gt >> 3;
-    const bool gactive = gc < M;
-#endif
     const int per_tile = (klen + CHUNK_K - 1) / CHUNK_K;
     float4* gred = red + group * (NUM_CONSUMER_WARPS / 2) * NT * 32;
     for (int tile = in[3] + group; tile < in[4]; tile += 2) {
-#if MATMUL_GROUPS_ALL
       const EpilogueInputs epi_in = early_in && tile == first_tile ? first_in
                                     : gactive && nsegs == 1
                                         ? epilogue_inputs(p, op, tile, gr, gc, resid_tag(misc, op, in[7]))
@@ -938,11 +923,6 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       float acc_hi[NT][4];  // m21a's second chains, at NT = 1
 #pragma unroll
       for (int n = 0; n < NT; ++n) acc_hi[n][0] = acc_hi[n][1] = acc_hi[n][2] = acc_hi[n][3] = 0.f;
-#else
-      const EpilogueInputs epi_in = gactive && nsegs == 1
-                                        ? epilogue_inputs(p, op, tile, gr, gc, resid_tag(misc, op, in[7]))
-                                        : EpilogueInputs{0.f, 0.f, -1};
-#endif
       float acc[NT][4];
 #pragma unroll
       for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
@@ -954,21 +934,14 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
         mbar_wait(&full[s], (ch / NUM_STAGES) & 1);
         if (gt == 0 && p.chunk_trace)
           p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + ch - misc->attn_chunks) * 2 + 1] = globaltimer();
-#if MATMUL_GROUPS_ALL
         mma_chunk<NT>(ring + s * STAGE_BYTES, xs, xstride, kc - k0, len / 32, gwarp, NUM_CONSUMER_WARPS / 2, M, acc,
                       NT == 1 ? acc_hi : acc);
-#else
-        mma_chunk<NT>(ring + s * STAGE_BYTES, xs, xstride, kc - k0, len / 32, gwarp, NUM_CONSUMER_WARPS / 2, M, acc,
-                      acc);
-#endif
         __syncwarp();
         if (lane == 0) mbar_arrive_count(&empty[s], 2);
       }
-#if MATMUL_GROUPS_ALL
       if (NT == 1)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[0][i] += acc_hi[0][i];
-#endif
       if (gt == 0 && p.pause_release == 1 && tile == in[4] - 1 && !WRITES_TAGGED(p, op)) pause_loads(misc);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
@@ -1016,8 +989,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
         if (tid == 0 && p.chunk_trace)
           p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk - misc->attn_chunks) * 2 + 1] = globaltimer();
 #endif
-        // (The DIAG_MATMUL_* defines act on this loop: at batch > 8 only with MATMUL_GROUPS 1, or on single-tile
-        // blocks.)
+        // (The DIAG_MATMUL_* defines act on this loop: on single-tile blocks, or everywhere with MATMUL_GROUPS 1.)
 #ifdef DIAG_MATMUL_NO_MMA  // timing experiments only: weight chunks stream and are released, nothing is multiplied
         const int steps = 0;
 #else
