@@ -47,6 +47,9 @@ typedef __nv_bfloat16 bf16;
 #ifndef MATMUL_GROUPS  // 2: where a block has two tiles or more, two groups of four consumer warps take them in turn
 #define MATMUL_GROUPS 2  // (m22a at batch > 8: 16 x 1k -3.8 %; m22b at batch <= 8: 1 x 1k -2.1 %); 1: eight warps a tile
 #endif
+#ifndef SS_WARP_ROWS  // 1: from batch 8 on, stage_x's sums of squares a warp's rows at a time, 1 / rms before the
+#define SS_WARP_ROWS 0  // barrier (m23c, prepared)
+#endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
 #endif
@@ -229,6 +232,18 @@ __device__ __forceinline__ uint32_t globaltimer_lo() {
 }
 
 __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+// The sum of the squares of 8 bf16 values, two dependent FMAs per 32-bit word (its two halves), words in parallel.
+__device__ __forceinline__ float sum_squares8(uint4 x) {
+  const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+  float a[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float lo = __uint_as_float(w[k] << 16), hi = __uint_as_float(w[k] & 0xffff0000u);
+    a[k] = fmaf(hi, hi, lo * lo);
+  }
+  return (a[0] + a[1]) + (a[2] + a[3]);
+}
 
 // RMSNorm of two packed bf16 values x with their weights w, in HF's order: (x * rstd) rounded to bf16, times w
 // rounded to bf16 (the bf16 product is exact in fp32, so the packed multiply rounds as fp32-then-bf16 would).
@@ -622,6 +637,40 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
 #ifdef DIAG_STAMP_STAGED_COPY  // timing experiments only: "staged" once thread 0's own copies landed, before the
   if (tid == 0) misc->phase[0] = globaltimer_lo();  // sums of squares and the barrier
 #endif
+#if SS_WARP_ROWS
+  // m23c (prepared): from batch 8 on a group is one warp, which holds its rows whole, so the warp's shuffle ends with
+  // a row's sum of squares and lane 0 or 1 keeps its 1 / rms before the barrier (no pass after it). Four pieces are
+  // loaded before any is squared, on four chains (the loop below takes a piece at a time: a shared load, then eight
+  // dependent FMAs, ~1.4 us at 16 x 1k against 0.4 for the barrier alone, session 22).
+  const bool warp_rows = norm && p.norm_folded && group_threads == 32 && vecs % 128 == 0;
+  if (warp_rows) {
+    float ss[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      if (group + j * G < M) {
+        const char* row = xs + (group + j * G) * xstride + lane * 16;
+        float a[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int v = 0; v < vecs / 32; v += 4) {
+          uint4 x[4];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) x[u] = *reinterpret_cast<const uint4*>(row + (v + u) * 512);
+#pragma unroll
+          for (int u = 0; u < 4; ++u) a[u] += sum_squares8(x[u]);
+        }
+        ss[j] = (a[0] + a[1]) + (a[2] + a[3]);
+      }
+    }
+#pragma unroll
+    for (int off = 16; off; off >>= 1) {
+      ss[0] += __shfl_xor_sync(0xffffffffu, ss[0], off);
+      ss[1] += __shfl_xor_sync(0xffffffffu, ss[1], off);
+    }
+    if (lane < 2 && group + lane * G < M)
+      misc->rstd[group + lane * G] = rsqrtf((lane ? ss[1] : ss[0]) / (float)klen + (float)p.eps);
+  } else
+#else
+  constexpr bool warp_rows = false;
+#endif
   if (norm) {
     for (int m = group, j = 0; m < M; m += G, ++j) {
       const char* row = xs + m * xstride;
@@ -644,7 +693,7 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
   consumer_sync();  // every row in xs; the sums of squares; the norm weights (copied by all consumers)
   if (!norm) return;
   if (p.norm_folded) {  // the weights carry the norm's weights: 1 / rms per row is all, the epilogue applies it
-    if (tid < M) misc->rstd[tid] = staged_row_rstd(p, misc, tid, klen);
+    if (!warp_rows && tid < M) misc->rstd[tid] = staged_row_rstd(p, misc, tid, klen);
     return;
   }
   for (int m = group; m < M; m += G) {
