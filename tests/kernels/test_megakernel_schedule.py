@@ -111,6 +111,20 @@ def cases(draw) -> tuple[DecodeShape, int]:
     return shape_from(lambda lo, hi: draw(st.integers(lo, hi)))
 
 
+@given(num_stages=st.integers(2, schedule.MAX_STAGES), chunk=st.integers(0, 2**29 - 1))
+@example(num_stages=6, chunk=2**29 - 1)
+@example(num_stages=7, chunk=7 * (2**29 // 7) - 1)
+def test_ring_magic_divides_every_chunk_index_exactly(num_stages, chunk):
+    # RING_MAGIC: the kernel's ring use of chunk c is (c * magic) >> 32 (a multiply-high), its slot c - use * n.
+    assert (chunk * schedule.ring_magic(num_stages)) >> 32 == chunk // num_stages
+
+
+def test_ring_magic_rejects_stage_counts_the_kernel_cannot_have():
+    for n in (0, 1, schedule.MAX_STAGES + 1):
+        with pytest.raises(ValueError):
+            schedule.ring_magic(n)
+
+
 def test_most_generated_cases_are_supported():
     rng = random.Random(0)
     shapes = [shape_from(rng.randint)[0] for _ in range(400)]
@@ -509,9 +523,9 @@ def test_timing_diagnostics_still_compile(tmp_path):
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
-# (the prepared m23c, SS_WARP_ROWS, must stay spill-free too until a GPU run decides it)
+# (the prepared m23c-e, SS_WARP_ROWS, STAGE_SHIFTS and RING_MAGIC, must stay spill-free too until a GPU run decides)
 @pytest.mark.parametrize("head_dim,flags", [(32, ()), (64, ()), (128, ()), (64, ("-DMATMUL_GROUPS=1",)),
-                                            (64, ("-DSS_WARP_ROWS=1",))])
+                                            (64, ("-DSS_WARP_ROWS=1", "-DSTAGE_SHIFTS=1", "-DRING_MAGIC=1"))])
 def test_kernel_compiles_for_sm90a_without_spills(tmp_path, head_dim, flags):
     src = tmp_path / "check.cu"
     src.write_text(full_source())

@@ -73,6 +73,7 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("i64", "kseg_o"),
     ("i64", "kseg_down"),
     ("i64", "num_stages"),
+    ("i64", "ring_magic"),
     ("i64", "max_inflight"),
     ("i64", "pause_release"),
     ("i64", "attn_tma"),

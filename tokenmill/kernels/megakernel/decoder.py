@@ -22,7 +22,7 @@ from tokenmill.kernels.megakernel.build import (
 )
 from tokenmill.kernels.megakernel.schedule import (
     ATTN_PHASES, MATMUL_PHASES, OP_ATTN, OP_DOWN, OP_O, XS_BUDGET, DecodeShape, Schedule, build_schedule,
-    unsupported_reason,
+    ring_magic, unsupported_reason,
 )
 from tokenmill.kernels.megakernel.trace import stage_report, unwrap_timer
 from tokenmill.layers.attention_metadata import AttentionMetadata
@@ -421,6 +421,7 @@ class MegakernelLlamaDecoder:
             "kseg_o": st["shape"].kseg(st["shape"].k(OP_O)),
             "kseg_down": st["shape"].kseg(st["shape"].k(OP_DOWN)),
             "num_stages": st["shape"].num_stages(),
+            "ring_magic": ring_magic(st["shape"].num_stages()),
             "max_inflight": self.max_inflight_chunks,
             "pause_release": self.pause_release,
             "attn_tma": int(kv_tmap is not None),

@@ -50,6 +50,12 @@ typedef __nv_bfloat16 bf16;
 #ifndef SS_WARP_ROWS  // 1: from batch 8 on, stage_x's sums of squares a warp's rows at a time, 1 / rms before the
 #define SS_WARP_ROWS 0  // barrier (m23c, prepared)
 #endif
+#ifndef STAGE_SHIFTS  // 1: the staging groups' arithmetic as shifts and masks, not integer divisions (m23d, prepared)
+#define STAGE_SHIFTS 0
+#endif
+#ifndef RING_MAGIC  // 1: a chunk's ring slot and use by a multiply-high, not an integer division (m23e, prepared)
+#define RING_MAGIC 0
+#endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
 #endif
@@ -430,15 +436,35 @@ __device__ __forceinline__ void produce_attention_chunk(const Params& p, const C
   if (lane == 0) mbar_arrive(full);
 }
 
+// Chunk c of a block sits in ring slot c % num_stages, in that slot's (c / num_stages)-th use. With RING_MAGIC the
+// quotient is a multiply-high by p.ring_magic (2^32 / num_stages rounded up: exact for c < 2^32 / num_stages)
+// instead of the integer division the compiler leaves inside every chunk loop: ~20 dependent instructions, a MUFU
+// among them, in front of each barrier wait (m23e, prepared).
+__device__ __forceinline__ uint32_t ring_use(uint32_t c, uint32_t num_stages, uint32_t magic) {
+#if RING_MAGIC
+  return __umulhi(c, magic);
+#else
+  return c / num_stages;
+#endif
+}
+
+__device__ __forceinline__ uint32_t ring_slot(uint32_t c, uint32_t num_stages, uint32_t magic) {
+#if RING_MAGIC
+  return c - __umulhi(c, magic) * num_stages;
+#else
+  return c % num_stages;
+#endif
+}
+
 // Before the producer asks for `chunk`: at most `max_inflight` chunks asked for and not landed. A deeper queue adds
 // no bandwidth, only HBM queueing that every later memory request waits behind (the consumers' L2 reads, their
 // release fences): 2 chunks (64 KB per SM, ~8 MB over the H100) measured best, 1 starves HBM, half-chunk steps
 // between them did not help (m12b).
-__device__ __forceinline__ void wait_inflight(uint64_t* full, uint32_t num_stages, uint32_t chunk,
+__device__ __forceinline__ void wait_inflight(uint64_t* full, uint32_t num_stages, uint32_t magic, uint32_t chunk,
                                               uint32_t max_inflight) {
   if (chunk < max_inflight) return;
   const uint32_t old = chunk - max_inflight;  // its slot is not refilled before `chunk`: max_inflight <= num_stages
-  mbar_wait(&full[old % num_stages], (old / num_stages) & 1);
+  mbar_wait(&full[ring_slot(old, num_stages, magic)], ring_use(old, num_stages, magic) & 1);
 }
 
 // The producer warp: every chunk of the block's instructions, in order, into the ring: a weight chunk (lane i copies
@@ -453,7 +479,7 @@ __device__ __forceinline__ void wait_inflight(uint64_t* full, uint32_t num_stage
 __device__ void producer(const Params& p, const int* instrs, int count, char* ring, uint64_t* full,
                          uint64_t* empty, const volatile int* pause_ii) {
   const int lane = threadIdx.x & 31;
-  const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
+  const uint32_t NUM_STAGES = (uint32_t)p.num_stages, RING_M = (uint32_t)p.ring_magic;
   const uint32_t max_inflight = p.max_inflight > 0 ? min((uint32_t)p.max_inflight, NUM_STAGES) : NUM_STAGES;
   const uint64_t policy = evict_first_policy();
   // The KV cache's tensor map lives in global memory: have the TMA unit fetch it now, not at the first attention
@@ -465,10 +491,10 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
   uint32_t attn_chunks = 0;  // chunk trace entries are weight chunks only
   for (uint32_t chunk = 0; load.ii < count; ++chunk) {
     const int len = min(CHUNK_K, load.k1 - load.kc);
-    const int s = chunk % NUM_STAGES;
-    const uint32_t parity = ((chunk / NUM_STAGES) & 1) ^ 1;
+    const int s = ring_slot(chunk, NUM_STAGES, RING_M);
+    const uint32_t parity = (ring_use(chunk, NUM_STAGES, RING_M) & 1) ^ 1;
     mbar_wait(&empty[s], parity);
-    wait_inflight(full, NUM_STAGES, chunk, max_inflight);
+    wait_inflight(full, NUM_STAGES, RING_M, chunk, max_inflight);
     if (p.pause_release)
       while (load.ii > *pause_ii) {
         if (PAUSE_SPIN_NS > 0) __nanosleep(PAUSE_SPIN_NS);
@@ -568,12 +594,25 @@ __device__ __forceinline__ void preload_norm(const bf16* norm, int k0, int klen,
 // Row m's share of the staging: rows are spread over G groups of whole warps (G = the largest power of two <= M, at
 // most 8); group m % G holds row m as its (m / G)-th row.
 __device__ __forceinline__ int staging_groups(int M) { return M >= 8 ? 8 : M >= 4 ? 4 : M >= 2 ? 2 : 1; }
+#if STAGE_SHIFTS
+// m23d (prepared): log2 of staging_groups(M), so that the group arithmetic is shifts and masks where the compiler
+// emitted integer divisions (one of them on the critical path right after the staging barrier).
+__device__ __forceinline__ int staging_groups_log2(int M) { return M >= 8 ? 3 : M >= 4 ? 2 : M >= 2 ? 1 : 0; }
+constexpr int LOG2_NUM_CONSUMERS = 8;
+static_assert(NUM_CONSUMERS == 1 << LOG2_NUM_CONSUMERS, "shifts below");
+#endif
 
 // 1 / rms of staged row m (klen values) from the sums of squares its group's warps left in misc->ss.
 __device__ __forceinline__ float staged_row_rstd(const Params& p, const Misc* misc, int m, int klen) {
-  const int G = staging_groups((int)p.M), group_warps = NUM_CONSUMER_WARPS / G;
   float total = 0.f;
+#if STAGE_SHIFTS
+  const int lg = staging_groups_log2((int)p.M), group_warps = NUM_CONSUMER_WARPS >> lg;
+  const int first = (m & ((1 << lg) - 1)) * group_warps;
+  for (int w = first; w < first + group_warps; ++w) total += misc->ss[w][m >> lg];
+#else
+  const int G = staging_groups((int)p.M), group_warps = NUM_CONSUMER_WARPS / G;
   for (int w = (m % G) * group_warps; w < (m % G + 1) * group_warps; ++w) total += misc->ss[w][m / G];
+#endif
   return rsqrtf(total / (float)klen + (float)p.eps);
 }
 
@@ -597,8 +636,14 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
   constexpr int U = 2;  // pieces per thread loaded before any is used
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int M = (int)p.M, vecs = klen / 8;
+#if STAGE_SHIFTS
+  const int lg = staging_groups_log2(M), G = 1 << lg;  // groups of rows: at most 2 rows each (M <= 16)
+  const int group_threads = NUM_CONSUMERS >> lg, group = tid >> (LOG2_NUM_CONSUMERS - lg);
+  const int i0 = tid & (group_threads - 1);
+#else
   const int G = staging_groups(M);  // groups of rows: at most 2 rows each (M <= 16)
   const int group_threads = NUM_CONSUMERS / G, group = tid / group_threads, i0 = tid % group_threads;
+#endif
   if (tag == NO_TAG) {
 #ifdef DIAG_STAGE_ROWS  // timing experiments only: stage the first DIAG_STAGE_ROWS rows, leave the rest stale
     for (int m = group; m < min(M, DIAG_STAGE_ROWS); m += G)
@@ -948,7 +993,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
 #ifndef DIAG_STAMP_STAGED_COPY
   if (tid == 0) misc->phase[0] = globaltimer_lo();  // activations staged
 #endif
-  const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
+  const uint32_t NUM_STAGES = (uint32_t)p.num_stages, RING_M = (uint32_t)p.ring_magic;
 
   int merged = 0;
   const int N = op == OP_O || op == OP_DOWN ? (int)p.hidden : 0;
@@ -978,9 +1023,10 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       uint32_t ch = chunk + (uint32_t)((tile - in[3]) * per_tile);
       for (int kc = k0; kc < k1; kc += CHUNK_K, ++ch) {
         const int len = min(CHUNK_K, k1 - kc);
-        const int s = ch % NUM_STAGES;
-        mbar_wait(&empty[s], ((ch / NUM_STAGES) & 1) ^ 1);  // the slot's previous chunk used (as the producer waits)
-        mbar_wait(&full[s], (ch / NUM_STAGES) & 1);
+        const int s = ring_slot(ch, NUM_STAGES, RING_M);
+        // (the slot's previous chunk used, as the producer waits)
+        mbar_wait(&empty[s], (ring_use(ch, NUM_STAGES, RING_M) & 1) ^ 1);
+        mbar_wait(&full[s], ring_use(ch, NUM_STAGES, RING_M) & 1);
         if (gt == 0 && p.chunk_trace)
           p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + ch - misc->attn_chunks) * 2 + 1] = globaltimer();
         mma_chunk<NT>(ring + s * STAGE_BYTES, xs, xstride, kc - k0, len / 32, gwarp, NUM_CONSUMER_WARPS / 2, M, acc,
@@ -1032,8 +1078,8 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       }
       for (int kc = k0; kc < k1; kc += CHUNK_K, ++chunk) {
         const int len = min(CHUNK_K, k1 - kc);
-        const int s = chunk % NUM_STAGES;
-        mbar_wait(&full[s], (chunk / NUM_STAGES) & 1);
+        const int s = ring_slot(chunk, NUM_STAGES, RING_M);
+        mbar_wait(&full[s], ring_use(chunk, NUM_STAGES, RING_M) & 1);
 #ifndef DIAG_STAMP_AFTER_MMA  // timing experiments only: the chunk's "used" stamp after warp 0's mma, not before
         if (tid == 0 && p.chunk_trace)
           p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk - misc->attn_chunks) * 2 + 1] = globaltimer();
@@ -1356,7 +1402,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
   const int layer = in[1];
   const int Hq = (int)p.n_q_heads, Hkv = (int)p.n_kv_heads, G = Hq / Hkv;
   const int S = (int)p.attn_splits, M = (int)p.M;
-  const uint32_t NUM_STAGES = (uint32_t)p.num_stages;
+  const uint32_t NUM_STAGES = (uint32_t)p.num_stages, RING_M = (uint32_t)p.ring_magic;
   const AttnSmem sm_ = attn_smem(xs, G, D);
   const AttnSmem* sm = &sm_;
   int merged = 0;
@@ -1387,11 +1433,11 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       cp_async16(smem_addr(sm->q + 4 * i), p.q + (size_t)m * Hq * D + kvh * G * D + 4 * i);
     for (int tb = a.t0; tb < a.t1; tb += CT, ++chunk) {
       const int n = min(CT, a.t1 - tb);
-      const int s = chunk % NUM_STAGES;
+      const int s = ring_slot(chunk, NUM_STAGES, RING_M);
       char* stage = ring + s * STAGE_BYTES;
       const bool has_newest = newest >= tb && newest < tb + n;
       if (tb == a.t0 && tid == 0) misc->phase[0] = globaltimer_lo();  // q asked for
-      mbar_wait(&full[s], (chunk / NUM_STAGES) & 1);
+      mbar_wait(&full[s], ring_use(chunk, NUM_STAGES, RING_M) & 1);
       // This step's token: the producer's copy of its rows is stale (qkv had not written them); its K and V rows
       // replace them once the stage has landed.
       if (has_newest && newest_slot >= 0 && tid < 2 * PIECES) {  // 16-byte pieces

@@ -136,6 +136,14 @@ class DecodeShape:
         return self.k(op) // self.kseg(self.k(op))
 
 
+def ring_magic(num_stages: int) -> int:
+    """2^32 / num_stages rounded up: the kernel (RING_MAGIC) takes chunk c's ring use as (c * magic) >> 32, which is
+    c // num_stages for every c < 2^32 / num_stages (a launch has a few thousand chunks per block)."""
+    if not 2 <= num_stages <= MAX_STAGES:
+        raise ValueError(f"{num_stages} ring stages is outside 2..{MAX_STAGES}")
+    return (2**32 - 1) // num_stages + 1
+
+
 def unsupported_reason(shape: DecodeShape) -> str | None:
     """Why the megakernel cannot run these shapes, or None."""
     s = shape
