@@ -523,9 +523,11 @@ def test_timing_diagnostics_still_compile(tmp_path):
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
-# (the prepared m23c-e, SS_WARP_ROWS, STAGE_SHIFTS and RING_MAGIC, must stay spill-free too until a GPU run decides)
+# (the prepared m23c-f, SS_WARP_ROWS, STAGE_SHIFTS, RING_MAGIC and GROUP_SPLIT_ACC, must stay spill-free too until a
+# GPU run decides them)
 @pytest.mark.parametrize("head_dim,flags", [(32, ()), (64, ()), (128, ()), (64, ("-DMATMUL_GROUPS=1",)),
-                                            (64, ("-DSS_WARP_ROWS=1", "-DSTAGE_SHIFTS=1", "-DRING_MAGIC=1"))])
+                                            (64, ("-DSS_WARP_ROWS=1", "-DSTAGE_SHIFTS=1", "-DRING_MAGIC=1",
+                                                  "-DGROUP_SPLIT_ACC=1"))])
 def test_kernel_compiles_for_sm90a_without_spills(tmp_path, head_dim, flags):
     src = tmp_path / "check.cu"
     src.write_text(full_source())

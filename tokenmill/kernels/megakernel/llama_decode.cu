@@ -56,6 +56,9 @@ typedef __nv_bfloat16 bf16;
 #ifndef RING_MAGIC  // 1: a chunk's ring slot and use by a multiply-high, not an integer division (m23e, prepared)
 #define RING_MAGIC 0
 #endif
+#ifndef GROUP_SPLIT_ACC  // 1: the halves' second k16 chains (m21a) at batch > 8 too (m23f, prepared)
+#define GROUP_SPLIT_ACC 0
+#endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
 #endif
@@ -1014,7 +1017,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
                                     : gactive && nsegs == 1
                                         ? epilogue_inputs(p, op, tile, gr, gc, resid_tag(misc, op, in[7]))
                                         : EpilogueInputs{0.f, 0.f, -1};
-      float acc_hi[NT][4];  // m21a's second chains, at NT = 1
+      float acc_hi[NT][4];  // m21a's second chains, at NT = 1 (and at 2 with GROUP_SPLIT_ACC)
 #pragma unroll
       for (int n = 0; n < NT; ++n) acc_hi[n][0] = acc_hi[n][1] = acc_hi[n][2] = acc_hi[n][3] = 0.f;
       float acc[NT][4];
@@ -1030,13 +1033,15 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
         if (gt == 0 && p.chunk_trace)
           p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + ch - misc->attn_chunks) * 2 + 1] = globaltimer();
         mma_chunk<NT>(ring + s * STAGE_BYTES, xs, xstride, kc - k0, len / 32, gwarp, NUM_CONSUMER_WARPS / 2, M, acc,
-                      NT == 1 ? acc_hi : acc);
+                      NT == 1 || GROUP_SPLIT_ACC ? acc_hi : acc);
         __syncwarp();
         if (lane == 0) mbar_arrive_count(&empty[s], 2);
       }
-      if (NT == 1)
+      if (NT == 1 || GROUP_SPLIT_ACC)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[0][i] += acc_hi[0][i];
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[n][i] += acc_hi[n][i];
       if (gt == 0 && p.pause_release == 1 && tile == in[4] - 1 && !WRITES_TAGGED(p, op)) pause_loads(misc);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
