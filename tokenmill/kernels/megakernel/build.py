@@ -73,7 +73,6 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("i64", "kseg_o"),
     ("i64", "kseg_down"),
     ("i64", "num_stages"),
-    ("i64", "ring_magic"),
     ("i64", "max_inflight"),
     ("i64", "pause_release"),
     ("i64", "attn_tma"),
@@ -84,6 +83,7 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("i64", "max_chunks"),
     ("f64", "eps"),
     ("f64", "scale_log2"),
+    ("i64", "ring_magic"),  # last: the fields before it keep their offsets in the kernel's parameter space
 )
 
 
