@@ -453,7 +453,7 @@ __device__ __forceinline__ uint32_t ring_use(uint32_t c, uint32_t num_stages, ui
 
 __device__ __forceinline__ uint32_t ring_slot(uint32_t c, uint32_t num_stages, uint32_t magic) {
 #if RING_MAGIC
-  return c - __umulhi(c, magic) * num_stages;
+  return c - ring_use(c, num_stages, magic) * num_stages;
 #else
   return c % num_stages;
 #endif
