@@ -115,7 +115,7 @@ def cases(draw) -> tuple[DecodeShape, int]:
 @example(num_stages=6, chunk=2**29 - 1)
 @example(num_stages=7, chunk=7 * (2**29 // 7) - 1)
 def test_ring_magic_divides_every_chunk_index_exactly(num_stages, chunk):
-    # RING_MAGIC: the kernel's ring use of chunk c is (c * magic) >> 32 (a multiply-high), its slot c - use * n.
+    # the kernel's ring_use of chunk c is (c * magic) >> 32 (a multiply-high), its ring_slot c - use * n.
     assert (chunk * schedule.ring_magic(num_stages)) >> 32 == chunk // num_stages
 
 
@@ -523,11 +523,7 @@ def test_timing_diagnostics_still_compile(tmp_path):
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
-# (the prepared m23c-f, SS_WARP_ROWS, STAGE_SHIFTS, RING_MAGIC and GROUP_SPLIT_ACC, must stay spill-free too until a
-# GPU run decides them)
-@pytest.mark.parametrize("head_dim,flags", [(32, ()), (64, ()), (128, ()), (64, ("-DMATMUL_GROUPS=1",)),
-                                            (64, ("-DSS_WARP_ROWS=1", "-DSTAGE_SHIFTS=1", "-DRING_MAGIC=1",
-                                                  "-DGROUP_SPLIT_ACC=1"))])
+@pytest.mark.parametrize("head_dim,flags", [(32, ()), (64, ()), (128, ()), (64, ("-DMATMUL_GROUPS=1",))])
 def test_kernel_compiles_for_sm90a_without_spills(tmp_path, head_dim, flags):
     src = tmp_path / "check.cu"
     src.write_text(full_source())

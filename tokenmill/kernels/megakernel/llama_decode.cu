@@ -47,18 +47,6 @@ typedef __nv_bfloat16 bf16;
 #ifndef MATMUL_GROUPS  // 2: where a block has two tiles or more, two groups of four consumer warps take them in turn
 #define MATMUL_GROUPS 2  // (m22a at batch > 8: 16 x 1k -3.8 %; m22b at batch <= 8: 1 x 1k -2.1 %); 1: eight warps a tile
 #endif
-#ifndef SS_WARP_ROWS  // 1: from batch 8 on, stage_x's sums of squares a warp's rows at a time, 1 / rms before the
-#define SS_WARP_ROWS 0  // barrier (m23c, prepared)
-#endif
-#ifndef STAGE_SHIFTS  // 1: the staging groups' arithmetic as shifts and masks, not integer divisions (m23d, prepared)
-#define STAGE_SHIFTS 0
-#endif
-#ifndef RING_MAGIC  // 1: a chunk's ring slot and use by a multiply-high, not an integer division (m23e, prepared)
-#define RING_MAGIC 0
-#endif
-#ifndef GROUP_SPLIT_ACC  // 1: the halves' second k16 chains (m21a) at batch > 8 too (m23f, prepared)
-#define GROUP_SPLIT_ACC 0
-#endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
 #endif
@@ -241,18 +229,6 @@ __device__ __forceinline__ uint32_t globaltimer_lo() {
 }
 
 __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
-
-// The sum of the squares of 8 bf16 values, two dependent FMAs per 32-bit word (its two halves), words in parallel.
-__device__ __forceinline__ float sum_squares8(uint4 x) {
-  const uint32_t w[4] = {x.x, x.y, x.z, x.w};
-  float a[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float lo = __uint_as_float(w[k] << 16), hi = __uint_as_float(w[k] & 0xffff0000u);
-    a[k] = fmaf(hi, hi, lo * lo);
-  }
-  return (a[0] + a[1]) + (a[2] + a[3]);
-}
 
 // RMSNorm of two packed bf16 values x with their weights w, in HF's order: (x * rstd) rounded to bf16, times w
 // rounded to bf16 (the bf16 product is exact in fp32, so the packed multiply rounds as fp32-then-bf16 would).
@@ -439,24 +415,14 @@ __device__ __forceinline__ void produce_attention_chunk(const Params& p, const C
   if (lane == 0) mbar_arrive(full);
 }
 
-// Chunk c of a block sits in ring slot c % num_stages, in that slot's (c / num_stages)-th use. With RING_MAGIC the
-// quotient is a multiply-high by p.ring_magic (2^32 / num_stages rounded up: exact for c < 2^32 / num_stages)
-// instead of the integer division the compiler leaves inside every chunk loop: ~20 dependent instructions, a MUFU
-// among them, in front of each barrier wait (m23e, prepared).
-__device__ __forceinline__ uint32_t ring_use(uint32_t c, uint32_t num_stages, uint32_t magic) {
-#if RING_MAGIC
-  return __umulhi(c, magic);
-#else
-  return c / num_stages;
-#endif
-}
+// Chunk c of a block sits in ring slot c % num_stages, in that slot's (c / num_stages)-th use. The quotient is a
+// multiply-high by p.ring_magic (schedule.ring_magic: 2^32 / num_stages rounded up, exact for c < 2^32 / num_stages):
+// the integer division by the runtime num_stages was ~20 dependent instructions, a MUFU among them, in front of
+// every barrier wait (m23e: 16 x 1k -2.6 %, 1 x 1k -1.5 %).
+__device__ __forceinline__ uint32_t ring_use(uint32_t c, uint32_t magic) { return __umulhi(c, magic); }
 
 __device__ __forceinline__ uint32_t ring_slot(uint32_t c, uint32_t num_stages, uint32_t magic) {
-#if RING_MAGIC
-  return c - ring_use(c, num_stages, magic) * num_stages;
-#else
-  return c % num_stages;
-#endif
+  return c - ring_use(c, magic) * num_stages;
 }
 
 // Before the producer asks for `chunk`: at most `max_inflight` chunks asked for and not landed. A deeper queue adds
@@ -467,7 +433,7 @@ __device__ __forceinline__ void wait_inflight(uint64_t* full, uint32_t num_stage
                                               uint32_t max_inflight) {
   if (chunk < max_inflight) return;
   const uint32_t old = chunk - max_inflight;  // its slot is not refilled before `chunk`: max_inflight <= num_stages
-  mbar_wait(&full[ring_slot(old, num_stages, magic)], ring_use(old, num_stages, magic) & 1);
+  mbar_wait(&full[ring_slot(old, num_stages, magic)], ring_use(old, magic) & 1);
 }
 
 // The producer warp: every chunk of the block's instructions, in order, into the ring: a weight chunk (lane i copies
@@ -495,7 +461,7 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
   for (uint32_t chunk = 0; load.ii < count; ++chunk) {
     const int len = min(CHUNK_K, load.k1 - load.kc);
     const int s = ring_slot(chunk, NUM_STAGES, RING_M);
-    const uint32_t parity = (ring_use(chunk, NUM_STAGES, RING_M) & 1) ^ 1;
+    const uint32_t parity = (ring_use(chunk, RING_M) & 1) ^ 1;
     mbar_wait(&empty[s], parity);
     wait_inflight(full, NUM_STAGES, RING_M, chunk, max_inflight);
     if (p.pause_release)
@@ -594,28 +560,20 @@ __device__ __forceinline__ void preload_norm(const bf16* norm, int k0, int klen,
   asm volatile("cp.async.commit_group;" ::: "memory");
 }
 
-// Row m's share of the staging: rows are spread over G groups of whole warps (G = the largest power of two <= M, at
-// most 8); group m % G holds row m as its (m / G)-th row.
-__device__ __forceinline__ int staging_groups(int M) { return M >= 8 ? 8 : M >= 4 ? 4 : M >= 2 ? 2 : 1; }
-#if STAGE_SHIFTS
-// m23d (prepared): log2 of staging_groups(M), so that the group arithmetic is shifts and masks where the compiler
-// emitted integer divisions (one of them on the critical path right after the staging barrier).
+// Row m's share of the staging: rows are spread over G = 1 << staging_groups_log2(M) groups of whole warps (the
+// largest power of two <= M, at most 8); group m % G holds row m as its (m / G)-th row. As log2, so that the group
+// arithmetic is shifts and masks, not the integer divisions the compiler emitted, one of them on the critical path
+// right after the staging barrier (m23d: -0.3 to -0.5 %).
 __device__ __forceinline__ int staging_groups_log2(int M) { return M >= 8 ? 3 : M >= 4 ? 2 : M >= 2 ? 1 : 0; }
 constexpr int LOG2_NUM_CONSUMERS = 8;
 static_assert(NUM_CONSUMERS == 1 << LOG2_NUM_CONSUMERS, "shifts below");
-#endif
 
 // 1 / rms of staged row m (klen values) from the sums of squares its group's warps left in misc->ss.
 __device__ __forceinline__ float staged_row_rstd(const Params& p, const Misc* misc, int m, int klen) {
   float total = 0.f;
-#if STAGE_SHIFTS
   const int lg = staging_groups_log2((int)p.M), group_warps = NUM_CONSUMER_WARPS >> lg;
   const int first = (m & ((1 << lg) - 1)) * group_warps;
   for (int w = first; w < first + group_warps; ++w) total += misc->ss[w][m >> lg];
-#else
-  const int G = staging_groups((int)p.M), group_warps = NUM_CONSUMER_WARPS / G;
-  for (int w = (m % G) * group_warps; w < (m % G + 1) * group_warps; ++w) total += misc->ss[w][m / G];
-#endif
   return rsqrtf(total / (float)klen + (float)p.eps);
 }
 
@@ -639,14 +597,9 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
   constexpr int U = 2;  // pieces per thread loaded before any is used
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int M = (int)p.M, vecs = klen / 8;
-#if STAGE_SHIFTS
   const int lg = staging_groups_log2(M), G = 1 << lg;  // groups of rows: at most 2 rows each (M <= 16)
   const int group_threads = NUM_CONSUMERS >> lg, group = tid >> (LOG2_NUM_CONSUMERS - lg);
   const int i0 = tid & (group_threads - 1);
-#else
-  const int G = staging_groups(M);  // groups of rows: at most 2 rows each (M <= 16)
-  const int group_threads = NUM_CONSUMERS / G, group = tid / group_threads, i0 = tid % group_threads;
-#endif
   if (tag == NO_TAG) {
 #ifdef DIAG_STAGE_ROWS  // timing experiments only: stage the first DIAG_STAGE_ROWS rows, leave the rest stale
     for (int m = group; m < min(M, DIAG_STAGE_ROWS); m += G)
@@ -685,40 +638,6 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
 #ifdef DIAG_STAMP_STAGED_COPY  // timing experiments only: "staged" once thread 0's own copies landed, before the
   if (tid == 0) misc->phase[0] = globaltimer_lo();  // sums of squares and the barrier
 #endif
-#if SS_WARP_ROWS
-  // m23c (prepared): from batch 8 on a group is one warp, which holds its rows whole, so the warp's shuffle ends with
-  // a row's sum of squares and lane 0 or 1 keeps its 1 / rms before the barrier (no pass after it). Four pieces are
-  // loaded before any is squared, on four chains (the loop below takes a piece at a time: a shared load, then eight
-  // dependent FMAs, ~1.4 us at 16 x 1k against 0.4 for the barrier alone, session 22).
-  const bool warp_rows = norm && p.norm_folded && group_threads == 32 && vecs % 128 == 0;
-  if (warp_rows) {
-    float ss[2] = {0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      if (group + j * G < M) {
-        const char* row = xs + (group + j * G) * xstride + lane * 16;
-        float a[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int v = 0; v < vecs / 32; v += 4) {
-          uint4 x[4];
-#pragma unroll
-          for (int u = 0; u < 4; ++u) x[u] = *reinterpret_cast<const uint4*>(row + (v + u) * 512);
-#pragma unroll
-          for (int u = 0; u < 4; ++u) a[u] += sum_squares8(x[u]);
-        }
-        ss[j] = (a[0] + a[1]) + (a[2] + a[3]);
-      }
-    }
-#pragma unroll
-    for (int off = 16; off; off >>= 1) {
-      ss[0] += __shfl_xor_sync(0xffffffffu, ss[0], off);
-      ss[1] += __shfl_xor_sync(0xffffffffu, ss[1], off);
-    }
-    if (lane < 2 && group + lane * G < M)
-      misc->rstd[group + lane * G] = rsqrtf((lane ? ss[1] : ss[0]) / (float)klen + (float)p.eps);
-  } else
-#else
-  constexpr bool warp_rows = false;
-#endif
   if (norm) {
     for (int m = group, j = 0; m < M; m += G, ++j) {
       const char* row = xs + m * xstride;
@@ -741,7 +660,7 @@ __device__ void stage_x(const Params& p, const void* src, int ld, int k0, int kl
   consumer_sync();  // every row in xs; the sums of squares; the norm weights (copied by all consumers)
   if (!norm) return;
   if (p.norm_folded) {  // the weights carry the norm's weights: 1 / rms per row is all, the epilogue applies it
-    if (!warp_rows && tid < M) misc->rstd[tid] = staged_row_rstd(p, misc, tid, klen);
+    if (tid < M) misc->rstd[tid] = staged_row_rstd(p, misc, tid, klen);
     return;
   }
   for (int m = group; m < M; m += G) {
@@ -1017,7 +936,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
                                     : gactive && nsegs == 1
                                         ? epilogue_inputs(p, op, tile, gr, gc, resid_tag(misc, op, in[7]))
                                         : EpilogueInputs{0.f, 0.f, -1};
-      float acc_hi[NT][4];  // m21a's second chains, at NT = 1 (and at 2 with GROUP_SPLIT_ACC)
+      float acc_hi[NT][4];  // m21a's second chains, at NT = 1 only (m23f: no gain at 2)
 #pragma unroll
       for (int n = 0; n < NT; ++n) acc_hi[n][0] = acc_hi[n][1] = acc_hi[n][2] = acc_hi[n][3] = 0.f;
       float acc[NT][4];
@@ -1028,16 +947,16 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
         const int len = min(CHUNK_K, k1 - kc);
         const int s = ring_slot(ch, NUM_STAGES, RING_M);
         // (the slot's previous chunk used, as the producer waits)
-        mbar_wait(&empty[s], (ring_use(ch, NUM_STAGES, RING_M) & 1) ^ 1);
-        mbar_wait(&full[s], ring_use(ch, NUM_STAGES, RING_M) & 1);
+        mbar_wait(&empty[s], (ring_use(ch, RING_M) & 1) ^ 1);
+        mbar_wait(&full[s], ring_use(ch, RING_M) & 1);
         if (gt == 0 && p.chunk_trace)
           p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + ch - misc->attn_chunks) * 2 + 1] = globaltimer();
         mma_chunk<NT>(ring + s * STAGE_BYTES, xs, xstride, kc - k0, len / 32, gwarp, NUM_CONSUMER_WARPS / 2, M, acc,
-                      NT == 1 || GROUP_SPLIT_ACC ? acc_hi : acc);
+                      NT == 1 ? acc_hi : acc);
         __syncwarp();
         if (lane == 0) mbar_arrive_count(&empty[s], 2);
       }
-      if (NT == 1 || GROUP_SPLIT_ACC)
+      if (NT == 1)
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -1084,7 +1003,7 @@ __device__ void run_matmul(const Params& p, const int* in, char* ring, uint64_t*
       for (int kc = k0; kc < k1; kc += CHUNK_K, ++chunk) {
         const int len = min(CHUNK_K, k1 - kc);
         const int s = ring_slot(chunk, NUM_STAGES, RING_M);
-        mbar_wait(&full[s], ring_use(chunk, NUM_STAGES, RING_M) & 1);
+        mbar_wait(&full[s], ring_use(chunk, RING_M) & 1);
 #ifndef DIAG_STAMP_AFTER_MMA  // timing experiments only: the chunk's "used" stamp after warp 0's mma, not before
         if (tid == 0 && p.chunk_trace)
           p.chunk_trace[((size_t)blockIdx.x * p.max_chunks + chunk - misc->attn_chunks) * 2 + 1] = globaltimer();
@@ -1442,7 +1361,7 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       char* stage = ring + s * STAGE_BYTES;
       const bool has_newest = newest >= tb && newest < tb + n;
       if (tb == a.t0 && tid == 0) misc->phase[0] = globaltimer_lo();  // q asked for
-      mbar_wait(&full[s], ring_use(chunk, NUM_STAGES, RING_M) & 1);
+      mbar_wait(&full[s], ring_use(chunk, RING_M) & 1);
       // This step's token: the producer's copy of its rows is stale (qkv had not written them); its K and V rows
       // replace them once the stage has landed.
       if (has_newest && newest_slot >= 0 && tid < 2 * PIECES) {  // 16-byte pieces

@@ -137,7 +137,7 @@ class DecodeShape:
 
 
 def ring_magic(num_stages: int) -> int:
-    """2^32 / num_stages rounded up: the kernel (RING_MAGIC) takes chunk c's ring use as (c * magic) >> 32, which is
+    """2^32 / num_stages rounded up: the kernel (ring_use) takes chunk c's ring use as (c * magic) >> 32, which is
     c // num_stages for every c < 2^32 / num_stages (a launch has a few thousand chunks per block)."""
     if not 2 <= num_stages <= MAX_STAGES:
         raise ValueError(f"{num_stages} ring stages is outside 2..{MAX_STAGES}")
