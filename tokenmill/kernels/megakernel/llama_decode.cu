@@ -260,9 +260,15 @@ __device__ __forceinline__ OpInfo op_info(const Params& p, int op, int layer) {
 
 // Row i (0..15) of weight tile `tile`. Paired ops put a row and its partner in rows i and i + 8 of one tile, which
 // the mma accumulator hands to the same thread: RoPE halves (q and k heads) and gate/up.
+// The head dim qkv's rows are laid out by: ATTN_HEAD_DIM, not p.head_dim (the kernel traps unless they are equal),
+// so that the divisions by it in the producer's row lookups and qkv's epilogue are shifts, not ~20-instruction
+// integer divisions (m24b: 16 x 1k -1.5 %, 1 x 1k -0.5 %). A function: the constant spelled out at its three uses
+// changed ptxas's register allocation (156 registers at 128-dim heads against 144), away from the measured build.
+__device__ __forceinline__ int qkv_head_dim(const Params&) { return ATTN_HEAD_DIM; }
+
 __device__ __forceinline__ int tile_row(const Params& p, int op, int tile, int i) {
   if (op == OP_QKV) {
-    const int D = (int)p.head_dim, tiles_per_head = D / 16;
+    const int D = qkv_head_dim(p), tiles_per_head = D / 16;
     const int rope_tiles = (int)(p.n_q_heads + p.n_kv_heads) * tiles_per_head;
     if (tile < rope_tiles) {
       const int head = tile / tiles_per_head, j = tile % tiles_per_head;
@@ -706,7 +712,7 @@ __device__ __forceinline__ EpilogueInputs epilogue_inputs(const Params& p, int o
                                                           uint32_t resid_tag) {
   const int lo_row = tile_row(p, op, tile, r);
   if (op == OP_QKV) {
-    const int D = (int)p.head_dim, half = D / 2, Hq = (int)p.n_q_heads;
+    const int D = qkv_head_dim(p), half = D / 2, Hq = (int)p.n_q_heads;
     const long long slot = lo_row / D >= Hq ? p.slot_mapping[m] : -1;
     if (lo_row / D >= Hq + (int)p.n_kv_heads) return {0.f, 0.f, slot};
     const long long at = p.positions[m] * half + lo_row % D;
@@ -732,7 +738,7 @@ __device__ void epilogue(const Params& p, int op, int layer, int tile, int r, in
   const int lo_row = tile_row(p, op, tile, r), hi_row = tile_row(p, op, tile, r + 8);
   switch (op) {
     case OP_QKV: {
-      const int D = (int)p.head_dim, half = D / 2, Hq = (int)p.n_q_heads, Hkv = (int)p.n_kv_heads;
+      const int D = qkv_head_dim(p), half = D / 2, Hq = (int)p.n_q_heads, Hkv = (int)p.n_kv_heads;
       const int head = lo_row / D;
       const long long slot = in.slot;
       if (head < Hq + Hkv) {  // a RoPE pair: dims d and d + D/2 of one q or k head
