@@ -6,6 +6,7 @@ llama_decode.cu by text, and the compile test runs only where nvcc is installed 
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import dataclasses
 import random
@@ -13,6 +14,7 @@ import re
 import struct
 import subprocess
 from functools import cache
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -117,6 +119,25 @@ def cases(draw) -> tuple[DecodeShape, int]:
 def test_ring_magic_divides_every_chunk_index_exactly(num_stages, chunk):
     # the kernel's ring_use of chunk c is (c * magic) >> 32 (a multiply-high), its ring_slot c - use * n.
     assert (chunk * schedule.ring_magic(num_stages)) >> 32 == chunk // num_stages
+
+
+@given(n=st.integers(1, 2**20), data=st.data())
+@example(n=1, data=None)
+@example(n=3, data=None)
+def test_div_magic_divides_exactly_below_its_bound(n, data):
+    # div_by_magic: (x * magic) >> 32 in 64 bits, for 0 <= x < 2^32 / n (attention items, token positions).
+    magic = schedule.div_magic(n)
+    assert magic <= 2**32
+    xs = [(2**32 - 1) // n, 0, n - 1, n] if data is None else [data.draw(st.integers(0, (2**32 - 1) // n))]
+    for x in xs:
+        assert (x * magic) >> 32 == x // n
+        assert x * magic < 2**64
+
+
+def test_div_magic_rejects_what_is_not_a_divisor():
+    for n in (0, -3):
+        with pytest.raises(ValueError):
+            schedule.div_magic(n)
 
 
 def test_ring_magic_rejects_stage_counts_the_kernel_cannot_have():
@@ -433,6 +454,17 @@ def test_kernel_reads_instruction_fields_in_instr_order():
     assert ranges and all((Instr._fields[int(a)], Instr._fields[int(b)]) == ("begin", "end") for a, b in ranges)
 
 
+def test_decoder_fills_every_declared_param():
+    # pack_params raises on a missing or unknown field, but only at a GPU launch: check the decoder's dict here.
+    import tokenmill.kernels.megakernel.decoder as decoder
+
+    calls = [node for node in ast.walk(ast.parse(Path(decoder.__file__).read_text()))
+             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "pack_params"]
+    assert len(calls) == 1 and isinstance(calls[0].args[0], ast.Dict)
+    keys = {key.value for key in calls[0].args[0].keys}
+    assert keys == {name for _, name in PARAM_FIELDS}
+
+
 def test_kernel_uses_only_declared_params():
     names = {name for _, name in PARAM_FIELDS}
     used = set(re.findall(r"\bp\.(\w+)", cuda_text()))
@@ -523,7 +555,9 @@ def test_timing_diagnostics_still_compile(tmp_path):
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
-@pytest.mark.parametrize("head_dim,flags", [(32, ()), (64, ()), (128, ()), (64, ("-DMATMUL_GROUPS=1",))])
+# (the prepared m24c, ATTN_FAST_DIV, must stay spill-free too until a GPU run decides it)
+@pytest.mark.parametrize("head_dim,flags", [(32, ()), (64, ()), (128, ()), (64, ("-DMATMUL_GROUPS=1",)),
+                                            (64, ("-DATTN_FAST_DIV=1",))])
 def test_kernel_compiles_for_sm90a_without_spills(tmp_path, head_dim, flags):
     src = tmp_path / "check.cu"
     src.write_text(full_source())

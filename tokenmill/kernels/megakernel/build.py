@@ -83,7 +83,13 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("i64", "max_chunks"),
     ("f64", "eps"),
     ("f64", "scale_log2"),
-    ("i64", "ring_magic"),  # last: the fields before it keep their offsets in the kernel's parameter space
+    # Appended, so that the fields before them keep their offsets in the kernel's parameter space:
+    ("i64", "ring_magic"),
+    ("i64", "attn_split_magic"),
+    ("i64", "attn_item_magic"),
+    ("i64", "block_magic"),
+    ("i64", "kv_layer_rows"),
+    ("i64", "kv_v_rows"),
 )
 
 

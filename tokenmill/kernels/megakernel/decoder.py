@@ -22,7 +22,7 @@ from tokenmill.kernels.megakernel.build import (
 )
 from tokenmill.kernels.megakernel.schedule import (
     ATTN_PHASES, MATMUL_PHASES, OP_ATTN, OP_DOWN, OP_O, XS_BUDGET, DecodeShape, Schedule, build_schedule,
-    ring_magic, unsupported_reason,
+    div_magic, ring_magic, unsupported_reason,
 )
 from tokenmill.kernels.megakernel.trace import stage_report, unwrap_timer
 from tokenmill.layers.attention_metadata import AttentionMetadata
@@ -374,6 +374,7 @@ class MegakernelLlamaDecoder:
             layer_ptrs, _, lm_head = self._folded_weights()
         else:
             layer_ptrs, lm_head = self.layer_ptrs, self.lm_head_weight
+        kv_row_elems = cfg.num_key_value_heads * cfg.head_dim  # a token's K (or V) row: the tensor map's rows
         params = pack_params({
             "layers": layer_ptrs.data_ptr(),
             "embed": self.embed.data_ptr(),
@@ -422,6 +423,11 @@ class MegakernelLlamaDecoder:
             "kseg_down": st["shape"].kseg(st["shape"].k(OP_DOWN)),
             "num_stages": st["shape"].num_stages(),
             "ring_magic": ring_magic(st["shape"].num_stages()),
+            "attn_split_magic": div_magic(schedule.attn_splits),
+            "attn_item_magic": div_magic(schedule.attn_splits * cfg.num_key_value_heads),
+            "block_magic": div_magic(kv_cache.shape[3]),
+            "kv_layer_rows": kv_cache.stride(0) // kv_row_elems,
+            "kv_v_rows": kv_cache.stride(1) // kv_row_elems,
             "max_inflight": self.max_inflight_chunks,
             "pause_release": self.pause_release,
             "attn_tma": int(kv_tmap is not None),

@@ -136,12 +136,20 @@ class DecodeShape:
         return self.k(op) // self.kseg(self.k(op))
 
 
+def div_magic(n: int) -> int:
+    """2^32 / n rounded up: the kernel divides x by n as (x * magic) >> 32, which is x // n for every 0 <= x < 2^32 / n
+    (x * (magic - 2^32 / n) < 1 there). Up to 2^32 (n = 1), so 33 bits."""
+    if n < 1:
+        raise ValueError(f"cannot divide by {n}")
+    return (2**32 - 1) // n + 1
+
+
 def ring_magic(num_stages: int) -> int:
-    """2^32 / num_stages rounded up: the kernel (ring_use) takes chunk c's ring use as (c * magic) >> 32, which is
-    c // num_stages for every c < 2^32 / num_stages (a launch has a few thousand chunks per block)."""
+    """div_magic(num_stages), which fits 32 bits: the kernel (ring_use) takes chunk c's ring use as a multiply-high
+    by it (a launch has a few thousand chunks per block)."""
     if not 2 <= num_stages <= MAX_STAGES:
         raise ValueError(f"{num_stages} ring stages is outside 2..{MAX_STAGES}")
-    return (2**32 - 1) // num_stages + 1
+    return div_magic(num_stages)
 
 
 def unsupported_reason(shape: DecodeShape) -> str | None:
