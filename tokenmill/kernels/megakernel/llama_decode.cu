@@ -47,9 +47,6 @@ typedef __nv_bfloat16 bf16;
 #ifndef MATMUL_GROUPS  // 2: where a block has two tiles or more, two groups of four consumer warps take them in turn
 #define MATMUL_GROUPS 2  // (m22a at batch > 8: 16 x 1k -3.8 %; m22b at batch <= 8: 1 x 1k -2.1 %); 1: eight warps a tile
 #endif
-#ifndef ATTN_FAST_DIV  // 1: attention items, KV blocks and tensor-map rows by multiply-highs with host-computed
-#define ATTN_FAST_DIV 0  // magics, not integer divisions by runtime values (m24c, prepared)
-#endif
 #ifndef PAUSE_SPIN_NS  // the producer's poll of pause_ii sleeps this long between reads (0: a tight loop)
 #define PAUSE_SPIN_NS 0
 #endif
@@ -303,8 +300,7 @@ __device__ __forceinline__ uint32_t div_by_magic(uint32_t x, uint64_t magic) {
 __device__ __forceinline__ AttnItem attn_item(const Params& p, int item) {
   const int S = (int)p.attn_splits, Hkv = (int)p.n_kv_heads;
   AttnItem a;
-#if ATTN_FAST_DIV
-  // m24c (prepared): the item's coordinates by multiply-highs; the compiler's integer division by a runtime value is
+  // m24c: the item's coordinates by multiply-highs; the compiler's integer division by a runtime value is
   // ~20 dependent instructions, and the producer's cursor and the consumers take an item's apart once each.
   const int q = (int)div_by_magic(item, p.attn_split_magic);  // item / S
   a.m = (int)div_by_magic(item, p.attn_item_magic);           // item / (S * Hkv)
@@ -313,13 +309,6 @@ __device__ __forceinline__ AttnItem attn_item(const Params& p, int item) {
   a.L = p.seq_lens[a.m];
   const int per_split = (max((int)div_by_magic(a.L + S - 1, p.attn_split_magic), (int)p.min_split_tokens) + 15) /
                         16 * 16;
-#else
-  a.split = item % S;
-  a.kvh = (item / S) % Hkv;
-  a.m = item / (S * Hkv);
-  a.L = p.seq_lens[a.m];
-  const int per_split = (max((a.L + S - 1) / S, (int)p.min_split_tokens) + 15) / 16 * 16;
-#endif
   a.t0 = a.split * per_split;
   a.t1 = min(a.L, a.t0 + per_split);
   a.splits = max(1, (a.L + per_split - 1) / per_split);
@@ -334,9 +323,7 @@ __device__ __forceinline__ AttnItem attn_item(const Params& p, int item) {
 struct Cursor {
   int ii, op, tile, tile_end, k0, kc, k1;
   int m, kvh;
-#if ATTN_FAST_DIV
   int kv_row0;  // attention under p.attn_tma: the layer's first K row in the KV tensor map
-#endif
   OpInfo info;
 };
 
@@ -347,11 +334,7 @@ __device__ __forceinline__ bool cursor_attention_item(const Params& p, Cursor& c
   c.k1 = a.t1;
   c.m = a.m;
   c.kvh = a.kvh;
-#if ATTN_FAST_DIV
   return a.t1 > a.t0;  // (split < splits just as well: a split past the last is empty; no division for splits here)
-#else
-  return a.split < a.splits && a.t1 > a.t0;
-#endif
 }
 
 __device__ __forceinline__ void cursor_seek(const Params& p, const int* instrs, int count, Cursor& c) {
@@ -369,9 +352,7 @@ __device__ __forceinline__ void cursor_seek(const Params& p, const int* instrs, 
     if (in[0] == OP_ATTN) {
       c.op = OP_ATTN;
       c.info.weight = p.kv_cache + in[1] * p.kv_layer_stride;
-#if ATTN_FAST_DIV
       c.kv_row0 = in[1] * (int)p.kv_layer_rows;
-#endif
       c.tile_end = in[4];
       for (c.tile = in[3]; c.tile < c.tile_end; ++c.tile)
         if (cursor_attention_item(p, c)) return;
@@ -412,46 +393,28 @@ __device__ __forceinline__ void produce_attention_chunk(const Params& p, const C
   if (p.attn_tma) {
     // Token rows of the tensor map (all layers, K and V, every block's slots): this layer's K rows start at
     // layer_row, its V rows v_rows later. A chunk starts on a box (attn_item) and a box stays in one KV block.
-#if ATTN_FAST_DIV
     // (no 64-bit division of a pointer difference per chunk; a KV block by a multiply-high)
     const int box = min(BS, 16), boxes = box == 16 ? (n + 15) >> 4 : (n + box - 1) / box;
     const int layer_row = c.kv_row0, v_rows = (int)p.kv_v_rows;
-#else
-    const int box = min(BS, 16), boxes = (n + box - 1) / box;
-    const long long row_elems = (long long)Hkv * D;
-    const int layer_row = (int)((c.info.weight - p.kv_cache) / row_elems), v_rows = (int)(p.kv_v_offset / row_elems);
-#endif
     if (lane == 0) mbar_expect_tx(full, boxes * 2 * box * D * 2);
     __syncwarp();
     for (int b = lane; b < 2 * boxes; b += 32) {
       const int kv = b & 1, pos = c.kc + (b >> 1) * box;
-#if ATTN_FAST_DIV
       const int blk = (int)div_by_magic(pos, p.block_magic);
       const int row = layer_row + kv * v_rows + __ldg(table + blk) * BS + (pos - blk * BS);
-#else
-      const int row = layer_row + kv * v_rows + __ldg(table + pos / BS) * BS + pos % BS;
-#endif
       tma_load_3d(stage + kv * ATTN_CHUNK_BYTES + (pos - c.kc) * D * 2, p.kv_tmap, 0, c.kvh, row, full);
     }
     return;
   }
-#if ATTN_FAST_DIV
   const int first_block = (int)div_by_magic(c.kc, p.block_magic);
   const int blocks = (int)div_by_magic(c.kc + n - 1, p.block_magic) - first_block + 1;
-#else
-  const int first_block = c.kc / BS, blocks = (c.kc + n - 1) / BS - first_block + 1;
-#endif
   const int my_block = lane < blocks ? __ldg(table + first_block + lane) : 0;
   // The lane's token, its KV block (relative to the chunk's first) and slot in it, advanced by additions only: one
   // warp issues every copy of the chunk, so its instruction count is the chunk's issue time.
   const long long row_stride = (long long)Hkv * D, block_stride = (long long)BS * row_stride;
   const bf16* src0 = c.info.weight + c.kvh * D + vec * 8;
-#if ATTN_FAST_DIV
   int i = lane / NVEC, pos = c.kc + i, rel = (int)div_by_magic(pos, p.block_magic) - first_block;
   int slot = pos - (first_block + rel) * BS;
-#else
-  int i = lane / NVEC, pos = c.kc + i, rel = pos / BS - first_block, slot = pos % BS;
-#endif
   uint32_t dst = smem_addr(stage + (i * D + vec * 8) * 2);
   for (int i0 = 0; i0 < n; i0 += ROWS_PER_PASS) {
     int block = __shfl_sync(0xffffffffu, my_block, rel & 31);
