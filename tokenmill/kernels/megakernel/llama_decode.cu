@@ -1438,7 +1438,11 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       if (lane == 0) mbar_arrive(&empty[s]);
       if (tid == 0) ++misc->attn_chunks;
     }
+    // (DIAG_ATTN_STAMP_WARPS_DONE, timing experiments only: "pv" stamped after the barrier below, once every warp's
+    // output is in shared memory, so that "written" is the warps' combine and the stores alone)
+#ifndef DIAG_ATTN_STAMP_WARPS_DONE
     if (tid == 0) misc->phase[4] = globaltimer_lo();  // probabilities x V
+#endif
     // The instruction's last item: its chunks are all asked for, and what remains (its output, the split merge)
     // ends in the release fence, which waits for the SM's loads in flight; from here on the producer asks for no
     // chunk of the next instruction, as matmuls do from their last tile's epilogue (pause_release 1, m12e).
@@ -1456,6 +1460,9 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
       if (2 * t4 + 1 < G) *reinterpret_cast<float2*>(o + D) = make_float2(acc[mt][1], acc[mt][3]);
     }
     consumer_sync();
+#ifdef DIAG_ATTN_STAMP_WARPS_DONE
+    if (tid == 0) misc->phase[4] = globaltimer_lo();
+#endif
     // One split: the normalised output (as the merge would weight it). Several: this split's partial result,
     // unnormalised output, max (log2 domain) and sum.
     const bool single = splits == 1;
