@@ -292,7 +292,8 @@ struct AttnItem {
   int m, kvh, split, L, t0, t1, splits;
 };
 
-// x / n for x < 2^32 / n, given magic = schedule.div_magic(n) = 2^32 / n rounded up (up to 2^32: 64-bit).
+// x / n for x < 2^32 / n, given magic = schedule.div_magic(n) = 2^32 / n rounded up (up to 2^32: 64-bit; ring_use
+// below is the 32-bit form, for the ring's stage count, whose magic always fits).
 __device__ __forceinline__ uint32_t div_by_magic(uint32_t x, uint64_t magic) {
   return (uint32_t)(((uint64_t)x * magic) >> 32);
 }
@@ -498,7 +499,7 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
     const int s = ring_slot(chunk, NUM_STAGES, RING_M);
     const uint32_t parity = (ring_use(chunk, RING_M) & 1) ^ 1;
     // An attention chunk's block-table read (an L2 round trip) under the waits, not between them and the copies,
-    // where the one chunk in flight behind them would be all this SM asks of HBM (m24d: 16 x 4k -1.5 to -2.5 %)
+    // where the one chunk in flight behind them would be all this SM asks of HBM (m24d: 16 x 4k -1.4 to -2.5 %)
     const int lane_block = load.op == OP_ATTN ? attention_lane_block(p, load) : 0;
     mbar_wait(&empty[s], parity);
     wait_inflight(full, NUM_STAGES, RING_M, chunk, max_inflight);
