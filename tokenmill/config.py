@@ -157,12 +157,14 @@ class EngineConfig:
     decode_backend: str = "auto"
     # With decode_backend megakernel: the largest decode batch it runs at any context; larger ones go to the fused
     # kernels, except steps of up to megakernel_short_context_batch sequences whose longest holds at most
-    # megakernel_short_context tokens (0: none). On the H100 (Llama-3.2-1B shape, docs/bench/
-    # decode_h100_megakernel_m13.log, 2026-11-27) the megakernel beats fused + PDL at batches 1-8 for every context
-    # measured (128 / 1k / 4k), and at 16 by 3.7 / 2.2 % at 128 / 1k but loses by 6 % at 4k (even at ~1.6k).
+    # megakernel_short_context tokens (0: none; None: the card's default, kernels/megakernel/decoder.py
+    # default_short_context: 8192 on H200s, where the megakernel beat fused + PDL at batch 9-16 up to 8k contexts
+    # (docs/bench/decode_h200_m25a_b9_16.json, 2026-11-29), 1536 elsewhere: on the H100 (docs/bench/
+    # decode_h100_megakernel_m13.log, 2026-11-27) it won at batch 16 by 3.7 / 2.2 % at 128 / 1k but lost by 6 % at 4k).
+    # Batches 1-8 take it at every context measured (128 to 4k on the H100, up to 16k on the H200).
     megakernel_max_batch: int = 8
     megakernel_short_context_batch: int = 16
-    megakernel_short_context: int = 1536
+    megakernel_short_context: int | None = None
     # Weight-only quantization: auto | none | int8 | int4 (CPU). auto: int4/int8 for a quantized GGUF on CPU when
     # dtype is auto, else none (tokenmill/models/quantization.py).
     quantization: str = "auto"
@@ -195,7 +197,7 @@ class EngineConfig:
             raise ValueError(f"megakernel_max_batch must be >= 1, got {self.megakernel_max_batch}")
         if self.megakernel_short_context_batch < 1:
             raise ValueError(f"megakernel_short_context_batch must be >= 1, got {self.megakernel_short_context_batch}")
-        if self.megakernel_short_context < 0:
+        if self.megakernel_short_context is not None and self.megakernel_short_context < 0:
             raise ValueError(f"megakernel_short_context must be >= 0, got {self.megakernel_short_context}")
 
     def resolved_device(self) -> torch.device:

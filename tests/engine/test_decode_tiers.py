@@ -82,6 +82,8 @@ def test_megakernel_short_context_settings_are_checked_and_come_from_the_cli():
                                       "--megakernel-short-context-batch", "12"])
     config = engine_config_from_args(args)
     assert (config.megakernel_short_context, config.megakernel_short_context_batch) == (0, 12)
+    default = engine_config_from_args(build_parser().parse_args(["serve"]))
+    assert default.megakernel_short_context is None  # the card's (kernels/megakernel/decoder.default_short_context)
 
 
 def test_megakernel_max_batch_must_be_positive():

@@ -66,7 +66,7 @@ def megakernel_runner(decoder: MegakernelLlamaDecoder):
     ("split-k", 16, 1, 1, 2, 1, 0, 1), ("wide-heads", 3, 256, 1, 0, 0, 2, 0), ("narrow-heads", 2, 1, 1, 2, 1, 0, 1),
     ("split-k", 1, 1, 0, 2, 1, 2, 1), ("wide-heads", 1, 16, 1, 2, 1, 2, 1), ("narrow-heads", 1, 256, 0, 2, 0, 1, 1),
     ("small", 16, 256, 1, 2, 1, 2, 0), ("llama-width", 16, 128, 1, 2, 1, 2, 1),
-    ("llama-width", 4, 16, 0, 2, 1, 2, 1)])
+    ("llama-width", 4, 16, 0, 2, 1, 2, 1), ("llama-width", 9, 16, 1, 2, 1, 2, 1)])
 def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, min_split, attn_tma, inflight, pause,
                                                               pair, fold):
     seed = int.from_bytes(os.urandom(4), "little")
@@ -76,12 +76,15 @@ def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, 
     decoder = MegakernelLlamaDecoder(bf16_model)
     decoder.poison_scratch = True
     decoder.min_split_tokens = min_split
+    decoder.attn_balance_min_split = min_split  # (9 sequences x 8 KV heads: a balanced schedule, 5 splits or one)
     decoder.attn_tma_min_batch = 1 if attn_tma else decoder.max_batch_size + 1
     decoder.max_inflight_chunks = inflight
     decoder.pause_release = pause
     decoder.attn_pair_min_chunks = pair
     decoder.fold_norm = bool(fold)
     decoder.tag_residual = not (num_seqs == 1 and pause == 2)
+    if num_seqs == 9 and decoder.num_sms == 132:  # 72 (sequence, KV head) pairs: five splits from 5 x 16 tokens on
+        assert decoder.balanced(decoder.schedule(9)) and decoder.schedule(9).attn_splits == 5
     prompts = random_prompts(num_seqs, config.vocab_size, seed)
     ref = prefill(ref_model, prompts, STEPS + 1, seed)
     torch_bf16, mega = prefill(bf16_model, prompts, STEPS + 1, seed), prefill(bf16_model, prompts, STEPS + 1, seed)

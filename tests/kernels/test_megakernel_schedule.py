@@ -402,6 +402,50 @@ def test_attention_splits():
     assert attention_splits(llama_1b(16), 132) == 1
     assert attention_splits(llama_1b(16), 8) == 1
     assert attention_splits(llama_1b(1), 10_000) == schedule.MAX_ATTN_SPLITS
+    # One split per pair would leave blocks without attention: balanced (m25a's measured cells), unless asked not to.
+    assert [attention_splits(llama_1b(b), 132) for b in range(6, 17)] == [2, 2, 2, 5, 8, 3, 4, 5, 7, 1, 1]
+    assert attention_splits(llama_1b(9), 132, balance_max=0) == 1
+
+
+@given(groups=st.integers(1, 300), num_blocks=st.integers(1, 200), balance_max=st.integers(0, 32))
+@settings(max_examples=300, deadline=None)
+def test_balanced_splits_never_load_the_busiest_block_more(groups, num_blocks, balance_max):
+    shape = dataclasses.replace(llama_1b(1), batch=1, num_kv_heads=groups, num_q_heads=groups)
+    base = attention_splits(shape, num_blocks, balance_max=0)
+    splits = attention_splits(shape, num_blocks, balance_max=balance_max)
+    assert base <= splits <= max(base, min(balance_max, schedule.MAX_ATTN_SPLITS))
+    assert splits == base or base == 1
+    assert schedule.busiest_block_share(groups, splits, num_blocks) <= schedule.busiest_block_share(
+        groups, base, num_blocks)
+
+
+@pytest.mark.parametrize("num_blocks", [132, 114])
+@pytest.mark.parametrize("batch", [9, 11, 12, 14])
+def test_whole_split_layout_puts_one_split_contexts_where_the_unbalanced_schedule_does(batch, num_blocks):
+    shape = llama_1b(batch)
+    plain = build_schedule(shape, num_blocks, attn_balance_max=0)
+    laid_out = build_schedule(shape, num_blocks, attn_whole_layout=True)
+    simulate(laid_out, batch)
+    splits = laid_out.attn_splits
+    for stage in (s for s in plain.stages if s.op == schedule.OP_ATTN):
+        def holders(sched, first_split_only):
+            return sorted(b for b, block in enumerate(sched.blocks) for i in block if i.stage == stage.index
+                          for x in range(i.begin, i.end) if not first_split_only or x % splits == 0)
+        # each block holds at most one first split, and they are the blocks that hold an item unbalanced
+        assert holders(laid_out, True) == holders(plain, False)
+    # the item counts per block are the balanced schedule's, only their order along the items differs
+    default = build_schedule(shape, num_blocks)
+    assert [len(b) for b in default.blocks] == [len(b) for b in laid_out.blocks]
+
+
+def test_balanced_split_tokens_keeps_short_contexts_whole():
+    shape = llama_1b(9)  # 72 pairs on 132 blocks: 5 splits, 3 items on the busiest block
+    least = schedule.balanced_split_tokens(shape, 132, 5)
+    # m25a (H200): 9 x 2k was 1.5 % slower in two splits of 1024 and 1.1 % in five of 208; 9 x 4k 6 % faster in five
+    assert 2048 < 5 * least <= 4096
+    assert schedule.balanced_split_tokens(shape, 132, 1) >= 2**30  # one split is never "balanced"
+    # the more of a block's share the busiest keeps, the longer a context must be for the splits to pay
+    assert schedule.balanced_split_tokens(llama_1b(14), 132, 7) > schedule.balanced_split_tokens(llama_1b(12), 132, 4)
 
 
 def test_decode_shape_of_model_config():
@@ -438,6 +482,7 @@ def test_constants_match_the_cuda_source():
     assert value("NUM_CONSUMERS") == schedule.NUM_CONSUMER_THREADS
     assert value("NUM_THREADS") == build.NUM_THREADS
     assert value("MAX_ATTN_SPLITS") == schedule.MAX_ATTN_SPLITS
+    assert schedule.BALANCE_MAX_SPLITS <= value("NUM_CONSUMER_WARPS")  # merge_splits prefetches up to that many
     assert value("ATTN_PHASES") == schedule.ATTN_PHASES
     assert value("MATMUL_PHASES") == schedule.MATMUL_PHASES <= schedule.ATTN_PHASES
     assert f"void __launch_bounds__(NUM_THREADS, 1) {build.KERNEL_NAME}(" in text

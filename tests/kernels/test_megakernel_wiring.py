@@ -14,8 +14,8 @@ from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.outputs import CompletionOutput, Logprob
 from tokenmill.kernels.megakernel.decoder import (
-    MegakernelLlamaDecoder, MegakernelUnsupported, default_attn_tma_min_batch, default_tag_residual, env_int,
-    make_megakernel_decoder, model_unsupported_reason,
+    MegakernelLlamaDecoder, MegakernelUnsupported, default_attn_tma_min_batch, default_short_context,
+    default_tag_residual, env_int, make_megakernel_decoder, model_unsupported_reason,
 )
 from tokenmill.llm import make_engine_config
 from tokenmill.models.llama import LlamaForCausalLM
@@ -79,6 +79,13 @@ def test_attention_copies_by_tma_from_batch_1_on_h200_and_batch_2_elsewhere():
     assert default_attn_tma_min_batch("NVIDIA H200") == 1
     assert default_attn_tma_min_batch("NVIDIA H100 80GB HBM3") == 2
     assert default_attn_tma_min_batch("NVIDIA GH200 480GB") == 2  # not measured
+
+
+def test_engine_runs_the_megakernel_at_batch_9_to_16_up_to_8k_on_h200_and_1536_elsewhere():
+    assert default_short_context("NVIDIA H200") == 8192
+    assert default_short_context("NVIDIA H100 80GB HBM3") == 1536
+    assert default_short_context("NVIDIA GH200 480GB") == 1536  # not measured
+    assert EngineConfig().megakernel_short_context is None  # the card's
 
 
 def test_experiment_defines_from_the_environment(monkeypatch):
@@ -207,7 +214,7 @@ def test_engine_with_megakernel_follows_the_bf16_model(tmp_path, monkeypatch):
     # The default: the megakernel (norm folded) up to EngineConfig.megakernel_max_batch, the fused kernels above.
     engine, outputs = generate_outputs(model_dir, "megakernel", PROMPTS, "bfloat16", "cuda", GREEDY_TOP5)
     assert tiers(engine) == [(MegakernelLlamaDecoder, EngineConfig.megakernel_max_batch, None),
-                             (MegakernelLlamaDecoder, 16, EngineConfig.megakernel_short_context),
+                             (MegakernelLlamaDecoder, 16, default_short_context(torch.cuda.get_device_name())),
                              (FusedLlamaDecoder, FusedLlamaDecoder.max_batch_size, None)]
     partings = assert_greedy_paths_close(reference, outputs, max_gap=0.5)
     print("default megakernel vs the bf16 model:", partings)
@@ -227,7 +234,7 @@ def test_auto_backend_on_an_h100_picks_the_megakernel_then_the_fused_kernels(tmp
     model_dir = make_random_model_dir(tmp_path / "m", shape, dtype=torch.bfloat16, std=0.2)
     engine, tokens = generate(model_dir, "auto", PROMPTS, "bfloat16", "cuda")
     assert tiers(engine) == [(MegakernelLlamaDecoder, EngineConfig.megakernel_max_batch, None),
-                             (MegakernelLlamaDecoder, 16, EngineConfig.megakernel_short_context),
+                             (MegakernelLlamaDecoder, 16, default_short_context(torch.cuda.get_device_name())),
                              (FusedLlamaDecoder, FusedLlamaDecoder.max_batch_size, None)]
     _, explicit = generate(model_dir, "megakernel", PROMPTS, "bfloat16", "cuda")
     assert tokens == explicit  # the same decoders, the same graphs: the same tokens

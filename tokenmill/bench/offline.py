@@ -440,7 +440,7 @@ def register(subparsers) -> None:
     p.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "triton", "fused", "megakernel"])
     p.add_argument("--megakernel-short-context", type=int, default=EngineConfig.megakernel_short_context,
                    metavar="TOKENS", help="with --decode-backend megakernel: it also takes batches up to 16 while "
-                                          "no sequence is longer (0: off)")
+                                          "no sequence is longer (0: off; default: the card's, as serve)")
     p.add_argument("--async-scheduling", default="auto", choices=ASYNC_SCHEDULING_CHOICES,
                    help="the engine's async scheduling (auto: on for CUDA)")
     p.add_argument("--cudagraph-mode", default=EngineConfig.cudagraph_mode, choices=CUDAGRAPH_MODES,

@@ -125,9 +125,13 @@ class LLMEngine:
         # Decode-only steps: the megakernel for the smallest batches, the fused kernels up to theirs, the model above.
         decode_models = []
         if use_megakernel:
-            from tokenmill.kernels.megakernel.decoder import make_megakernel_decoder
+            from tokenmill.kernels.megakernel.decoder import default_short_context, make_megakernel_decoder
 
-            short_batch = config.megakernel_short_context_batch if config.megakernel_short_context > 0 else 0
+            short_context = config.megakernel_short_context
+            if short_context is None:
+                short_context = default_short_context(torch.cuda.get_device_name(self.device)
+                                                      if self.device.type == "cuda" else "")
+            short_batch = config.megakernel_short_context_batch if short_context > 0 else 0
             # None, with a warning (asked for) or an info line (auto), where it can't run
             megakernel = make_megakernel_decoder(self.model, self.device,
                                                  max(config.megakernel_max_batch, short_batch), quiet=auto_gpu)
@@ -138,9 +142,9 @@ class LLMEngine:
                             any_context)
                 short_batch = min(short_batch, megakernel.max_batch_size)
                 if short_batch > any_context:
-                    decode_models.append(DecodeTier(megakernel, short_batch, config.megakernel_short_context))
+                    decode_models.append(DecodeTier(megakernel, short_batch, short_context))
                     logger.info("decode backend: the megakernel also up to batch %d while no sequence is longer "
-                                "than %d tokens", short_batch, config.megakernel_short_context)
+                                "than %d tokens", short_batch, short_context)
         if fused:
             from tokenmill.kernels.fused_llama import make_fused_decoder
 

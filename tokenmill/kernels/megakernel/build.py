@@ -90,6 +90,7 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("i64", "block_magic"),
     ("i64", "kv_layer_rows"),
     ("i64", "kv_v_rows"),
+    ("i64", "attn_whole_splits"),
 )
 
 

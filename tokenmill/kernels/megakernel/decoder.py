@@ -21,8 +21,8 @@ from tokenmill.kernels.megakernel.build import (
     MegakernelUnavailable, MegakernelUnsupported, encode_kv_tensor_map, load_kernel, pack_params,
 )
 from tokenmill.kernels.megakernel.schedule import (
-    ATTN_PHASES, MATMUL_PHASES, OP_ATTN, OP_DOWN, OP_O, XS_BUDGET, DecodeShape, Schedule, build_schedule,
-    div_magic, ring_magic, unsupported_reason,
+    ATTN_PHASES, MATMUL_PHASES, MAX_ATTN_SPLITS, OP_ATTN, OP_DOWN, OP_O, XS_BUDGET, DecodeShape, Schedule,
+    attention_splits, balanced_split_tokens, build_schedule, div_magic, ring_magic, unsupported_reason,
 )
 from tokenmill.kernels.megakernel.trace import stage_report, unwrap_timer
 from tokenmill.layers.attention_metadata import AttentionMetadata
@@ -36,6 +36,9 @@ DEFAULT_MIN_SPLIT_TOKENS = 128
 # m18b (H200): pairing items of >= 2 or >= 4 chunks, 0.5-0.9 % faster at 8-16 x 4k; >= 2 was 0.4 % slower at 4 x 1k
 # (items of 2 chunks), >= 4 never slower.
 DEFAULT_ATTN_PAIR_MIN_CHUNKS = 4
+# m25a (H200): balanced attention splits at batch 9-14 (Llama-3.2-1B): 9 x 4k / 8k 0.940 / 0.827, 11 x 4k 0.932, 12 x
+# 4k / 8k 0.968 / 0.905, 13 x 8k 0.976; 9 x 2k 1.015 (one split, other blocks than the unbalanced schedule's).
+DEFAULT_ATTN_BALANCE_MAX = 8
 DEFAULT_FOLD_NORM = 1  # m18c (H200): 1.0 / 2.5 / 3.9 % faster at 1 / 8 / 16 x 1k than HF's order
 # Defaults that differ by card, each where an A/B on that card chose it (the H200's HBM is ~43 % faster: a chunk in
 # flight lands sooner, and every wait behind one is shorter).
@@ -47,6 +50,11 @@ H200_CARDS = re.compile(r"\bH200\b")  # "NVIDIA H200", "NVIDIA H200 NVL"; not GH
 # H200 2026-11-28: TMA at batch 1 as well: 1 x 4k 0.946 -> 0.904 ms, 1 x 128 / 1k within 0.4 % (m16a).
 DEFAULT_ATTN_TMA_MIN_BATCH = 2
 H200_ATTN_TMA_MIN_BATCH = 1
+# The engine's megakernel tier at batch 9-16 (EngineConfig.megakernel_short_context). H100 m13: fused + PDL won
+# 16 x 4k by 6 %. H200 m25a (decode_h200_m25a_b9_16.json): the megakernel won every cell at batch 9-16 up to 8k but
+# 13 x 8k (even, 2.029 against 2.020 ms), and lost at 16k from batch 13 on.
+DEFAULT_SHORT_CONTEXT = 1536
+H200_SHORT_CONTEXT = 8192
 
 
 def env_int(name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
@@ -74,6 +82,12 @@ def default_tag_residual(device_name: str) -> bool:
 def default_attn_tma_min_batch(device_name: str) -> int:
     """From which batch size on attention's K / V arrive by TMA tensor copies by default on this card."""
     return H200_ATTN_TMA_MIN_BATCH if H200_CARDS.search(device_name) else DEFAULT_ATTN_TMA_MIN_BATCH
+
+
+def default_short_context(device_name: str) -> int:
+    """The engine's default megakernel_short_context on this card (config.EngineConfig): the longest context at which
+    the megakernel takes decode batches 9-16."""
+    return H200_SHORT_CONTEXT if H200_CARDS.search(device_name) else DEFAULT_SHORT_CONTEXT
 
 
 def model_unsupported_reason(model: torch.nn.Module, device: torch.device | str) -> str | None:
@@ -160,6 +174,15 @@ class MegakernelLlamaDecoder:
         self._kv_tensor_maps: dict[tuple, torch.Tensor | None] = {}
         # Fewest context tokens per attention split: shorter contexts use fewer splits (no merge for one split).
         self.min_split_tokens = env_int("TOKENMILL_MEGAKERNEL_MIN_SPLIT", DEFAULT_MIN_SPLIT_TOKENS, minimum=1)
+        # Attention's context splits balance the SMs' K / V bytes with up to this many splits where one split per
+        # (sequence, KV head) leaves blocks without attention (schedule.attention_splits); 0: never.
+        self.attn_balance_max = env_int("TOKENMILL_MEGAKERNEL_ATTN_BALANCE", DEFAULT_ATTN_BALANCE_MAX, minimum=0,
+                                        maximum=MAX_ATTN_SPLITS)
+        # A balanced schedule's splits are used from this many tokens per split on (0: balanced_split_tokens' model).
+        self.attn_balance_min_split = env_int("TOKENMILL_MEGAKERNEL_ATTN_BALANCE_MIN_SPLIT", 0, minimum=0)
+        # 1: a balanced schedule's one-split contexts on the blocks the unbalanced schedule would give them
+        # (schedule.whole_split_layout; prepared in session 25, not measured yet).
+        self.attn_whole_layout = bool(env_int("TOKENMILL_MEGAKERNEL_ATTN_LAYOUT", 0, minimum=0, maximum=1))
         # Attention items of at least this many ring chunks are worked by the consumer warps in two halves on
         # alternate chunks (llama_decode.cu, run_attention_t); 0: never.
         self.attn_pair_min_chunks = env_int("TOKENMILL_MEGAKERNEL_ATTN_PAIR_MIN_CHUNKS", DEFAULT_ATTN_PAIR_MIN_CHUNKS,
@@ -197,6 +220,19 @@ class MegakernelLlamaDecoder:
 
     # ---- per batch size ---------------------------------------------------------------------------------------
 
+    @staticmethod
+    def balanced(schedule: Schedule) -> bool:
+        """Whether the schedule raised attention's split count to balance the SMs (then all splits or one)."""
+        return schedule.attn_splits > attention_splits(schedule.shape, schedule.num_blocks, balance_max=0)
+
+    def split_tokens(self, schedule: Schedule) -> int:
+        """The fewest context tokens per attention split: min_split_tokens, or for a balanced schedule the length at
+        which all its splits pay (schedule.balanced_split_tokens)."""
+        if self.balanced(schedule):
+            return self.attn_balance_min_split or balanced_split_tokens(schedule.shape, schedule.num_blocks,
+                                                                        schedule.attn_splits)
+        return self.min_split_tokens
+
     def schedule(self, batch: int) -> Schedule:
         return self._state(batch)["schedule"]
 
@@ -206,7 +242,7 @@ class MegakernelLlamaDecoder:
             shape = DecodeShape.of(cfg, batch, self.xs_budget)
             if unsupported_reason(shape) is not None:  # a budget too small for this batch's rows: the default
                 shape = DecodeShape.of(cfg, batch)
-            schedule = build_schedule(shape, self._num_blocks(shape))
+            schedule = build_schedule(shape, self._num_blocks(shape), self.attn_balance_max, self.attn_whole_layout)
             flat, counts = schedule.encoded()
             q_size = cfg.num_attention_heads * cfg.head_dim
             group = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -416,7 +452,7 @@ class MegakernelLlamaDecoder:
             "head_dim": cfg.head_dim,
             "num_layers": cfg.num_hidden_layers,
             "attn_splits": schedule.attn_splits,
-            "min_split_tokens": self.min_split_tokens,
+            "min_split_tokens": self.split_tokens(schedule),
             "attn_pair_min_chunks": self.attn_pair_min_chunks,
             "norm_folded": int(self.fold_norm),
             "kseg_o": st["shape"].kseg(st["shape"].k(OP_O)),
@@ -428,6 +464,7 @@ class MegakernelLlamaDecoder:
             "block_magic": div_magic(kv_cache.shape[3]),
             "kv_layer_rows": kv_cache.stride(0) // kv_row_elems,
             "kv_v_rows": kv_cache.stride(1) // kv_row_elems,
+            "attn_whole_splits": int(self.balanced(schedule)),
             "max_inflight": self.max_inflight_chunks,
             "pause_release": self.pause_release,
             "attn_tma": int(kv_tmap is not None),

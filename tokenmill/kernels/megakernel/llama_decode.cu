@@ -308,8 +308,12 @@ __device__ __forceinline__ AttnItem attn_item(const Params& p, int item) {
   a.split = item - q * S;
   a.kvh = q - a.m * Hkv;
   a.L = p.seq_lens[a.m];
-  const int per_split = (max((int)div_by_magic(a.L + S - 1, p.attn_split_magic), (int)p.min_split_tokens) + 15) /
-                        16 * 16;
+  const int even = (int)div_by_magic(a.L + S - 1, p.attn_split_magic);  // ceil(L / S)
+  // Balanced schedules (p.attn_whole_splits, schedule.attention_splits): all S splits where each holds at least
+  // min_split_tokens, else one; otherwise as many splits of at least min_split_tokens as the context fills.
+  const int least = (int)p.min_split_tokens;
+  const int tokens = !p.attn_whole_splits ? max(even, least) : even >= least ? even : max(a.L, 1);
+  const int per_split = (tokens + 15) / 16 * 16;
   a.t0 = a.split * per_split;
   a.t1 = min(a.L, a.t0 + per_split);
   a.splits = max(1, (a.L + per_split - 1) / per_split);

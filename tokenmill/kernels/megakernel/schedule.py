@@ -19,6 +19,7 @@ of the consumers, across stage boundaries.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -39,6 +40,10 @@ NUM_CONSUMER_THREADS = 256
 G_MAX = 8
 MAX_BATCH = 16
 MAX_ATTN_SPLITS = 32
+BALANCE_MAX_SPLITS = 8  # a balanced schedule's splits: up to the consumer warps, so that the merge prefetches (m25a)
+ITEM_COST_CHUNKS = 2  # balanced_split_tokens' model of an attention item's and a split merge's fixed costs
+MERGE_COST_CHUNKS = 2
+BALANCE_MARGIN = 0.95
 ATTN_PHASES = 7  # stamps per traced attention instruction (trace.ATTENTION_PHASES names them)
 MATMUL_PHASES = 3  # stamps per traced matmul instruction, in the same slots (trace.MATMUL_PHASE_NAMES)
 INSTR_INTS = 8
@@ -179,9 +184,28 @@ def unsupported_reason(shape: DecodeShape) -> str | None:
     return None
 
 
-def attention_splits(shape: DecodeShape, num_blocks: int) -> int:
-    """Context splits per (sequence, KV head): about one attention item per block, at most MAX_ATTN_SPLITS."""
-    return max(1, min(MAX_ATTN_SPLITS, num_blocks // (shape.batch * shape.num_kv_heads)))
+def busiest_block_share(groups: int, splits: int, num_blocks: int) -> float:
+    """The most context one block streams, in (sequence, KV head) contexts, when `groups` of them are cut into
+    `splits` equal items dealt out evenly to `num_blocks` blocks."""
+    return -(-groups * splits // num_blocks) / splits
+
+
+def attention_splits(shape: DecodeShape, num_blocks: int, balance_max: int = BALANCE_MAX_SPLITS,
+                     tolerance: float = 0.05) -> int:
+    """Context splits per (sequence, KV head): about one attention item per block where there are fewer pairs than
+    blocks. Where there are more than half as many (one split each, some blocks get none), up to `balance_max`
+    splits: the fewest whose busiest block streams within `tolerance` of the least any count allows. An SM streams
+    K / V at about its share of HBM, so at long contexts the busiest block sets the stage's time: 9 x 8 pairs on 132
+    SMs in one split each leave 60 SMs without attention (the busiest block's share of a context 1.0); five splits
+    give every block 2 or 3 items of a fifth (0.6). Such schedules use all splits or one (balanced_split_tokens).
+    balance_max 0: one item per block at most."""
+    groups = shape.batch * shape.num_kv_heads
+    base = max(1, min(MAX_ATTN_SPLITS, num_blocks // groups))
+    if base > 1:  # (m25a: balancing 6 x 8 pairs' two splits with up to eight lost 3 % at 4k)
+        return base
+    candidates = range(base, max(base, min(balance_max, MAX_ATTN_SPLITS)) + 1)
+    least = min(busiest_block_share(groups, s, num_blocks) for s in candidates)
+    return min(s for s in candidates if busiest_block_share(groups, s, num_blocks) <= least * (1 + tolerance))
 
 
 @dataclass
@@ -303,15 +327,49 @@ def simulate(schedule: Schedule, order_seed: int = 0) -> int:
         done[instr.stage] += completed
 
 
-def build_schedule(shape: DecodeShape, num_blocks: int) -> Schedule:
-    """Instruction lists for `num_blocks` persistent blocks (one per SM)."""
+def balanced_split_tokens(shape: DecodeShape, num_blocks: int, splits: int) -> int:
+    """The fewest tokens per split for which a balanced schedule's `splits` splits beat one: below, a context is one
+    item. Per block, time ~ its K / V tokens + ITEM_COST_CHUNKS per item (q, the output, the split arrival) +
+    MERGE_COST_CHUNKS for a split merge; all splits must win by BALANCE_MARGIN. (m25a, H200: 9 x 1k with five
+    208-token splits +10.6 %, 9 x 2k with two of 1024 +5 %; 9 x 4k / 8k, 12 x 4k / 8k, 13 x 8k faster.)"""
+    groups = shape.batch * shape.num_kv_heads
+    items = -(-groups * splits // num_blocks)  # the busiest block's
+    share = items / splits
+    chunk = ATTN_CHUNK_BYTES // (2 * shape.head_dim)  # tokens
+    item_cost, merge_cost = ITEM_COST_CHUNKS * chunk, MERGE_COST_CHUNKS * chunk
+    if splits <= 1 or share >= BALANCE_MARGIN:
+        return 1 << 30
+    # share L + items a + m <= margin (L + a)
+    least_context = (items * item_cost + merge_cost - BALANCE_MARGIN * item_cost) / (BALANCE_MARGIN - share)
+    return max(1, math.ceil(least_context / splits))
+
+
+def whole_split_layout(order: list[int], sizes: dict[int, int], splits: int) -> list[int]:
+    """The blocks in the order their item ranges follow each other, for a balanced attention stage (all splits or
+    one): a range that holds a (sequence, KV head)'s first split goes to the least loaded block left (first in
+    `order`), any other range to the most loaded. A context in one split then runs on the blocks the unbalanced
+    schedule would give it; every range holds at most one first split (sizes <= splits)."""
+    left = list(order)
+    layout, pos = [], 0
+    while left:
+        first = left[0]
+        b = left.pop(0) if -pos % splits < sizes[first] else left.pop()
+        layout.append(b)
+        pos += sizes[b]
+    return layout
+
+
+def build_schedule(shape: DecodeShape, num_blocks: int, attn_balance_max: int = BALANCE_MAX_SPLITS,
+                   attn_whole_layout: bool = False) -> Schedule:
+    """Instruction lists for `num_blocks` persistent blocks (one per SM); attn_balance_max: attention_splits'
+    balance_max; attn_whole_layout: balanced attention stages laid out by whole_split_layout."""
     reason = unsupported_reason(shape)
     if reason is not None:
         raise ValueError(reason)
     if num_blocks < 1:
         raise ValueError("need at least one block")
     s = shape
-    splits = attention_splits(s, num_blocks)
+    splits = attention_splits(s, num_blocks, attn_balance_max)
     stages: list[Stage] = [Stage(0, OP_EMBED, -1, s.batch)]
     for layer in range(s.num_layers):
         for op in (OP_QKV, OP_ATTN, OP_O, OP_GATE_UP, OP_DOWN):
@@ -337,8 +395,11 @@ def build_schedule(shape: DecodeShape, num_blocks: int) -> Schedule:
         # The blocks that streamed least so far take the longer ranges; ties by block index.
         order = sorted(range(num_blocks), key=lambda b: (load[b], b))
         sizes = {b: q + (rank < r) for rank, b in enumerate(order)}
+        layout: list[int] = list(range(num_blocks))
+        if stage.op == OP_ATTN and attn_whole_layout and splits > attention_splits(s, num_blocks, balance_max=0):
+            layout = whole_split_layout(order, sizes, splits)
         start = 0
-        for b in range(num_blocks):
+        for b in layout:
             chunk = items[start:start + sizes[b]]
             start += sizes[b]
             if not chunk:
