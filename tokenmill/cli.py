@@ -71,9 +71,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="with --decode-backend megakernel: also run it up to this batch while no sequence is longer "
                         "than --megakernel-short-context (default 16)")
     g.add_argument("--megakernel-short-context", type=int, default=EngineConfig.megakernel_short_context,
-                   metavar="TOKENS", help="see --megakernel-short-context-batch; 0: off (default by card: 8192 on "
-                                          "H200s, where it beat the fused kernels up to 8k; 1536 elsewhere: on the "
-                                          "H100 it won at 1k and lost at 4k)")
+                   metavar="TOKENS", help="see --megakernel-short-context-batch; 0: off (default by card: 4096 on "
+                                          "H200s, where it beat the fused kernels by 6 %% or more up to 4k; 1536 "
+                                          "elsewhere: on the H100 it won at 1k and lost at 4k)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (--cudagraph-mode none)")
     g.add_argument("--cudagraph-mode", choices=CUDAGRAPH_MODES, default="full_and_piecewise",
                    help="CUDA graphs for decode steps (full) and, piece by piece around attention, for steps with "

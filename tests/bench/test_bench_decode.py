@@ -43,6 +43,27 @@ def test_bench_decode_smoke_on_cpu(tmp_path, capsys):
     assert out.with_suffix(".png").stat().st_size > 0  # the plot, beside the JSON
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run; on a GPU run the real benchmark")
+def test_bench_decode_mixed_lengths_on_cpu(tmp_path, capsys):
+    assert decode.cell_lengths(3, 40, long_seqs=1, short_context=8) == [40, 8, 8]
+    assert decode.cell_lengths(2, 4, long_seqs=1, short_context=8) == [4, 4]  # never longer than the context
+    assert decode.cell_lengths(2, 40) == [40, 40]
+    inputs = decode.step_inputs(3, 40, 64, 100, torch.device("cpu"), 0, [40, 8, 8])
+    assert inputs.positions.tolist() == [39, 7, 7]
+    out = tmp_path / "mixed.json"
+    args = parse(["--shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--quick", "--batches", "3",
+                  "--contexts", "40", "--variants", "torch-eager", "--no-breakdown", "--long-seqs", "1",
+                  "--short-context", "8", "--out", str(out)])
+    assert decode.run(args) == 0
+    report = json.loads(out.read_text())
+    (cell,) = report["cells"]
+    assert cell["kv_bytes"] == (40 + 8 + 8) * report["kv_bytes_per_token"]
+    assert cell["results"]["torch-eager"]["ms"] > 0
+    assert "the others at 8 tokens" in capsys.readouterr().out.replace("\n", " ")
+    with pytest.raises(ValueError, match="--long-seqs must be >= 0"):
+        decode.make_settings(parse(["--long-seqs", "-1"]))
+
+
 def saved_cell(batch: int, context: int, ms: float) -> dict:
     return dict(batch=batch, context=context, floor_ms=0.8 + 0.01 * batch, kv_bytes=0,
                 results={"fused-pdl": dict(ms=ms, error=None, note=None),

@@ -81,8 +81,8 @@ def test_attention_copies_by_tma_from_batch_1_on_h200_and_batch_2_elsewhere():
     assert default_attn_tma_min_batch("NVIDIA GH200 480GB") == 2  # not measured
 
 
-def test_engine_runs_the_megakernel_at_batch_9_to_16_up_to_8k_on_h200_and_1536_elsewhere():
-    assert default_short_context("NVIDIA H200") == 8192
+def test_engine_runs_the_megakernel_at_batch_9_to_16_up_to_4k_on_h200_and_1536_elsewhere():
+    assert default_short_context("NVIDIA H200") == 4096
     assert default_short_context("NVIDIA H100 80GB HBM3") == 1536
     assert default_short_context("NVIDIA GH200 480GB") == 1536  # not measured
     assert EngineConfig().megakernel_short_context is None  # the card's

@@ -77,6 +77,10 @@ class Settings:
     sweep_batches: list[int]
     sweep_budget_s: float
     seed: int
+    # 0: every sequence of a cell holds the cell's context; N: only the first N do, the others short_context tokens
+    # (a batch of mixed lengths: one long sequence among short ones)
+    long_seqs: int = 0
+    short_context: int = 256
 
 
 # ---- measuring ----------------------------------------------------------------------------------------------------
@@ -206,15 +210,28 @@ def make_kv_cache(config, max_batch: int, max_context: int, dtype: torch.dtype, 
     return cache
 
 
-def step_inputs(batch: int, context: int, num_blocks: int, vocab: int, device: torch.device, seed: int) -> StepInputs:
-    """One decode step: every sequence has `context` tokens including the new one; blocks are shuffled."""
+def cell_lengths(batch: int, context: int, long_seqs: int = 0, short_context: int = 256) -> list[int]:
+    """Each sequence's tokens in a cell: all `context`, or (long_seqs > 0) the first long_seqs of them and the rest
+    min(short_context, context)."""
+    if long_seqs <= 0:
+        return [context] * batch
+    return [context] * min(long_seqs, batch) + [min(short_context, context)] * max(0, batch - long_seqs)
+
+
+def step_inputs(batch: int, context: int, num_blocks: int, vocab: int, device: torch.device, seed: int,
+                lengths: list[int] | None = None) -> StepInputs:
+    """One decode step: every sequence has `context` tokens including the new one (or lengths[i]); blocks are
+    shuffled."""
     gen = torch.Generator().manual_seed(seed)
-    per_seq = math.ceil(context / BLOCK_SIZE)
+    lengths = lengths or [context] * batch
     order = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # block 0 stays reserved
-    tables = [order[i * per_seq: (i + 1) * per_seq] for i in range(batch)]
-    meta = AttentionMetadata.build([1] * batch, [context] * batch, tables, BLOCK_SIZE, device=device)
+    tables, start = [], 0
+    for length in lengths:
+        tables.append(order[start:start + math.ceil(length / BLOCK_SIZE)])
+        start += len(tables[-1])
+    meta = AttentionMetadata.build([1] * batch, lengths, tables, BLOCK_SIZE, device=device)
     ids = torch.randint(0, vocab, (batch,), generator=gen).to(device)
-    positions = torch.full((batch,), context - 1, dtype=torch.long, device=device)
+    positions = torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=device)
     return StepInputs(ids, positions, meta)
 
 
@@ -450,6 +467,9 @@ def run(args: argparse.Namespace) -> int:
           f"{weight_bytes / 1e9:.3f} GB -> batch-1 floor {report['batch1_floor_ms']:.3f} ms/token; KV "
           f"{kv_per_token} B/token", flush=True)
 
+    if settings.long_seqs:
+        print(f"mixed lengths: {settings.long_seqs} sequence(s) of each cell at its context, the others at "
+              f"{settings.short_context} tokens", flush=True)
     kv_cache = make_kv_cache(config, max(settings.batches + settings.breakdown_batches + settings.sweep_batches),
                              max(settings.contexts + [1024]), dtype, device, settings.seed)
     decoders = make_decoders(model, settings.variants, report)
@@ -458,10 +478,11 @@ def run(args: argparse.Namespace) -> int:
     report["cells"] = []
     for batch in settings.batches:
         for context in settings.contexts:
-            kv_bytes = batch * context * kv_per_token
+            lengths = cell_lengths(batch, context, settings.long_seqs, settings.short_context)
+            kv_bytes = sum(lengths) * kv_per_token
             cell = Cell(batch, context, 1000 * (weight_bytes + kv_bytes) / bandwidth, kv_bytes)
             inputs = step_inputs(batch, context, kv_cache.shape[2], config.vocab_size, device,
-                                 settings.seed + batch * 100003 + context)
+                                 settings.seed + batch * 100003 + context, lengths)
             run_cell(cell, model, decoders, kv_cache, inputs, settings, device)
             cells.append(cell)
             report["cells"].append(asdict(cell))
@@ -525,6 +546,9 @@ def make_settings(args: argparse.Namespace) -> Settings:
             raise ValueError(f"expected positive integers, got {text!r}")
         return values
 
+    long_seqs, short_context = getattr(args, "long_seqs", 0), getattr(args, "short_context", 256)
+    if long_seqs < 0 or short_context < 1:
+        raise ValueError(f"--long-seqs must be >= 0 and --short-context >= 1, got {long_seqs} and {short_context}")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -550,6 +574,8 @@ def make_settings(args: argparse.Namespace) -> Settings:
         sweep_batches=ints(args.sweep_batches),
         sweep_budget_s=args.sweep_budget_s,
         seed=args.seed,
+        long_seqs=long_seqs,
+        short_context=short_context,
     )
 
 
@@ -808,8 +834,11 @@ def print_table(cells: list[Cell], report: dict, variants: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    mixed = report.get("settings", {}).get("long_seqs", 0)
+    lengths = (f" · {mixed} sequence(s) at the context, the others at {report['settings']['short_context']} tokens"
+               if mixed else "")
     table = Table(title=f"decode ms/token (% of floor) · {report['device']} · copy {report['copy_bandwidth_TBps']:.2f}"
-                        f" TB/s · weights {report['weight_bytes'] / 1e9:.2f} GB")
+                        f" TB/s · weights {report['weight_bytes'] / 1e9:.2f} GB{lengths}")
     table.add_column("batch", justify="right")
     table.add_column("context", justify="right")
     table.add_column("floor ms", justify="right")
@@ -860,6 +889,11 @@ def register(subparsers) -> None:
     p.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "tiny"])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--device", default="cuda")
+    p.add_argument("--long-seqs", type=int, default=0, metavar="N",
+                   help="mixed lengths: only the first N sequences of a cell hold its context, the others "
+                        "--short-context tokens (0: all hold it)")
+    p.add_argument("--short-context", type=int, default=256, metavar="TOKENS",
+                   help="with --long-seqs: the other sequences' tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write JSON results here (and their plot beside it, .png)")
     p.add_argument("--replot", default=None, metavar="JSON",

@@ -51,10 +51,13 @@ H200_CARDS = re.compile(r"\bH200\b")  # "NVIDIA H200", "NVIDIA H200 NVL"; not GH
 DEFAULT_ATTN_TMA_MIN_BATCH = 2
 H200_ATTN_TMA_MIN_BATCH = 1
 # The engine's megakernel tier at batch 9-16 (EngineConfig.megakernel_short_context). H100 m13: fused + PDL won
-# 16 x 4k by 6 %. H200 m25a (decode_h200_m25a_b9_16.json): the megakernel won every cell at batch 9-16 up to 8k but
-# 13 x 8k (even, 2.029 against 2.020 ms), and lost at 16k from batch 13 on.
+# 16 x 4k by 6 %. H200 m25a (decode_h200_m25a_b9_16.json, equal contexts): the megakernel won every batch 9-16 cell
+# at 2k and 4k by 6-17 %, at 8k by 0-8 % (13 x 8k even), and lost at 16k from batch 13 on. Its attention splits are
+# fixed per batch size, so a batch's attention takes as long as its longest sequence's (one 8k sequence among short
+# ones costs about what eight do), while the fused kernels' split-KV grid spreads one long sequence over many SMs:
+# 4k, where equal contexts win by 6 % or more, not 8k, where they win by 0-8 %.
 DEFAULT_SHORT_CONTEXT = 1536
-H200_SHORT_CONTEXT = 8192
+H200_SHORT_CONTEXT = 4096
 
 
 def env_int(name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
