@@ -161,7 +161,7 @@ class EngineConfig:
     # default_short_context: 4096 on H200s, where the megakernel beat fused + PDL at batch 9-16 by 6-17 % up to 4k
     # (docs/bench/decode_h200_m25a_b9_16.json, 2026-11-29), 1536 elsewhere: on the H100 (docs/bench/
     # decode_h100_megakernel_m13.log, 2026-11-27) it won at batch 16 by 3.7 / 2.2 % at 128 / 1k but lost by 6 % at 4k).
-    # Batches 1-8 take it at every context measured (128 to 4k on the H100, up to 16k on the H200).
+    # Batches 1-8 take it at every context (it won every cell measured: 128 to 4k, on both cards).
     megakernel_max_batch: int = 8
     megakernel_short_context_batch: int = 16
     megakernel_short_context: int | None = None
