@@ -84,7 +84,7 @@ def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, 
     decoder.fold_norm = bool(fold)
     decoder.tag_residual = not (num_seqs == 1 and pause == 2)
     if num_seqs == 9 and decoder.num_sms == 132:  # 72 (sequence, KV head) pairs: five splits from 5 x 16 tokens on
-        assert decoder.balanced(decoder.schedule(9)) and decoder.schedule(9).attn_splits == 5
+        assert decoder.schedule(9).attn_balanced and decoder.schedule(9).attn_splits == 5
     prompts = random_prompts(num_seqs, config.vocab_size, seed)
     ref = prefill(ref_model, prompts, STEPS + 1, seed)
     torch_bf16, mega = prefill(bf16_model, prompts, STEPS + 1, seed), prefill(bf16_model, prompts, STEPS + 1, seed)

@@ -405,6 +405,8 @@ def test_attention_splits():
     # One split per pair would leave blocks without attention: balanced (m25a's measured cells), unless asked not to.
     assert [attention_splits(llama_1b(b), 132) for b in range(6, 17)] == [2, 2, 2, 5, 8, 3, 4, 5, 7, 1, 1]
     assert attention_splits(llama_1b(9), 132, balance_max=0) == 1
+    assert cached_schedule(llama_1b(9), 132).attn_balanced and not cached_schedule(llama_1b(16), 132).attn_balanced
+    assert not build_schedule(llama_1b(9), 132, attn_balance_max=0).attn_balanced
 
 
 @given(groups=st.integers(1, 300), num_blocks=st.integers(1, 200), balance_max=st.integers(0, 32))

@@ -41,6 +41,7 @@ from tokenmill.layers.attention_metadata import AttentionMetadata
 BLOCK_SIZE = 16
 VARIANTS = ("hf-static", "torch-eager", "torch-graph", "fused", "fused-pdl", "megakernel")
 GEMV_OPS = ("qkv", "o", "gate_up", "down", "lm_head")
+SHORT_CONTEXT = 256  # --short-context: the other sequences of a mixed-length cell (--long-seqs)
 _TRACED: set[str] = set()
 
 
@@ -80,7 +81,7 @@ class Settings:
     # 0: every sequence of a cell holds the cell's context; N: only the first N do, the others short_context tokens
     # (a batch of mixed lengths: one long sequence among short ones)
     long_seqs: int = 0
-    short_context: int = 256
+    short_context: int = SHORT_CONTEXT
 
 
 # ---- measuring ----------------------------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def make_kv_cache(config, max_batch: int, max_context: int, dtype: torch.dtype, 
     return cache
 
 
-def cell_lengths(batch: int, context: int, long_seqs: int = 0, short_context: int = 256) -> list[int]:
+def cell_lengths(batch: int, context: int, long_seqs: int = 0, short_context: int = SHORT_CONTEXT) -> list[int]:
     """Each sequence's tokens in a cell: all `context`, or (long_seqs > 0) the first long_seqs of them and the rest
     min(short_context, context)."""
     if long_seqs <= 0:
@@ -546,7 +547,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
             raise ValueError(f"expected positive integers, got {text!r}")
         return values
 
-    long_seqs, short_context = getattr(args, "long_seqs", 0), getattr(args, "short_context", 256)
+    long_seqs, short_context = args.long_seqs, args.short_context
     if long_seqs < 0 or short_context < 1:
         raise ValueError(f"--long-seqs must be >= 0 and --short-context >= 1, got {long_seqs} and {short_context}")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -892,7 +893,7 @@ def register(subparsers) -> None:
     p.add_argument("--long-seqs", type=int, default=0, metavar="N",
                    help="mixed lengths: only the first N sequences of a cell hold its context, the others "
                         "--short-context tokens (0: all hold it)")
-    p.add_argument("--short-context", type=int, default=256, metavar="TOKENS",
+    p.add_argument("--short-context", type=int, default=SHORT_CONTEXT, metavar="TOKENS",
                    help="with --long-seqs: the other sequences' tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write JSON results here (and their plot beside it, .png)")

@@ -22,7 +22,7 @@ from tokenmill.kernels.megakernel.build import (
 )
 from tokenmill.kernels.megakernel.schedule import (
     ATTN_PHASES, MATMUL_PHASES, MAX_ATTN_SPLITS, OP_ATTN, OP_DOWN, OP_O, XS_BUDGET, DecodeShape, Schedule,
-    attention_splits, balanced_split_tokens, build_schedule, div_magic, ring_magic, unsupported_reason,
+    balanced_split_tokens, build_schedule, div_magic, ring_magic, unsupported_reason,
 )
 from tokenmill.kernels.megakernel.trace import stage_report, unwrap_timer
 from tokenmill.layers.attention_metadata import AttentionMetadata
@@ -223,15 +223,10 @@ class MegakernelLlamaDecoder:
 
     # ---- per batch size ---------------------------------------------------------------------------------------
 
-    @staticmethod
-    def balanced(schedule: Schedule) -> bool:
-        """Whether the schedule raised attention's split count to balance the SMs (then all splits or one)."""
-        return schedule.attn_splits > attention_splits(schedule.shape, schedule.num_blocks, balance_max=0)
-
     def split_tokens(self, schedule: Schedule) -> int:
         """The fewest context tokens per attention split: min_split_tokens, or for a balanced schedule the length at
         which all its splits pay (schedule.balanced_split_tokens)."""
-        if self.balanced(schedule):
+        if schedule.attn_balanced:
             return self.attn_balance_min_split or balanced_split_tokens(schedule.shape, schedule.num_blocks,
                                                                         schedule.attn_splits)
         return self.min_split_tokens
@@ -467,7 +462,7 @@ class MegakernelLlamaDecoder:
             "block_magic": div_magic(kv_cache.shape[3]),
             "kv_layer_rows": kv_cache.stride(0) // kv_row_elems,
             "kv_v_rows": kv_cache.stride(1) // kv_row_elems,
-            "attn_whole_splits": int(self.balanced(schedule)),
+            "attn_whole_splits": int(schedule.attn_balanced),
             "max_inflight": self.max_inflight_chunks,
             "pause_release": self.pause_release,
             "attn_tma": int(kv_tmap is not None),

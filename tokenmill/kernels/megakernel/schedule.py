@@ -208,6 +208,12 @@ def attention_splits(shape: DecodeShape, num_blocks: int, balance_max: int = BAL
     return min(s for s in candidates if busiest_block_share(groups, s, num_blocks) <= least * (1 + tolerance))
 
 
+def splits_balanced(shape: DecodeShape, num_blocks: int, splits: int) -> bool:
+    """Whether `splits` is above one attention item per block: a balanced schedule, which uses all splits or one
+    (balanced_split_tokens)."""
+    return splits > attention_splits(shape, num_blocks, balance_max=0)
+
+
 @dataclass
 class Stage:
     index: int
@@ -224,6 +230,10 @@ class Schedule:
     stages: list[Stage]
     blocks: list[list[Instr]] = field(default_factory=list)
     bytes_per_block: list[int] = field(default_factory=list)
+
+    @property
+    def attn_balanced(self) -> bool:
+        return splits_balanced(self.shape, self.num_blocks, self.attn_splits)
 
     @property
     def max_instrs(self) -> int:
@@ -370,6 +380,7 @@ def build_schedule(shape: DecodeShape, num_blocks: int, attn_balance_max: int = 
         raise ValueError("need at least one block")
     s = shape
     splits = attention_splits(s, num_blocks, attn_balance_max)
+    whole_layout = attn_whole_layout and splits_balanced(s, num_blocks, splits)
     stages: list[Stage] = [Stage(0, OP_EMBED, -1, s.batch)]
     for layer in range(s.num_layers):
         for op in (OP_QKV, OP_ATTN, OP_O, OP_GATE_UP, OP_DOWN):
@@ -396,7 +407,7 @@ def build_schedule(shape: DecodeShape, num_blocks: int, attn_balance_max: int = 
         order = sorted(range(num_blocks), key=lambda b: (load[b], b))
         sizes = {b: q + (rank < r) for rank, b in enumerate(order)}
         layout: list[int] = list(range(num_blocks))
-        if stage.op == OP_ATTN and attn_whole_layout and splits > attention_splits(s, num_blocks, balance_max=0):
+        if stage.op == OP_ATTN and whole_layout:
             layout = whole_split_layout(order, sizes, splits)
         start = 0
         for b in layout:
