@@ -39,9 +39,9 @@ def test_metrics_of_one_streamed_request(server):
     run = replay(ReplayPlan([session(0, [" hello there friend"], outputs=10)]), cfg(server.url))
     (r,) = run.requests
     assert r.ok, r.error
-    assert 0.2 <= r.ttft_s < 0.2 + 0.5
+    assert 0.2 <= r.ttft_s < 0.2 + 1.0  # upper bounds leave room for a stalled CI machine
     assert len(r.itl_s) == 9 and all(x >= 0.02 for x in r.itl_s)
-    assert 0.025 <= sum(r.itl_s) / 9 < 0.15
+    assert 0.025 <= sum(r.itl_s) / 9 < 0.2
     assert r.output_tokens == 10 and r.output_chunks == 10
     assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / 9)
     assert r.e2e_s >= r.ttft_s + sum(r.itl_s) - 1e-6
@@ -77,14 +77,18 @@ def test_turns_are_closed_loop_and_carry_the_conversation(server):
 
 
 def test_session_arrivals_are_open_loop(server):
-    server.state.first_token_delay = 0.4
+    # Answers take 1.5 s, sessions arrive 0.15 s apart: an open-loop client sends all four before the first answer
+    # ends. The bounds leave room for a stalled machine (CI once saw one 0.8 s pause), not for serialization.
+    server.state.first_token_delay = 1.5
     plan = ReplayPlan([session(i, [f" s{i}"], arrival=0.15 * i) for i in range(4)])
     run = replay(plan, cfg(server.url))
     assert all(r.ok for r in run.requests)
     arrivals = sorted(t for t, _, _ in server.state.requests)
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    assert all(0.08 < g < 0.3 for g in gaps), gaps  # not serialized behind the 0.4 s answers
-    assert run.duration_s < 0.15 * 3 + 0.4 + 0.5
+    first_answer_done = min(t for t, _ in server.state.finished)
+    assert arrivals[-1] < first_answer_done, (arrivals, first_answer_done)
+    offsets = [t - arrivals[0] for t in arrivals]
+    assert all(off >= 0.15 * i - 0.03 for i, off in enumerate(offsets)), offsets  # none sent before its time
+    assert run.duration_s < 0.15 * 3 + 1.5 + 1.0
 
 
 def test_gaps_are_capped(server):
