@@ -65,6 +65,14 @@ def test_cli_says_what_is_wrong(capsys):
     assert "BATCHxCONTEXT" in capsys.readouterr().err
     assert main(["bench", "megakernel-ab", "--worker-out", "t.json", "--setting", "a", "--setting", "b"]) == 2
     assert "a worker runs exactly one setting" in capsys.readouterr().err
+    assert main(["bench", "megakernel-ab", "--long-seqs", "-1", "--setting", "a", "--setting", "b"]) == 2
+    assert "--long-seqs must be >= 0" in capsys.readouterr().err
+
+
+def test_mixed_lengths_default_as_bench_decode():
+    from tokenmill.bench import decode, megakernel_ab
+
+    assert megakernel_ab.SHORT_CONTEXT == decode.SHORT_CONTEXT
 
 
 def source_tree(path):
@@ -93,7 +101,8 @@ def test_workers_run_each_setting_in_its_tree_with_rounds_interleaved(tmp_path):
 
     trees = [source_tree(tmp_path / "a"), source_tree(tmp_path / "b")]
     settings = [Setting("a", {}, str(trees[0])), Setting("b", {"TOKENMILL_MEGAKERNEL_INFLIGHT": "1"}, str(trees[1]))]
-    args = argparse.Namespace(cells="1x128,2x128", trials=3, replays=5, seed=0, rounds=2)
+    args = argparse.Namespace(cells="1x128,2x128", trials=3, replays=5, seed=0, rounds=2, long_seqs=0,
+                              short_context=256)
     calls = []
 
     def fake_worker(cmd, cwd, env, **kwargs):
@@ -114,5 +123,8 @@ def test_workers_run_each_setting_in_its_tree_with_rounds_interleaved(tmp_path):
     with pytest.raises(ValueError, match="its worker in .* failed:\n.*--worker-out"):
         time_in_workers(args, settings, run_process=failing_worker)
     assert worker_command(args, settings[1], "t.json")[-2:] == ["--worker-out", "t.json"]
+    # mixed lengths reach the workers (and only then: older trees do not take the flags)
+    mixed = argparse.Namespace(**{**vars(args), "long_seqs": 1, "short_context": 512})
+    assert worker_command(mixed, settings[1], "t.json")[-4:] == ["--long-seqs", "1", "--short-context", "512"]
     assert worker_environment(trees[0])["PYTHONPATH"].startswith(str(trees[0].resolve()))
 

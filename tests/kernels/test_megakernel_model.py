@@ -83,7 +83,7 @@ def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, 
     decoder.attn_pair_min_chunks = pair
     decoder.fold_norm = bool(fold)
     decoder.tag_residual = not (num_seqs == 1 and pause == 2)
-    if num_seqs == 9 and decoder.num_sms == 132:  # 72 (sequence, KV head) pairs: five splits from 5 x 16 tokens on
+    if num_seqs == 9 and decoder.num_sms == 132 and not decoder.attn_claim:  # 72 (sequence, KV head) pairs: five splits from 5 x 16 tokens on
         assert decoder.schedule(9).attn_balanced and decoder.schedule(9).attn_splits == 5
     prompts = random_prompts(num_seqs, config.vocab_size, seed)
     ref = prefill(ref_model, prompts, STEPS + 1, seed)
@@ -115,6 +115,17 @@ def test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, 
     assert err_mega < 2 * err_torch + 1e-3, f"seed {seed}: max logit error {err_mega:.3f} vs torch {err_torch:.3f}"
     # Same slots written (NaN only where neither path wrote), the same K/V up to bf16 rounding.
     assert torch.equal(torch.isnan(torch_bf16.cache), torch.isnan(mega.cache)), f"seed {seed}: cache slots differ"
+
+
+# Attention items claimed at run time (TOKENMILL_MEGAKERNEL_ATTN_CLAIM: the kernel built with ATTN_CLAIM): the
+# contexts differ in length (random prompts), min_split 1 cuts them up to 32 items each (merges past the prefetched
+# 8), 16 a few; batch 9 at Llama widths, 16 with split-K down, and each head width.
+@pytest.mark.parametrize("shape,num_seqs,min_split,attn_tma", [
+    ("small", 3, 16, 0), ("llama-width", 9, 16, 1), ("split-k", 16, 1, 1), ("wide-heads", 3, 1, 1),
+    ("narrow-heads", 1, 1, 0)])
+def test_claimed_attention_tracks_fp32_like_the_bf16_torch_model(monkeypatch, shape, num_seqs, min_split, attn_tma):
+    monkeypatch.setenv("TOKENMILL_MEGAKERNEL_ATTN_CLAIM", "1")
+    test_bf16_megakernel_tracks_fp32_like_the_bf16_torch_model(shape, num_seqs, min_split, attn_tma, 2, 1, 2, 1)
 
 
 def test_tagged_residual_stream_changes_no_bit_at_llama_1b_width():

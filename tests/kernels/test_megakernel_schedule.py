@@ -450,6 +450,77 @@ def test_balanced_split_tokens_keeps_short_contexts_whole():
     assert schedule.balanced_split_tokens(llama_1b(14), 132, 7) > schedule.balanced_split_tokens(llama_1b(12), 132, 4)
 
 
+# ---- attention items claimed at run time (ATTN_CLAIM) --------------------------------------------------------------
+
+
+def plan_for(lens, kv_heads=8, blocks=132, head_dim=64):
+    chunk = schedule.ATTN_CHUNK_BYTES // (2 * head_dim)
+    return schedule.claim_plan(lens, kv_heads, blocks, 128, schedule.ITEM_COST_CHUNKS * chunk,
+                               schedule.MERGE_COST_CHUNKS * chunk)
+
+
+@given(lens=st.lists(st.integers(0, 40_000), min_size=1, max_size=schedule.CLAIM_MAX_SEQS),
+       kv_heads=st.sampled_from([1, 2, 8]), blocks=st.integers(1, 200), min_split=st.integers(1, 4096))
+@settings(max_examples=200, deadline=None)
+def test_claimed_items_cover_every_context_once(lens, kv_heads, blocks, min_split):
+    plan = schedule.claim_plan(lens, kv_heads, blocks, min_split, 256, 256)
+    items = schedule.claim_items(plan, lens, kv_heads)
+    assert plan.items == len(items) and sorted(plan.order) == list(range(len(lens)))
+    assert all(1 <= n <= schedule.MAX_ATTN_SPLITS for n in plan.splits)
+    assert all(size % 16 == 0 and size > 0 for size in plan.per_split)
+    for m, n in enumerate(lens):
+        for kvh in range(kv_heads):
+            mine = sorted((split, t0, t1) for mm, kh, split, t0, t1 in items if (mm, kh) == (m, kvh))
+            assert [split for split, _, _ in mine] == list(range(plan.splits[m]))
+            # contiguous, in order, every split non-empty unless the context is
+            assert [t0 for _, t0, _ in mine] == [0] + [t1 for _, _, t1 in mine[:-1]]
+            assert mine[-1][2] == n and all(t1 > t0 for _, t0, t1 in mine) or n == 0
+    # longest sequence first: its items are claimed before any shorter one's
+    firsts = [next(i for i, item in enumerate(items) if item[0] == m) for m in plan.order]
+    assert firsts == sorted(firsts) and [lens[m] for m in plan.order] == sorted(lens, reverse=True)
+
+
+def test_claim_plan_cuts_long_contexts_among_short_ones():
+    # equal contexts: as the static schedules (one split each at 16 x 1k, 8 of 128 tokens at 1 x 1k)
+    assert plan_for([1024] * 16).splits == [1] * 16
+    assert plan_for([1024]).splits == [8] and plan_for([1024]).per_split == [128]
+    assert plan_for([128]).splits == [1]  # never below min_split_tokens
+    # 9 x 4k: 72 pairs on 132 blocks; three items of 1366 tokens (216 items, two rounds) against 4096 in one
+    assert plan_for([4096] * 9).splits == [3] * 9
+    # one 16k context among 15 of 1k: the long one in 8 items of 2048 (184 items: every block one, 52 a second
+    # short one, ~2560 tokens' time against the static schedule's 16k on one SM per KV head), the short ones whole
+    mixed = plan_for([1024] * 7 + [16384] + [1024] * 8)
+    assert mixed.splits[7] == 8 and mixed.per_split[7] == 2048
+    assert all(n == 1 for m, n in enumerate(mixed.splits) if m != 7) and mixed.order[0] == 7
+    with pytest.raises(ValueError, match="1 to 32 sequences"):
+        plan_for([1] * 33)
+
+
+@pytest.mark.parametrize("batch", [1, 9, 16])
+def test_claimed_attention_schedules(batch):
+    shape = llama_1b(batch)
+    sched = build_schedule(shape, 132, attn_claim=True)
+    sched.check()
+    assert_stage_order(sched)
+    assert sched.attn_claim and not sched.attn_balanced and sched.attn_splits == schedule.MAX_ATTN_SPLITS
+    attn_stages = [s.index for s in sched.stages if s.op == schedule.OP_ATTN]
+    for block in sched.blocks:
+        assert sorted(i.stage for i in block if i.op == schedule.OP_ATTN) == attn_stages
+    # the matmuls are placed as in the static schedule
+    static = cached_schedule(shape, 132)
+    assert [[i for i in b if i.op != schedule.OP_ATTN] for b in sched.blocks] == \
+        [[i for i in b if i.op != schedule.OP_ATTN] for b in static.blocks]
+    assert simulate(sched, batch) == sum(len(b) for b in sched.blocks)
+
+
+def test_check_rejects_a_claimed_stage_missing_from_a_block():
+    sched = build_schedule(llama_1b(4), 16, attn_claim=True)
+    b, i = first_index(sched, schedule.OP_ATTN, block=5)
+    del sched.blocks[b][i]
+    with pytest.raises(AssertionError, match="claimed attention stage needs one instruction in every block"):
+        sched.check()
+
+
 def test_decode_shape_of_model_config():
     from tokenmill.config import ModelConfig
 
@@ -484,6 +555,7 @@ def test_constants_match_the_cuda_source():
     assert value("NUM_CONSUMERS") == schedule.NUM_CONSUMER_THREADS
     assert value("NUM_THREADS") == build.NUM_THREADS
     assert value("MAX_ATTN_SPLITS") == schedule.MAX_ATTN_SPLITS
+    assert schedule.MAX_BATCH <= schedule.CLAIM_MAX_SEQS == 32  # claim_plan: one sequence per producer lane
     assert schedule.BALANCE_MAX_SPLITS <= value("NUM_CONSUMER_WARPS")  # merge_splits prefetches up to that many
     assert value("ATTN_PHASES") == schedule.ATTN_PHASES
     assert value("MATMUL_PHASES") == schedule.MATMUL_PHASES <= schedule.ATTN_PHASES
@@ -603,7 +675,8 @@ def test_timing_diagnostics_still_compile(tmp_path):
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
-@pytest.mark.parametrize("head_dim,flags", [(32, ()), (64, ()), (128, ()), (64, ("-DMATMUL_GROUPS=1",))])
+@pytest.mark.parametrize("head_dim,flags", [(32, ()), (64, ()), (128, ()), (64, ("-DMATMUL_GROUPS=1",)),
+                                            (64, ("-DATTN_CLAIM=1",))])
 def test_kernel_compiles_for_sm90a_without_spills(tmp_path, head_dim, flags):
     src = tmp_path / "check.cu"
     src.write_text(full_source())

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 KNOB_PREFIX = "TOKENMILL_MEGAKERNEL_"
+SHORT_CONTEXT = 256  # = bench.decode.SHORT_CONTEXT (not imported: that module pulls in torch)
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,10 @@ def worker_command(args: argparse.Namespace, setting: Setting, out_path: str) ->
     """One round of one setting in a process of its own tree, its times written to out_path."""
     return [sys.executable, "-m", "tokenmill", "bench", "megakernel-ab", "--cells", args.cells,
             "--setting", setting.spec(), "--trials", str(args.trials), "--replays", str(args.replays),
-            "--seed", str(args.seed), "--worker-out", out_path]
+            "--seed", str(args.seed), "--worker-out", out_path,
+            # (only where asked: trees from before mixed lengths do not take the flags)
+            *(["--long-seqs", str(args.long_seqs), "--short-context", str(args.short_context)] if args.long_seqs
+              else [])]
 
 
 def worker_environment(tree: Path) -> dict[str, str]:
@@ -174,13 +178,16 @@ def time_here(args: argparse.Namespace, settings: list[Setting], cells: list[tup
     """Every setting's rounds in this process (the decoder rebuilt per setting), rounds interleaved."""
     import torch
 
-    from tokenmill.bench.decode import build_model, capture_graph, fused_step, make_kv_cache, step_inputs, time_graph
+    from tokenmill.bench.decode import (
+        build_model, capture_graph, cell_lengths, fused_step, make_kv_cache, step_inputs, time_graph,
+    )
     from tokenmill.kernels.megakernel.build import MegakernelUnavailable
     from tokenmill.kernels.megakernel.decoder import MegakernelLlamaDecoder
 
     model, config, _ = build_model("llama-3.2-1b", torch.bfloat16, device, seed=args.seed)
     kv_cache = make_kv_cache(config, max(b for b, _ in cells), max(c for _, c in cells), torch.bfloat16, device, 1)
-    inputs = {cell: step_inputs(*cell, kv_cache.shape[2], config.vocab_size, device, seed=cell[0]) for cell in cells}
+    inputs = {cell: step_inputs(*cell, kv_cache.shape[2], config.vocab_size, device, seed=cell[0],
+                                lengths=cell_lengths(*cell, args.long_seqs, args.short_context)) for cell in cells}
     times: dict[str, dict[str, list[float]]] = {f"{b}x{c}": {} for b, c in cells}
     t0 = time.perf_counter()
     for round_index in range(rounds):
@@ -213,6 +220,9 @@ def run(args: argparse.Namespace) -> int:
         settings = parse_settings(args.setting)
     if args.rounds < 1:
         raise ValueError("--rounds must be >= 1")
+    if args.long_seqs < 0 or args.short_context < 1:
+        raise ValueError(f"--long-seqs must be >= 0 and --short-context >= 1, got {args.long_seqs} and "
+                         f"{args.short_context}")
     if not torch.cuda.is_available():
         raise ValueError("bench megakernel-ab needs a CUDA GPU (sm_90), and torch sees none")
     device = torch.device("cuda", torch.cuda.current_device())
@@ -226,11 +236,14 @@ def run(args: argparse.Namespace) -> int:
     labels = [s.label for s in settings]
     rows = summarise(times, labels)
     device_name = torch.cuda.get_device_name(device)
-    print_summary(rows, f"megakernel A/B · {device_name} · {args.rounds} rounds · ms per decode step")
+    mixed = (f" · mixed lengths: {args.long_seqs} sequence(s) at the cell's context, the others at "
+             f"{args.short_context}" if args.long_seqs else "")
+    print_summary(rows, f"megakernel A/B · {device_name} · {args.rounds} rounds · ms per decode step{mixed}")
     if args.out:
         report = dict(date=time.strftime("%Y-%m-%d %H:%M"), device=device_name, shape="llama-3.2-1b",
                       settings={s.label: s.env for s in settings}, trees={s.label: s.tree for s in settings if s.tree},
-                      rounds=args.rounds, times=times, summary=rows)
+                      rounds=args.rounds, long_seqs=args.long_seqs, short_context=args.short_context, times=times,
+                      summary=rows)
         Path(args.out).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.out}")
     return 0
@@ -246,6 +259,10 @@ def register(subparsers) -> None:
     p.add_argument("--trials", type=int, default=15, help="timed groups of replays per cell and round")
     p.add_argument("--replays", type=int, default=50, help="graph replays per timed group")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--long-seqs", type=int, default=0, metavar="N",
+                   help="mixed lengths: only the first N sequences of a cell hold its context, the others "
+                        "--short-context tokens (as bench decode)")
+    p.add_argument("--short-context", type=int, default=SHORT_CONTEXT, metavar="T")
     p.add_argument("--out", default=None, help="write the times and the summary here (JSON)")
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)  # a worker's one round (time_in_workers)
     p.set_defaults(func=run)

@@ -91,6 +91,10 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("i64", "kv_layer_rows"),
     ("i64", "kv_v_rows"),
     ("i64", "attn_whole_splits"),
+    ("ptr:int", "claim_counters"),  # ATTN_CLAIM: one per layer, zeroed with the other counters
+    ("i64", "claim_item_cost"),  # ATTN_CLAIM: claim_plan's item_cost and merge_cost (tokens)
+    ("i64", "claim_merge_cost"),
+    ("i64", "kv_head_magic"),  # div_magic(n_kv_heads)
 )
 
 
@@ -298,10 +302,10 @@ def experiment_flags() -> tuple[str, ...]:
     return flags
 
 
-def load_kernel(device_index: int, head_dim: int) -> LoadedKernel:
-    """Compiles (once per head_dim and experiment_flags()) and loads the kernel into the current CUDA context
-    of `device_index`."""
-    flags = experiment_flags()
+def load_kernel(device_index: int, head_dim: int, defines: tuple[str, ...] = ()) -> LoadedKernel:
+    """Compiles (once per head_dim, `defines` (-DNAME[=VALUE] variants the caller selects) and experiment_flags())
+    and loads the kernel into the current CUDA context of `device_index`."""
+    flags = (*defines, *experiment_flags())
     key = (device_index, head_dim, flags)
     if key in _LOADED:
         return _LOADED[key]

@@ -21,8 +21,8 @@ from tokenmill.kernels.megakernel.build import (
     MegakernelUnavailable, MegakernelUnsupported, encode_kv_tensor_map, load_kernel, pack_params,
 )
 from tokenmill.kernels.megakernel.schedule import (
-    ATTN_PHASES, MATMUL_PHASES, MAX_ATTN_SPLITS, OP_ATTN, OP_DOWN, OP_O, XS_BUDGET, DecodeShape, Schedule,
-    balanced_split_tokens, build_schedule, div_magic, ring_magic, unsupported_reason,
+    ATTN_CHUNK_BYTES, ATTN_PHASES, ITEM_COST_CHUNKS, MATMUL_PHASES, MAX_ATTN_SPLITS, MERGE_COST_CHUNKS, OP_ATTN,
+    OP_DOWN, OP_O, XS_BUDGET, DecodeShape, Schedule, balanced_split_tokens, build_schedule, div_magic, ring_magic, unsupported_reason,
 )
 from tokenmill.kernels.megakernel.trace import stage_report, unwrap_timer
 from tokenmill.layers.attention_metadata import AttentionMetadata
@@ -128,7 +128,12 @@ class MegakernelLlamaDecoder:
         self.model = model
         self.config = model.config
         self.device = device
-        self.kernel = load_kernel(device.index or 0, model.config.head_dim)
+        # 1: attention items claimed at run time from a per-layer counter, cut by the step's context lengths
+        # (schedule.claim_plan; the kernel built with ATTN_CLAIM), instead of static ranges that assume equal
+        # contexts. Prepared in session 26, not measured yet.
+        self.attn_claim = bool(env_int("TOKENMILL_MEGAKERNEL_ATTN_CLAIM", 0, minimum=0, maximum=1))
+        self.kernel = load_kernel(device.index or 0, model.config.head_dim,
+                                  ("-DATTN_CLAIM=1",) if self.attn_claim else ())
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         cfg = model.config
         self.max_batch_size = max(b for b in range(1, 17) if unsupported_reason(DecodeShape.of(cfg, b)) is None)
@@ -240,7 +245,8 @@ class MegakernelLlamaDecoder:
             shape = DecodeShape.of(cfg, batch, self.xs_budget)
             if unsupported_reason(shape) is not None:  # a budget too small for this batch's rows: the default
                 shape = DecodeShape.of(cfg, batch)
-            schedule = build_schedule(shape, self._num_blocks(shape), self.attn_balance_max, self.attn_whole_layout)
+            schedule = build_schedule(shape, self._num_blocks(shape), self.attn_balance_max, self.attn_whole_layout,
+                                      self.attn_claim)
             flat, counts = schedule.encoded()
             q_size = cfg.num_attention_heads * cfg.head_dim
             group = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -248,6 +254,7 @@ class MegakernelLlamaDecoder:
             max_segs = max(shape.segs(OP_O), shape.segs(OP_DOWN))
             num_arrivals = cfg.num_hidden_layers * 2 * (cfg.hidden_size // 16) + \
                 cfg.num_hidden_layers * batch * cfg.num_key_value_heads
+            num_claim_counters = cfg.num_hidden_layers if schedule.attn_claim else 0
             self._per_batch[batch] = {
                 "schedule": schedule,
                 "shape": shape,
@@ -269,8 +276,11 @@ class MegakernelLlamaDecoder:
                 "ml_part": torch.empty(batch * cfg.num_key_value_heads * splits * group * 2,
                                        dtype=torch.float32, device=dev),
                 "logits": torch.empty(batch, cfg.vocab_size, dtype=torch.float32, device=dev),
-                # done counters (one per stage) then arrival counters, zeroed by one memset per launch
-                "counters": torch.zeros(len(schedule.stages) + num_arrivals, dtype=torch.int32, device=dev),
+                # done counters (one per stage), arrival counters, then (attn_claim) claim counters (one per
+                # layer), zeroed by one memset per launch
+                "counters": torch.zeros(len(schedule.stages) + num_arrivals + num_claim_counters, dtype=torch.int32,
+                                        device=dev),
+                "num_arrivals": num_arrivals,
                 "trace": None,
                 "chunk_trace": None,
                 "phase_trace": None,
@@ -409,6 +419,7 @@ class MegakernelLlamaDecoder:
         else:
             layer_ptrs, lm_head = self.layer_ptrs, self.lm_head_weight
         kv_row_elems = cfg.num_key_value_heads * cfg.head_dim  # a token's K (or V) row: the tensor map's rows
+        attn_chunk_tokens = ATTN_CHUNK_BYTES // (2 * cfg.head_dim)
         params = pack_params({
             "layers": layer_ptrs.data_ptr(),
             "embed": self.embed.data_ptr(),
@@ -463,6 +474,11 @@ class MegakernelLlamaDecoder:
             "kv_layer_rows": kv_cache.stride(0) // kv_row_elems,
             "kv_v_rows": kv_cache.stride(1) // kv_row_elems,
             "attn_whole_splits": int(schedule.attn_balanced),
+            "claim_counters": (st["counters"].data_ptr() + 4 * (len(schedule.stages) + st["num_arrivals"])
+                               if schedule.attn_claim else 0),
+            "claim_item_cost": ITEM_COST_CHUNKS * attn_chunk_tokens,
+            "claim_merge_cost": MERGE_COST_CHUNKS * attn_chunk_tokens,
+            "kv_head_magic": div_magic(cfg.num_key_value_heads),
             "max_inflight": self.max_inflight_chunks,
             "pause_release": self.pause_release,
             "attn_tma": int(kv_tmap is not None),

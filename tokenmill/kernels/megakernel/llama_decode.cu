@@ -320,6 +320,146 @@ __device__ __forceinline__ AttnItem attn_item(const Params& p, int item) {
   return a;
 }
 
+// ---- attention items claimed at run time (ATTN_CLAIM) -------------------------------------------------------------
+
+// Under ATTN_CLAIM every block holds each attention stage's instruction, and its producer takes items from the
+// layer's counter (p.claim_counters) one at a time: whichever block is free takes the next item, so contexts of any
+// lengths spread over the SMs (the static ranges assume equal ones). The items come from the step's context lengths
+// (claim_plan, computed once per step by each producer), longest sequence first. The producer posts each claimed item
+// to its consumers through a small mailbox in shared memory, before the item's chunks, so that they load q while
+// the K / V chunks land; an item with m < 0 ends the block's share of the stage.
+// The producer claims an item only once its mailbox has room: with one slot, once the consumers have taken the
+// previous item, so a block holds at most the item it works and the next (a producer far ahead of its consumers
+// would otherwise take items that idle blocks could work, e.g. one-chunk items at batch 1).
+#ifndef CLAIM_BOX
+#define CLAIM_BOX 1
+#endif
+
+struct ClaimBox {
+  uint64_t full[CLAIM_BOX];   // the producer's post (count 1)
+  uint64_t empty[CLAIM_BOX];  // read by every consumer warp (count NUM_CONSUMER_WARPS)
+  AttnItem item[CLAIM_BOX];
+};
+
+#ifdef ATTN_CLAIM
+// The producer's plan of the step's claimed attention stages, as schedule.claim_plan (its reference): lane r holds
+// the sequence r-th in claim order (longest first, ties by index), its tokens per item and items per KV head, and
+// `first`, the stage's items before that sequence's (INT_MAX on lanes past the batch). `items`: the stage's total.
+struct ClaimPlan {
+  int m, L, per_split, splits, first, items;
+};
+
+__device__ __forceinline__ int round_up16(int x) { return (x + 15) & ~15; }
+
+// Per-lane items of a context of L tokens cut into items of at most t tokens (t a multiple of 16), and their size.
+__device__ __forceinline__ int claim_splits(int L, int t, int& per_split) {
+  const int parts = max(1, (L + t - 1) / t);
+  per_split = round_up16(max((L + parts - 1) / parts, 1));
+  return max(1, (L + per_split - 1) / per_split);
+}
+
+__device__ __forceinline__ ClaimPlan claim_plan(const Params& p) {
+  const int lane = threadIdx.x & 31, M = (int)p.M, Hkv = (int)p.n_kv_heads;
+  const bool seq = lane < M;
+  const int L = seq ? max(p.seq_lens[lane], 0) : 0;
+  int longest = L, total = L;
+#pragma unroll
+  for (int off = 16; off; off >>= 1) {
+    longest = max(longest, __shfl_xor_sync(0xffffffffu, longest, off));
+    total += __shfl_xor_sync(0xffffffffu, total, off);
+  }
+  // Items of at most t tokens, t = the longest context / s rounded up to 16, for the s with the least estimated
+  // time: rounds of the largest item (items + their fixed cost over every block), plus a merge if any context splits.
+  // 32-bit: every value below is under Hkv x (all tokens + the items' costs), < 2^32 for any batch the kernel runs
+  // at contexts up to millions of tokens (a 64-bit division is a ~100-instruction call, 32 times here).
+  const uint32_t item_cost = (uint32_t)p.claim_item_cost, blocks = gridDim.x;
+  int best_t = 0;
+  uint32_t best_cost = 0;
+  for (int s = 1; s <= MAX_ATTN_SPLITS; ++s) {
+    const int t = round_up16(max((longest + s - 1) / s, 1));
+    if (s > 1 && t < (int)p.min_split_tokens) break;
+    int per_split, splits = seq ? claim_splits(L, t, per_split) : 0, most = splits;
+#pragma unroll
+    for (int off = 16; off; off >>= 1) {
+      splits += __shfl_xor_sync(0xffffffffu, splits, off);
+      most = max(most, __shfl_xor_sync(0xffffffffu, most, off));
+    }
+    const uint32_t size = t + item_cost, work = Hkv * (total + item_cost * splits);
+    const uint32_t merge = most > 1 ? (uint32_t)p.claim_merge_cost : 0u;
+    const uint32_t cost = (work + blocks * size - 1) / (blocks * size) * size + merge;
+    if (best_t == 0 || cost < best_cost) {
+      best_t = t;
+      best_cost = cost;
+    }
+  }
+  int per_split = 0;
+  const int splits = seq ? claim_splits(L, best_t, per_split) : 0;
+  int rank = 0;
+  for (int j = 0; j < M; ++j) {
+    const int Lj = __shfl_sync(0xffffffffu, L, j);
+    rank += Lj > L || (Lj == L && j < lane);
+  }
+  int before = 0, all = 0, src = 0;  // src: the lane of the sequence ranked `lane`
+  for (int j = 0; j < M; ++j) {
+    const int rj = __shfl_sync(0xffffffffu, rank, j), sj = __shfl_sync(0xffffffffu, splits, j);
+    before += rj < rank ? sj : 0;
+    all += sj;
+    src = rj == lane ? j : src;
+  }
+  ClaimPlan c;
+  c.m = src;
+  c.L = __shfl_sync(0xffffffffu, L, src);
+  c.per_split = __shfl_sync(0xffffffffu, per_split, src);
+  c.splits = __shfl_sync(0xffffffffu, splits, src);
+  c.first = __shfl_sync(0xffffffffu, before, src) * Hkv;
+  if (!seq) c.first = INT_MAX;
+  c.items = all * Hkv;
+  return c;
+}
+
+// Item `id` (< c.items) of a claimed stage, as schedule.claim_items: sequences in claim order, each split-major.
+__device__ __forceinline__ AttnItem claimed_item(const Params& p, const ClaimPlan& c, int id) {
+  const int Hkv = (int)p.n_kv_heads;
+  const int r = 31 - __clz(__ballot_sync(0xffffffffu, c.first <= id));  // firsts increase with the rank
+  AttnItem a;
+  a.m = __shfl_sync(0xffffffffu, c.m, r);
+  a.L = __shfl_sync(0xffffffffu, c.L, r);
+  a.splits = __shfl_sync(0xffffffffu, c.splits, r);
+  const int per_split = __shfl_sync(0xffffffffu, c.per_split, r);
+  const int local = id - __shfl_sync(0xffffffffu, c.first, r);
+  a.split = (int)div_by_magic(local, p.kv_head_magic);
+  a.kvh = local - a.split * Hkv;
+  a.t0 = a.split * per_split;
+  a.t1 = min(a.L, a.t0 + per_split);
+  return a;
+}
+
+// The producer's n-th post of the step (warp-wide): waits for the slot (box_free), then posts.
+__device__ __forceinline__ void box_free(ClaimBox* box, uint32_t n) {
+  mbar_wait(&box->empty[n % CLAIM_BOX], ((n / CLAIM_BOX) & 1) ^ 1);
+}
+
+__device__ __forceinline__ void post_claimed(ClaimBox* box, uint32_t n, const AttnItem& a) {
+  const int k = n % CLAIM_BOX;
+  if ((threadIdx.x & 31) == 0) {
+    box->item[k] = a;
+    mbar_arrive(&box->full[k]);  // release: the item's stores before it
+  }
+  __syncwarp();
+}
+
+// The consumers' n-th take of the step (every consumer thread; n counts in each).
+__device__ __forceinline__ AttnItem take_claimed(ClaimBox* box, uint32_t& n) {
+  const int k = n % CLAIM_BOX;
+  mbar_wait(&box->full[k], (n / CLAIM_BOX) & 1);
+  ++n;
+  const AttnItem a = box->item[k];  // (after the wait: its asm clobbers memory)
+  __syncwarp();
+  if ((threadIdx.x & 31) == 0) mbar_arrive(&box->empty[k]);
+  return a;
+}
+#endif
+
 // ---- producer ---------------------------------------------------------------------------------------------------
 
 // Position in a block's stream of ring chunks; ii == count once past the end. A matmul chunk is (instruction,
@@ -330,6 +470,13 @@ struct Cursor {
   int m, kvh;
   int kv_row0;  // attention under p.attn_tma: the layer's first K row in the KV tensor map
   OpInfo info;
+#ifdef ATTN_CLAIM
+  int layer;        // the attention instruction's
+  uint32_t claims;  // items posted so far this step (the mailbox's sequence)
+  bool planned;     // plan computed (at the step's first attention instruction)
+  ClaimPlan plan;
+  ClaimBox* box;
+#endif
 };
 
 // Points an attention cursor at item c.tile; false when the item has no context tokens (no chunks).
@@ -341,6 +488,40 @@ __device__ __forceinline__ bool cursor_attention_item(const Params& p, Cursor& c
   c.kvh = a.kvh;
   return a.t1 > a.t0;  // (split < splits just as well: a split past the last is empty; no division for splits here)
 }
+
+#ifdef ATTN_CLAIM
+// Claims items of the cursor's attention stage until one has context tokens (true: c points at its first chunk) or
+// the stage has none left (false: the end is posted). Every claimed item is posted, empty ones too: their
+// (sequence, KV head) completes all the same.
+__device__ __forceinline__ bool cursor_claim(const Params& p, Cursor& c) {
+  if (!c.planned) {
+    c.plan = claim_plan(p);
+    c.planned = true;
+  }
+  for (;;) {
+    box_free(c.box, c.claims);
+    int id = 0;
+    if ((threadIdx.x & 31) == 0) id = atomicAdd(p.claim_counters + c.layer, 1);
+    id = __shfl_sync(0xffffffffu, id, 0);
+    AttnItem a;
+    if (id < c.plan.items) {
+      a = claimed_item(p, c.plan, id);
+    } else {
+      a.m = -1;
+      a.t0 = a.t1 = 0;
+    }
+    post_claimed(c.box, c.claims++, a);
+    if (a.m < 0) return false;
+    if (a.t1 > a.t0) {
+      c.kc = a.t0;
+      c.k1 = a.t1;
+      c.m = a.m;
+      c.kvh = a.kvh;
+      return true;
+    }
+  }
+}
+#endif
 
 __device__ __forceinline__ void cursor_seek(const Params& p, const int* instrs, int count, Cursor& c) {
   for (; c.ii < count; ++c.ii) {
@@ -358,9 +539,14 @@ __device__ __forceinline__ void cursor_seek(const Params& p, const int* instrs, 
       c.op = OP_ATTN;
       c.info.weight = p.kv_cache + in[1] * p.kv_layer_stride;
       c.kv_row0 = in[1] * (int)p.kv_layer_rows;
+#ifdef ATTN_CLAIM
+      c.layer = in[1];
+      if (cursor_claim(p, c)) return;
+#else
       c.tile_end = in[4];
       for (c.tile = in[3]; c.tile < c.tile_end; ++c.tile)
         if (cursor_attention_item(p, c)) return;
+#endif
     }
   }
 }
@@ -369,8 +555,12 @@ __device__ __forceinline__ void cursor_next(const Params& p, const int* instrs, 
   if (c.op == OP_ATTN) {
     c.kc += ATTN_CHUNK_TOKENS;
     if (c.kc < c.k1) return;
+#ifdef ATTN_CLAIM
+    if (cursor_claim(p, c)) return;
+#else
     while (++c.tile < c.tile_end)
       if (cursor_attention_item(p, c)) return;
+#endif
     ++c.ii;
     cursor_seek(p, instrs, count, c);
     return;
@@ -485,8 +675,9 @@ __device__ __forceinline__ void wait_inflight(uint64_t* full, uint32_t num_stage
 // this SM has in flight: holding new ones back from the last tile's epilogue to the release made batch 1-16 faster
 // by 30-55 us per step on the H100 (m12e), starting earlier (at the last tile's first chunk, or after the staging)
 // less so.
+// `box`: ATTN_CLAIM's mailbox to the consumers (unused otherwise).
 __device__ void producer(const Params& p, const int* instrs, int count, char* ring, uint64_t* full,
-                         uint64_t* empty, const volatile int* pause_ii) {
+                         uint64_t* empty, const volatile int* pause_ii, ClaimBox* box) {
   const int lane = threadIdx.x & 31;
   const uint32_t NUM_STAGES = (uint32_t)p.num_stages, RING_M = (uint32_t)p.ring_magic;
   const uint32_t max_inflight = p.max_inflight > 0 ? min((uint32_t)p.max_inflight, NUM_STAGES) : NUM_STAGES;
@@ -496,6 +687,11 @@ __device__ void producer(const Params& p, const int* instrs, int count, char* ri
   if (p.attn_tma && lane == 0) asm volatile("prefetch.tensormap [%0];" ::"l"(p.kv_tmap) : "memory");
   Cursor load;
   load.ii = 0;
+#ifdef ATTN_CLAIM
+  load.claims = 0;
+  load.planned = false;
+  load.box = box;
+#endif
   cursor_seek(p, instrs, count, load);
   uint32_t attn_chunks = 0;  // chunk trace entries are weight chunks only
   for (uint32_t chunk = 0; load.ii < count; ++chunk) {
@@ -544,6 +740,9 @@ struct Misc {
   int repolls[2];  // traced: the most times a consumer re-read its tagged words, by instruction parity (thread 0
                    // copies and clears instruction ii's after the barrier that ends it, while ii + 1 uses the other)
   uint32_t tag_base;  // p.tagged: epoch x stages mod 0xFFFF; stage s writes tag (tag_base + s) mod 0xFFFF
+#ifdef ATTN_CLAIM
+  ClaimBox box;
+#endif
 };
 
 // Thread 0's stamps of the instruction the consumers run (p.trace: start, dependency met, end), or null. Derived
@@ -1362,7 +1561,8 @@ __device__ __forceinline__ void attention_chunk(const char* ks, const char* vs, 
 
 template <int D>
 __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, char* ring, uint64_t* full,
-                                                uint64_t* empty, uint32_t& chunk, char* xs, Misc* misc) {
+                                                uint64_t* empty, uint32_t& chunk, uint32_t& claims, char* xs,
+                                                Misc* misc) {
   constexpr int CT = ATTN_CHUNK_BYTES / (2 * D), TPW = CT / NUM_CONSUMER_WARPS, NT = TPW / 8;
   constexpr int KS = D / 16;  // m-tiles of O^T
   constexpr int PIECES = D / 8;
@@ -1376,9 +1576,17 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
   const AttnSmem* sm = &sm_;
   int merged = 0;
   bool waited = false;
+#ifdef ATTN_CLAIM
+  for (;;) {
+    const AttnItem a = take_claimed(&misc->box, claims);
+    if (a.m < 0) break;  // the stage has no more items for this block
+#define ATTN_LAST_ITEM false  // (not known before the end is taken)
+#else
   for (int item = in[3]; item < in[4]; ++item) {
     const AttnItem a = attn_item(p, item);
     if (a.split >= a.splits) continue;  // empty: the (sequence, KV head) completes without it
+#define ATTN_LAST_ITEM (item == in[4] - 1)
+#endif
     const int m = a.m, kvh = a.kvh, split = a.split, splits = a.splits, newest = a.L - 1;
     // Items of several chunks: the warps work in two halves on alternate chunks, twice the tokens per warp, so that
     // each warp's chain of dependent steps (scores, softmax, P.V) has twice the independent work in it. Not for
@@ -1451,7 +1659,8 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
     // The instruction's last item: its chunks are all asked for, and what remains (its output, the split merge)
     // ends in the release fence, which waits for the SM's loads in flight; from here on the producer asks for no
     // chunk of the next instruction, as matmuls do from their last tile's epilogue (pause_release 1, m12e).
-    if (tid == 0 && p.pause_release == 1 && item == in[4] - 1) pause_loads(misc);
+    if (tid == 0 && p.pause_release == 1 && ATTN_LAST_ITEM) pause_loads(misc);
+#undef ATTN_LAST_ITEM
     asm volatile("cp.async.wait_all;" ::: "memory");  // a context of 0 tokens never waited for its q copy
     // Each warp's output, max and sum; then the warps merged in warp order.
     if (t4 == 0 && g < G) {
@@ -1525,10 +1734,11 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
   }
 }
 
+// `claims`: under ATTN_CLAIM the items taken from the producer's mailbox so far this step.
 __device__ void run_attention(const Params& p, const int* in, char* ring, uint64_t* full, uint64_t* empty,
-                              uint32_t& chunk, char* xs, Misc* misc) {
+                              uint32_t& chunk, uint32_t& claims, char* xs, Misc* misc) {
   if (p.head_dim != ATTN_HEAD_DIM || p.n_q_heads / p.n_kv_heads > G_MAX) __trap();
-  run_attention_t<ATTN_HEAD_DIM>(p, in, ring, full, empty, chunk, xs, misc);
+  run_attention_t<ATTN_HEAD_DIM>(p, in, ring, full, empty, chunk, claims, xs, misc);
 }
 
 // ---- the kernel ---------------------------------------------------------------------------------------------------
@@ -1557,6 +1767,14 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], NUM_CONSUMER_WARPS);
     }
+#ifdef ATTN_CLAIM
+    // The plan's lanes hold one sequence each; the splits' partials are laid out for MAX_ATTN_SPLITS per pair.
+    if (p.M > 32 || p.attn_splits != MAX_ATTN_SPLITS || p.claim_counters == nullptr) __trap();
+    for (int k = 0; k < CLAIM_BOX; ++k) {
+      mbar_init(&misc->box.full[k], 1);
+      mbar_init(&misc->box.empty[k], NUM_CONSUMER_WARPS);
+    }
+#endif
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
@@ -1564,11 +1782,15 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
   const int* instrs = p.instrs + (size_t)blockIdx.x * p.max_instrs * INSTR_INTS;
   const int count = p.instr_counts[blockIdx.x];
   if (tid >= NUM_CONSUMERS) {
-    producer(p, instrs, count, ring, full, empty, &misc->pause_ii);
+#ifdef ATTN_CLAIM
+    producer(p, instrs, count, ring, full, empty, &misc->pause_ii, &misc->box);
+#else
+    producer(p, instrs, count, ring, full, empty, &misc->pause_ii, nullptr);
+#endif
     return;
   }
 
-  uint32_t chunk = 0;
+  uint32_t chunk = 0, claims = 0;
   for (int ii = 0; ii < count; ++ii) {
     const int* in = instrs + ii * INSTR_INTS;
     if (tid == 0) misc->ii = ii;
@@ -1590,7 +1812,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) llama_decode_megake
       }
       if (tid == 0) misc->merged = in[4] - in[3];
     } else if (op == OP_ATTN) {
-      run_attention(p, in, ring, full, empty, chunk, xs, misc);
+      run_attention(p, in, ring, full, empty, chunk, claims, xs, misc);
     } else if (p.M <= 8) {
       run_matmul<1>(p, in, ring, full, empty, xs, red, misc, chunk, prev_dep);
     } else {

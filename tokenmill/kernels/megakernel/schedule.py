@@ -230,10 +230,13 @@ class Schedule:
     stages: list[Stage]
     blocks: list[list[Instr]] = field(default_factory=list)
     bytes_per_block: list[int] = field(default_factory=list)
+    # Attention items claimed at run time (ATTN_CLAIM): every block holds each attention stage's instruction (its
+    # item range unused), attn_splits is the split slots per (sequence, KV head) and claim_plan cuts the contexts.
+    attn_claim: bool = False
 
     @property
     def attn_balanced(self) -> bool:
-        return splits_balanced(self.shape, self.num_blocks, self.attn_splits)
+        return not self.attn_claim and splits_balanced(self.shape, self.num_blocks, self.attn_splits)
 
     @property
     def max_instrs(self) -> int:
@@ -282,6 +285,11 @@ class Schedule:
             instrs = [i for block in self.blocks for i in block if i.stage == stage.index]
             if stage.op == OP_EMBED:
                 expected = {(0, m) for m in range(s.batch)}
+            elif stage.op == OP_ATTN and self.attn_claim:
+                per_block = [sum(i.stage == stage.index for i in block) for block in self.blocks]
+                assert per_block == [1] * self.num_blocks, (
+                    f"stage {stage.index}: a claimed attention stage needs one instruction in every block")
+                continue
             elif stage.op == OP_ATTN:
                 expected = {(0, x) for x in range(s.batch * s.num_kv_heads * self.attn_splits)}
             else:
@@ -322,6 +330,13 @@ def simulate(schedule: Schedule, order_seed: int = 0) -> int:
         cursor[b] += 1
         ran += 1
         completed = 0
+        if instr.op == OP_ATTN and schedule.attn_claim:
+            # Any block's producer may have claimed any item, and its consumers work it once they reach the stage's
+            # instruction: the stage completes when the last block has run it.
+            key = (instr.stage, "claimed")
+            arrivals[key] = arrivals.get(key, 0) + 1
+            done[instr.stage] += s.batch * s.num_kv_heads if arrivals[key] == schedule.num_blocks else 0
+            continue
         for item in range(instr.begin, instr.end):
             if instr.op == OP_ATTN:
                 key, parts = (instr.stage, item // schedule.attn_splits), schedule.attn_splits
@@ -354,6 +369,70 @@ def balanced_split_tokens(shape: DecodeShape, num_blocks: int, splits: int) -> i
     return max(1, math.ceil(least_context / splits))
 
 
+class ClaimPlan(NamedTuple):
+    """A claimed attention stage's work, from the step's context lengths (claim_plan)."""
+
+    order: list[int]  # sequences in claim order: longest first, ties by index
+    per_split: list[int]  # by sequence: context tokens per item (a multiple of 16)
+    splits: list[int]  # by sequence: items per (sequence, KV head), 1 to MAX_ATTN_SPLITS
+    items: int  # the stage's items: num_kv_heads * sum(splits)
+
+
+CLAIM_MAX_SEQS = 32  # the producer warp holds one sequence's plan per lane
+
+
+def claim_plan(seq_lens: list[int], num_kv_heads: int, num_blocks: int, min_split_tokens: int, item_cost: int,
+               merge_cost: int) -> ClaimPlan:
+    """How a claimed attention stage (ATTN_CLAIM: blocks take items from a per-layer counter at run time) cuts each
+    (sequence, KV head) context. The kernel's producer warp computes the same plan at the step's first attention
+    stage (claim_plan in llama_decode.cu); this is its reference.
+
+    Items of one step are at most T tokens, T = the longest context over s, rounded up to 16, for the s in 1..32 that
+    minimises the estimated stage time: rounds x (T + item_cost) (+ merge_cost if any context splits), where rounds
+    = ceil(work / (num_blocks x (T + item_cost))) and work = every item's tokens + item_cost each. For equal
+    contexts that is the greedy claim's makespan exactly; with one long context among short ones it cuts the long
+    one into many items and leaves the short ones whole. T stays >= min_split_tokens unless s = 1."""
+    if not 1 <= len(seq_lens) <= CLAIM_MAX_SEQS:
+        raise ValueError(f"a claimed attention stage takes 1 to {CLAIM_MAX_SEQS} sequences, got {len(seq_lens)}")
+    lens = [max(0, int(n)) for n in seq_lens]
+    longest = max(lens)
+    best: tuple[int, list[int], list[int]] | None = None
+    best_cost = 0
+    for s in range(1, MAX_ATTN_SPLITS + 1):
+        t = -(-max(-(-longest // s), 1) // 16) * 16
+        if s > 1 and t < min_split_tokens:
+            break
+        per, splits = [], []
+        for n in lens:
+            parts = max(1, -(-n // t))
+            size = -(-max(-(-n // parts), 1) // 16) * 16
+            per.append(size)
+            splits.append(max(1, -(-n // size)))
+        size = t + item_cost
+        work = num_kv_heads * (sum(lens) + item_cost * sum(splits))
+        cost = -(-work // (num_blocks * size)) * size + (merge_cost if max(splits) > 1 else 0)
+        if best is None or cost < best_cost:
+            best, best_cost = (t, per, splits), cost
+    assert best is not None
+    _, per, splits = best
+    order = sorted(range(len(lens)), key=lambda m: (-lens[m], m))
+    return ClaimPlan(order, per, splits, num_kv_heads * sum(splits))
+
+
+def claim_items(plan: ClaimPlan, seq_lens: list[int], num_kv_heads: int) -> list[tuple[int, int, int, int, int]]:
+    """The items of a claimed attention stage in counter order, as the kernel decodes them: (sequence, KV head,
+    split, first token, end token); sequences in plan.order, within one split-major (its KV heads' first splits
+    first)."""
+    out = []
+    for m in plan.order:
+        n = max(0, int(seq_lens[m]))
+        for split in range(plan.splits[m]):
+            t0 = split * plan.per_split[m]
+            for kvh in range(num_kv_heads):
+                out.append((m, kvh, split, t0, min(n, t0 + plan.per_split[m])))
+    return out
+
+
 def whole_split_layout(order: list[int], sizes: dict[int, int], splits: int) -> list[int]:
     """The blocks in the order their item ranges follow each other, for a balanced attention stage (all splits or
     one): a range that holds a (sequence, KV head)'s first split goes to the least loaded block left (first in
@@ -370,17 +449,18 @@ def whole_split_layout(order: list[int], sizes: dict[int, int], splits: int) -> 
 
 
 def build_schedule(shape: DecodeShape, num_blocks: int, attn_balance_max: int = BALANCE_MAX_SPLITS,
-                   attn_whole_layout: bool = False) -> Schedule:
+                   attn_whole_layout: bool = False, attn_claim: bool = False) -> Schedule:
     """Instruction lists for `num_blocks` persistent blocks (one per SM); attn_balance_max: attention_splits'
-    balance_max; attn_whole_layout: balanced attention stages laid out by whole_split_layout."""
+    balance_max; attn_whole_layout: balanced attention stages laid out by whole_split_layout; attn_claim: attention
+    items claimed at run time (Schedule.attn_claim)."""
     reason = unsupported_reason(shape)
     if reason is not None:
         raise ValueError(reason)
     if num_blocks < 1:
         raise ValueError("need at least one block")
     s = shape
-    splits = attention_splits(s, num_blocks, attn_balance_max)
-    whole_layout = attn_whole_layout and splits_balanced(s, num_blocks, splits)
+    splits = MAX_ATTN_SPLITS if attn_claim else attention_splits(s, num_blocks, attn_balance_max)
+    whole_layout = not attn_claim and attn_whole_layout and splits_balanced(s, num_blocks, splits)
     stages: list[Stage] = [Stage(0, OP_EMBED, -1, s.batch)]
     for layer in range(s.num_layers):
         for op in (OP_QKV, OP_ATTN, OP_O, OP_GATE_UP, OP_DOWN):
@@ -395,6 +475,10 @@ def build_schedule(shape: DecodeShape, num_blocks: int, attn_balance_max: int = 
         layer = max(stage.layer, 0)
         if stage.op == OP_EMBED:
             blocks[0].append(Instr(OP_EMBED, stage.layer, 0, 0, s.batch, *dep, stage.index))
+            continue
+        if stage.op == OP_ATTN and attn_claim:
+            for block in blocks:
+                block.append(Instr(OP_ATTN, layer, 0, 0, 1, *dep, stage.index))
             continue
         if stage.op == OP_ATTN:
             items = [(0, x) for x in range(s.batch * s.num_kv_heads * splits)]
@@ -425,6 +509,6 @@ def build_schedule(shape: DecodeShape, num_blocks: int, attn_balance_max: int = 
                 blocks[b].append(Instr(stage.op, layer if stage.op != OP_LM_HEAD else -1, chunk[begin][0],
                                        chunk[begin][1], chunk[end - 1][1] + 1, *dep, stage.index))
                 begin = end
-    schedule = Schedule(s, num_blocks, splits, stages, blocks, load)
+    schedule = Schedule(s, num_blocks, splits, stages, blocks, load, attn_claim)
     schedule.check()
     return schedule
