@@ -434,7 +434,8 @@ __device__ __forceinline__ AttnItem claimed_item(const Params& p, const ClaimPla
   return a;
 }
 
-// The producer's n-th post of the step (warp-wide): waits for the slot (box_free), then posts.
+// The producer (warp-wide) waits until its n-th post of the step has a free slot before it claims the item
+// (box_free), then posts it (post_claimed).
 __device__ __forceinline__ void box_free(ClaimBox* box, uint32_t n) {
   mbar_wait(&box->empty[n % CLAIM_BOX], ((n / CLAIM_BOX) & 1) ^ 1);
 }
