@@ -449,6 +449,23 @@ __device__ __forceinline__ void post_claimed(ClaimBox* box, uint32_t n, const At
   __syncwarp();
 }
 
+// Whether the producer's n-th post of the step has arrived and ends the stage (the item taken before it was the
+// block's last): a look without waiting (mbarrier.test_wait, acquire), false while the post is not there yet.
+__device__ __forceinline__ bool claimed_end_posted(ClaimBox* box, uint32_t n) {
+  const int k = n % CLAIM_BOX;
+  uint32_t posted;
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "mbarrier.test_wait.parity.shared::cta.b64 done, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, done;\n"
+      "}\n"
+      : "=r"(posted)
+      : "r"(smem_addr(&box->full[k])), "r"((n / CLAIM_BOX) & 1)
+      : "memory");
+  return posted && box->item[k].m < 0;
+}
+
 // The consumers' n-th take of the step (every consumer thread; n counts in each).
 __device__ __forceinline__ AttnItem take_claimed(ClaimBox* box, uint32_t& n) {
   const int k = n % CLAIM_BOX;
@@ -1581,7 +1598,9 @@ __device__ __forceinline__ void run_attention_t(const Params& p, const int* in, 
   for (;;) {
     const AttnItem a = take_claimed(&misc->box, claims);
     if (a.m < 0) break;  // the stage has no more items for this block
-#define ATTN_LAST_ITEM false  // (not known before the end is taken)
+// (the last item is known only once the producer has posted the end: usually by then, as it claims the next item
+// while this one runs)
+#define ATTN_LAST_ITEM claimed_end_posted(&misc->box, claims)
 #else
   for (int item = in[3]; item < in[4]; ++item) {
     const AttnItem a = attn_item(p, item);
