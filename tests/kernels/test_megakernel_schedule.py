@@ -11,6 +11,7 @@ import ctypes
 import dataclasses
 import random
 import re
+import shutil
 import struct
 import subprocess
 from functools import cache
@@ -494,6 +495,80 @@ def test_claim_plan_cuts_long_contexts_among_short_ones():
     assert all(n == 1 for m, n in enumerate(mixed.splits) if m != 7) and mixed.order[0] == 7
     with pytest.raises(ValueError, match="1 to 32 sequences"):
         plan_for([1] * 33)
+
+
+# The kernel's own plan and item decoding (claim_plan, claimed_item in llama_decode.cu), compiled for the host with
+# the warp's lanes as cooperative contexts (warp_on_host.h), against schedule.claim_plan / claim_items.
+CLAIM_HOST_MAIN = r"""
+int main() {
+  long long blocks, M, H, least, item_cost, merge_cost, magic;
+  while (scanf("%lld %lld %lld %lld %lld %lld %lld", &blocks, &M, &H, &least, &item_cost, &merge_cost, &magic) == 7) {
+    std::vector<int> lens(M);
+    for (auto& n : lens) scanf("%d", &n);
+    const Params p{M, H, least, item_cost, merge_cost, magic, lens.data()};
+    gridDim.x = (unsigned)blocks;
+    warp::run([&](int lane) {
+      const ClaimPlan c = claim_plan(p);
+      if (lane == 0) printf("items %d\n", c.items);
+      for (int id = 0; id < c.items; ++id) {
+        const AttnItem a = claimed_item(p, c, id);
+        if (lane == 0) printf("%d %d %d %d %d %d\n", a.m, a.kvh, a.split, a.t0, a.t1, a.splits);
+      }
+    });
+  }
+}
+"""
+
+
+def cuda_definition(text: str, head: str) -> str:
+    """The definition that starts with `head` in the kernel source, through its closing brace."""
+    start = text.index(head)
+    depth = 0
+    for end in range(text.index("{", start), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[end], 0)
+        if depth == 0:
+            return text[start:end + 1] + (";" if text[end + 1:end + 2] == ";" else "")
+    raise ValueError(head)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+def test_kernels_claim_plan_matches_its_reference(tmp_path):
+    text = cuda_text()
+    pieces = [cuda_definition(text, head) for head in (
+        "struct AttnItem", "__device__ __forceinline__ uint32_t div_by_magic", "struct ClaimPlan",
+        "__device__ __forceinline__ int round_up16", "__device__ __forceinline__ int claim_splits",
+        "__device__ __forceinline__ ClaimPlan claim_plan", "__device__ __forceinline__ AttnItem claimed_item")]
+    params = ("struct Params { long long M, n_kv_heads, min_split_tokens, claim_item_cost, claim_merge_cost, "
+              "kv_head_magic; const int* seq_lens; };")
+    src = tmp_path / "claim.cpp"
+    src.write_text("\n".join([f'#include "{Path(__file__).parent / "warp_on_host.h"}"', "#include <cstdio>",
+                               f"#define MAX_ATTN_SPLITS {schedule.MAX_ATTN_SPLITS}", params, *pieces,
+                               CLAIM_HOST_MAIN]))
+    exe = tmp_path / "claim"
+    proc = subprocess.run(["g++", "-std=c++20", "-O1", "-o", str(exe), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rng = random.Random(26)
+    cases = [(132, 8, [1024] * 16), (132, 8, [16384] + [256] * 15), (132, 8, [4096] * 9), (132, 8, [1024]),
+             (132, 8, [8192] + [256] * 8), (114, 2, [0, 5, 17, 300]), (7, 1, [33] * 3)]
+    cases += [(rng.randint(1, 140), rng.choice([1, 2, 4, 8]), [rng.choice([0, 1, rng.randint(1, 300),
+                                                                         rng.randint(1, 20_000)])
+                                                           for _ in range(rng.randint(1, 32))]) for _ in range(12)]
+    lines = []
+    for blocks, heads, lens in cases:
+        least, item_cost, merge_cost = rng.choice([1, 16, 128]), 256, 256
+        lines.append(f"{blocks} {len(lens)} {heads} {least} {item_cost} {merge_cost} {schedule.div_magic(heads)} "
+                     + " ".join(map(str, lens)))
+    proc = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = iter(proc.stdout.splitlines())
+    for (blocks, heads, lens), line in zip(cases, lines):
+        least = int(line.split()[3])
+        plan = schedule.claim_plan(lens, heads, blocks, least, 256, 256)
+        assert next(out) == f"items {plan.items}", line
+        got = [tuple(map(int, next(out).split())) for _ in range(plan.items)]
+        want = [(m, kvh, split, t0, t1, plan.splits[m])
+                for m, kvh, split, t0, t1 in schedule.claim_items(plan, lens, heads)]
+        assert got == want, line
 
 
 @pytest.mark.parametrize("batch", [1, 9, 16])
