@@ -738,7 +738,8 @@ def test_timing_diagnostics_still_compile(tmp_path):
     src = tmp_path / "diag.cu"
     src.write_text(full_source())
     flags = ["-DDIAG_ATTN_NO_MATH", "-DDIAG_STAGE_ROWS=1", "-DDIAG_NO_NORM", "-DDIAG_MATMUL_NO_MMA",
-             "-DDIAG_MATMUL_NO_REDUCTION", "-DDIAG_MATMUL_NO_EPILOGUE", "-DDIAG_STAMP_AFTER_MMA", "-DDIAG_STAMP_STAGED_COPY",
+             "-DDIAG_MATMUL_NO_REDUCTION", "-DDIAG_MATMUL_NO_EPILOGUE", "-DDIAG_STAMP_AFTER_MMA",
+             "-DDIAG_STAMP_STAGED_COPY",
              "-DDIAG_ATTN_STAMP_WARPS_DONE",
              "-DPAUSE_SPIN_NS=64", "-DTAGGED_POLL_NS=256",
              "-DDEP_POLL_NS=0", "-DMATMUL_GROUPS=1"]

@@ -22,7 +22,8 @@ from tokenmill.kernels.megakernel.build import (
 )
 from tokenmill.kernels.megakernel.schedule import (
     ATTN_CHUNK_BYTES, ATTN_PHASES, ITEM_COST_CHUNKS, MATMUL_PHASES, MAX_ATTN_SPLITS, MERGE_COST_CHUNKS, OP_ATTN,
-    OP_DOWN, OP_O, XS_BUDGET, DecodeShape, Schedule, balanced_split_tokens, build_schedule, div_magic, ring_magic, unsupported_reason,
+    OP_DOWN, OP_O, XS_BUDGET, DecodeShape, Schedule, balanced_split_tokens, build_schedule, div_magic, ring_magic,
+    unsupported_reason,
 )
 from tokenmill.kernels.megakernel.trace import stage_report, unwrap_timer
 from tokenmill.layers.attention_metadata import AttentionMetadata

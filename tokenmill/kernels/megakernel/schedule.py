@@ -394,27 +394,31 @@ def claim_plan(seq_lens: list[int], num_kv_heads: int, num_blocks: int, min_spli
     one into many items and leaves the short ones whole. T stays >= min_split_tokens unless s = 1."""
     if not 1 <= len(seq_lens) <= CLAIM_MAX_SEQS:
         raise ValueError(f"a claimed attention stage takes 1 to {CLAIM_MAX_SEQS} sequences, got {len(seq_lens)}")
+    def ceil_div(a: int, b: int) -> int:
+        return -(-a // b)
+
+    def round16(x: int) -> int:  # an item starts on a TMA box: 16 rows of a KV block
+        return ceil_div(max(x, 1), 16) * 16
+
+    def cut(n: int, t: int) -> tuple[int, int]:  # (tokens per item, items) of an n-token context, items <= t
+        size = round16(ceil_div(n, max(1, ceil_div(n, t))))
+        return size, max(1, ceil_div(n, size))
+
     lens = [max(0, int(n)) for n in seq_lens]
-    longest = max(lens)
-    best: tuple[int, list[int], list[int]] | None = None
+    best: tuple[list[int], list[int]] | None = None
     best_cost = 0
     for s in range(1, MAX_ATTN_SPLITS + 1):
-        t = -(-max(-(-longest // s), 1) // 16) * 16
+        t = round16(ceil_div(max(lens), s))
         if s > 1 and t < min_split_tokens:
             break
-        per, splits = [], []
-        for n in lens:
-            parts = max(1, -(-n // t))
-            size = -(-max(-(-n // parts), 1) // 16) * 16
-            per.append(size)
-            splits.append(max(1, -(-n // size)))
-        size = t + item_cost
+        per, splits = zip(*(cut(n, t) for n in lens))
         work = num_kv_heads * (sum(lens) + item_cost * sum(splits))
-        cost = -(-work // (num_blocks * size)) * size + (merge_cost if max(splits) > 1 else 0)
+        rounds = ceil_div(work, num_blocks * (t + item_cost))
+        cost = rounds * (t + item_cost) + (merge_cost if max(splits) > 1 else 0)
         if best is None or cost < best_cost:
-            best, best_cost = (t, per, splits), cost
+            best, best_cost = (list(per), list(splits)), cost
     assert best is not None
-    _, per, splits = best
+    per, splits = best
     order = sorted(range(len(lens)), key=lambda m: (-lens[m], m))
     return ClaimPlan(order, per, splits, num_kv_heads * sum(splits))
 
