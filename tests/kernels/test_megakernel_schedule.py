@@ -770,3 +770,17 @@ def test_kernel_compiles_for_sm90a_without_spills(tmp_path, head_dim, flags):
     assert stores == 0 and loads == 0, log
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     assert registers * build.NUM_THREADS <= 65536, f"{registers} registers x {build.NUM_THREADS} threads"
+
+
+def test_attention_balance_model(monkeypatch, capsys):
+    """scripts/attention_balance_model.py, whose table DECODE_NOTES session 26 quotes."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
+    import attention_balance_model as model
+
+    for lens in ([1024] * 16, [4096] * 9, [1024]):  # equal contexts: claimed items cost what the static ranges do
+        assert model.claimed_makespan(lens, 132)[0] == model.static_busiest(lens, 132)
+    mixed = [16384] + [256] * 7
+    assert model.claimed_makespan(mixed, 132)[0] < 0.25 * model.static_busiest(mixed, 132)
+    monkeypatch.setattr("sys.argv", ["attention_balance_model.py", "--blocks", "132"])
+    model.main()
+    assert "1 x 16384 + 7 x 256" in capsys.readouterr().out
