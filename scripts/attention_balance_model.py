@@ -21,11 +21,7 @@ CASES = ([1024] * 16, [4096] * 9, [8192] * 9, [1024], [4096] * 16, [16384] * 16,
          [16384] + [256] * 7, [8192] + [256] * 8, [16384] + [256] * 3, [16384, 256])
 
 
-CHUNK_TOKENS = sch.ATTN_CHUNK_BYTES // (2 * LLAMA_1B["head_dim"])
-
-
-def item_cost_tokens() -> int:  # as the decoder passes the kernel (claim_item_cost, claim_merge_cost)
-    return sch.ITEM_COST_CHUNKS * CHUNK_TOKENS
+ITEM_COST, MERGE_COST = sch.attention_item_costs(LLAMA_1B["head_dim"])  # as the decoder passes the kernel
 
 
 def static_busiest(lens: list[int], num_blocks: int) -> int:
@@ -48,17 +44,17 @@ def static_busiest(lens: list[int], num_blocks: int) -> int:
                     tokens = max(even, least)
                 per = -(-tokens // 16) * 16
                 if split < max(1, -(-n // per)):  # the kernel skips a split past the context's last
-                    load += max(0, min(n, split * per + per) - split * per) + item_cost_tokens()
+                    load += max(0, min(n, split * per + per) - split * per) + ITEM_COST
         busiest = max(busiest, load)
     return busiest
 
 
 def claimed_makespan(lens: list[int], num_blocks: int) -> tuple[int, sch.ClaimPlan]:
-    heads, cost = LLAMA_1B["num_kv_heads"], item_cost_tokens()
-    plan = sch.claim_plan(lens, heads, num_blocks, MIN_SPLIT_TOKENS, cost, sch.MERGE_COST_CHUNKS * CHUNK_TOKENS)
+    heads = LLAMA_1B["num_kv_heads"]
+    plan = sch.claim_plan(lens, heads, num_blocks, MIN_SPLIT_TOKENS, ITEM_COST, MERGE_COST)
     free_at = [0] * num_blocks
     for _, _, _, t0, t1 in sch.claim_items(plan, lens, heads):
-        heapq.heappush(free_at, heapq.heappop(free_at) + (t1 - t0) + cost)
+        heapq.heappush(free_at, heapq.heappop(free_at) + (t1 - t0) + ITEM_COST)
     return max(free_at), plan
 
 

@@ -455,9 +455,7 @@ def test_balanced_split_tokens_keeps_short_contexts_whole():
 
 
 def plan_for(lens, kv_heads=8, blocks=132, head_dim=64):
-    chunk = schedule.ATTN_CHUNK_BYTES // (2 * head_dim)
-    return schedule.claim_plan(lens, kv_heads, blocks, 128, schedule.ITEM_COST_CHUNKS * chunk,
-                               schedule.MERGE_COST_CHUNKS * chunk)
+    return schedule.claim_plan(lens, kv_heads, blocks, 128, *schedule.attention_item_costs(head_dim))
 
 
 @given(lens=st.lists(st.integers(0, 40_000), min_size=1, max_size=schedule.CLAIM_MAX_SEQS),

@@ -21,9 +21,8 @@ from tokenmill.kernels.megakernel.build import (
     MegakernelUnavailable, MegakernelUnsupported, encode_kv_tensor_map, load_kernel, pack_params,
 )
 from tokenmill.kernels.megakernel.schedule import (
-    ATTN_CHUNK_BYTES, ATTN_PHASES, ITEM_COST_CHUNKS, MATMUL_PHASES, MAX_ATTN_SPLITS, MERGE_COST_CHUNKS, OP_ATTN,
-    OP_DOWN, OP_O, XS_BUDGET, DecodeShape, Schedule, balanced_split_tokens, build_schedule, div_magic, ring_magic,
-    unsupported_reason,
+    ATTN_PHASES, MATMUL_PHASES, MAX_ATTN_SPLITS, OP_ATTN, OP_DOWN, OP_O, XS_BUDGET, DecodeShape, Schedule,
+    attention_item_costs, balanced_split_tokens, build_schedule, div_magic, ring_magic, unsupported_reason,
 )
 from tokenmill.kernels.megakernel.trace import stage_report, unwrap_timer
 from tokenmill.layers.attention_metadata import AttentionMetadata
@@ -420,7 +419,7 @@ class MegakernelLlamaDecoder:
         else:
             layer_ptrs, lm_head = self.layer_ptrs, self.lm_head_weight
         kv_row_elems = cfg.num_key_value_heads * cfg.head_dim  # a token's K (or V) row: the tensor map's rows
-        attn_chunk_tokens = ATTN_CHUNK_BYTES // (2 * cfg.head_dim)
+        item_cost, merge_cost = attention_item_costs(cfg.head_dim)
         params = pack_params({
             "layers": layer_ptrs.data_ptr(),
             "embed": self.embed.data_ptr(),
@@ -477,8 +476,8 @@ class MegakernelLlamaDecoder:
             "attn_whole_splits": int(schedule.attn_balanced),
             "claim_counters": (st["counters"].data_ptr() + 4 * (len(schedule.stages) + st["num_arrivals"])
                                if schedule.attn_claim else 0),
-            "claim_item_cost": ITEM_COST_CHUNKS * attn_chunk_tokens,
-            "claim_merge_cost": MERGE_COST_CHUNKS * attn_chunk_tokens,
+            "claim_item_cost": item_cost,
+            "claim_merge_cost": merge_cost,
             "kv_head_magic": div_magic(cfg.num_key_value_heads),
             "max_inflight": self.max_inflight_chunks,
             "pause_release": self.pause_release,

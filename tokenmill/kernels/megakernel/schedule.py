@@ -352,6 +352,14 @@ def simulate(schedule: Schedule, order_seed: int = 0) -> int:
         done[instr.stage] += completed
 
 
+def attention_item_costs(head_dim: int) -> tuple[int, int]:
+    """(item cost, merge cost) in context tokens: an attention item's fixed work (q, the output, the split arrival)
+    and a split merge's, as ITEM_COST_CHUNKS and MERGE_COST_CHUNKS ring chunks of K / V. The cost models of
+    balanced_split_tokens and claim_plan (the kernel's claim_item_cost, claim_merge_cost) both count in these."""
+    chunk = ATTN_CHUNK_BYTES // (2 * head_dim)  # tokens
+    return ITEM_COST_CHUNKS * chunk, MERGE_COST_CHUNKS * chunk
+
+
 def balanced_split_tokens(shape: DecodeShape, num_blocks: int, splits: int) -> int:
     """The fewest tokens per split for which a balanced schedule's `splits` splits beat one: below, a context is one
     item. Per block, time ~ its K / V tokens + ITEM_COST_CHUNKS per item (q, the output, the split arrival) +
@@ -360,8 +368,7 @@ def balanced_split_tokens(shape: DecodeShape, num_blocks: int, splits: int) -> i
     groups = shape.batch * shape.num_kv_heads
     items = -(-groups * splits // num_blocks)  # the busiest block's
     share = items / splits
-    chunk = ATTN_CHUNK_BYTES // (2 * shape.head_dim)  # tokens
-    item_cost, merge_cost = ITEM_COST_CHUNKS * chunk, MERGE_COST_CHUNKS * chunk
+    item_cost, merge_cost = attention_item_costs(shape.head_dim)
     if splits <= 1 or share >= BALANCE_MARGIN:
         return 1 << 30
     # share L + items a + m <= margin (L + a)
@@ -394,6 +401,7 @@ def claim_plan(seq_lens: list[int], num_kv_heads: int, num_blocks: int, min_spli
     one into many items and leaves the short ones whole. T stays >= min_split_tokens unless s = 1."""
     if not 1 <= len(seq_lens) <= CLAIM_MAX_SEQS:
         raise ValueError(f"a claimed attention stage takes 1 to {CLAIM_MAX_SEQS} sequences, got {len(seq_lens)}")
+
     def ceil_div(a: int, b: int) -> int:
         return -(-a // b)
 
